@@ -1,0 +1,194 @@
+"""The SPA schedule as a pure function: (spec, what has happened so far) -> what to start next.
+
+No I/O. Both executors (local subprocesses, Kubernetes Jobs) call `plan_next_stage` and only carry out its answer.
+
+Graph (N = iterations.count, evaluate only when data.heldout is set):
+    i00/seed-train -> i00/evaluate
+    i00/seed-train -> i01/generate -> i01/judge -> i01/train -> i01/evaluate
+                                                  i01/train -> i02/generate -> ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from spa_workers import contract
+from spa_workers.contract import (
+    EvaluateArgs,
+    GenerateArgs,
+    JudgeArgs,
+    SeedTrainArgs,
+    StageArgs,
+    TrainArgs,
+)
+
+from spa_operator.spec import AlignmentRunSpec
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    key: str  # "iter-01/judge": unique in a run, also the stage's folder under the run root
+    iteration: int
+    stage: str
+    args: StageArgs
+    depends_on: tuple[str, ...]
+
+    @property
+    def output(self) -> str:
+        return self.args.output  # type: ignore[attr-defined]
+
+    @property
+    def shards(self) -> int:
+        return self.args.shard_count if self.args.sharded else 1  # type: ignore[attr-defined]
+
+    def inputs(self) -> dict[str, str]:
+        names = ("policy", "reference", "model", "prompts", "responses", "pairs", "heldout")
+        return {n: getattr(self.args, n) for n in names if getattr(self.args, n, None)}
+
+
+class StageState(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What an executor knows about one stage."""
+
+    state: StageState
+    failures: int = 0  # failed attempts so far (preemptions are not failures)
+    permanent: bool = False  # the last failure was bad input: retrying cannot help
+    reason: str = ""
+
+
+class Action(StrEnum):
+    START = "start"  # start `stages` (others may still be running)
+    WAIT = "wait"  # stages are running, nothing new can start
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class StageToStart:
+    stage: PlannedStage
+    attempt: int  # 1-based
+
+
+@dataclass(frozen=True)
+class Plan:
+    action: Action
+    start: tuple[StageToStart, ...] = ()
+    reason: str = ""
+    failed_stage: str | None = None
+    final_model: str | None = field(default=None)
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return f"{root.rstrip('/')}/iter-{iteration:02d}"
+
+
+def _key(iteration: int, stage: str) -> str:
+    return f"iter-{iteration:02d}/{stage}"
+
+
+def model_uri(root: str, iteration: int) -> str:
+    """π_i: the model trained in iteration i (0 = seed)."""
+    stage = contract.SEED_TRAIN if iteration == 0 else contract.TRAIN
+    return f"{root.rstrip('/')}/{_key(iteration, stage)}/{contract.MODEL_SUBDIR}"
+
+
+def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
+    """Every stage of the run, in a valid execution order."""
+    root = root.rstrip("/")
+    t, g, r = spec.training, spec.generation, spec.training.refinement
+    sft = spec.model.sft
+    out = lambda i, s: f"{root}/{_key(i, s)}"  # noqa: E731
+    train_common = dict(
+        beta=t.beta, learning_rate=t.learning_rate, batch_size=t.batch_size,
+        per_device_batch_size=t.micro_batch_size, max_length=t.max_length, max_prompt_length=t.max_prompt_length,
+        lora_r=t.lora.r if t.lora else 0, lora_alpha=t.lora.alpha if t.lora else 16,
+        lora_dropout=t.lora.dropout if t.lora else 0.0, seed=t.seed,
+    )
+    lengths = dict(max_length=t.max_length, max_prompt_length=t.max_prompt_length)
+
+    def evaluate(i: int, after: str) -> PlannedStage:
+        args = EvaluateArgs(policy=model_uri(root, i), reference=sft, heldout=spec.data.heldout or "",
+                            output=out(i, contract.EVALUATE), beta=t.beta, **lengths)
+        return PlannedStage(_key(i, contract.EVALUATE), i, contract.EVALUATE, args, (after,))
+
+    seed_key = _key(0, contract.SEED_TRAIN)
+    stages = [PlannedStage(seed_key, 0, contract.SEED_TRAIN, SeedTrainArgs(
+        model=sft, pairs=spec.data.seed, output=out(0, contract.SEED_TRAIN), reference=sft,
+        epochs=t.seed_epochs, refinement=False, **train_common), ())]
+    if spec.data.heldout:
+        stages.append(evaluate(0, seed_key))
+
+    prev_train = seed_key
+    start = 0
+    lambdas = r.per_iteration(spec.iterations.count)
+    for i, n_prompts in enumerate(spec.iterations.per_iteration(), start=1):
+        policy = model_uri(root, i - 1)
+        gen = PlannedStage(_key(i, contract.GENERATE), i, contract.GENERATE, GenerateArgs(
+            policy=policy, prompts=spec.data.prompts, output=out(i, contract.GENERATE),
+            slice_start=start, slice_end=start + n_prompts, responses_per_prompt=g.responses_per_prompt,
+            temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, seed=g.seed + i,
+            backend=g.backend, shard_count=g.shards), (prev_train,))
+        judge_ref = sft if spec.judge.reference == "initial" or i == 1 else model_uri(root, i - 2)
+        judge = PlannedStage(_key(i, contract.JUDGE), i, contract.JUDGE, JudgeArgs(
+            policy=policy, reference=judge_ref, responses=gen.output, output=out(i, contract.JUDGE),
+            beta=t.beta, pairing=spec.judge.pairing, seed=g.seed + i, backend=spec.judge.backend,
+            shard_count=spec.judge.shards, **lengths), (gen.key,))
+        train = PlannedStage(_key(i, contract.TRAIN), i, contract.TRAIN, TrainArgs(
+            model=policy, pairs=judge.output, output=out(i, contract.TRAIN), reference=None,
+            epochs=t.epochs_per_iteration, refinement=r.enabled,
+            low_confidence_fraction=r.low_confidence_fraction, smoothing=r.smoothing,
+            warmup_fraction=r.warmup_fraction, window=r.window, extrapolation=lambdas[i - 1],
+            **train_common), (judge.key,))
+        stages += [gen, judge, train]
+        if spec.data.heldout:
+            stages.append(evaluate(i, train.key))
+        prev_train = train.key
+        start += n_prompts
+    return stages
+
+
+def final_model(spec: AlignmentRunSpec, root: str) -> str:
+    return model_uri(root, spec.iterations.count)
+
+
+def plan_next_stage(spec: AlignmentRunSpec, root: str, results: Mapping[str, StageResult]) -> Plan:
+    """Decide what happens next, given the known state of each stage (absent = never started)."""
+    graph = stage_graph(spec, root)
+    known = {s.key for s in graph}
+    unknown = sorted(set(results) - known)
+    if unknown:
+        return Plan(Action.FAILED, reason=f"state refers to stages not in this run's plan: {', '.join(unknown)}")
+    state = {k: results[k].state for k in results}
+    for s in graph:
+        res = results.get(s.key)
+        if res is None or res.state is not StageState.FAILED:
+            continue
+        if res.permanent:
+            return Plan(Action.FAILED, reason=f"{s.key} failed: {res.reason or 'bad input'}", failed_stage=s.key)
+        if res.failures > spec.max_retries_per_stage:
+            return Plan(Action.FAILED, failed_stage=s.key,
+                        reason=f"{s.key} failed {res.failures} times (maxRetriesPerStage={spec.max_retries_per_stage})"
+                        + (f": {res.reason}" if res.reason else ""))
+    if all(state.get(s.key) is StageState.SUCCEEDED for s in graph):
+        return Plan(Action.DONE, final_model=final_model(spec, root))
+    if spec.suspend:
+        return Plan(Action.WAIT, reason="suspended")
+    ready = []
+    for s in graph:
+        st = state.get(s.key)
+        if st in (StageState.SUCCEEDED, StageState.RUNNING):
+            continue
+        if all(state.get(d) is StageState.SUCCEEDED for d in s.depends_on):
+            failures = results[s.key].failures if s.key in results else 0
+            ready.append(StageToStart(s, attempt=failures + 1))
+    if ready:
+        return Plan(Action.START, start=tuple(ready))
+    return Plan(Action.WAIT, reason="waiting for running stages")

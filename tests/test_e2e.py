@@ -1,0 +1,126 @@
+"""End to end through the real CLI: `spa demo`, `spa plan`, `spa run` on local disk and on S3, failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from spa_workers import contract, storage
+
+pytestmark = pytest.mark.slow
+
+STAGE_DIRS = ["iter-00/seed-train", "iter-00/evaluate"] + [
+    f"iter-{i:02d}/{s}" for i in (1, 2) for s in ("generate", "judge", "train", "evaluate")]
+
+
+def spa(*argv: str, env: dict[str, str] | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spa_operator.cli", *argv], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=1800, cwd=cwd)
+
+
+def _manifest_dirs(root: Path) -> dict[str, list[Path]]:
+    return {d: sorted((root / d).rglob(contract.MANIFEST)) for d in STAGE_DIRS}
+
+
+def test_demo_runs_seed_and_two_iterations_then_is_a_noop(tmp_path):
+    proc = spa("demo", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    root = tmp_path / "runs" / "default" / "tiny-demo"
+    manifests = _manifest_dirs(root)
+    assert all(manifests[d] for d in STAGE_DIRS), {d: len(m) for d, m in manifests.items()}
+    # The per-iteration table and the final model.
+    assert "per-iteration results" in proc.stdout
+    first_cells = [ln.split("│")[1].strip() for ln in proc.stdout.splitlines() if ln.count("│") > 2]
+    assert first_cells == ["seed", "1", "2"], proc.stdout
+    final = root / "iter-02" / "train" / "model"
+    assert f"final model: {final}" in proc.stdout.replace("\n", "")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.config.model_type == "llama"
+    judge = contract.StageManifest.from_json((root / "iter-01/judge").rglob(contract.MANIFEST).__next__()
+                                             .read_text())
+    assert judge.counts[contract.ManifestKeys.PAIRS] + judge.counts[contract.ManifestKeys.DROPPED_IDENTICAL] \
+        + judge.counts[contract.ManifestKeys.DROPPED_EMPTY] == 32
+
+    before = {p: p.stat().st_mtime_ns for ps in manifests.values() for p in ps}
+    logs_before = sorted((root / "logs").iterdir())
+    again = spa("demo", "--out", str(tmp_path))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for ps in _manifest_dirs(root).values() for p in ps} == before
+    assert sorted((root / "logs").iterdir()) == logs_before  # no stage process was started
+    assert "per-iteration results" in again.stdout
+
+
+def _write_run(tmp_path: Path, tiny: dict[str, str], **data_overrides: str) -> Path:
+    doc = {
+        "apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun", "metadata": {"name": "e2e", "namespace": "ns"},
+        "spec": {
+            "model": {"sft": tiny["model"]},
+            "data": {"seed": tiny["seed"], "prompts": tiny["prompts"], **data_overrides},
+            "iterations": {"count": 1, "promptsPerIteration": 16},
+            "generation": {"maxNewTokens": 12, "backend": "transformers", "shards": 2},
+            "training": {"learningRate": 1e-4, "seedEpochs": 1, "batchSize": 8, "maxLength": 128,
+                         "maxPromptLength": 64},
+            "maxRetriesPerStage": 1,
+        },
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_plan_lists_every_stage_with_inputs_and_outputs(tmp_path, tiny):
+    run = _write_run(tmp_path, tiny)
+    proc = spa("plan", str(run), "--storage", str(tmp_path / "store"))
+    assert proc.returncode == 0, proc.stderr
+    for key in ("iter-00/seed-train", "iter-01/generate", "iter-01/judge", "iter-01/train"):
+        assert key in proc.stdout
+    assert "spa-worker generate" in proc.stdout and "--slice-end 16" in proc.stdout
+
+
+def test_run_on_s3_storage(tmp_path, tiny, s3_env):
+    """The whole loop with every artifact in S3 (moto server): models are read back from S3 by URI."""
+    run = _write_run(tmp_path, tiny)
+    root_uri = f"s3://{s3_env['BUCKET']}/runs"
+    proc = spa("run", str(run), "--storage", root_uri, "--logs", str(tmp_path / "logs"),
+               env={**s3_env, "SPA_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    root = f"{root_uri}/ns/e2e"
+    for d in ("iter-00/seed-train", "iter-01/train"):
+        assert storage.exists(f"{root}/{d}/{contract.MANIFEST}")
+    for d in ("iter-01/generate", "iter-01/judge"):
+        assert len(contract.finished_shard_dirs(f"{root}/{d}")) == 2 if d.endswith("generate") else 1
+    files = storage.list_files(f"{root}/iter-01/train/model")
+    assert "config.json" in files and any(f.endswith(".safetensors") for f in files)
+    # π_0 was fetched from S3 into the cache, once.
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 1
+
+
+def test_bad_seed_row_fails_the_run_once_with_the_row_named(tmp_path, tiny):
+    bad = tmp_path / "seed.jsonl"
+    rows = Path(tiny["seed"]).read_text().splitlines()
+    rows[2] = '{"prompt": "x", "chosen": '
+    bad.write_text("\n".join(rows) + "\n")
+    run = _write_run(tmp_path, tiny, seed=str(bad))
+    proc = spa("run", str(run), "--storage", str(tmp_path / "store"))
+    assert proc.returncode == 1
+    assert f"{bad}: row 3: not valid JSON" in proc.stderr.replace("\n", "")
+    logs = list((tmp_path / "store" / "ns" / "e2e" / "logs").iterdir())
+    assert [p.name for p in logs] == ["iter-00-seed-train-a1.log"]  # bad input is not retried
+    assert not (tmp_path / "store" / "ns" / "e2e" / "iter-00" / "seed-train" / contract.MANIFEST).exists()
+
+
+def test_invalid_manifest_is_one_line_naming_the_field(tmp_path, tiny):
+    run = _write_run(tmp_path, tiny)
+    doc = yaml.safe_load(run.read_text())
+    doc["spec"]["training"]["beta"] = -1
+    run.write_text(yaml.safe_dump(doc))
+    proc = spa("run", str(run), "--storage", str(tmp_path / "store"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"spa: invalid AlignmentRun: {run}: spec.training.beta: Input should be greater than 0"]

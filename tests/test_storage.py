@@ -1,0 +1,148 @@
+"""The storage layer and the stage contract, on local disk and against a real S3 endpoint (moto server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import boto3
+import pytest
+from spa_workers import contract, storage
+from spa_workers.contract import GenerateArgs, StageInputError
+from spa_workers.runner import run_stage
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """A storage root URI on each backend (the S3 one is a fresh bucket on the moto server)."""
+    if request.param == "local":
+        yield str(tmp_path / "store")
+    else:
+        env = request.getfixturevalue("s3_env")
+        yield f"s3://{env['BUCKET']}/prefix"
+
+
+def test_read_write_exists_list(root):
+    assert not storage.exists(storage.join(root, "a.txt"))
+    storage.write_text(storage.join(root, "a.txt"), "hello")
+    storage.write_bytes(storage.join(root, "d1", "b.bin"), b"\x00\x01")
+    storage.write_text(storage.join(root, "d2", "deep", "c.json"), "{}")
+    assert storage.exists(storage.join(root, "a.txt"))
+    assert storage.read_text(storage.join(root, "a.txt")) == "hello"
+    assert storage.read_bytes(storage.join(root, "d1/b.bin")) == b"\x00\x01"
+    assert storage.list_files(root) == ["a.txt", "d1/b.bin", "d2/deep/c.json"]
+    assert [d.rsplit("/", 1)[1] for d in storage.list_dirs(root)] == ["d1", "d2"]
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(storage.join(root, "missing"))
+
+
+def test_upload_download_dir_and_etag(root, tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "x.txt").write_text("x")
+    (src / "sub" / "y.txt").write_text("y")
+    storage.upload_dir(str(src), storage.join(root, "model"))
+    tag1 = storage.etag(storage.join(root, "model"))
+    dest = tmp_path / "dest"
+    storage.download_dir(storage.join(root, "model"), str(dest))
+    assert (dest / "sub" / "y.txt").read_text() == "y"
+    time.sleep(0.01)
+    storage.write_text(storage.join(root, "model", "x.txt"), "changed")
+    assert storage.etag(storage.join(root, "model")) != tag1
+    with pytest.raises(FileNotFoundError):
+        storage.download_dir(storage.join(root, "nothing"), str(tmp_path / "n"))
+
+
+def test_multipart_upload_round_trips(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)  # S3's smallest part size
+    data = os.urandom(11 * 1024 * 1024)
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    uri = f"s3://{s3_env['BUCKET']}/big.bin"
+    storage.upload_file(str(path), uri)
+    head = boto3.client("s3", endpoint_url=s3_env["SPA_S3_ENDPOINT"]).head_object(Bucket=s3_env["BUCKET"],
+                                                                                   Key="big.bin")
+    assert head["ETag"].strip('"').endswith("-3")  # 3 parts: multipart was used
+    storage.download_file(uri, str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == data
+
+
+def test_unreachable_s3_is_a_storage_error(monkeypatch):
+    monkeypatch.setenv("SPA_S3_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    storage.reset_client()
+    try:
+        with pytest.raises(storage.StorageError, match="S3 unreachable"):
+            storage.exists("s3://bucket/key")
+    finally:
+        storage.reset_client()
+
+
+def _args(root: str) -> GenerateArgs:
+    return GenerateArgs(policy="p", prompts="x.jsonl", output=storage.join(root, "gen"), shard_index=0)
+
+
+def test_manifest_written_last_and_rerun_is_noop(root):
+    calls = []
+
+    def body(work):
+        calls.append(1)
+        with open(os.path.join(work.dir, contract.RESPONSES_FILE), "w") as fh:
+            fh.write('{"a": 1}\n')
+        work.counts["prompts"] = 1
+
+    args = _args(root)
+    assert run_stage(args, body) == 0
+    (m,) = contract.read_stage_manifests(args)
+    assert m.counts == {"prompts": 1}
+    assert m.files[contract.RESPONSES_FILE]["bytes"] == 9
+    out = contract.shard_dir(args.output, 0, 1)
+    assert storage.read_text(storage.join(out, contract.RESPONSES_FILE)) == '{"a": 1}\n'
+    assert contract.finished_shard_dirs(args.output) == [out]
+    assert run_stage(args, body) == 0
+    assert len(calls) == 1
+
+
+KILLED_STAGE = textwrap.dedent("""
+    import os, sys, time
+    from spa_workers.contract import GenerateArgs
+    from spa_workers.runner import run_stage
+
+    def body(work):
+        with open(os.path.join(work.dir, "responses.jsonl"), "w") as fh:
+            fh.write("partial\\n")
+        work.progress(1, 10, force=True)
+        print("WROTE", flush=True)
+        time.sleep(60)
+
+    run_stage(GenerateArgs(policy="p", prompts="x.jsonl", output=sys.argv[1], shard_index=0), body)
+""")
+
+
+def test_stage_killed_before_manifest_leaves_nothing_a_reader_takes(root, tmp_path):
+    script = tmp_path / "stage.py"
+    script.write_text(KILLED_STAGE)
+    args = _args(root)
+    proc = subprocess.Popen([sys.executable, str(script), args.output], stdout=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+    assert proc.stdout.readline().strip() == "WROTE"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert contract.read_stage_manifests(args) is None
+    with pytest.raises(StageInputError, match="0 of 1 shards finished"):
+        contract.finished_shard_dirs(args.output)
+    shard = contract.shard_dir(args.output, 0, 1)
+    # The heartbeat is there (it is meant to be), the half-written output is not.
+    assert json.loads(storage.read_text(storage.join(shard, contract.PROGRESS)))["fraction"] == 0.1
+    assert not storage.exists(storage.join(shard, contract.RESPONSES_FILE))
+    # A rerun completes and cleans up the killed attempt's scratch.
+    assert run_stage(args, lambda w: open(os.path.join(w.dir, "responses.jsonl"), "w").close()) == 0
+    assert contract.finished_shard_dirs(args.output) == [shard]
+    assert [f for f in storage.list_files(shard) if "work" in f] == []

@@ -1,0 +1,38 @@
+"""`spa-worker <stage> ...`: the single entry point that Jobs and the local executor run."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from spa_workers import contract
+from spa_workers.contract import StageInputError
+from spa_workers.storage import StorageError
+
+# stage name -> module with `run(args) -> int`
+STAGE_MODULES = {
+    contract.GENERATE: "spa_workers.generate",
+    contract.JUDGE: "spa_workers.judge",
+    contract.TRAIN: "spa_workers.train",
+    contract.SEED_TRAIN: "spa_workers.train",
+    contract.EVALUATE: "spa_workers.evaluate",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGE_MODULES:
+        print(f"usage: spa-worker {{{','.join(STAGE_MODULES)}}} [options]", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    stage, rest = argv[0], argv[1:]
+    args = contract.ARGS_BY_STAGE[stage].from_argv(rest)
+    try:
+        module = importlib.import_module(STAGE_MODULES[stage])
+        return int(module.run(args) or 0)
+    except (StageInputError, StorageError) as e:
+        print(f"spa-worker {stage}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""The stage contract: one definition of every stage's arguments, outputs and manifests.
+
+The planner builds a stage's command line from these dataclasses (`to_argv`), the worker parses it back
+(`from_argv`), so the local executor, the Kubernetes executor and the workers cannot drift apart.
+This module must stay importable without torch: the operator imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, get_type_hints
+
+from spa_workers import storage
+
+MANIFEST = "_SUCCESS.json"
+PROGRESS = "_PROGRESS.json"
+CONTRACT_VERSION = 1
+
+SEED_TRAIN = "seed-train"
+GENERATE = "generate"
+JUDGE = "judge"
+TRAIN = "train"
+EVALUATE = "evaluate"
+STAGES = (SEED_TRAIN, GENERATE, JUDGE, TRAIN, EVALUATE)
+
+
+class StageInputError(Exception):
+    """Bad input a user must fix; the worker prints it as one line and exits 2."""
+
+
+def shard_dir(output: str, shard_index: int, shard_count: int) -> str:
+    """Where one shard of a sharded stage writes; readers take only shard dirs that have a manifest."""
+    return storage.join(output, f"shard-{shard_index:05d}-of-{shard_count:05d}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class StageArgs:
+    """Base for the per-stage argument sets. Fields map 1:1 to `--kebab-case` flags."""
+
+    stage: ClassVar[str]
+    sharded: ClassVar[bool] = False
+
+    def to_argv(self) -> list[str]:
+        argv = [self.stage]
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if hints[f.name] is bool:
+                argv.append(_flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
+            elif isinstance(value, list | tuple):
+                argv += [_flag(f.name), ",".join(str(v) for v in value)]
+            else:
+                argv += [_flag(f.name), str(value)]
+        return argv
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=f"spa-worker {cls.stage}", description=cls.__doc__)
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            help_text = f.metadata.get("help", "")
+            if hint is bool:
+                p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                               help=help_text)
+                continue
+            conv = _converter(hint)
+            p.add_argument(_flag(f.name), dest=f.name, type=conv, required=required, default=default, help=help_text)
+        return p
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str]):
+        ns = cls.parser().parse_args(list(argv))
+        return cls(**vars(ns))
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _converter(hint: Any):
+    hint_text = str(hint)
+    if hint is int or hint_text in ("int | None", "typing.Optional[int]"):
+        return int
+    if hint is float or hint_text in ("float | None", "typing.Optional[float]"):
+        return float
+    if "list[float]" in hint_text:
+        return _floats
+    return str
+
+
+@dataclass(frozen=True)
+class GenerateArgs(StageArgs):
+    """Sample answers from the policy for a slice of the prompt set."""
+
+    stage: ClassVar[str] = GENERATE
+    sharded: ClassVar[bool] = True
+
+    policy: str = field(metadata={"help": "model URI (path, s3://, hf://)"})
+    prompts: str = field(metadata={"help": "prompt file (JSONL/Parquet)"})
+    output: str = field(metadata={"help": "output URI (stage directory)"})
+    slice_start: int = 0
+    slice_end: int = -1
+    responses_per_prompt: int = 2
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 300
+    seed: int = 0
+    backend: str = field(default="vllm", metadata={"help": "vllm | transformers"})
+    batch_size: int = 16
+    shard_index: int = -1
+    shard_count: int = 1
+
+
+@dataclass(frozen=True)
+class JudgeArgs(StageArgs):
+    """Score each answer by the policy's implicit DPO reward against the reference and pick pairs."""
+
+    stage: ClassVar[str] = JUDGE
+    sharded: ClassVar[bool] = True
+
+    policy: str
+    reference: str
+    responses: str = field(metadata={"help": "output URI of the generate stage"})
+    output: str
+    beta: float = 0.1
+    pairing: str = field(default="min-max", metadata={"help": "min-max | max-random"})
+    seed: int = 0
+    backend: str = field(default="transformers", metadata={"help": "transformers | vllm"})
+    max_batch_tokens: int = 8192
+    max_length: int = 2048
+    max_prompt_length: int = 1024
+    shard_index: int = -1
+    shard_count: int = 1
+
+
+@dataclass(frozen=True)
+class TrainArgs(StageArgs):
+    """DPO (with SPA self-refinement when enabled) from `model`, against `reference` (default: `model`)."""
+
+    stage: ClassVar[str] = TRAIN
+
+    model: str
+    pairs: str = field(metadata={"help": "judge output URI, or a gold preference file"})
+    output: str
+    reference: str | None = None
+    beta: float = 0.1
+    learning_rate: float = 5e-7
+    epochs: float = 1.0
+    batch_size: int = 32
+    per_device_batch_size: int = 0
+    max_length: int = 2048
+    max_prompt_length: int = 1024
+    refinement: bool = True
+    low_confidence_fraction: float = 0.1
+    smoothing: float = 0.1
+    warmup_fraction: float = 0.2
+    window: int = 50
+    extrapolation: float = 0.0
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    seed: int = 0
+    save_steps: int = 50
+
+
+@dataclass(frozen=True)
+class SeedTrainArgs(TrainArgs):
+    """Plain DPO on the gold seed pairs from the SFT model."""
+
+    stage: ClassVar[str] = SEED_TRAIN
+
+
+@dataclass(frozen=True)
+class EvaluateArgs(StageArgs):
+    """Held-out gold agreement of the policy's implicit reward against the reference."""
+
+    stage: ClassVar[str] = EVALUATE
+
+    policy: str
+    reference: str
+    heldout: str
+    output: str
+    beta: float = 0.1
+    max_batch_tokens: int = 8192
+    max_length: int = 2048
+    max_prompt_length: int = 1024
+
+
+ARGS_BY_STAGE: dict[str, type[StageArgs]] = {
+    a.stage: a for a in (GenerateArgs, JudgeArgs, TrainArgs, SeedTrainArgs, EvaluateArgs)
+}
+
+# Where each stage's outputs live inside its output dir.
+MODEL_SUBDIR = "model"
+RESPONSES_FILE = "responses.jsonl"
+PAIRS_FILE = "pairs.jsonl"
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+@dataclass
+class StageManifest:
+    """Written last by a finished stage (or shard): its presence is what "done" means."""
+
+    stage: str
+    files: dict[str, dict[str, Any]]  # relative path -> {"bytes": n, "sha256": hex}
+    counts: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    contract_version: int = CONTRACT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> StageManifest:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def read_manifest(stage_dir: str) -> StageManifest | None:
+    uri = storage.join(stage_dir, MANIFEST)
+    if not storage.exists(uri):
+        return None
+    return StageManifest.from_json(storage.read_text(uri))
+
+
+def stage_manifest_dirs(args: StageArgs) -> list[str]:
+    """Every directory whose manifest must exist for the stage as a whole to be done."""
+    if args.sharded:
+        n = args.shard_count  # type: ignore[attr-defined]
+        return [shard_dir(args.output, i, n) for i in range(n)]  # type: ignore[attr-defined]
+    return [args.output]  # type: ignore[attr-defined]
+
+
+def read_stage_manifests(args: StageArgs) -> list[StageManifest] | None:
+    """All manifests of a stage, or None while any shard is unfinished."""
+    out = []
+    for d in stage_manifest_dirs(args):
+        m = read_manifest(d)
+        if m is None:
+            return None
+        out.append(m)
+    return out
+
+
+def finished_shard_dirs(stage_output: str) -> list[str]:
+    """Shard dirs of a sharded stage that carry a manifest, in order, checked for completeness."""
+    dirs = sorted(d for d in storage.list_dirs(stage_output) if os.path.basename(d.rstrip("/")).startswith("shard-"))
+    if not dirs:
+        raise StageInputError(f"{stage_output}: no shard output found (has the previous stage run?)")
+    total = int(dirs[0].rstrip("/").rsplit("-of-", 1)[1])
+    done = [d for d in dirs if storage.exists(storage.join(d, MANIFEST))]
+    if len(done) != total:
+        raise StageInputError(f"{stage_output}: {len(done)} of {total} shards finished; refusing partial input")
+    return done
+
+
+def file_digest(path: str) -> dict[str, Any]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "transformers", "trl", "peft", "vllm"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            out[mod] = getattr(m, "__version__", "?")
+    return out
+
+
+class Heartbeat:
+    """Writes `_PROGRESS.json` at most every `interval` seconds (and at 0 and 1)."""
+
+    def __init__(self, output: str, total: int, interval: float = 15.0, unit: str = "items") -> None:
+        self.output, self.total, self.interval, self.unit = output, max(total, 1), interval, unit
+        self.start = time.monotonic()
+        self.last = -1e9
+        self.done = 0
+
+    def update(self, done: int, force: bool = False, **extra: float) -> None:
+        self.done = done
+        now = time.monotonic()
+        if not force and now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        frac = min(done / self.total, 1.0)
+        eta = (self.total - done) / rate if rate > 0 else None
+        payload = {"fraction": frac, "done": done, "total": self.total, "unit": self.unit,
+                   "rate_per_s": rate, "eta_s": eta, "elapsed_s": elapsed, "time": time.time(), **extra}
+        storage.write_text(storage.join(self.output, PROGRESS), json.dumps(payload))
+
+
+# Names of the counts / metrics each stage puts in its manifest. The CLI's summary table, the operator's status and
+# Prometheus read these names, so they are defined once here.
+class ManifestKeys:
+    # generate: counts
+    PROMPTS = "prompts"
+    RESPONSES = "responses"
+    GENERATED_TOKENS = "generated_tokens"
+    # generate: metrics
+    TOKENS_PER_S = "tokens_per_s"
+    # judge: counts
+    PAIRS = "pairs"
+    DROPPED_IDENTICAL = "dropped_identical"
+    DROPPED_EMPTY = "dropped_empty"
+    # judge: metrics
+    REWARD_GAP = "reward_gap_mean"
+    CHOSEN_REWARD = "chosen_reward_mean"
+    REJECTED_REWARD = "rejected_reward_mean"
+    CONFIDENCE = "confidence_mean"
+    PAIRS_PER_S = "pairs_per_s"
+    # train / seed-train: metrics
+    LOSS = "loss"
+    REWARD_ACCURACY = "reward_accuracy"
+    REFINED_FRACTION = "refined_fraction"
+    THRESHOLD = "threshold"
+    MARGIN = "margin_mean"
+    SAMPLES_PER_S = "samples_per_s"
+    STEPS = "steps"
+    # evaluate: metrics
+    HELDOUT_AGREEMENT = "heldout_agreement"

@@ -1,0 +1,88 @@
+"""Runs one stage under the contract: skip if done, write outputs, then the manifest last."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from spa_workers import contract, storage
+from spa_workers.contract import StageArgs, StageManifest
+
+
+@dataclass
+class StageWork:
+    """What a stage body gets: a local folder for its outputs and places to put counts and metrics."""
+
+    args: StageArgs
+    output: str  # URI where this stage (or shard) publishes
+    dir: str  # local folder whose files are published under `output`
+    counts: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    _heartbeat: contract.Heartbeat | None = None
+
+    def progress(self, done: int, total: int, unit: str = "items", force: bool = False, **extra: float) -> None:
+        if self._heartbeat is None or self._heartbeat.total != max(total, 1):
+            self._heartbeat = contract.Heartbeat(self.output, total, unit=unit,
+                                                 interval=float(os.environ.get("SPA_HEARTBEAT_S", "15")))
+            force = True
+        self._heartbeat.update(done, force=force or done >= total, **extra)
+
+
+def resolve_shard(args: StageArgs) -> StageArgs:
+    """Fill the shard index from JOB_COMPLETION_INDEX (Indexed Jobs) when it was not given."""
+    if not args.sharded or args.shard_index >= 0:  # type: ignore[attr-defined]
+        return args
+    index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+    return replace(args, shard_index=index)  # type: ignore[call-arg]
+
+
+def output_of(args: StageArgs) -> str:
+    if args.sharded:
+        return contract.shard_dir(args.output, args.shard_index, args.shard_count)  # type: ignore[attr-defined]
+    return args.output  # type: ignore[attr-defined]
+
+
+def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
+    args = resolve_shard(args)
+    out = output_of(args)
+    if storage.exists(storage.join(out, contract.MANIFEST)):
+        print(f"{args.stage}: {out} already has a manifest; nothing to do", file=sys.stderr)
+        return 0
+    t0 = time.time()
+    local_out = None if storage.is_s3(out) else storage._local(out)
+    # Local outputs are built in a hidden sibling folder and moved in, so a crash leaves nothing under `out`
+    # but an ignored scratch dir; S3 outputs are built in a temp dir and uploaded before the manifest.
+    if local_out is not None:
+        os.makedirs(local_out, exist_ok=True)
+        for stale in Path(local_out).glob(".work-*"):  # left by a killed attempt
+            shutil.rmtree(stale, ignore_errors=True)
+        workdir = tempfile.mkdtemp(prefix=".work-", dir=local_out)
+    else:
+        workdir = tempfile.mkdtemp(prefix="spa-stage-")
+    work = StageWork(args=args, output=out, dir=workdir)
+    try:
+        body(work)
+        files = {}
+        for rel in storage.list_files(workdir):
+            files[rel] = contract.file_digest(os.path.join(workdir, rel))
+            if local_out is not None:
+                dest = os.path.join(local_out, rel)
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                os.replace(os.path.join(workdir, rel), dest)
+            else:
+                storage.upload_file(os.path.join(workdir, rel), storage.join(out, rel))
+        work.timings["wall_s"] = time.time() - t0
+        manifest = StageManifest(stage=args.stage, files=files, counts=work.counts, metrics=work.metrics,
+                                 timings=work.timings, args=args.to_argv(), versions=contract.versions())
+        storage.write_text(storage.join(out, contract.MANIFEST), manifest.to_json())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"{args.stage}: done in {time.time() - t0:.1f}s -> {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,239 @@
+"""One small storage layer over `s3://bucket/key` and local paths (plain or `file://`).
+
+S3 settings come from the environment, as boto3 reads them (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_REGION / AWS_DEFAULT_REGION, AWS_ENDPOINT_URL) plus SPA_S3_ENDPOINT, which wins when set. Writes of single
+objects are atomic on both backends (S3 PUT; temp file + rename locally), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+
+class StorageError(Exception):
+    """Storage is unreachable or refused an operation (not: an object is missing)."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def _local(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"{uri}: no bucket in S3 URI")
+    return bucket, key
+
+
+def join(uri: str, *parts: str) -> str:
+    out = uri.rstrip("/")
+    for p in parts:
+        out = out + "/" + p.strip("/")
+    return out
+
+
+@functools.cache
+def _client():
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get("SPA_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL") or None
+    cfg = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60,
+                 s3={"addressing_style": "path"})
+    return boto3.client("s3", endpoint_url=endpoint, config=cfg)
+
+
+def reset_client() -> None:
+    """Forget the cached S3 client (after the environment changed)."""
+    _client.cache_clear()
+
+
+def _s3_call(fn, *args, **kwargs):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(*args, **kwargs)
+    except ClientError:
+        raise
+    except BotoCoreError as e:  # connection refused, timeouts, bad endpoint
+        raise StorageError(f"S3 unreachable: {type(e).__name__}") from e
+
+
+def _is_missing(err: Exception) -> bool:
+    code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
+    return code in ("404", "NoSuchKey", "NotFound")
+
+
+def exists(uri: str) -> bool:
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            _s3_call(_client().head_object, Bucket=bucket, Key=key)
+            return True
+        except ClientError as e:
+            if _is_missing(e):
+                return False
+            raise StorageError(f"{uri}: {e.response['Error'].get('Code')}") from e
+    return os.path.exists(_local(uri))
+
+
+def read_bytes(uri: str) -> bytes:
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            return _s3_call(_client().get_object, Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            if _is_missing(e):
+                raise FileNotFoundError(uri) from e
+            raise StorageError(f"{uri}: {e.response['Error'].get('Code')}") from e
+    return Path(_local(uri)).read_bytes()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        _s3_call(_client().put_object, Bucket=bucket, Key=key, Body=data)
+        return
+    path = Path(_local(uri))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def upload_file(local_path: str, uri: str) -> None:
+    """Copy a local file to `uri`; S3 uses multipart above MULTIPART_THRESHOLD."""
+    if is_s3(uri):
+        from boto3.s3.transfer import TransferConfig
+
+        bucket, key = split_s3(uri)
+        cfg = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+        _s3_call(_client().upload_file, local_path, bucket, key, Config=cfg)
+        return
+    dest = Path(_local(uri))
+    if dest.resolve() == Path(local_path).resolve():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(local_path, tmp)
+    os.replace(tmp, dest)
+
+
+def download_file(uri: str, local_path: str) -> None:
+    Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        tmp = local_path + ".part"
+        try:
+            _s3_call(_client().download_file, bucket, key, tmp)
+        except ClientError as e:
+            if _is_missing(e):
+                raise FileNotFoundError(uri) from e
+            raise
+        os.replace(tmp, local_path)
+        return
+    shutil.copyfile(_local(uri), local_path)
+
+
+def list_files(uri: str) -> list[str]:
+    """Paths of all files below `uri`, relative to it, sorted."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+        out = []
+        paginator = _client().get_paginator("list_objects_v2")
+        for page in _s3_call(lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix))):
+            out += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])]
+        return sorted(out)
+    root = Path(_local(uri))
+    if not root.is_dir():
+        return []
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+
+
+def list_dirs(uri: str) -> list[str]:
+    """URIs of the immediate sub-directories of `uri`, sorted."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+        paginator = _client().get_paginator("list_objects_v2")
+        out = []
+        for page in _s3_call(lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"))):
+            out += [join(f"s3://{bucket}", cp["Prefix"]) for cp in page.get("CommonPrefixes", [])]
+        return sorted(out)
+    root = Path(_local(uri))
+    if not root.is_dir():
+        return []
+    return sorted(join(uri, p.name) for p in root.iterdir() if p.is_dir())
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    for rel in list_files(local_dir):
+        upload_file(os.path.join(local_dir, rel), join(uri, rel))
+
+
+def download_dir(uri: str, local_dir: str) -> None:
+    files = list_files(uri)
+    if not files:
+        raise FileNotFoundError(uri)
+    for rel in files:
+        download_file(join(uri, rel), os.path.join(local_dir, rel))
+
+
+def etag(uri: str) -> str:
+    """A version tag for an object or a directory tree (changes when its content changes)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        if exists(uri):
+            return _s3_call(_client().head_object, Bucket=bucket, Key=key)["ETag"].strip('"')
+        h = hashlib.sha256()
+        prefix = key.rstrip("/") + "/"
+        paginator = _client().get_paginator("list_objects_v2")
+        for page in _s3_call(lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix))):
+            for obj in page.get("Contents", []):
+                h.update(f"{obj['Key']}:{obj['ETag']}".encode())
+        return h.hexdigest()[:32]
+    path = Path(_local(uri))
+    stats = [path.stat()] if path.is_file() else [p.stat() for p in sorted(path.rglob("*")) if p.is_file()]
+    h = hashlib.sha256("".join(f"{s.st_size}:{s.st_mtime_ns};" for s in stats).encode())
+    return h.hexdigest()[:32]
+
+
+def local_path_for_reading(uri: str, cache_dir: str) -> str:
+    """A local path holding the object at `uri` (downloaded into `cache_dir` for S3)."""
+    if not is_s3(uri):
+        return _local(uri)
+    dest = os.path.join(cache_dir, hashlib.sha256(f"{uri}@{etag(uri)}".encode()).hexdigest()[:24],
+                        os.path.basename(uri))
+    if not os.path.exists(dest):
+        download_file(uri, dest)
+    return dest
