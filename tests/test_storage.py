@@ -39,6 +39,10 @@ def test_read_write_exists_list(root):
     assert [d.rsplit("/", 1)[1] for d in storage.list_dirs(root)] == ["d1", "d2"]
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(storage.join(root, "missing"))
+    storage.delete_tree(storage.join(root, "d2"))
+    storage.delete_tree(storage.join(root, "a.txt"))
+    storage.delete_tree(storage.join(root, "never-there"))
+    assert storage.list_files(root) == ["d1/b.bin"]
 
 
 def test_upload_download_dir_and_etag(root, tmp_path):

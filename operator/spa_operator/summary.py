@@ -36,9 +36,10 @@ def summarize(graph: list[PlannedStage]) -> list[IterationSummary]:
             row.reward_gap = _weighted(manifests, K.REWARD_GAP, K.PAIRS)
         elif s.stage in (contract.TRAIN, contract.SEED_TRAIN):
             row.loss = manifests[0].metrics.get(K.LOSS)
-            row.refined_fraction = manifests[0].metrics.get(K.REFINED_FRACTION)
-            if s.stage == contract.SEED_TRAIN:
+            if s.stage == contract.SEED_TRAIN:  # plain DPO on gold pairs: nothing is refined
                 row.pairs = manifests[0].counts.get(K.PAIRS)
+            else:
+                row.refined_fraction = manifests[0].metrics.get(K.REFINED_FRACTION)
         elif s.stage == contract.EVALUATE:
             row.heldout_agreement = manifests[0].metrics.get(K.HELDOUT_AGREEMENT)
     return [rows[i] for i in sorted(rows)]

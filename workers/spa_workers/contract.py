@@ -199,6 +199,7 @@ class EvaluateArgs(StageArgs):
     heldout: str
     output: str
     beta: float = 0.1
+    backend: str = field(default="transformers", metadata={"help": "transformers | vllm"})
     max_batch_tokens: int = 8192
     max_length: int = 2048
     max_prompt_length: int = 1024
@@ -348,3 +349,9 @@ class ManifestKeys:
     STEPS = "steps"
     # evaluate: metrics
     HELDOUT_AGREEMENT = "heldout_agreement"
+    # generate / judge / evaluate / train: prompts too long for max_prompt_length, left out
+    SKIPPED_LONG_PROMPTS = "skipped_long_prompt"
+    # train / seed-train: counts
+    EFFECTIVE_BATCH = "effective_batch_size"
+    PROCESSES = "processes"
+    RESUMED_FROM_STEP = "resumed_from_step"

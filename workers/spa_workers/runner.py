@@ -1,4 +1,10 @@
-"""Runs one stage under the contract: skip if done, write outputs, then the manifest last."""
+"""Runs one stage under the contract: skip if done, write outputs, then the manifest last.
+
+Under a multi-process launcher (`accelerate launch`, torchrun: WORLD_SIZE > 1) every process runs the body,
+but only the main process publishes outputs, writes the heartbeat and the manifest; rank 0's "already done"
+decision is broadcast so all ranks agree, and the ranks meet at barriers after the body and the manifest.
+Single-process runs never import torch here.
+"""
 
 from __future__ import annotations
 
@@ -25,9 +31,14 @@ class StageWork:
     counts: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    is_main: bool = True  # False on the non-main ranks of a multi-process run: their `dir` is not published
+    # Run (by the main process) after the manifest is written, e.g. to delete training checkpoints.
+    after_manifest: list[Callable[[], None]] = field(default_factory=list)
     _heartbeat: contract.Heartbeat | None = None
 
     def progress(self, done: int, total: int, unit: str = "items", force: bool = False, **extra: float) -> None:
+        if not self.is_main:
+            return
         if self._heartbeat is None or self._heartbeat.total != max(total, 1):
             self._heartbeat = contract.Heartbeat(self.output, total, unit=unit,
                                                  interval=float(os.environ.get("SPA_HEARTBEAT_S", "15")))
@@ -49,13 +60,41 @@ def output_of(args: StageArgs) -> str:
     return args.output  # type: ignore[attr-defined]
 
 
+def _distributed_state():
+    """accelerate's PartialState when launched as several processes, else None (and no torch import)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    # The first PartialState fixes the backend for the whole process: without CUDA it must be told to use the
+    # CPU (gloo), otherwise accelerate sets up no distributed state at all and every rank would train alone.
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    cpu = forced_cpu or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def _broadcast_from_main(value):
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
     args = resolve_shard(args)
     out = output_of(args)
-    if storage.exists(storage.join(out, contract.MANIFEST)):
-        print(f"{args.stage}: {out} already has a manifest; nothing to do", file=sys.stderr)
+    dist = _distributed_state()
+    is_main = dist is None or dist.is_main_process
+    done = storage.exists(storage.join(out, contract.MANIFEST)) if is_main else False
+    if dist is not None:
+        done = _broadcast_from_main(done)  # one answer for all ranks, even without shared storage
+    if done:
+        if is_main:
+            print(f"{args.stage}: {out} already has a manifest; nothing to do", file=sys.stderr)
         return 0
     t0 = time.time()
+    if not is_main:
+        return _run_secondary(args, out, body, dist)
     local_out = None if storage.is_s3(out) else storage._local(out)
     # Local outputs are built in a hidden sibling folder and moved in, so a crash leaves nothing under `out`
     # but an ignored scratch dir; S3 outputs are built in a temp dir and uploaded before the manifest.
@@ -69,6 +108,8 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
     work = StageWork(args=args, output=out, dir=workdir)
     try:
         body(work)
+        if dist is not None:
+            dist.wait_for_everyone()
         files = {}
         for rel in storage.list_files(workdir):
             files[rel] = contract.file_digest(os.path.join(workdir, rel))
@@ -82,7 +123,26 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
         manifest = StageManifest(stage=args.stage, files=files, counts=work.counts, metrics=work.metrics,
                                  timings=work.timings, args=args.to_argv(), versions=contract.versions())
         storage.write_text(storage.join(out, contract.MANIFEST), manifest.to_json())
+        for hook in work.after_manifest:
+            try:
+                hook()
+            except Exception as e:  # the stage is done; a failed cleanup must not turn it into a failure
+                print(f"{args.stage}: warning: cleanup after the manifest failed: {e}", file=sys.stderr)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if dist is not None:
+        dist.wait_for_everyone()
     print(f"{args.stage}: done in {time.time() - t0:.1f}s -> {out}", file=sys.stderr)
+    return 0
+
+
+def _run_secondary(args: StageArgs, out: str, body: Callable[[StageWork], None], dist) -> int:
+    """A non-main rank: run the body in a private scratch dir that is never published; wait for the main."""
+    workdir = tempfile.mkdtemp(prefix="spa-stage-rank-")
+    try:
+        body(StageWork(args=args, output=out, dir=workdir, is_main=False))
+        dist.wait_for_everyone()  # the main publishes now
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    dist.wait_for_everyone()  # the manifest is written
     return 0

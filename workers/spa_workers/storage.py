@@ -209,6 +209,22 @@ def download_dir(uri: str, local_dir: str) -> None:
         download_file(join(uri, rel), os.path.join(local_dir, rel))
 
 
+def delete_tree(uri: str) -> None:
+    """Delete the object or every object below `uri` (missing is fine)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        keys = [key] if exists(uri) else [f"{key.rstrip('/')}/{rel}" for rel in list_files(uri)]
+        for i in range(0, len(keys), 1000):  # S3 deletes at most 1000 keys per request
+            objects = [{"Key": k} for k in keys[i : i + 1000]]
+            _s3_call(_client().delete_objects, Bucket=bucket, Delete={"Objects": objects})
+        return
+    path = Path(_local(uri))
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
 def etag(uri: str) -> str:
     """A version tag for an object or a directory tree (changes when its content changes)."""
     if is_s3(uri):

@@ -1,0 +1,668 @@
+"""The `train` and `seed-train` stages: DPO with TRL, plus SPA's self-refinement (DESIGN §3, `spa_loss`).
+
+- seed-train: plain sigmoid DPO from `--model` on gold pairs against `--reference` (default: `--model`);
+  refinement is always off.
+- train: DPO initialised from `--model` with `--model` itself as the reference (unless `--reference` names
+  another model), with self-refinement when `--refinement` (the default) and λ-extrapolated noise detection
+  when `--extrapolation` > 0.
+
+`--pairs` is a gold file (JSONL/Parquet) or a judge stage's output dir (`pairs.jsonl` of every finished
+shard). Outputs under the stage dir: `model/` (a plain HF model; a LoRA adapter is merged first),
+`train_log.jsonl` (one line per optimiser step). Checkpoints go to `<output>/checkpoints/checkpoint-<step>/`
+every `--save-steps` (model, optimizer, scheduler, RNG, trainer state, and `spa_state.json` with the margin
+window and the log so far), a `_COMPLETE` marker written last; a restarted stage resumes from the newest
+complete one. They are deleted once the manifest is written and are never part of it.
+
+Test hook: with `SPA_TRAIN_STOP_AFTER_STEPS=N` in the environment the process exits abruptly (code 75, no
+cleanup, like a killed pod) right after the first checkpoint at or after step N has been stored.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from spa_workers import contract, data, modeling, runner, storage
+from spa_workers.contract import ManifestKeys, StageInputError, TrainArgs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+LOG_FILE = "train_log.jsonl"
+SPA_STATE_FILE = "spa_state.json"
+CHECKPOINT_DONE = "_COMPLETE"
+CHECKPOINT_PREFIX = "checkpoint-"
+STOP_AFTER_ENV = "SPA_TRAIN_STOP_AFTER_STEPS"
+STOP_EXIT_CODE = 75
+# Linear LR warm-up over this fraction of the steps, then cosine decay: the alignment-handbook recipe that the
+# official SPA code trains with.
+LR_WARMUP_RATIO = 0.1
+EXTRAPOLATION_CHUNK_TOKENS = 256  # tokens per LM-head projection in the λ forward; bounds the logits' memory
+
+
+_NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
+_DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".pq")
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """SPA self-refinement settings (None on the trainer means plain DPO)."""
+
+    low_confidence_fraction: float = 0.1
+    smoothing: float = 0.1
+    warmup_fraction: float = 0.2
+    window: int = 50
+    extrapolation: float = 0.0
+
+
+def run(args: TrainArgs) -> int:
+    return runner.run_stage(args, lambda work: _train(args, work))
+
+
+# --- inputs ---
+
+
+def load_training_pairs(uri: str) -> list[data.PreferencePair]:
+    """Pairs from a gold file, or from every finished shard of a judge stage's output dir."""
+    if uri.lower().rstrip("/").endswith(_DATA_SUFFIXES):
+        return data.load_pairs(uri)
+    pairs: list[data.PreferencePair] = []
+    for shard in contract.finished_shard_dirs(uri):
+        path = storage.join(shard, contract.PAIRS_FILE)
+        rows = data.read_records(path)  # a shard may legitimately hold no pairs (all dropped by the judge)
+        pairs += [data.parse_pair(r, f"{path}: row {n}") for n, r in enumerate(rows, start=1)]
+    if not pairs:
+        raise StageInputError(f"{uri}: the judge produced no pairs")
+    return pairs
+
+
+def training_rows(
+    pairs: list[data.PreferencePair], tokenizer: PreTrainedTokenizerBase, max_prompt_length: int
+) -> tuple[list[dict[str, Any]], int]:
+    """TRL conversational rows, without the pairs whose prompt is longer than `max_prompt_length` tokens."""
+    rows, skipped = [], 0
+    for p in pairs:
+        if len(modeling.encode_prompt(tokenizer, p.prompt)) > max_prompt_length:
+            skipped += 1
+            continue
+        rows.append(
+            {
+                "prompt": p.prompt,
+                "chosen": [{"role": "assistant", "content": p.chosen}],
+                "rejected": [{"role": "assistant", "content": p.rejected}],
+            }
+        )
+    return rows, skipped
+
+
+def batch_geometry(batch_size: int, per_device: int, processes: int) -> tuple[int, int]:
+    """(per-device batch, gradient-accumulation steps) so that per_device·accum·processes ≈ batch_size.
+
+    per_device 0 means the whole batch is split evenly over the processes without accumulation.
+    """
+    per_device = per_device or max(1, batch_size // processes)
+    accum = max(1, round(batch_size / (per_device * processes)))
+    return per_device, accum
+
+
+# --- the trainer ---
+
+
+def _logits_fn(causal_lm):
+    """hidden → logits of a causal LM's head, with the logit scaling / soft-capping some models apply."""
+    import torch
+
+    head = causal_lm.get_output_embeddings()
+    cfg = causal_lm.config.get_text_config()
+    scale = getattr(cfg, "logit_scale", None) or getattr(cfg, "output_multiplier", None)
+    if scale is None and getattr(cfg, "logits_scaling", None):
+        scale = 1.0 / cfg.logits_scaling
+    cap = getattr(cfg, "final_logit_softcapping", None)
+
+    def fn(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden)
+        if scale is not None and scale != 1.0:
+            logits = logits * scale
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return fn
+
+
+@functools.cache
+def trainer_class():
+    """The DPOTrainer subclass, built lazily: importing TRL costs seconds, and a finished stage needs none."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate.utils import is_peft_model
+    from trl import DPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
+
+    from spa_workers.spa_loss import (
+        MarginWindow,
+        completion_logps,
+        dpo_margin,
+        self_refinement_losses,
+        warmup_alpha,
+    )
+
+    class SPATrainer(DPOTrainer):
+        """A DPOTrainer whose training loss is SPA's self-refinement loss (plain sigmoid DPO without it).
+
+        Policy log-probs come from TRL's fused-head forward, reference log-probs from `compute_ref_log_probs`
+        (the same reference handling as TRL: a separate model, or the adapter disabled under PEFT). With λ > 0
+        one no-grad pass of policy and reference backbones yields both the reference log-probs and the
+        extrapolated ones.
+        """
+
+        def __init__(self, *args: Any, refinement: Refinement | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.refinement = refinement
+            self.window = (
+                MarginWindow(refinement.window, refinement.low_confidence_fraction) if refinement else None
+            )
+            self.step_log: list[dict[str, Any]] = []  # one record per optimiser step, identical on all ranks
+            self._micro: list[dict[str, Any]] = []  # this step's micro-batches
+
+        # Warm-up length depends on the step count, which the Trainer knows only here. Floor (not ceil, as
+        # `warmup_steps` ratios do) so that a one-step run still moves the weights.
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            self.args.warmup_steps = int(LR_WARMUP_RATIO * num_training_steps)
+            return super().create_scheduler(num_training_steps, optimizer)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or not model.training:  # evaluation: TRL's own DPO loss
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            completion_mask = inputs["completion_mask"]
+            model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+            model_kwargs["use_cache"] = False
+            if self.aux_loss_enabled:
+                model_kwargs["output_router_logits"] = True
+            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            seq_len = completion_mask.size(1) - 1
+            chosen, rejected = outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+
+            lam = self.refinement.extrapolation if self.refinement else 0.0
+            extrapolated = None
+            if lam > 0:
+                ref_lp, ext_lp = self.extrapolated_logps(model, model_kwargs, labels, lam)
+                ref_chosen, ref_rejected = ref_lp.chunk(2, dim=0)
+                ext_chosen, ext_rejected = ext_lp.chunk(2, dim=0)
+                extrapolated = dpo_margin(ext_chosen, ext_rejected, ref_chosen, ref_rejected)
+            elif "ref_chosen_logps" in inputs:
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                ref = self.ref_model if self.ref_model is not None else self.model
+                ref_chosen, ref_rejected = self.compute_ref_log_probs(ref, inputs)
+            margin = dpo_margin(chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype))
+
+            stats = None
+            if self.refinement:
+                r = self.refinement
+                alpha = warmup_alpha(
+                    self.state.global_step, self.state.max_steps, r.warmup_fraction, r.smoothing
+                )
+                losses, stats = self_refinement_losses(
+                    margin,
+                    extrapolated,
+                    beta=self.beta,
+                    alpha=alpha,
+                    window=self.window,
+                    gather=self.accelerator.gather,
+                )
+            else:
+                losses = -F.logsigmoid(self.beta * margin)
+            loss = losses.mean()
+            if self.aux_loss_enabled:
+                loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._record(losses, margin, stats)
+            return loss
+
+        def extrapolated_logps(self, model, model_kwargs, labels, lam: float):
+            """(reference, extrapolated) summed completion log-probs, per row, without gradient."""
+            unwrapped = self.accelerator.unwrap_model(model)
+            peft = is_peft_model(unwrapped)
+            policy = unwrapped.get_base_model() if peft else unwrapped
+            kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+            with (
+                torch.no_grad(),
+                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            ):
+                policy_hidden = policy.base_model(**kwargs).last_hidden_state[:, :-1]
+                if self.ref_model is not None:
+                    ref = self.accelerator.unwrap_model(self.ref_model)
+                    ref_hidden = ref.base_model(**kwargs).last_hidden_state[:, :-1]
+                elif peft:  # the reference is the model with its adapter off (or TRL's frozen "ref" copy)
+                    ref = policy
+                    with use_adapter(
+                        unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None
+                    ):
+                        ref_hidden = policy.base_model(**kwargs).last_hidden_state[:, :-1]
+                else:
+                    raise RuntimeError(
+                        "λ-extrapolation needs a reference model (precomputed log-probs are not enough)"
+                    )
+                return completion_logps(
+                    policy_hidden,
+                    ref_hidden,
+                    _logits_fn(policy),
+                    _logits_fn(ref),
+                    labels[:, 1:],
+                    lam,
+                    chunk_tokens=EXTRAPOLATION_CHUNK_TOKENS,
+                )
+
+        def _record(self, losses, margin, stats) -> None:
+            gather = self.accelerator.gather
+            rec: dict[str, Any] = {"losses": gather(losses.detach().float()).cpu()}
+            if stats is None:
+                rec["margins"] = gather((self.beta * margin).detach().float()).cpu()
+            else:
+                rec.update(
+                    margins=stats.margins,
+                    scores=stats.scores,
+                    low=stats.low_confidence,
+                    threshold=stats.threshold,
+                    window_size=stats.window_size,
+                    alpha=stats.alpha,
+                )
+                thr = torch.tensor([stats.threshold], dtype=torch.float64, device=margin.device)
+                rec["rank_thresholds"] = gather(thr).cpu().tolist()  # proof that all ranks agree
+            self._micro.append(rec)
+            mode = "train"
+            self._metrics[mode]["rewards/accuracies"].append(float((rec["margins"] > 0).float().mean()))
+            self._metrics[mode]["rewards/margins"].append(float(rec["margins"].mean()))
+            if stats is not None:
+                self._metrics[mode]["spa/threshold"].append(stats.threshold)
+                self._metrics[mode]["spa/refined_fraction"].append(stats.refined_fraction)
+
+        def finish_step(self, lr: float | None) -> dict[str, Any]:
+            """Fold this optimiser step's micro-batches into one log record."""
+            micro, self._micro = self._micro, []
+            margins = torch.cat([m["margins"] for m in micro])
+            losses = torch.cat([m["losses"] for m in micro])
+            rec: dict[str, Any] = {
+                "step": self.state.global_step,
+                "epoch": self.state.epoch,
+                "lr": lr,
+                "samples": int(margins.numel()),
+                "loss": float(losses.mean()),
+                "reward_accuracy": float((margins > 0).float().mean()),
+                "margin_mean": float(margins.mean()),
+                "alpha": 0.0,
+                "refined_fraction": 0.0,
+                "threshold": None,
+            }
+            if self.refinement:
+                low = torch.cat([m["low"] for m in micro]).float()
+                refined = sum(float(m["low"].float().sum()) for m in micro if m["alpha"] > 0)
+                last = micro[-1]
+                rec.update(
+                    alpha=last["alpha"],
+                    threshold=last["threshold"],
+                    window_size=last["window_size"],
+                    refined_fraction=refined / max(1, margins.numel()),
+                    low_confidence_fraction=float(low.mean()),
+                    rank_thresholds=last["rank_thresholds"],
+                    thresholds=[m["threshold"] for m in micro],
+                    scores=torch.cat([m["scores"] for m in micro]).tolist(),
+                )
+            rec["margins"] = margins.tolist()
+            self.step_log.append(rec)
+            return rec
+
+        # Hooks the stage sets: `on_step_record(record)` after each optimiser step, `checkpoint_sink(dir)`
+        # after the Trainer wrote a checkpoint locally. The end-of-training checkpoint is skipped: the stage
+        # saves the final model itself right after.
+        on_step_record = None
+        checkpoint_sink = None
+
+        def _save_checkpoint(self, model, trial):
+            if self.state.global_step >= self.state.max_steps:
+                return
+            super()._save_checkpoint(model, trial)
+            if self.checkpoint_sink is not None:
+                run_dir = self._get_output_dir(trial=trial)
+                self.checkpoint_sink(os.path.join(run_dir, f"{CHECKPOINT_PREFIX}{self.state.global_step}"))
+
+    return SPATrainer
+
+
+def _step_callback(trainer):
+    """Closes each optimiser step's log record (with the learning rate that step used)."""
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        lr: float | None = None
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            self.lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            rec = trainer.finish_step(self.lr)
+            if trainer.on_step_record is not None:
+                trainer.on_step_record(rec)
+
+    return StepLog()
+
+
+def make_trainer(
+    args: TrainArgs,
+    rows: list[dict[str, Any]],
+    output_dir: str,
+    *,
+    refinement: Refinement | None,
+    processes: int = 1,
+    max_steps: int = -1,
+):
+    """A ready SPATrainer for `args` on `rows` (TRL conversational pairs); checkpoints go to `output_dir`."""
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    cuda = torch.cuda.is_available()
+    per_device, accum = batch_geometry(args.batch_size, args.per_device_batch_size, processes)
+    tokenizer = modeling.load_tokenizer(args.model)
+    model = modeling.load_model(args.model)
+    ref_model = None
+    if args.reference and args.reference != args.model:
+        ref_model = modeling.load_model(args.reference)
+    peft_config = None
+    if args.lora_r > 0:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+    quiet = not sys.stderr.isatty()
+    config = DPOConfig(
+        output_dir=output_dir,
+        seed=args.seed,
+        data_seed=args.seed,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accum,
+        num_train_epochs=args.epochs,
+        max_steps=max_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        beta=args.beta,
+        loss_type=["sigmoid"],
+        max_length=args.max_length,
+        use_cpu=not cuda,
+        bf16=cuda,
+        gradient_checkpointing=cuda,  # CPU runs are tiny: no need to trade speed
+        save_strategy="steps" if args.save_steps > 0 else "no",
+        save_steps=max(args.save_steps, 1),
+        save_total_limit=1,
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=quiet,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient: no extra graph walk
+    )
+    trainer = trainer_class()(
+        model=model,
+        ref_model=ref_model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        refinement=refinement,
+    )
+    trainer.add_callback(_step_callback(trainer))
+    if quiet:  # the step log line replaces the Trainer's per-step dict printing
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+# --- checkpoints in storage ---
+
+
+def _delete_checkpoint(uri: str) -> None:
+    """Delete a checkpoint, its completeness marker first, so a crash mid-delete never leaves one that looks whole."""
+    marker = storage.join(uri, CHECKPOINT_DONE)
+    if storage.exists(marker):
+        storage.delete_tree(marker)
+    storage.delete_tree(uri)
+
+
+def _checkpoint_step(uri: str) -> int:
+    """N of a `.../checkpoint-N` URI; -1 for anything else."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    number = name.removeprefix(CHECKPOINT_PREFIX)
+    return int(number) if name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else -1
+
+
+def latest_checkpoint(root: str) -> tuple[str, int] | None:
+    """(URI, step) of the newest complete checkpoint under `root`, if any."""
+    found = sorted(((_checkpoint_step(d), d) for d in storage.list_dirs(root)), reverse=True)
+    for step, uri in found:
+        if step >= 0 and storage.exists(storage.join(uri, CHECKPOINT_DONE)):
+            return uri, step
+    return None
+
+
+def _store_checkpoint(local_dir: str, root: str, step: int, spa_state: dict[str, Any]) -> None:
+    with open(os.path.join(local_dir, SPA_STATE_FILE), "w", encoding="utf-8") as fh:
+        json.dump(spa_state, fh)
+    dest = storage.join(root, f"{CHECKPOINT_PREFIX}{step}")
+    storage.upload_dir(local_dir, dest)
+    storage.write_text(storage.join(dest, CHECKPOINT_DONE), json.dumps({"step": step}))  # last: complete
+    for old in storage.list_dirs(root):
+        if old.rstrip("/") != dest.rstrip("/"):
+            _delete_checkpoint(old)
+
+
+# --- the stage ---
+
+
+def _quiet() -> None:
+    if sys.stderr.isatty():
+        return
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+
+
+def _output_dtype(model_dir: str) -> str:
+    """The dtype the input model was stored in: the trained model is saved the same way."""
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _summarise(log: list[dict[str, Any]]) -> dict[str, float]:
+    """Manifest metrics: sample-weighted means over the run; the threshold is the last one."""
+    n = sum(r["samples"] for r in log)
+    if n == 0:
+        return {ManifestKeys.STEPS: 0.0}
+    out = {
+        ManifestKeys.LOSS: sum(r["loss"] * r["samples"] for r in log) / n,
+        ManifestKeys.REWARD_ACCURACY: sum(r["reward_accuracy"] * r["samples"] for r in log) / n,
+        ManifestKeys.MARGIN: sum(r["margin_mean"] * r["samples"] for r in log) / n,
+        ManifestKeys.REFINED_FRACTION: sum(r["refined_fraction"] * r["samples"] for r in log) / n,
+        ManifestKeys.STEPS: float(log[-1]["step"]),
+    }
+    thresholds = [r["threshold"] for r in log if r.get("threshold") is not None]
+    if thresholds:
+        out[ManifestKeys.THRESHOLD] = float(thresholds[-1])
+    return out
+
+
+def _train(args: TrainArgs, work: runner.StageWork) -> None:
+    # Read the pairs before the heavy imports: bad input fails in a fraction of a second.
+    pairs = load_training_pairs(args.pairs)
+    _quiet()
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    # Usually already created by the runner; CPU-only machines need `cpu=True` to get a gloo process group.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    seed_stage = args.stage == contract.SEED_TRAIN
+    refinement = None
+    if args.refinement and not seed_stage:
+        refinement = Refinement(
+            low_confidence_fraction=args.low_confidence_fraction,
+            smoothing=args.smoothing,
+            warmup_fraction=args.warmup_fraction,
+            window=args.window,
+            extrapolation=args.extrapolation,
+        )
+    tokenizer = modeling.load_tokenizer(args.model)
+    rows, skipped = training_rows(pairs, tokenizer, args.max_prompt_length)
+    if not rows:
+        raise StageInputError(
+            f"{args.pairs}: every prompt is longer than --max-prompt-length {args.max_prompt_length}"
+        )
+    per_device, accum = batch_geometry(args.batch_size, args.per_device_batch_size, state.num_processes)
+    effective = per_device * accum * state.num_processes
+    if effective != args.batch_size and work.is_main:
+        print(
+            f"{args.stage}: warning: batch size {args.batch_size} is not a multiple of {per_device} x "
+            f"{state.num_processes} processes; using {effective}",
+            file=sys.stderr,
+        )
+
+    # One scratch dir for the Trainer's local checkpoints, shared by the ranks (each writes its RNG state
+    # there). It lives inside the main's work dir and is removed before publishing.
+    scratch = broadcast_object_list([os.path.join(work.dir, ".trainer")], from_process=0)[0]
+    os.makedirs(scratch, exist_ok=True)
+    ckpt_root = storage.join(work.output, contract.CHECKPOINT_SUBDIR)
+    resume = latest_checkpoint(ckpt_root) if work.is_main else None
+    resume = broadcast_object_list([resume], from_process=0)[0]
+    resume_dir = None
+    if resume is not None:
+        uri, step = resume
+        if storage.is_s3(uri):
+            resume_dir = os.path.join(scratch, "resume", f"{CHECKPOINT_PREFIX}{step}")
+            if state.is_local_main_process:
+                storage.download_dir(uri, resume_dir)
+            state.wait_for_everyone()
+        else:
+            resume_dir = storage._local(uri)
+        if work.is_main:
+            print(f"{args.stage}: resuming from {uri} (step {step})", file=sys.stderr)
+
+    trainer = make_trainer(args, rows, scratch, refinement=refinement, processes=state.num_processes)
+    skipped += len(rows) - len(trainer.train_dataset)  # TRL drops pairs whose prompt fills max_length
+    log_path = os.path.join(work.dir, LOG_FILE)
+    if resume_dir is not None:
+        with open(os.path.join(resume_dir, SPA_STATE_FILE), encoding="utf-8") as fh:
+            saved = json.load(fh)
+        trainer.step_log = saved["log"]
+        if trainer.window is not None and saved.get("window"):
+            trainer.window.load_state_dict(saved["window"])
+    if work.is_main:
+        with open(log_path, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in trainer.step_log)
+
+    t_start, samples_before = time.time(), sum(r["samples"] for r in trainer.step_log)
+
+    def on_record(rec: dict[str, Any]) -> None:
+        if not work.is_main:
+            return
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        total = trainer.state.max_steps
+        print_every = max(1, total // 20)  # about 20 lines per run
+        done_samples = sum(r["samples"] for r in trainer.step_log) - samples_before
+        rate = done_samples / max(time.time() - t_start, 1e-9)
+        work.progress(rec["step"], total, unit="steps", loss=rec["loss"], samples_per_s=rate)
+        if rec["step"] % print_every == 0 or rec["step"] == total:
+            thr = "" if rec["threshold"] is None else f" threshold {rec['threshold']:.4g}"
+            print(
+                f"{args.stage}: step {rec['step']}/{total} loss {rec['loss']:.4f} "
+                f"acc {rec['reward_accuracy']:.3f} refined {rec['refined_fraction']:.3f}{thr}",
+                file=sys.stderr,
+            )
+
+    def checkpoint_sink(local_dir: str) -> None:
+        step = trainer.state.global_step
+        trainer.accelerator.wait_for_everyone()  # every rank's RNG file is written
+        if work.is_main:
+            spa_state = {
+                "step": step,
+                "log": trainer.step_log,
+                "window": trainer.window.state_dict() if trainer.window is not None else None,
+            }
+            _store_checkpoint(local_dir, ckpt_root, step, spa_state)
+        trainer.accelerator.wait_for_everyone()
+        stop = os.environ.get(STOP_AFTER_ENV)
+        if stop and step >= int(stop):
+            print(f"{args.stage}: {STOP_AFTER_ENV}={stop}: exiting after checkpoint {step}", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(STOP_EXIT_CODE)
+
+    trainer.checkpoint_sink = checkpoint_sink
+    trainer.on_step_record = on_record
+    trainer.train(resume_from_checkpoint=resume_dir)
+    train_s = time.time() - t_start
+
+    trainer.accelerator.wait_for_everyone()
+    if work.is_main:
+        _save_model(
+            trainer,
+            tokenizer,
+            os.path.join(work.dir, contract.MODEL_SUBDIR),
+            _output_dtype(modeling.resolve_model(args.model)),
+        )
+        shutil.rmtree(scratch, ignore_errors=True)  # not an output
+        trained = sum(r["samples"] for r in trainer.step_log) - samples_before
+        work.metrics.update(_summarise(trainer.step_log))
+        work.metrics[ManifestKeys.SAMPLES_PER_S] = trained / train_s if train_s > 0 else 0.0
+        work.counts.update(
+            {
+                ManifestKeys.PAIRS: len(trainer.train_dataset),
+                ManifestKeys.SKIPPED_LONG_PROMPTS: skipped,
+                ManifestKeys.EFFECTIVE_BATCH: effective,
+                ManifestKeys.PROCESSES: state.num_processes,
+                ManifestKeys.RESUMED_FROM_STEP: resume[1] if resume else 0,
+            }
+        )
+        work.timings["train_s"] = train_s
+        work.after_manifest.append(lambda: _delete_checkpoint(ckpt_root))
+
+
+def _save_model(trainer, tokenizer, out_dir: str, dtype: str) -> None:
+    """The trained policy as a plain HF model (LoRA merged) in the input model's dtype, plus the tokenizer."""
+    import torch
+    from accelerate.utils import is_peft_model
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if is_peft_model(model):
+        model = model.merge_and_unload()
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+__all__ = [
+    "Refinement",
+    "batch_geometry",
+    "latest_checkpoint",
+    "load_training_pairs",
+    "make_trainer",
+    "run",
+    "trainer_class",
+    "training_rows",
+]
