@@ -60,3 +60,12 @@ def test_unknown_stage_and_bad_flag(worker):
     assert proc.returncode == 2 and "usage: spa-worker" in proc.stderr
     proc = worker("generate", "--policy", "p")
     assert proc.returncode == 2 and "required" in proc.stderr
+
+
+def test_unreachable_storage_is_retryable_not_bad_input(worker, tiny, tmp_path):
+    env = {"SPA_S3_ENDPOINT": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    proc = worker("evaluate", "--policy", tiny["model"], "--reference", tiny["model"], "--heldout", tiny["heldout"],
+                  "--output", "s3://bucket/run/evaluate", env=env)
+    assert proc.returncode == 3, proc.stderr[-2000:]  # EXIT_STORAGE: executors retry, never fail the run for it
+    assert "spa-worker evaluate: error: S3 unreachable" in proc.stderr

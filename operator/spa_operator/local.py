@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from spa_workers import contract, storage
+from spa_workers.contract import EXIT_BAD_INPUT
 from spa_workers.runner import output_of
 
 from spa_operator.planner import (
@@ -28,8 +29,6 @@ from spa_operator.planner import (
     stage_graph,
 )
 from spa_operator.spec import AlignmentRun
-
-EXIT_BAD_INPUT = 2  # spa-worker's exit code for bad input: retrying cannot help
 
 
 def run_root(run: AlignmentRun, storage_uri: str) -> str:

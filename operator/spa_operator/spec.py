@@ -6,7 +6,7 @@ Every validation error names the field by its manifest path, e.g. `spec.training
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -15,6 +15,14 @@ from pydantic.alias_generators import to_camel
 API_VERSION = "spa.dev/v1alpha1"
 KIND = "AlignmentRun"
 PAPER_PROMPTS_PER_ITERATION = [8000, 20000, 30000]
+# Length bounds (the CRD has the same ones: they also keep the cost of its CEL rules bounded).
+MAX_URI = 4096
+MAX_NAME = 253
+MAX_IMAGE = 1024
+DNS_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# A Kubernetes resource quantity ("500m", "4", "16Gi").
+QUANTITY = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+            r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
 
 
 class SpecError(ValueError):
@@ -31,13 +39,16 @@ class _Model(BaseModel):
 
 
 class ModelSpec(_Model):
-    sft: str = Field(min_length=1, description="The SFT model: first policy and the judge's fixed reference.")
+    sft: str = Field(min_length=1, max_length=MAX_URI,
+                     description="The SFT model: first policy and the judge's fixed reference.")
 
 
 class DataSpec(_Model):
-    seed: str = Field(min_length=1, description="Gold preference pairs (JSONL/Parquet).")
-    prompts: str = Field(min_length=1, description="Unlabelled prompts, sliced in order across iterations.")
-    heldout: str | None = Field(default=None, description="Gold pairs never trained on, to measure the judge.")
+    seed: str = Field(min_length=1, max_length=MAX_URI, description="Gold preference pairs (JSONL/Parquet).")
+    prompts: str = Field(min_length=1, max_length=MAX_URI,
+                         description="Unlabelled prompts, sliced in order across iterations.")
+    heldout: str | None = Field(default=None, min_length=1, max_length=MAX_URI,
+                                description="Gold pairs never trained on, to measure the judge.")
 
 
 class IterationsSpec(_Model):
@@ -129,23 +140,24 @@ class TrainingSpec(_Model):
 
 
 class SecretRef(_Model):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=MAX_NAME)
 
 
 class StorageSpec(_Model):
-    uri: str = Field(min_length=1, description="s3://bucket/prefix (in a cluster); spa run also takes a local path.")
-    endpoint: str | None = None
-    region: str | None = None
+    uri: str = Field(min_length=1, max_length=MAX_URI,
+                     description="s3://bucket/prefix (in a cluster); spa run also takes a local path.")
+    endpoint: str | None = Field(default=None, min_length=1, max_length=MAX_URI)
+    region: str | None = Field(default=None, min_length=1, max_length=64)
     secret_ref: SecretRef | None = None
 
 
 class StageResources(_Model):
     gpus: int = Field(default=0, ge=0, le=64)
-    cpu: str | None = None
-    memory: str | None = None
-    node_selector: dict[str, str] | None = None
-    tolerations: list[dict[str, Any]] | None = None
-    image: str | None = None
+    cpu: str | None = Field(default=None, max_length=64, pattern=QUANTITY)
+    memory: str | None = Field(default=None, max_length=64, pattern=QUANTITY)
+    node_selector: dict[str, str] | None = Field(default=None, max_length=64)
+    tolerations: list[dict[str, Any]] | None = Field(default=None, max_length=64)
+    image: str | None = Field(default=None, min_length=1, max_length=MAX_IMAGE)
 
 
 class ResourcesSpec(_Model):
@@ -165,14 +177,17 @@ class AlignmentRunSpec(_Model):
     training: TrainingSpec = TrainingSpec()
     storage: StorageSpec | None = None
     resources: ResourcesSpec | None = None
-    image: str | None = None
-    image_pull_secrets: list[str] | None = None
-    service_account_name: str | None = None
-    priority_class_name: str | None = None
-    queue_name: str | None = None
+    image: str | None = Field(default=None, min_length=1, max_length=MAX_IMAGE)
+    image_pull_secrets: list[Annotated[str, Field(min_length=1, max_length=MAX_NAME)]] | None = Field(
+        default=None, max_length=16)
+    service_account_name: str | None = Field(default=None, min_length=1, max_length=MAX_NAME, pattern=DNS_NAME)
+    priority_class_name: str | None = Field(default=None, min_length=1, max_length=MAX_NAME, pattern=DNS_NAME)
+    queue_name: str | None = Field(default=None, min_length=1, max_length=63, pattern=DNS_NAME)
     suspend: bool = False
     max_retries_per_stage: int = Field(default=2, ge=0, le=20)
-    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0, le=31536000)
+    # Kubernetes executor only: the Job's activeDeadlineSeconds (a stuck stage fails and is retried).
+    stage_deadline_seconds: int = Field(default=172800, ge=60, le=2592000)
 
     @model_validator(mode="after")
     def _per_iteration_lists(self) -> AlignmentRunSpec:
@@ -228,12 +243,15 @@ def _loc_to_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
-def parse_run(doc: Any, source: str | None = None) -> AlignmentRun:
-    """Validate a manifest (dict) into an AlignmentRun, or raise SpecError naming the first bad field."""
+def parse_run(doc: Any, source: str | None = None, strict: bool = False) -> AlignmentRun:
+    """Validate a manifest (dict) into an AlignmentRun, or raise SpecError naming the first bad field.
+
+    strict: no type coercion ("3" is not an integer), as the Kubernetes API server validates; the operator uses it.
+    """
     if not isinstance(doc, dict):
         raise SpecError("(document)", "expected a YAML mapping with apiVersion, kind, metadata, spec", source)
     try:
-        return AlignmentRun.model_validate(doc)
+        return AlignmentRun.model_validate(doc, strict=strict)
     except ValidationError as e:
         err = e.errors()[0]
         ctx_err = (err.get("ctx") or {}).get("error")

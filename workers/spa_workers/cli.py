@@ -6,7 +6,7 @@ import importlib
 import sys
 
 from spa_workers import contract
-from spa_workers.contract import StageInputError
+from spa_workers.contract import EXIT_BAD_INPUT, EXIT_STORAGE, StageInputError
 from spa_workers.storage import StorageError
 
 # stage name -> module with `run(args) -> int`
@@ -29,9 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(STAGE_MODULES[stage])
         return int(module.run(args) or 0)
-    except (StageInputError, StorageError) as e:
+    except StageInputError as e:
         print(f"spa-worker {stage}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except StorageError as e:  # transient: executors retry the stage
+        print(f"spa-worker {stage}: error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ from spa_workers import storage
 MANIFEST = "_SUCCESS.json"
 PROGRESS = "_PROGRESS.json"
 CONTRACT_VERSION = 1
+# spa-worker exit codes that executors act on (anything else non-zero is an ordinary, retryable failure).
+EXIT_BAD_INPUT = 2  # the input must be fixed: retrying cannot help
+EXIT_STORAGE = 3  # storage unreachable: worth retrying
 
 SEED_TRAIN = "seed-train"
 GENERATE = "generate"

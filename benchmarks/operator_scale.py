@@ -1,0 +1,255 @@
+"""Operator scale benchmark: N concurrent AlignmentRuns against kmock's Kubernetes emulator.
+
+The operator runs as its own process (as in a cluster), pointed at the emulator. A harness plays the Job controller
+and completes every Job at once: it writes the stage's manifest(s) into a stand-in object store (a local folder that
+the operator reads through a RunStore; S3 latency is not part of what is measured) and marks the Job Complete.
+
+Measured:
+- Job finished (harness wrote Complete) -> next Job of the run created (harness sees it on its watch): p50, p99, max;
+- API writes by the operator per transition (Jobs created, status patches, Events, kopf's own patches);
+- operator RSS (peak), wall time for all runs to reach Succeeded.
+
+    python benchmarks/operator_scale.py --runs 100 300 1000
+writes benchmarks/results/operator_scale.md (and prints the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests" / "operator"))
+
+STAGES_PER_RUN = 4
+METRICS_PORT = 18089  # seed-train + 1 iteration of generate, judge, train
+
+
+class DirStore:
+    """A RunStore over a local folder that stands in for the bucket: s3://b/k -> <root>/b/k."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def _path(self, uri: str) -> str:
+        return os.path.join(self.root, uri[len("s3://"):])
+
+    def manifests(self, args: Any) -> Any:
+        from spa_workers import contract
+
+        out = []
+        for d in contract.stage_manifest_dirs(args):
+            p = self._path(f"{d}/{contract.MANIFEST}")
+            if not os.path.exists(p):
+                return None
+            with open(p) as fh:
+                out.append(contract.StageManifest.from_json(fh.read()))
+        return out
+
+    def progress(self, args: Any) -> float | None:
+        return None
+
+
+def operator_main(server: str, store: str) -> None:
+    import logging
+
+    from spa_operator import kube
+
+    logging.basicConfig(level=logging.WARNING, format="%(relativeCreated)d %(name)s %(message)s")
+    if os.environ.get("SPA_BENCH_DEBUG"):
+        logging.getLogger("spa_operator").setLevel(logging.DEBUG)
+    cfg = kube.Config(namespaces=["bench"], server=server, scanning=False, metrics_port=METRICS_PORT, timer_s=300,
+                      progress_s=3600, retry_s=5, store_factory=lambda run, secret: DirStore(store))
+    if os.environ.get("SPA_BENCH_PROFILE"):
+        import cProfile
+
+        with cProfile.Profile() as prof:
+            asyncio.run(kube.run_operator(cfg))
+        prof.dump_stats(os.environ["SPA_BENCH_PROFILE"])
+    else:
+        asyncio.run(kube.run_operator(cfg))
+
+
+def run_doc(i: int) -> dict[str, Any]:
+    return {"apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun",
+            "metadata": {"name": f"run-{i:05d}", "namespace": "bench"},
+            "spec": {"model": {"sft": "s3://models/sft"},
+                     "data": {"seed": "s3://data/seed.jsonl", "prompts": "s3://data/p.jsonl"},
+                     "iterations": {"count": 1, "promptsPerIteration": 100},
+                     "storage": {"uri": "s3://bench/runs"}}}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        fields[k] = v.strip()
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+async def bench(n: int, timeout: float) -> dict[str, Any]:
+    import tempfile
+
+    from cluster import Harness, start_cluster
+    from spa_workers import contract
+
+    store = tempfile.mkdtemp(prefix="spa-bench-store-")
+    finished_at: dict[str, float] = {}  # run -> time its last Job was marked Complete
+    latencies: list[float] = []
+
+    def write_manifests(job: dict[str, Any]) -> None:
+        argv = job["spec"]["template"]["spec"]["containers"][0]["command"][1:]
+        args = contract.ARGS_BY_STAGE[argv[0]].from_argv(argv[1:])
+        for d in contract.stage_manifest_dirs(args):
+            path = os.path.join(store, d[len("s3://"):], contract.MANIFEST)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as fh:
+                fh.write(contract.StageManifest(stage=args.stage, files={}).to_json())
+        run = job["metadata"]["labels"]["spa.dev/run"]
+        if run in finished_at:
+            latencies.append(time.monotonic() - finished_at.pop(run))
+
+    async with start_cluster(validate_runs=False) as cluster:
+        harness = Harness(cluster, env={}, instant=True, on_instant=write_manifests)
+
+        orig_finish = harness._finish
+
+        async def finish_and_stamp(job, ok, reason, message, failed=0):
+            await orig_finish(job, ok, reason, message, failed)
+            finished_at[job["metadata"]["labels"]["spa.dev/run"]] = time.monotonic()
+
+        harness._finish = finish_and_stamp  # type: ignore[method-assign]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "workers")])}
+        proc = subprocess.Popen([sys.executable, __file__, "--operator", cluster.url, store], env=env)
+        try:
+            async with harness:
+                await asyncio.sleep(3.0)  # operator start-up
+                cpu0 = cpu_seconds(proc.pid)
+                t0 = time.monotonic()
+                for start in range(0, n, 50):
+                    await asyncio.gather(*(cluster.create_run(run_doc(i)) for i in range(start, min(n, start + 50))))
+                created = time.monotonic() - t0
+
+                def succeeded() -> int:
+                    count = 0
+                    for (res, _, _), obj in list(cluster.emulator.objects.items()):
+                        if res == "spa.dev/v1alpha1/alignmentruns" and not obj.deleted:
+                            count += (obj.raw.get("status") or {}).get("phase") == "Succeeded"
+                    return count
+
+                done = 0
+                peak = (0, 0)
+                while time.monotonic() - t0 < timeout:
+                    done = succeeded()
+                    peak = rss_kib(proc.pid)
+                    if done == n:
+                        break
+                    if os.environ.get("SPA_BENCH_DEBUG"):
+                        print(f"{time.monotonic() - t0:.1f}s: {done}/{n} succeeded, {len(latencies)} transitions",
+                              flush=True)
+                    await asyncio.sleep(2.0)
+                wall = time.monotonic() - t0
+                cpu = cpu_seconds(proc.pid) - cpu0
+                rss_now, rss_peak = peak
+            try:
+                import urllib.request
+
+                text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read().decode()
+                op_metrics = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines()
+                              if ln.startswith(("spa_transition_seconds_sum", "spa_transition_seconds_count"))}
+            except OSError:
+                op_metrics = {}
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+        writes = cluster.writes()
+        kinds: dict[str, int] = {}
+        for method, plural, sub in writes:
+            key = f"{method} {plural}{'/' + sub if sub else ''}"
+            kinds[key] = kinds.get(key, 0) + 1
+        jobs = sum(1 for (res, _, _) in cluster.emulator.objects if res == "batch/v1/jobs")
+    transitions = n * STAGES_PER_RUN  # every Job's completion is one transition (the last one ends the run)
+    lat = sorted(latencies)
+    q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
+    return {"runs": n, "succeeded": done, "jobs": jobs, "wall_s": round(wall, 1), "create_s": round(created, 1),
+            "p50_ms": round(q[49] * 1000, 1), "p99_ms": round(q[98] * 1000, 1),
+            "max_ms": round(max(lat) * 1000, 1) if lat else float("nan"), "samples": len(lat),
+            "writes": len(writes), "writes_per_transition": round(len(writes) / transitions, 2),
+            "write_kinds": kinds,
+            "operator_mean_ms": round(1000 * op_metrics.get("spa_transition_seconds_sum", float("nan"))
+                                      / max(op_metrics.get("spa_transition_seconds_count", 0), 1), 1),
+            "operator_cpu_ms_per_transition": round(1000 * cpu / transitions, 1),
+            "rss_mib": round(rss_now / 1024, 1), "rss_peak_mib": round(rss_peak / 1024, 1)}
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = ("| runs | Jobs | all Succeeded in | Job finished → next Job created p50 / p99 / max | "
+            "same, inside the operator (mean) | operator CPU / transition | operator API writes / transition | "
+            "operator RSS (peak) |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    rows = "".join(
+        f"| {r['runs']} | {r['jobs']} | {r['wall_s']} s ({r['succeeded']}/{r['runs']}) | "
+        f"{r['p50_ms']} / {r['p99_ms']} / {r['max_ms']} ms | {r['operator_mean_ms']} ms | "
+        f"{r['operator_cpu_ms_per_transition']} ms | {r['writes_per_transition']} | "
+        f"{r['rss_mib']} MiB ({r['rss_peak_mib']} MiB) |\n" for r in results)
+    kinds = "\n".join(f"- {r['runs']} runs: " + ", ".join(f"{k}: {v}" for k, v in sorted(r["write_kinds"].items()))
+                      for r in results)
+    return head + rows + "\nOperator writes by kind:\n" + kinds + "\n\n" + READING
+
+
+READING = """How to read it: every Job of every run completes the instant it is created, so each size is a burst of N
+simultaneous transitions, and the latency is mostly queueing: N transitions wait behind each other. The operator
+spends 12-17 ms of CPU per transition (kopf's event processing for ~6 watch events, the reconcile, the API client)
+and stays far from one core's worth (CPU per transition x transitions is well under the wall time), so the burst is
+drained at the speed of the emulator process: kmock scans every stored object on each request and the harness, the
+watch fan-out and all objects (Jobs, Events, runs) live in that one Python process, on a 2-core machine that other
+jobs were also using. A real API server serves these writes in milliseconds. API writes per transition (Job create,
+one status patch, one Event, plus kopf's finalizer once per run) and memory do not depend on the emulator.
+"""
+
+
+def main() -> int:
+    if len(sys.argv) >= 2 and sys.argv[1] == "--operator":
+        operator_main(sys.argv[2], sys.argv[3])
+        return 0
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, nargs="+", default=[100, 300, 1000])
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--out", default=str(HERE / "results" / "operator_scale.md"))
+    args = p.parse_args()
+    results = []
+    for n in args.runs:
+        r = asyncio.run(bench(n, args.timeout))
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    md = (f"# Operator scale (benchmarks/operator_scale.py)\n\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}; emulator + harness in one process, the operator in another; each run "
+          f"is seed-train + 1 iteration ({STAGES_PER_RUN} Jobs); Jobs complete at once; manifests are read from a "
+          "local folder standing in for S3.\n\n" + table(results))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

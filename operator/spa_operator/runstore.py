@@ -1,0 +1,115 @@
+"""The operator's read-only view of a run's storage: stage manifests and heartbeats.
+
+Each run may name its own S3 endpoint, region and credentials Secret, so the operator keeps one boto3 client per
+(endpoint, region, credentials) instead of the workers' process-wide one. Local paths (dev clusters with a shared
+volume) go through the workers' storage layer. Errors that mean "cannot tell" raise StorageError; a missing object is
+an answer (None).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from typing import Any, Protocol
+
+from spa_workers import contract, storage
+from spa_workers.contract import StageArgs, StageManifest
+from spa_workers.storage import StorageError
+
+
+class RunStore(Protocol):
+    def manifests(self, args: StageArgs) -> list[StageManifest] | None: ...
+
+    def progress(self, args: StageArgs) -> float | None: ...
+
+
+class S3RunStore:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def _get(self, uri: str) -> bytes | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = storage.split_s3(uri)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StorageError(f"S3 refused the request: {code or 'error'}") from None
+        except BotoCoreError as e:
+            raise StorageError(f"S3 unreachable: {type(e).__name__}") from None
+
+    def _read(self, uri: str) -> bytes | None:
+        return self._get(uri) if storage.is_s3(uri) else _read_local(uri)
+
+    def manifests(self, args: StageArgs) -> list[StageManifest] | None:
+        out = []
+        for d in contract.stage_manifest_dirs(args):
+            raw = self._read(storage.join(d, contract.MANIFEST))
+            if raw is None:
+                return None
+            out.append(StageManifest.from_json(raw.decode()))
+        return out
+
+    def progress(self, args: StageArgs) -> float | None:
+        """Mean fraction done over the stage's shards (a shard with a manifest counts as 1)."""
+        fractions = []
+        for d in contract.stage_manifest_dirs(args):
+            if self._read(storage.join(d, contract.MANIFEST)) is not None:
+                fractions.append(1.0)
+                continue
+            raw = self._read(storage.join(d, contract.PROGRESS))
+            try:
+                fractions.append(float(json.loads(raw)["fraction"]) if raw else 0.0)
+            except (ValueError, KeyError, TypeError):
+                fractions.append(0.0)
+        return sum(fractions) / len(fractions) if fractions else None
+
+
+def _read_local(uri: str) -> bytes | None:
+    try:
+        return storage.read_bytes(uri)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StorageError(f"{uri}: {e.strerror}") from None
+
+
+class ClientCache:
+    """boto3 clients keyed by (endpoint, region, a hash of the credentials): credentials never appear in keys."""
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[str | None, str | None, str], Any] = {}
+        self._lock = threading.Lock()
+
+    def store(self, endpoint: str | None, region: str | None, creds: dict[str, str] | None) -> S3RunStore:
+        digest = hashlib.sha256(json.dumps(creds or {}, sort_keys=True).encode()).hexdigest()
+        key = (endpoint, region, digest)
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = _make_client(endpoint, region, creds)
+        return S3RunStore(client)
+
+    def forget(self) -> None:
+        with self._lock:
+            self._clients.clear()
+
+
+def _make_client(endpoint: str | None, region: str | None, creds: dict[str, str] | None) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    # Short timeouts and few retries: an unreachable store becomes a status condition quickly, and the
+    # reconcile loop (not boto) retries.
+    cfg = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=10,
+                 s3={"addressing_style": "path"})
+    kwargs: dict[str, Any] = {"endpoint_url": endpoint, "config": cfg, "region_name": region}
+    if creds and creds.get("AWS_ACCESS_KEY_ID"):
+        kwargs.update(aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
+                      aws_session_token=creds.get("AWS_SESSION_TOKEN"))
+    return boto3.session.Session().client("s3", **kwargs)

@@ -1,0 +1,509 @@
+"""A stand-in cluster for the operator tests: kmock's Kubernetes emulator over HTTP, made a little more like an API
+server (uids, resourceVersions, generations, CRD defaulting and validation), plus a harness that plays the Job
+controller and the kubelet: it runs each Job's container command as a local process with the Job's env and writes
+the Job's status, applying the Job's podFailurePolicy as Kubernetes would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import copy
+import datetime as dt
+import itertools
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import attrs
+import crdcheck
+import jsonpointer
+import kmock
+from kmock._internal import dicts as kmock_dicts
+from kmock._internal import enums as kmock_enums
+
+RUNS = "spa.dev/v1alpha1/alignmentruns"
+JOBS = "batch/v1/jobs"
+HERE = Path(__file__).resolve().parent
+STUB_WORKER = HERE / "stub_worker.py"
+VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
+log = logging.getLogger("harness")
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@attrs.define(kw_only=True)
+class Emulator(kmock.KubernetesEmulator):
+    """kmock plus what the operator relies on from a real API server."""
+
+    validate_runs: bool = True
+    _rv: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _inflight: set[int] = attrs.field(factory=set, init=False)
+    # (method, user agent, resource plural, subresource) of every request, for counting writes.
+    log: list[tuple[str, str, str, str | None]] = attrs.field(factory=list, init=False)
+
+    async def _handle(self, request: Any) -> Any:
+        plural = request.resource.plural if request.resource is not None else ""
+        self.log.append((request.method.value.upper(), request.headers.get("User-Agent", "") or "", plural or "",
+                         request.subresource))
+        # kmock matches each request against every request it has kept (O(n²) over a test): keep only those in
+        # flight, which its matching needs; `log` above is the history.
+        self._inflight.add(id(request))
+        self._requests[:] = [r for r in self._requests if id(r) in self._inflight]
+        try:
+            if request.resource is not None and request.action in (kmock_enums.action.CREATE,
+                                                                   kmock_enums.action.UPDATE):
+                data = self._stamp(request)
+                if data is not None:
+                    object.__setattr__(request, "data", data)  # Request is frozen; evolve() loses its routing
+            return await super()._handle(request)
+        finally:
+            self._inflight.discard(id(request))
+
+    def _stamp(self, request: Any) -> Any:
+        res = str(request.resource.group or "") + "/" + str(request.resource.version) + "/" + \
+            str(request.resource.plural)
+        res = res.lstrip("/")
+        rv = str(next(self._rv))
+        if request.action == kmock_enums.action.CREATE:
+            data = copy.deepcopy(request.data)
+            meta = data.setdefault("metadata", {})
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("namespace", request.namespace)
+            if not meta.get("name") and meta.get("generateName"):  # kopf names its Events this way
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:8]
+            meta.update(resourceVersion=rv, creationTimestamp=now_iso(), generation=1)
+            if res == RUNS and self.validate_runs:
+                data = crdcheck.defaulted(data)
+                errs = crdcheck.errors(data)
+                if errs:
+                    raise kmock.KubernetesError(status=422, reason="Invalid",
+                                                message="; ".join(f"{p}: {m}" for p, m in errs))
+            return data
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        old = self.objects[key].raw
+        data = copy.deepcopy(request.data)
+        if isinstance(data, list):  # JSON patch (kopf uses it for finalizers, with a resourceVersion test)
+            for op in data:
+                if op.get("op") == "test" and jsonpointer.resolve_pointer(old, op["path"], None) != op.get("value"):
+                    raise kmock.KubernetesError(status=422, reason="Invalid", message=f"test failed: {op['path']}")
+            return [*data, {"op": "add", "path": "/metadata/resourceVersion", "value": rv}]
+        new = kmock_dicts.patch_dict(copy.deepcopy(old), data)
+        meta = data.setdefault("metadata", {})
+        meta["resourceVersion"] = rv
+        if request.subresource != "status" and new.get("spec") != old.get("spec"):
+            meta["generation"] = int(old.get("metadata", {}).get("generation", 1)) + 1
+            if res == RUNS and self.validate_runs:
+                errs = crdcheck.update_errors(old, new)
+                if errs:
+                    raise kmock.KubernetesError(status=422, reason="Invalid",
+                                                message="; ".join(f"{p}: {m}" for p, m in errs))
+        return data
+
+
+def register(emulator: kmock.KubernetesEmulator) -> None:
+    info = kmock.ResourceInfo
+    emulator.resources[RUNS] = info(kind="AlignmentRun", namespaced=True, verbs=VERBS, subresources={"status"},
+                                    shortnames={"arun"})
+    emulator.resources[JOBS] = info(kind="Job", namespaced=True, verbs=VERBS, subresources={"status"})
+    emulator.resources["v1/events"] = info(kind="Event", namespaced=True, verbs=VERBS)
+    emulator.resources["v1/secrets"] = info(kind="Secret", namespaced=True, verbs=VERBS)
+    emulator.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs=VERBS)
+
+
+@dataclass
+class Cluster:
+    emulator: Emulator
+    url: str
+    session: aiohttp.ClientSession
+
+    async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+                      ) -> tuple[int, Any]:
+        headers = {"Content-Type": content_type, "User-Agent": "test-client"}
+        async with self.session.request(method, self.url + path, data=None if body is None else json.dumps(body),
+                                        headers=headers) as r:
+            text = await r.text()
+            return r.status, (json.loads(text) if text else None)
+
+    async def create_run(self, doc: dict[str, Any]) -> tuple[int, Any]:
+        ns = doc["metadata"].setdefault("namespace", "ns")
+        return await self.request("POST", f"/apis/spa.dev/v1alpha1/namespaces/{ns}/alignmentruns", doc)
+
+    async def patch_run(self, name: str, patch: dict[str, Any], ns: str = "ns") -> tuple[int, Any]:
+        return await self.request("PATCH", f"/apis/spa.dev/v1alpha1/namespaces/{ns}/alignmentruns/{name}", patch,
+                                  "application/merge-patch+json")
+
+    async def delete_run(self, name: str, ns: str = "ns") -> tuple[int, Any]:
+        return await self.request("DELETE", f"/apis/spa.dev/v1alpha1/namespaces/{ns}/alignmentruns/{name}")
+
+    async def create_secret(self, name: str, data: dict[str, str], ns: str = "ns") -> None:
+        body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": ns},
+                "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+        status, _ = await self.request("POST", f"/api/v1/namespaces/{ns}/secrets", body)
+        assert status in (200, 201), status
+
+    def _object(self, resource: str, ns: str, name: str) -> Any:
+        for (res, n, nm), obj in list(self.emulator.objects.items()):
+            if res == resource and n == ns and nm == name:
+                return obj
+        return None
+
+    def run(self, name: str, ns: str = "ns") -> dict[str, Any] | None:
+        obj = self._object(RUNS, ns, name)
+        return None if obj is None or obj.deleted else json.loads(json.dumps(obj.raw))
+
+    def run_history(self, name: str, ns: str = "ns") -> list[dict[str, Any]]:
+        obj = self._object(RUNS, ns, name)
+        return [] if obj is None else [json.loads(json.dumps(v.raw)) for v in obj.history if v is not None]
+
+    def secret_data(self, name: str, ns: str) -> dict[str, str] | None:
+        obj = self._object("v1/secrets", ns, name)
+        return None if obj is None or obj.deleted else dict(obj.raw.get("data", {}))
+
+    def jobs(self, ns: str = "ns") -> dict[str, dict[str, Any]]:
+        out = {}
+        for (res, n, name), obj in list(self.emulator.objects.items()):
+            if res == JOBS and n == ns and not obj.deleted:
+                out[name] = json.loads(json.dumps(obj.raw))
+        return out
+
+    def all_jobs_ever(self) -> list[str]:
+        return sorted(name for (res, _, name) in self.emulator.objects if res == JOBS)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(json.dumps(obj.raw)) for (res, _, _), obj in list(self.emulator.objects.items())
+                if res == "v1/events" and not obj.deleted]
+
+    def writes(self, exclude_agents: tuple[str, ...] = ("harness", "test-client")) -> list[tuple[str, str, str | None]]:
+        """(method, resource, subresource) of every write request not made by the tests themselves."""
+        return [(m, plural, sub) for m, agent, plural, sub in self.emulator.log
+                if m in ("POST", "PATCH", "PUT", "DELETE") and not agent.startswith(exclude_agents)]
+
+
+@contextlib.asynccontextmanager
+async def start_cluster(validate_runs: bool = True) -> Any:
+    emulator = Emulator(validate_runs=validate_runs)
+    register(emulator)
+    async with emulator, kmock.Server(emulator) as server, aiohttp.ClientSession() as session:
+        yield Cluster(emulator, str(server.url).rstrip("/"), session)
+
+
+# --------------------------------------------------------------------------------------------- the Job controller
+
+Fault = Callable[[dict[str, Any], int, int], "str | None"]  # (job, index, pod attempt) -> None|fail|disrupt|hang
+
+
+@dataclass
+class PodResult:
+    exit_code: int
+    disrupted: bool = False
+
+
+@dataclass
+class Harness:
+    """Plays the Job controller (and kubelet) against the emulator: watch Jobs, run pods, write Job status."""
+
+    cluster: Cluster
+    env: dict[str, str]  # the base env of every pod (PATH, offline flags...) — never credentials
+    stub: bool = False  # run tests/operator/stub_worker.py instead of the real spa-worker
+    stub_seconds: float = 1.0
+    fault: Fault | None = None
+    instant: bool = False  # complete every Job at once without running anything (benchmark)
+    on_instant: Callable[[dict[str, Any]], None] | None = None
+    before_finish: Callable[[dict[str, Any]], Any] | None = None  # awaited before a Job's final status is written
+    max_pods: int = 2
+    logdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="harness-")))
+    created: dict[str, float] = field(default_factory=dict)  # job -> time seen
+    finished: dict[str, float] = field(default_factory=dict)  # job -> time status written
+    pods: list[tuple[str, int, int, int]] = field(default_factory=list)  # (job, index, pod attempt, exit)
+    _tasks: dict[str, asyncio.Task] = field(default_factory=dict)
+    _procs: dict[str, set[asyncio.subprocess.Process]] = field(default_factory=dict)
+    _slots: asyncio.Semaphore | None = None
+    _watch: asyncio.Task | None = None
+
+    async def __aenter__(self) -> Harness:
+        self._slots = asyncio.Semaphore(self.max_pods)
+        self._watch = asyncio.create_task(self._watch_jobs())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._watch:
+            self._watch.cancel()
+        for name in list(self._tasks):
+            await self._kill(name)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            if self._watch:
+                await self._watch
+
+    async def _watch_jobs(self) -> None:
+        url = self.cluster.url + "/apis/batch/v1/jobs?watch=true"
+        while True:
+            try:
+                async with self.cluster.session.get(url, headers={"User-Agent": "harness"},
+                                                    timeout=aiohttp.ClientTimeout(total=None)) as r:
+                    async for line in r.content:
+                        if line.strip():
+                            await self._on_event(json.loads(line))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # reconnect, like a controller would
+                log.warning(f"harness watch error: {e!r}")
+                await asyncio.sleep(0.1)
+
+    async def _on_event(self, event: dict[str, Any]) -> None:
+        job = event.get("object") or {}
+        name = job.get("metadata", {}).get("name", "")
+        if event.get("type") == "DELETED":
+            await self._kill(name)
+            return
+        status = job.get("status") or {}
+        if any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+               for c in status.get("conditions") or []):
+            return
+        suspended = bool((job.get("spec") or {}).get("suspend"))
+        running = name in self._tasks and not self._tasks[name].done()
+        if suspended and running:
+            await self._kill(name)
+            await self._write(job, {"active": None})
+            return
+        if suspended or running:
+            return
+        self.created.setdefault(name, time.monotonic())
+        if self.instant:
+            self._tasks[name] = asyncio.create_task(self._complete_now(job))
+        else:
+            self._tasks[name] = asyncio.create_task(self._run_job(job))
+
+    async def _kill(self, name: str) -> None:
+        for proc in list(self._procs.get(name, ())):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        task = self._tasks.pop(name, None)
+        if task and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _write(self, job: dict[str, Any], status: dict[str, Any]) -> None:
+        meta = job["metadata"]
+        path = f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{meta['name']}/status"
+        async with self.cluster.session.patch(self.cluster.url + path, data=json.dumps({"status": status}),
+                                              headers={"Content-Type": "application/merge-patch+json",
+                                                       "User-Agent": "harness"}) as r:
+            await r.read()
+
+    async def _complete_now(self, job: dict[str, Any]) -> None:
+        if self.on_instant:
+            self.on_instant(job)
+        await self._finish(job, True, "", "")
+
+    async def _finish(self, job: dict[str, Any], ok: bool, reason: str, message: str, failed: int = 0) -> None:
+        spec = job.get("spec") or {}
+        if ok:
+            status = {"active": None, "succeeded": spec.get("completions", 1), "completionTime": now_iso(),
+                      "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": now_iso()}]}
+        else:
+            status = {"active": None, "failed": failed, "conditions": [
+                {"type": "Failed", "status": "True", "reason": reason, "message": message,
+                 "lastTransitionTime": now_iso()}]}
+        await self._write(job, status)
+        self.finished[job["metadata"]["name"]] = time.monotonic()
+
+    async def _run_job(self, job: dict[str, Any]) -> None:
+        spec = job["spec"]
+        name = job["metadata"]["name"]
+        await self._write(job, {"active": 1, "startTime": now_iso()})
+        completions = spec.get("completions", 1) if spec.get("completionMode") == "Indexed" else 1
+        deadline = spec.get("activeDeadlineSeconds")
+        try:
+            outcome = await asyncio.wait_for(
+                asyncio.gather(*(self._run_index(job, i) for i in range(completions))), deadline)
+        except TimeoutError:
+            await self._kill_procs(name)
+            await self._finish(job, False, "DeadlineExceeded", "Job was active longer than specified deadline", 1)
+            return
+        failures = [o for o in outcome if o is not None]
+        if self.before_finish is not None:
+            await self.before_finish(job)
+        if not failures:
+            await self._finish(job, True, "", "")
+        else:
+            reason, message = failures[0]
+            await self._finish(job, False, reason, message, len(failures))
+
+    async def _kill_procs(self, name: str) -> None:
+        for proc in list(self._procs.get(name, ())):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+    async def _run_index(self, job: dict[str, Any], index: int) -> tuple[str, str] | None:
+        """Run pods for one completion index until success or a failure the policy does not ignore."""
+        spec = job["spec"]
+        backoff_limit = spec.get("backoffLimit", 6)
+        counted = 0
+        for pod_attempt in itertools.count(1):
+            result = await self._run_pod(job, index, pod_attempt)
+            if result.exit_code == 0 and not result.disrupted:
+                return None
+            action = _policy_action(spec.get("podFailurePolicy"), result)
+            if action == "Ignore":
+                continue  # a replacement pod; not counted against backoffLimit
+            if action == "FailJob":
+                return ("PodFailurePolicy", f"Container worker for pod {job['metadata']['name']}-{index} failed with "
+                                            f"exit code {result.exit_code} matching FailJob rule at index 0")
+            counted += 1
+            if counted > backoff_limit:
+                return ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+        return None
+
+    def _pod_env(self, job: dict[str, Any], index: int, scratch: Path) -> dict[str, str]:
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        env = dict(self.env)
+        ns = job["metadata"]["namespace"]
+        for item in container.get("env", []):
+            if "value" in item:
+                value = item["value"]
+                for mount, vol in mounts.items():  # emptyDir volumes are scratch folders here
+                    if value == mount or value.startswith(mount + "/"):
+                        value = str(scratch / vol) + value[len(mount):]
+                env[item["name"]] = value
+            elif "secretKeyRef" in item.get("valueFrom", {}):
+                ref = item["valueFrom"]["secretKeyRef"]
+                data = self.cluster.secret_data(ref["name"], ns)
+                if data is None or ref["key"] not in data:
+                    if ref.get("optional"):
+                        continue
+                    raise RuntimeError(f"CreateContainerConfigError: secret {ref['name']} key {ref['key']}")
+                env[item["name"]] = base64.b64decode(data[ref["key"]]).decode()
+        if job["spec"].get("completionMode") == "Indexed":
+            env["JOB_COMPLETION_INDEX"] = str(index)
+        return env
+
+    async def _run_pod(self, job: dict[str, Any], index: int, pod_attempt: int) -> PodResult:
+        name = job["metadata"]["name"]
+        verdict = self.fault(job, index, pod_attempt) if self.fault else None
+        assert self._slots is not None
+        async with self._slots:
+            if verdict in ("fail", "bad-input"):  # the container exits at once: 1, or 2 for bad input
+                code = 2 if verdict == "bad-input" else 1
+                self.pods.append((name, index, pod_attempt, code))
+                return PodResult(code)
+            container = job["spec"]["template"]["spec"]["containers"][0]
+            cmd = list(container["command"])
+            assert cmd[0] == "spa-worker", cmd
+            cmd = [sys.executable, str(STUB_WORKER), *cmd[1:]] if self.stub else \
+                [sys.executable, "-m", "spa_workers.cli", *cmd[1:]]
+            scratch = Path(tempfile.mkdtemp(prefix=f"{name}-{index}-", dir=self.logdir))
+            env = self._pod_env(job, index, scratch)
+            if self.stub:
+                env["STUB_SECONDS"] = str(self.stub_seconds)
+            logf = open(self.logdir / f"{name}-{index}-{pod_attempt}.log", "wb")  # noqa: SIM115
+            proc = await asyncio.create_subprocess_exec(*cmd, stdout=logf, stderr=asyncio.subprocess.STDOUT,
+                                                        env=env, cwd=str(scratch))
+            self._procs.setdefault(name, set()).add(proc)
+            try:
+                if verdict == "disrupt":  # preempted a moment after it started
+                    try:
+                        await asyncio.wait_for(proc.wait(), 0.5)
+                    except TimeoutError:
+                        proc.kill()
+                        await proc.wait()
+                    self.pods.append((name, index, pod_attempt, 137))
+                    return PodResult(137, disrupted=True)
+                code = await proc.wait()
+            finally:
+                self._procs[name].discard(proc)
+                logf.close()
+            self.pods.append((name, index, pod_attempt, code))
+            return PodResult(code)
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.logdir.glob("*.log")))
+
+
+def _policy_action(policy: dict[str, Any] | None, result: PodResult) -> str:
+    """The first matching podFailurePolicy rule's action, else 'Count' (as the Job controller evaluates it)."""
+    for rule in (policy or {}).get("rules", []):
+        codes = rule.get("onExitCodes")
+        if codes and not result.disrupted:
+            inside = result.exit_code in codes.get("values", [])
+            if (codes.get("operator") == "In") == inside:
+                return rule["action"]
+        for cond in rule.get("onPodConditions", []):
+            if cond.get("type") == "DisruptionTarget" and result.disrupted:
+                return rule["action"]
+    return "Count"
+
+
+def pod_base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """What every pod gets besides its Job's env: the image's environment, here this venv; never credentials."""
+    keep = ("PATH", "HOME", "LANG", "TMPDIR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "SPA_HEARTBEAT_S",
+            "VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS", "PYTHONPATH")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.setdefault("SPA_HEARTBEAT_S", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return {**env, **(extra or {})}
+
+
+class TcpProxy:
+    """A TCP forwarder in front of the S3 server that tests can take down (connection refused) and bring back."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.server: asyncio.base_events.Server | None = None
+        self.conns: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def up(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def down(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+        for w in list(self.conns):
+            w.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.conns |= {writer, up_writer}
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self.conns -= {writer, up_writer}

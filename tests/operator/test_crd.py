@@ -1,0 +1,187 @@
+"""The CRD: generated from the spec model, structural, documented; it and the operator reject the same invalid runs
+naming the same field, and valid runs get the documented (paper) defaults."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import crdcheck
+import pytest
+import yaml
+from spa_operator import crd
+from spa_operator.kube import validate_for_cluster
+from spa_operator.spec import SpecError, parse_run
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE: dict[str, Any] = {
+    "apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun", "metadata": {"name": "r1", "namespace": "ns"},
+    "spec": {"model": {"sft": "s3://models/sft"},
+             "data": {"seed": "s3://data/seed.jsonl", "prompts": "s3://data/prompts.jsonl"},
+             "storage": {"uri": "s3://bucket/runs"}},
+}
+_DEL = object()
+
+
+def with_(*changes: tuple[str, Any]) -> dict[str, Any]:
+    doc = copy.deepcopy(BASE)
+    for path, value in changes:
+        node = doc
+        keys = path.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        if value is _DEL:
+            node.pop(keys[-1], None)
+        else:
+            node[keys[-1]] = value
+    return doc
+
+
+# (manifest, the field both the API server and the operator must name)
+INVALID = [
+    (with_(("spec.model", _DEL)), "spec.model"),
+    (with_(("spec.model.sft", "")), "spec.model.sft"),
+    (with_(("spec.data.prompts", _DEL)), "spec.data.prompts"),
+    (with_(("spec.iterations", {"count": -1})), "spec.iterations.count"),
+    (with_(("spec.iterations", {"count": 51, "promptsPerIteration": 1})), "spec.iterations.count"),
+    (with_(("spec.iterations", {"count": "3"})), "spec.iterations.count"),
+    (with_(("spec.iterations", {"count": 2, "promptsPerIteration": [100]})), "spec.iterations.promptsPerIteration"),
+    (with_(("spec.iterations", {"count": 2, "promptsPerIteration": 0})), "spec.iterations.promptsPerIteration"),
+    (with_(("spec.iterations", {"count": 2, "promptsPerIteration": "many"})), "spec.iterations.promptsPerIteration"),
+    (with_(("spec.iterations", {"count": 5})), "spec.iterations.promptsPerIteration"),
+    (with_(("spec.generation.responsesPerPrompt", 1)), "spec.generation.responsesPerPrompt"),
+    (with_(("spec.generation.temperature", 6)), "spec.generation.temperature"),
+    (with_(("spec.generation.topP", 0)), "spec.generation.topP"),
+    (with_(("spec.generation.backend", "tgi")), "spec.generation.backend"),
+    (with_(("spec.generation.shards", 0)), "spec.generation.shards"),
+    (with_(("spec.generation.maxNewTokens", 0)), "spec.generation.maxNewTokens"),
+    (with_(("spec.judge.pairing", "random")), "spec.judge.pairing"),
+    (with_(("spec.training.beta", 0)), "spec.training.beta"),
+    (with_(("spec.training.learningRate", -1e-5)), "spec.training.learningRate"),
+    (with_(("spec.training.batchSize", 1.5)), "spec.training.batchSize"),
+    (with_(("spec.training.maxPromptLength", 4096)), "spec.training"),
+    (with_(("spec.training.refinement.smoothing", 0.5)), "spec.training.refinement.smoothing"),
+    (with_(("spec.training.refinement.extrapolation", [0.5])), "spec.training.refinement.extrapolation"),
+    (with_(("spec.training.refinement.extrapolation", -1)), "spec.training.refinement.extrapolation"),
+    (with_(("spec.training.lora", {"r": 0})), "spec.training.lora.r"),
+    (with_(("spec.storage", _DEL)), "spec.storage"),
+    (with_(("spec.storage.uri", "/mnt/runs")), "spec.storage.uri"),
+    (with_(("spec.storage.uri", "gs://bucket/runs")), "spec.storage.uri"),
+    (with_(("spec.storage.secretRef", {"name": ""})), "spec.storage.secretRef.name"),
+    (with_(("spec.resources", {"train": {"gpus": -1}})), "spec.resources.train.gpus"),
+    (with_(("spec.resources", {"train": {"memory": "lots"}})), "spec.resources.train.memory"),
+    (with_(("spec.maxRetriesPerStage", 21)), "spec.maxRetriesPerStage"),
+    (with_(("spec.suspend", "yes")), "spec.suspend"),
+    (with_(("spec.queueName", "Bad_Queue")), "spec.queueName"),
+    (with_(("spec.imagePullSecrets", [f"s{i}" for i in range(17)])), "spec.imagePullSecrets"),
+    (with_(("spec.stageDeadlineSeconds", 10)), "spec.stageDeadlineSeconds"),
+]
+IDS = [f"{i:02d}-{field}" for i, (_, field) in enumerate(INVALID)]
+
+
+def test_crd_file_is_generated_from_the_spec_model():
+    assert (ROOT / "crds" / "alignmentrun.yaml").read_text() == crd.render(), \
+        "crds/alignmentrun.yaml is stale: run `python -m spa_operator.crd > crds/alignmentrun.yaml`"
+
+
+def test_crd_metadata():
+    c = crdcheck.crd()
+    assert c["apiVersion"] == "apiextensions.k8s.io/v1" and c["metadata"]["name"] == "alignmentruns.spa.dev"
+    names = c["spec"]["names"]
+    assert (names["kind"], names["plural"], names["shortNames"]) == ("AlignmentRun", "alignmentruns", ["arun"])
+    assert c["spec"]["scope"] == "Namespaced"
+    version = c["spec"]["versions"][0]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    assert [col["name"] for col in version["additionalPrinterColumns"]] == ["Phase", "Iteration", "Stage",
+                                                                             "Progress", "Age"]
+
+
+def _walk(node: dict[str, Any], path: str):
+    yield path, node
+    for key, sub in node.get("properties", {}).items():
+        yield from _walk(sub, f"{path}.{key}")
+    if isinstance(node.get("items"), dict):
+        yield from _walk(node["items"], path + "[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], path + "{}")
+
+
+def test_schema_is_structural_and_documented():
+    for path, node in _walk(crdcheck.schema(), ""):
+        assert node.get("type") or node.get("x-kubernetes-preserve-unknown-fields"), f"{path}: no type"
+        for junctor in ("anyOf", "oneOf", "allOf", "not"):
+            assert junctor not in node, f"{path}: {junctor} is not structural here"
+        if not path.endswith(("[]", "{}")) and path.count(".") >= 1:
+            assert node.get("description"), f"{path}: no description (kubectl explain)"
+        if "properties" in node:
+            assert "additionalProperties" not in node, path
+
+
+def test_every_cel_rule_compiles():
+    import celpy
+
+    env = celpy.Environment()
+    rules = [r["rule"] for _, node in _walk(crdcheck.schema(), "") for r in node.get("x-kubernetes-validations", [])]
+    assert len(rules) >= 7
+    for rule in rules:
+        env.compile(rule)
+
+
+@pytest.mark.parametrize(("doc", "field"), INVALID, ids=IDS)
+def test_invalid_run_rejected_by_schema_and_operator_naming_the_field(doc, field):
+    errors = crdcheck.errors(doc)
+    assert errors, "the CRD schema accepted it"
+    assert field in [p for p, _ in errors], errors
+    with pytest.raises(SpecError) as exc:
+        validate_for_cluster(doc)
+    assert exc.value.field == field, str(exc.value)
+
+
+def test_enough_invalid_cases():
+    assert len(INVALID) >= 20
+
+
+def _spec_defaults(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    by_api_server = crdcheck.defaulted(doc)["spec"]
+    by_operator = parse_run(doc).model_dump(by_alias=True, exclude_none=True, mode="json")["spec"]
+    return by_api_server, by_operator
+
+
+@pytest.mark.parametrize("doc", [
+    BASE,
+    with_(("spec.training", {"beta": 0.2, "lora": {"r": 8}, "refinement": {"window": 10}})),
+    with_(("spec.iterations", {"count": 4, "promptsPerIteration": 10}), ("spec.generation", {"shards": 3})),
+], ids=["minimal", "partial-training", "broadcast"])
+def test_valid_runs_get_the_documented_defaults(doc):
+    assert crdcheck.errors(doc) == []
+    validate_for_cluster(doc)
+    api, op = _spec_defaults(doc)
+    assert api == op
+    if doc is BASE:
+        assert api["iterations"] == {"count": 3}  # promptsPerIteration: the paper's 8000/20000/30000 (operator)
+        assert api["generation"]["temperature"] == 0.7 and api["generation"]["responsesPerPrompt"] == 2
+        assert api["training"]["beta"] == 0.1 and api["training"]["learningRate"] == 5e-7
+        assert api["training"]["refinement"]["lowConfidenceFraction"] == 0.1
+        assert api["training"]["refinement"]["smoothing"] == 0.1 and api["maxRetriesPerStage"] == 2
+
+
+def test_example_manifest_is_valid():
+    docs = yaml.safe_load_all((ROOT / "examples" / "alignmentrun.yaml").read_text())
+    doc = next(d for d in docs if d and d.get("kind") == "AlignmentRun")
+    assert crdcheck.errors(doc) == []
+    validate_for_cluster(doc)
+
+
+def test_spec_is_immutable_once_started_except_suspend():
+    started = with_(("status", {"phase": "Running", "stages": [{"name": "iter-00/seed-train"}]}))
+    changed = copy.deepcopy(started)
+    changed["spec"]["training"] = {"beta": 0.5}
+    assert [m for _, m in crdcheck.update_errors(started, changed)] == [crd.IMMUTABLE_MESSAGE]
+    suspended = copy.deepcopy(started)
+    suspended["spec"]["suspend"] = True
+    assert crdcheck.update_errors(started, suspended) == []
+    not_started = with_(("status", {"phase": "Failed"}))
+    edited = copy.deepcopy(not_started)
+    edited["spec"]["training"] = {"beta": 0.5}
+    assert crdcheck.update_errors(not_started, edited) == []

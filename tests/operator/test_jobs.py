@@ -1,0 +1,124 @@
+"""Job manifests: every stage's Job validates against the Kubernetes batch/v1 schema and carries what DESIGN §5 asks
+for (owner reference, labels, podFailurePolicy, resources, secret env by reference); names are deterministic and
+fit in 63 characters."""
+
+from __future__ import annotations
+
+import kubernetes_validate
+import pytest
+from spa_operator import jobs
+from spa_operator.planner import stage_graph
+from spa_operator.spec import parse_run
+
+RUN = jobs.RunRef(name="mistral-spa", namespace="team-a", uid="0c6f2a9e-1111-2222-3333-444455556666")
+DOC = {
+    "apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun",
+    "metadata": {"name": "mistral-spa", "namespace": "team-a"},
+    "spec": {
+        "model": {"sft": "s3://models/sft"},
+        "data": {"seed": "s3://d/seed.jsonl", "prompts": "s3://d/p.jsonl", "heldout": "s3://d/h.jsonl"},
+        "iterations": {"count": 2, "promptsPerIteration": [100, 200]},
+        "generation": {"shards": 4}, "judge": {"shards": 2},
+        "storage": {"uri": "s3://runs/spa", "endpoint": "http://minio:9000", "region": "eu-west-1",
+                    "secretRef": {"name": "s3-creds"}},
+        "resources": {"train": {"gpus": 8, "cpu": "32", "memory": "256Gi", "nodeSelector": {"gpu": "h100"},
+                                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                 "effect": "NoSchedule"}]},
+                      "generate": {"gpus": 1, "image": "registry.local/spa-worker:vllm"}},
+        "image": "registry.local/spa-worker:1", "imagePullSecrets": ["regcred"], "serviceAccountName": "spa-worker",
+        "priorityClassName": "batch-high", "queueName": "gpu-queue", "ttlSecondsAfterFinished": 3600,
+    },
+}
+ROOT = "s3://runs/spa/team-a/mistral-spa/0c6f2a9e"
+
+
+def all_jobs(doc=DOC) -> list[tuple[object, dict]]:
+    spec = parse_run(doc).spec
+    return [(s, jobs.build_job(s, 1, RUN, spec)) for s in stage_graph(spec, ROOT)]
+
+
+@pytest.mark.parametrize("stage_index", range(10))
+def test_every_stage_job_validates_against_batch_v1(stage_index):
+    stage, job = all_jobs()[stage_index]
+    kubernetes_validate.validate(job, desired_version=kubernetes_validate.latest_version(), strict=True)
+    meta, spec = job["metadata"], job["spec"]
+    assert meta["ownerReferences"] == [{"apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun",
+                                        "name": "mistral-spa", "uid": RUN.uid, "controller": True,
+                                        "blockOwnerDeletion": True}]
+    assert meta["labels"][jobs.LABEL_RUN] == "mistral-spa"
+    assert meta["labels"][jobs.LABEL_STAGE] == stage.stage
+    assert meta["labels"][jobs.LABEL_ITERATION] == str(stage.iteration)
+    assert meta["labels"][jobs.KUEUE_QUEUE_LABEL] == "gpu-queue" and spec["suspend"] is True
+    assert meta["annotations"][jobs.ANNOTATION_STAGE_KEY] == stage.key
+    rules = spec["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2]
+    assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 172800
+    assert spec["ttlSecondsAfterFinished"] == 3600
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    c = pod["containers"][0]
+    assert c["command"] == ["spa-worker", *stage.args.to_argv()]  # the local executor's command
+    env = {e["name"]: e for e in c["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds",
+                                                                         "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    assert all("value" not in env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+    assert env["SPA_S3_ENDPOINT"]["value"] == "http://minio:9000"
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    assert pod["serviceAccountName"] == "spa-worker" and pod["priorityClassName"] == "batch-high"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    if stage.stage == "train":
+        assert c["resources"]["limits"] == {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": 8}
+        assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    if stage.stage == "generate":
+        assert c["image"] == "registry.local/spa-worker:vllm"
+        assert c["resources"]["limits"] == {"nvidia.com/gpu": 1}
+        assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
+    elif stage.stage == "judge":
+        assert spec["completions"] == 2
+    else:
+        assert "completionMode" not in spec
+        if stage.stage != "train":
+            assert c["image"] == "registry.local/spa-worker:1"
+
+
+def test_minimal_run_jobs_validate_without_optional_fields():
+    doc = {"apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun", "metadata": {"name": "r"},
+           "spec": {"model": {"sft": "hf://org/m"}, "data": {"seed": "s3://a/s", "prompts": "s3://a/p"},
+                    "storage": {"uri": "s3://b/p"}}}
+    for _stage, job in all_jobs(doc):
+        kubernetes_validate.validate(job, desired_version=kubernetes_validate.latest_version(), strict=True)
+        assert "suspend" not in job["spec"] and "ttlSecondsAfterFinished" not in job["spec"]
+        env = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert not env & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        assert job["spec"]["template"]["spec"]["containers"][0]["image"] == jobs.DEFAULT_WORKER_IMAGE
+
+
+def test_job_names_are_deterministic_and_fit():
+    assert jobs.job_name("mistral-spa", 1, "judge", 2) == "mistral-spa-i01-judge-a2"
+    assert jobs.job_name("mistral-spa", 0, "seed-train", 1) == "mistral-spa-i00-seed-train-a1"
+    long = "a" * 200
+    names = {jobs.job_name(long, i, s, a) for i in range(12) for s in ("seed-train", "generate", "evaluate")
+             for a in (1, 2, 10)}
+    assert len(names) == 12 * 3 * 3
+    for n in names:
+        assert len(n) <= 63 and n[0].isalnum() and n[-1].isalnum()
+    assert jobs.job_name(long, 3, "train", 1) == jobs.job_name(long, 3, "train", 1)
+    # Two long names that share a 63-char prefix still get different Jobs (the hash is of the whole name).
+    assert jobs.job_name(long + "x", 1, "train", 1) != jobs.job_name(long + "y", 1, "train", 1)
+    assert jobs.job_name(long, 1, "train", 1).endswith("-i01-train-a1")
+    dotted = jobs.job_name("team.run.v2", 1, "train", 1)
+    assert dotted == "team-run-v2-i01-train-a1"
+    assert len(jobs.run_label("r" * 100)) <= 63
+
+
+def test_job_for_long_run_name_validates():
+    doc = {**DOC, "metadata": {"name": "x" * 120 + ".y", "namespace": "team-a"}}
+    spec = parse_run(doc).spec
+    run = jobs.RunRef(name=doc["metadata"]["name"], namespace="team-a", uid=RUN.uid)
+    job = jobs.build_job(stage_graph(spec, ROOT)[3], 7, run, spec)
+    kubernetes_validate.validate(job, desired_version=kubernetes_validate.latest_version(), strict=True)
+    assert len(job["metadata"]["name"]) <= 63 and job["metadata"]["name"].endswith("-a7")
+    assert job["metadata"]["annotations"][jobs.ANNOTATION_RUN_NAME] == doc["metadata"]["name"]

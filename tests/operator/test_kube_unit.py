@@ -1,0 +1,92 @@
+"""The executor's pieces without a cluster: no torch on import, /metrics and /healthz, Job state reading, status
+patches, and the Job-event latency on the emulator."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+from cluster import Harness, pod_base_env
+from conftest import OperatorRunner
+from runs import phase, tiny_run, wait_for
+from spa_operator import kube
+
+
+def test_operator_imports_without_torch():
+    code = ("import sys; import spa_operator.kube, spa_operator.crd, spa_operator.jobs, spa_operator.runstore; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_job_view_reads_job_conditions():
+    def job(status, spec=None):
+        return {"metadata": {"name": "j", "labels": {"spa.dev/attempt": "3"},
+                             "annotations": {"spa.dev/stage-key": "iter-01/train"}},
+                "spec": spec or {}, "status": status}
+
+    v = kube.job_view(job({}))
+    assert (v.state, v.attempt, v.stage_key) == ("active", 3, "iter-01/train")
+    assert kube.job_view(job({}, {"suspend": True})).state == "suspended"
+    assert kube.job_view(job({"conditions": [{"type": "Complete", "status": "True"}]})).state == "succeeded"
+    bad = kube.job_view(job({"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+                                             "message": "exit code 2"}]}))
+    assert (bad.state, bad.permanent) == ("failed", True) and "exit code 2" in bad.reason
+    flaky = kube.job_view(job({"conditions": [{"type": "Failed", "status": "True",
+                                               "reason": "BackoffLimitExceeded"}]}))
+    assert (flaky.state, flaky.permanent) == ("failed", False)
+
+
+def test_merge_patch_and_spec_difference():
+    assert kube._merge_patch({"a": 1, "b": [1], "c": 3}, {"a": 1, "b": [1, 2]}) == {"b": [1, 2], "c": None}
+    ignore = {"spec.suspend"}
+    assert kube.first_difference({"suspend": False}, {"suspend": True}, "spec", ignore) is None
+    assert kube.first_difference({"training": {"beta": 0.1}, "suspend": False},
+                                 {"training": {"beta": 0.2}, "suspend": True}, "spec", ignore) == "spec.training.beta"
+    assert kube.first_difference({"a": [1]}, {"a": [1], "b": 2}, "spec") == "spec.b"
+    assert kube.run_root("s3://b/p/", "ns", "r", "0c6f2a9e-1111") == "s3://b/p/ns/r/0c6f2a9e"
+
+
+@pytest.mark.asyncio
+async def test_metrics_and_healthz_are_served():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctl = kube.make_controller(kube.Config(server="http://127.0.0.1:9", metrics_port=port))
+    ctl.metrics.set_phase("ns", "r", "Running")
+    runner = await kube.serve_http(ctl, "127.0.0.1", port)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 503  # not started yet
+            ctl.healthy = True
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 200
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                text = await r.text()
+        assert 'spa_run_phase{namespace="ns",phase="Running",run="r"} 1.0' in text
+        for name in ("spa_stage_duration_seconds", "spa_job_outcomes_total", "spa_transition_seconds",
+                     "spa_iteration_reward_gap", "spa_iteration_heldout_agreement"):
+            assert name in text
+    finally:
+        await runner.cleanup()
+        ctl.api.pool.shutdown(wait=False)
+
+
+@pytest.mark.asyncio
+async def test_next_job_follows_a_finished_one_within_a_second(cluster, s3_env):
+    """Event-driven transitions: Job marked Complete -> the next stage's Job exists (stub pods, see test_faults)."""
+    op = OperatorRunner(cluster.url, ["ns"], timer_s=60.0)  # the safety-net timer cannot be what moves it
+    async with Harness(cluster, pod_base_env({"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t"}), stub=True,
+                       stub_seconds=0.2) as harness:
+        await op.start()
+        await cluster.create_run(tiny_run("quick", {"model": "/m", "seed": "/s", "prompts": "/p"},
+                                          s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"], iterations=1, heldout=False))
+        await wait_for(lambda: phase(cluster, "quick") == "Succeeded", 60, "Succeeded")
+        await op.stop()
+    chain = ["quick-i00-seed-train-a1", "quick-i01-generate-a1", "quick-i01-judge-a1", "quick-i01-train-a1"]
+    gaps = [harness.created[b] - harness.finished[a] for a, b in itertools.pairwise(chain)]
+    assert max(gaps) < 1.0, gaps
