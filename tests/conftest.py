@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from workerproc import run_worker
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SPA_HEARTBEAT_S", "1")
@@ -76,13 +74,6 @@ def s3_env(s3_server, monkeypatch) -> dict[str, str]:
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     yield {**env, "BUCKET": bucket}
     storage.reset_client()
-
-
-def run_worker(*argv: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run `spa-worker ARGV` as a subprocess (the real entry point) and return the completed process."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "spa_workers.cli", *argv], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=Path(__file__).parent.parent)
 
 
 @pytest.fixture()

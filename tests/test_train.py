@@ -15,6 +15,7 @@ import pytest
 from spa_workers import contract, storage
 from spa_workers.contract import ManifestKeys, TrainArgs
 from spa_workers.data import write_jsonl
+from workerproc import run_worker
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +105,6 @@ def pairs(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def trained(tiny, pairs, tmp_path_factory) -> dict:
     """seed-train then train through the real CLI (each once; several tests read the results)."""
-    from conftest import run_worker
 
     root = tmp_path_factory.mktemp("stages")
     seed_out, it_out = str(root / "seed"), str(root / "iter1")

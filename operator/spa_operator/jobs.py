@@ -138,8 +138,13 @@ def owner_reference(run: RunRef) -> dict[str, Any]:
 
 
 def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRunSpec,
-              default_image: str = DEFAULT_WORKER_IMAGE) -> dict[str, Any]:
-    """The Job for one attempt of one stage. `attempt` numbers the stage's Jobs (1, 2, ...)."""
+              default_image: str = DEFAULT_WORKER_IMAGE, default_service_account: str | None = None,
+              metrics_port: int | None = None) -> dict[str, Any]:
+    """The Job for one attempt of one stage. `attempt` numbers the stage's Jobs (1, 2, ...).
+
+    default_service_account: used when the spec names none; metrics_port: the worker serves live Prometheus metrics
+    there (SPA_WORKER_METRICS_PORT, a container port named "metrics" for a PodMonitor).
+    """
     res = stage_resources(spec, stage.stage)
     meta_labels = labels(run, stage, attempt)
     pod_labels = dict(meta_labels)
@@ -156,6 +161,9 @@ def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRun
         # The worker's last lines (its one-line error) show in the pod status and `kubectl describe`.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if metrics_port:
+        container["env"].append({"name": "SPA_WORKER_METRICS_PORT", "value": str(metrics_port)})
+        container["ports"] = [{"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}]
     resources = _resources(res)
     if resources:
         container["resources"] = resources
@@ -167,8 +175,8 @@ def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRun
             {"name": "cache", "emptyDir": {}},
         ],
     }
-    if spec.service_account_name:
-        pod_spec["serviceAccountName"] = spec.service_account_name
+    if spec.service_account_name or default_service_account:
+        pod_spec["serviceAccountName"] = spec.service_account_name or default_service_account
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
     if spec.image_pull_secrets:

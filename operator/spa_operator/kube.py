@@ -64,6 +64,8 @@ class Config:
     progress_s: float = 15.0  # how often the running stage's heartbeat is read into status.progress
     retry_s: float = 10.0  # after a storage or API error
     worker_image: str = jobs.DEFAULT_WORKER_IMAGE
+    worker_service_account: str | None = None  # for runs whose spec names none (the Helm chart's worker account)
+    worker_metrics_port: int | None = None  # workers serve live metrics on this port; None: off
     metrics_port: int | None = 8080  # serves /metrics and /healthz; None: off
     metrics_host: str = "0.0.0.0"
     scanning: bool = True  # kopf's namespace/CRD scanning (off against API emulators)
@@ -76,7 +78,9 @@ class Config:
         cfg = cls(timer_s=float(env.get("SPA_OPERATOR_TIMER_S", 60)),
                   progress_s=float(env.get("SPA_OPERATOR_PROGRESS_S", 15)),
                   retry_s=float(env.get("SPA_OPERATOR_RETRY_S", 10)),
-                  worker_image=env.get("SPA_WORKER_IMAGE", jobs.DEFAULT_WORKER_IMAGE))
+                  worker_image=env.get("SPA_WORKER_IMAGE", jobs.DEFAULT_WORKER_IMAGE),
+                  worker_service_account=env.get("SPA_WORKER_SERVICE_ACCOUNT") or None,
+                  worker_metrics_port=int(env.get("SPA_WORKER_METRICS_PORT") or 0) or None)
         return dataclasses.replace(cfg, **overrides)
 
 
@@ -207,6 +211,10 @@ class Metrics:
         self.phase = Gauge("spa_run_phase", "1 for the run's current phase", [*run, "phase"], registry=r)
         self.iteration = Gauge("spa_run_iteration", "Iteration of the run's current stage", run, registry=r)
         self.progress = Gauge("spa_run_stage_progress", "Fraction done of the current stage", run, registry=r)
+        # One series per running stage (value: its start, Unix seconds): which stage a run is in, and for how long.
+        self.stage_started = Gauge("spa_run_stage_started_timestamp_seconds", "Start time of each running stage",
+                                   [*run, "iteration", "stage"], registry=r)
+        self._stage_labels: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self.stage_seconds = Histogram("spa_stage_duration_seconds", "Stage wall time (first Job to manifest)",
                                        ["stage"], registry=r,
                                        buckets=(10, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400))
@@ -234,9 +242,20 @@ class Metrics:
         for p in (PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED):
             self.phase.labels(ns, name, p).set(1 if p == phase else 0)
 
+    def set_running_stages(self, ns: str, name: str, stages: dict[tuple[str, str], float]) -> None:
+        """stages: (iteration, stage) -> start time of every running stage of the run."""
+        old = self._stage_labels.get((ns, name), set())
+        for gone in old - set(stages):
+            _remove(self.stage_started, ns, name, *gone)
+        for (iteration, stage), started in stages.items():
+            self.stage_started.labels(ns, name, iteration, stage).set(started)
+        self._stage_labels[(ns, name)] = set(stages)
+
     def forget(self, ns: str, name: str) -> None:
         for g in (self.iteration, self.progress):
             _remove(g, ns, name)
+        self.set_running_stages(ns, name, {})
+        self._stage_labels.pop((ns, name), None)
         for p in (PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED):
             _remove(self.phase, ns, name, p)
         for g in self.quality.values():
@@ -562,7 +581,8 @@ class Controller:
         attempt = (rec.get("attempts", 0) if rec else 0) + 1
         ref = jobs.RunRef(name=name, namespace=ns, uid=rs.uid, api_version=body.get("apiVersion", "spa.dev/v1alpha1"),
                           kind=body.get("kind", crd.KIND))
-        manifest = jobs.build_job(stage, attempt, ref, spec, self.cfg.worker_image)
+        manifest = jobs.build_job(stage, attempt, ref, spec, self.cfg.worker_image,
+                                  self.cfg.worker_service_account, self.cfg.worker_metrics_port)
         job = manifest["metadata"]["name"]
         try:
             outcome = await self.api.create_job(manifest)
@@ -692,6 +712,13 @@ class Controller:
             self.metrics.iteration.labels(ns, name).set(status["iteration"])
         if "progress" in status:
             self.metrics.progress.labels(ns, name).set(status["progress"])
+        running: dict[tuple[str, str], float] = {}
+        if status.get("phase") in (RUNNING, SUSPENDED):
+            for rec in status.get("stages") or []:
+                started = _parse_time(rec.get("startTime"))
+                if rec.get("state") == RUNNING and started:
+                    running[(str(rec.get("iteration", "")), str(rec.get("stage", "")))] = started
+        self.metrics.set_running_stages(ns, name, running)
 
 
 class _RetrySoon(Exception):

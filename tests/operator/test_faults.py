@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from cluster import Harness, TcpProxy, pod_base_env, start_cluster
-from conftest import OperatorRunner
+from operator_runner import OperatorRunner
 from runs import STAGES_2_ITER, phase, tiny_run, wait_for
 from test_crd import INVALID
 

@@ -10,7 +10,7 @@ import json
 import boto3
 import pytest
 from cluster import Harness, pod_base_env
-from conftest import OperatorRunner
+from operator_runner import OperatorRunner
 from runs import STAGES_2_ITER, phase, tiny_run, wait_for
 from spa_operator import kube
 

@@ -11,7 +11,7 @@ import sys
 import aiohttp
 import pytest
 from cluster import Harness, pod_base_env
-from conftest import OperatorRunner
+from operator_runner import OperatorRunner
 from runs import phase, tiny_run, wait_for
 from spa_operator import kube
 

@@ -169,7 +169,9 @@ def _body(work: StageWork) -> None:
                     rows.append({"prompt_index": index, "prompt": messages,
                                  "responses": [t for t, _ in per_prompt]})
                     tokens += sum(k for _, k in per_prompt)
-                work.progress(len(rows), len(fits), unit="prompts")
+                elapsed = time.time() - t1
+                work.progress(len(rows), len(fits), unit="prompts",
+                              tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0)
             gen_s = time.time() - t1
     write_jsonl(os.path.join(work.dir, contract.RESPONSES_FILE), rows)
     work.counts[ManifestKeys.PROMPTS] = len(rows)

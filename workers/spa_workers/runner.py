@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from spa_workers import contract, storage
+from spa_workers import contract, live_metrics, storage
 from spa_workers.contract import StageArgs, StageManifest
 
 
@@ -44,6 +44,7 @@ class StageWork:
                                                  interval=float(os.environ.get("SPA_HEARTBEAT_S", "15")))
             force = True
         self._heartbeat.update(done, force=force or done >= total, **extra)
+        live_metrics.record(self.args.stage, done, total, unit, extra)
 
 
 def resolve_shard(args: StageArgs) -> StageArgs:
@@ -106,6 +107,7 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
     else:
         workdir = tempfile.mkdtemp(prefix="spa-stage-")
     work = StageWork(args=args, output=out, dir=workdir)
+    live_metrics.live()  # serve from the start of the stage when SPA_WORKER_METRICS_PORT is set
     try:
         body(work)
         if dist is not None:

@@ -1,0 +1,92 @@
+{{/* Names and labels. */}}
+{{- define "spa-operator.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "spa-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "spa-operator.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "spa-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "spa-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "spa-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "spa-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "spa-operator.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "spa-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "spa-operator.workerImage" -}}
+{{- printf "%s:%s" .Values.worker.image.repository (default .Chart.AppVersion .Values.worker.image.tag) -}}
+{{- end -}}
+
+{{/* Namespaces that get a worker ServiceAccount: the watched ones; cluster-wide, worker.serviceAccount.namespaces
+(default: the release's). */}}
+{{- define "spa-operator.workerNamespaces" -}}
+{{- if .Values.watchNamespaces -}}
+{{- join "," .Values.watchNamespaces -}}
+{{- else if .Values.worker.serviceAccount.namespaces -}}
+{{- join "," .Values.worker.serviceAccount.namespaces -}}
+{{- else -}}
+{{- .Release.Namespace -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The operator gives worker pods this account only where the chart creates it in every namespace runs may use:
+watched namespaces, or an explicit worker.serviceAccount.namespaces list. Otherwise pods use their namespace's
+default account unless a run names one (a missing account would block the pods). */}}
+{{- define "spa-operator.workerServiceAccountDefault" -}}
+{{- if and .Values.worker.serviceAccount.name (or .Values.watchNamespaces .Values.worker.serviceAccount.namespaces) -}}
+{{- .Values.worker.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The monitoring.coreos.com CRDs (Prometheus Operator) are installed. */}}
+{{- define "spa-operator.hasMonitoring" -}}
+{{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" -}}true{{- end -}}
+{{- end -}}
+
+{{/* The operator's namespaced rights (least privilege: no wildcards). */}}
+{{- define "spa-operator.rules" }}
+# AlignmentRuns: watch them; kopf patches finalizers and its progress annotations.
+- apiGroups: ["spa.dev"]
+  resources: ["alignmentruns"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["spa.dev"]
+  resources: ["alignmentruns/status"]
+  verbs: ["get", "patch", "update"]
+# One Job per stage attempt; patched only to suspend or resume.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# An Event for each transition.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+# The S3 credentials a run references (read by the operator to reach storage; never written anywhere).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end }}
