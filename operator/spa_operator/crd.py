@@ -149,7 +149,8 @@ NODE_RULES: dict[str, list[dict[str, str]]] = {
          "fieldPath": ".uri"},
     ],
 }
-CLUSTER_REQUIRED = {"": ["storage"]}  # `spa run` takes --storage instead; a cluster run must name it
+# Nothing beyond the spec model is required: storage may come from the operator's default (Helm `storage` values).
+CLUSTER_REQUIRED: dict[str, list[str]] = {}
 
 IMMUTABLE_MESSAGE = "spec is immutable once the run has started (only spec.suspend may change)"
 

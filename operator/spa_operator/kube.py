@@ -25,7 +25,7 @@ import datetime as dt
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
@@ -66,6 +66,8 @@ class Config:
     worker_image: str = jobs.DEFAULT_WORKER_IMAGE
     worker_service_account: str | None = None  # for runs whose spec names none (the Helm chart's worker account)
     worker_metrics_port: int | None = None  # workers serve live metrics on this port; None: off
+    # spec.storage for runs that name none (the Helm chart's `storage` values): uri, endpoint, region, secretRef.
+    default_storage: dict[str, Any] | None = None
     metrics_port: int | None = 8080  # serves /metrics and /healthz; None: off
     metrics_host: str = "0.0.0.0"
     scanning: bool = True  # kopf's namespace/CRD scanning (off against API emulators)
@@ -80,8 +82,24 @@ class Config:
                   retry_s=float(env.get("SPA_OPERATOR_RETRY_S", 10)),
                   worker_image=env.get("SPA_WORKER_IMAGE", jobs.DEFAULT_WORKER_IMAGE),
                   worker_service_account=env.get("SPA_WORKER_SERVICE_ACCOUNT") or None,
-                  worker_metrics_port=int(env.get("SPA_WORKER_METRICS_PORT") or 0) or None)
+                  worker_metrics_port=int(env.get("SPA_WORKER_METRICS_PORT") or 0) or None,
+                  default_storage=default_storage_from_env(env))
         return dataclasses.replace(cfg, **overrides)
+
+
+def default_storage_from_env(env: Mapping[str, str]) -> dict[str, Any] | None:
+    """spec.storage for runs without one, from SPA_DEFAULT_STORAGE_{URI,ENDPOINT,REGION,SECRET}; None if no URI."""
+    uri = env.get("SPA_DEFAULT_STORAGE_URI")
+    if not uri:
+        return None
+    out: dict[str, Any] = {"uri": uri}
+    if env.get("SPA_DEFAULT_STORAGE_ENDPOINT"):
+        out["endpoint"] = env["SPA_DEFAULT_STORAGE_ENDPOINT"]
+    if env.get("SPA_DEFAULT_STORAGE_REGION"):
+        out["region"] = env["SPA_DEFAULT_STORAGE_REGION"]
+    if env.get("SPA_DEFAULT_STORAGE_SECRET"):
+        out["secretRef"] = {"name": env["SPA_DEFAULT_STORAGE_SECRET"]}
+    return out
 
 
 def now_iso() -> str:
@@ -359,7 +377,7 @@ class Controller:
 
         # 1. The spec, validated as the CRD would (the operator never crash-loops on a bad one).
         try:
-            run = validate_for_cluster(body)
+            run = validate_for_cluster(body, self.cfg.default_storage)
         except SpecError as e:
             if phase == FAILED and old.get("observedGeneration") == generation:
                 return None
@@ -793,14 +811,20 @@ def run_root(storage_uri: str, namespace: str, name: str, uid: str) -> str:
     return f"{storage_uri.rstrip('/')}/{namespace}/{name}/{uid.replace('-', '')[:8]}"
 
 
-def validate_for_cluster(body: Any) -> AlignmentRun:
-    """parse_run plus the rules the CRD adds for a cluster (storage required, S3 only). Raises SpecError."""
+def validate_for_cluster(body: Any, default_storage: dict[str, Any] | None = None) -> AlignmentRun:
+    """parse_run plus the cluster's rules (S3 only), with the operator's default storage for runs that name none.
+
+    Raises SpecError.
+    """
     doc = _plain(body)
     doc.pop("status", None)
+    if default_storage and isinstance(doc.get("spec"), dict) and "storage" not in doc["spec"]:
+        doc["spec"]["storage"] = dict(default_storage)
     run = parse_run(doc, strict=True)
     st = run.spec.storage
     if st is None:
-        raise SpecError("spec.storage", "required in a cluster")
+        raise SpecError("spec.storage", "required: set it in the run, or give the operator a default storage "
+                                        "(SPA_DEFAULT_STORAGE_URI; Helm value storage.uri)")
     if not st.uri.startswith("s3://"):
         raise SpecError("spec.storage.uri", "must be s3://bucket/prefix in a cluster")
     return run

@@ -31,6 +31,7 @@ from chartlib import (
     tool,
     write_rule_file,
 )
+from spa_operator import kube
 
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]  # the oldest supported (Chart kubeVersion) and newest
 RENDERINGS = {"defaults": [], "all-on": ALL_ON, "all-on-namespaced": ALL_ON_NAMESPACED}
@@ -290,3 +291,18 @@ def test_alerts_fire_when_they_should(tmp_path):
     (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
     r = run(tool("promtool"), "test", "rules", str(tmp_path / "tests.yaml"))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_storage_defaults_from_values_reach_the_operator():
+    def operator_env(*args: str) -> dict[str, str]:
+        (dep,) = by_kind(helm_template(*args, include_crds=False), "Deployment")
+        (c,) = dep["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e["value"] for e in c["env"] if "value" in e}
+
+    assert "SPA_DEFAULT_STORAGE_URI" not in operator_env()
+    env = operator_env("--set", "storage.uri=s3://team/spa", "--set", "storage.endpoint=http://minio:9000",
+                       "--set", "storage.region=eu-west-1", "--set", "storage.secretName=s3-creds")
+    assert kube.default_storage_from_env(env) == {"uri": "s3://team/spa", "endpoint": "http://minio:9000",
+                                                  "region": "eu-west-1", "secretRef": {"name": "s3-creds"}}
+    bad = run(tool("helm"), "template", "spa", str(CHART), "--set", "storage.uri=/mnt/runs")
+    assert bad.returncode != 0 and "storage" in bad.stderr

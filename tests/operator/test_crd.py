@@ -10,7 +10,7 @@ from typing import Any
 import crdcheck
 import pytest
 import yaml
-from spa_operator import crd
+from spa_operator import crd, kube
 from spa_operator.kube import validate_for_cluster
 from spa_operator.spec import SpecError, parse_run
 
@@ -65,7 +65,6 @@ INVALID = [
     (with_(("spec.training.refinement.extrapolation", [0.5])), "spec.training.refinement.extrapolation"),
     (with_(("spec.training.refinement.extrapolation", -1)), "spec.training.refinement.extrapolation"),
     (with_(("spec.training.lora", {"r": 0})), "spec.training.lora.r"),
-    (with_(("spec.storage", _DEL)), "spec.storage"),
     (with_(("spec.storage.uri", "/mnt/runs")), "spec.storage.uri"),
     (with_(("spec.storage.uri", "gs://bucket/runs")), "spec.storage.uri"),
     (with_(("spec.storage.secretRef", {"name": ""})), "spec.storage.secretRef.name"),
@@ -136,6 +135,25 @@ def test_invalid_run_rejected_by_schema_and_operator_naming_the_field(doc, field
     with pytest.raises(SpecError) as exc:
         validate_for_cluster(doc)
     assert exc.value.field == field, str(exc.value)
+
+
+def test_storage_comes_from_the_run_or_the_operators_default():
+    doc = with_(("spec.storage", _DEL))
+    assert crdcheck.errors(doc) == []  # the API server accepts it: the operator may have a default
+    with pytest.raises(SpecError) as exc:
+        validate_for_cluster(doc)
+    assert exc.value.field == "spec.storage" and "default storage" in exc.value.message
+    default = kube.default_storage_from_env({"SPA_DEFAULT_STORAGE_URI": "s3://team-bucket/spa",
+                                             "SPA_DEFAULT_STORAGE_ENDPOINT": "http://minio:9000",
+                                             "SPA_DEFAULT_STORAGE_SECRET": "s3-creds"})
+    st = validate_for_cluster(doc, default).spec.storage
+    assert (st.uri, st.endpoint, st.region, st.secret_ref.name) == ("s3://team-bucket/spa", "http://minio:9000",
+                                                                   None, "s3-creds")
+    assert validate_for_cluster(BASE, default).spec.storage.uri == "s3://bucket/runs"  # the run's own wins
+    with pytest.raises(SpecError) as exc:  # a default is held to the same rules
+        validate_for_cluster(doc, {"uri": "/mnt/runs"})
+    assert exc.value.field == "spec.storage.uri"
+    assert kube.default_storage_from_env({}) is None
 
 
 def test_enough_invalid_cases():
