@@ -7,11 +7,21 @@ import logging
 import sys
 from pathlib import Path
 
+import pytest
 import pytest_asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cluster import start_cluster
+from operator_runner import OperatorRunner
+
+
+@pytest.fixture(autouse=True)
+def _stop_leftover_operators():
+    """An operator a failed test left running would retry its dead emulator for the rest of the session."""
+    yield
+    for runner in list(OperatorRunner.running):
+        runner.stop_leftover()
 
 
 @pytest_asyncio.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 from spa_operator import kube
 
@@ -15,6 +15,8 @@ class OperatorRunner:
     The operator runs in its own thread and event loop, as in production: kopf cancels every task of its loop when
     it stops, which would take the emulator and the harness down with it if they shared the loop.
     """
+
+    running: ClassVar[set[OperatorRunner]] = set()  # started and not stopped: the conftest stops leftovers
 
     def __init__(self, url: str, namespaces: list[str], **cfg: Any) -> None:
         defaults = dict(timer_s=5.0, progress_s=0.5, retry_s=0.5, metrics_port=None)
@@ -41,9 +43,11 @@ class OperatorRunner:
         assert await asyncio.to_thread(ready.wait, 30), "operator did not start"
         assert self.error is None, self.error
         self.starts += 1
+        OperatorRunner.running.add(self)
         return self.controller
 
     async def stop(self) -> None:
+        OperatorRunner.running.discard(self)
         if self.thread is None:
             return
         assert self.stop_flag is not None
@@ -54,6 +58,14 @@ class OperatorRunner:
         if self.controller is not None:
             self.controller.api.pool.shutdown(wait=False)
         assert self.error is None, self.error
+
+    def stop_leftover(self) -> None:
+        """Stop without checks: for a test that failed before its own stop() (else the thread retries forever)."""
+        OperatorRunner.running.discard(self)
+        if self.stop_flag is not None:
+            self.stop_flag.set()
+        if self.thread is not None:
+            self.thread.join(30)
 
     def alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive() and self.error is None

@@ -287,7 +287,8 @@ async def test_suspend_stops_new_stages_and_resume_goes_on(cluster, s3_env):
 async def test_job_deleted_by_hand_is_retried(cluster, s3_env):
     """A running Job deleted behind the operator's back counts as a failed attempt and is retried."""
     op = OperatorRunner(cluster.url, ["ns"])
-    async with Harness(cluster, pod_base_env(S3_KEYS), stub=True, stub_seconds=1.5):
+    # The stub runs long enough that the Job is still running when it is deleted, even on a loaded machine.
+    async with Harness(cluster, pod_base_env(S3_KEYS), stub=True, stub_seconds=6.0):
         await op.start()
         await cluster.create_run(tiny_run("handdel", FAKE, s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"],
                                           iterations=1, heldout=False))
