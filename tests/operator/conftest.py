@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sys
@@ -28,6 +29,9 @@ def _stop_leftover_operators():
 async def cluster():
     async with start_cluster() as c:
         yield c
+        # Before the emulator closes: a stopped server would leave a leftover operator retrying for a minute.
+        for runner in list(OperatorRunner.running):
+            await asyncio.to_thread(runner.stop_leftover)
 
 
 class LogCapture(logging.Handler):
