@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from by_hand import quantile
 from spa_workers.spa_loss import (
     MarginWindow,
     completion_logps,
@@ -29,15 +30,6 @@ def plain(bm: float) -> float:
 def smoothed(bm: float, alpha: float) -> float:
     """−(1−α)·log σ(β·m) − α·log σ(−β·m)"""
     return -(1 - alpha) * log_sigmoid(bm) - alpha * log_sigmoid(-bm)
-
-
-def quantile(values: list[float], q: float) -> float:
-    """Linear-interpolation quantile, by hand."""
-    s = sorted(values)
-    pos = q * (len(s) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def t(values: list[float]) -> torch.Tensor:

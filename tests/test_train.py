@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from by_hand import quantile
 from spa_workers import contract, storage
 from spa_workers.contract import ManifestKeys, TrainArgs
 from spa_workers.data import write_jsonl
@@ -44,14 +45,6 @@ def _pair(rng: random.Random) -> tuple[str, str, str]:
         f"The answer is {a + b}.",
         f"The answer is {a + b + rng.choice([-2, 1, 10])}.",
     )
-
-
-def quantile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    pos = q * (len(s) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def read_log(stage_dir: str) -> list[dict]:
