@@ -266,13 +266,18 @@ async def test_invalid_runs_fail_with_a_condition_naming_the_field(s3_env):
         await op.stop()
 
 
+async def start_one_iteration_run(cluster, s3_env, name: str) -> None:
+    """Create a seed + 1 iteration run (stub data) and wait until its seed-train Job exists."""
+    await cluster.create_run(tiny_run(name, FAKE, s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"], iterations=1,
+                                      heldout=False))
+    await wait_for(lambda: f"{name}-i00-seed-train-a1" in cluster.jobs(), 30, "seed Job")
+
+
 async def test_suspend_stops_new_stages_and_resume_goes_on(cluster, s3_env):
     op = OperatorRunner(cluster.url, ["ns"])
     async with Harness(cluster, pod_base_env(S3_KEYS), stub=True, stub_seconds=1.0):
         await op.start()
-        await cluster.create_run(tiny_run("pausable", FAKE, s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"],
-                                          iterations=1, heldout=False))
-        await wait_for(lambda: "pausable-i00-seed-train-a1" in cluster.jobs(), 30, "seed Job")
+        await start_one_iteration_run(cluster, s3_env, "pausable")
         await cluster.patch_run("pausable", {"spec": {"suspend": True}})
         await wait_for(lambda: phase(cluster, "pausable") == "Suspended", 20, "Suspended")
         assert cluster.jobs()["pausable-i00-seed-train-a1"]["spec"]["suspend"] is True
@@ -290,9 +295,7 @@ async def test_job_deleted_by_hand_is_retried(cluster, s3_env):
     # The stub runs long enough that the Job is still running when it is deleted, even on a loaded machine.
     async with Harness(cluster, pod_base_env(S3_KEYS), stub=True, stub_seconds=6.0):
         await op.start()
-        await cluster.create_run(tiny_run("handdel", FAKE, s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"],
-                                          iterations=1, heldout=False))
-        await wait_for(lambda: "handdel-i00-seed-train-a1" in cluster.jobs(), 30, "seed Job")
+        await start_one_iteration_run(cluster, s3_env, "handdel")
         await asyncio.sleep(0.3)
         status, _ = await cluster.request("DELETE", "/apis/batch/v1/namespaces/ns/jobs/handdel-i00-seed-train-a1")
         assert status == 200
