@@ -301,7 +301,7 @@ class RunState:
     secrets: tuple[str, ...] = ()  # values to redact from anything written
     spec_violation: str | None = None  # a field changed after the start
     finished: list[str] = dataclasses.field(default_factory=list)  # stages confirmed done, not yet announced
-    seen_jobs: set[str] = dataclasses.field(default_factory=set)  # Jobs this operator has seen in its index
+    seen_jobs: set[str] = dataclasses.field(default_factory=set)  # Jobs seen in a watch event or the index
     first_pass: bool = True  # the first reconcile after (re)start: the Job index is complete by then
     generation: int | None = None  # metadata.generation last reconciled
     started_spec: dict[str, Any] | None = None  # the spec once the run started: only suspend may change
@@ -321,9 +321,14 @@ class Controller:
 
     # -- wiring ---------------------------------------------------------------------------------------------------
 
-    def wake(self, uid: str) -> None:
+    def job_event(self, uid: str, job: str) -> None:
+        """A Job of run `uid` changed: remember it was seen and wake the run's reconciler.
+
+        Seen here, not in the reconciler: a Job created and deleted between two reconciles would otherwise never be
+        known to have existed, and its stage would wait for it forever."""
         rs = self.runs.get(uid)
         if rs is not None:
+            rs.seen_jobs.add(job)
             rs.waker.set()
 
     def store_for(self, run: AlignmentRun, secret: dict[str, str] | None) -> RunStore:
@@ -892,8 +897,8 @@ async def jobs_by_run(body: Any, labels: Any, **_: Any) -> dict[str, JobView]:
 
 # Async handlers: kopf runs sync ones in threads, and an asyncio.Event set from a thread does not wake the loop.
 @kopf.on.event("batch", "v1", "jobs", **JOB_FILTER)
-async def job_changed(labels: Any, memo: Any, **_: Any) -> None:
-    _ctl(memo).wake(labels.get(jobs.LABEL_RUN_UID, ""))
+async def job_changed(name: str, labels: Any, memo: Any, **_: Any) -> None:
+    _ctl(memo).job_event(labels.get(jobs.LABEL_RUN_UID, ""), name)
 
 
 @kopf.on.event(*RUNS)

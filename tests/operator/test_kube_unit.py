@@ -4,6 +4,7 @@ patches, and the Job-event latency on the emulator."""
 from __future__ import annotations
 
 import itertools
+import logging
 import socket
 import subprocess
 import sys
@@ -90,3 +91,42 @@ async def test_next_job_follows_a_finished_one_within_a_second(cluster, s3_env):
     chain = ["quick-i00-seed-train-a1", "quick-i01-generate-a1", "quick-i01-judge-a1", "quick-i01-train-a1"]
     gaps = [harness.created[b] - harness.finished[a] for a, b in itertools.pairwise(chain)]
     assert max(gaps) < 1.0, gaps
+
+
+class NoManifests:
+    """A RunStore in which no stage has finished."""
+
+    def manifests(self, args):
+        return None
+
+    def progress(self, args):
+        return None
+
+
+@pytest.mark.asyncio
+async def test_job_created_and_deleted_between_two_reconciles_is_retried(cluster):
+    """The race behind a flaky hand-deletion test: a Job's ADDED and DELETED events both arrive before its run's
+    reconciler looks again, so the Job index never showed it. The watch saw it: the stage counts a failed attempt
+    and starts the next one, rather than waiting for a Job that no longer exists. Driven through the real Job-event
+    handler and reconciler, with the emulator as the API server."""
+    doc = tiny_run("race", {"model": "/m", "seed": "/s", "prompts": "/p"}, "bucket", "http://127.0.0.1:9",
+                   iterations=1, heldout=False)
+    _, run = await cluster.create_run(doc)
+    ctl = kube.make_controller(kube.Config(namespaces=["ns"], server=cluster.url, metrics_port=None,
+                                           store_factory=lambda run, secret: NoManifests()))
+    memo = {"controller": ctl}
+    uid = run["metadata"]["uid"]
+    rs = ctl.runs.setdefault(uid, kube.RunState(uid))
+    logger = logging.getLogger("test")
+    try:
+        await ctl.reconcile(rs, cluster.run("race"), {}, logger)
+        job = cluster.jobs()["race-i00-seed-train-a1"]
+        for _event in ("ADDED", "DELETED"):  # the index (empty here) is what kopf leaves after both
+            await kube.job_changed(name=job["metadata"]["name"], labels=job["metadata"]["labels"], memo=memo)
+        assert rs.waker.is_set()
+        await ctl.reconcile(rs, cluster.run("race"), {}, logger)
+    finally:
+        ctl.api.pool.shutdown(wait=False)
+    seed = {s["name"]: s for s in cluster.run("race")["status"]["stages"]}["iter-00/seed-train"]
+    assert (seed["attempts"], seed["failures"], seed["job"]) == (2, 1, "race-i00-seed-train-a2"), seed
+    assert "race-i00-seed-train-a2" in cluster.jobs()
