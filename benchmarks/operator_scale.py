@@ -190,7 +190,7 @@ async def bench(n: int, timeout: float) -> dict[str, Any]:
         jobs = sum(1 for (res, _, _) in cluster.emulator.objects if res == "batch/v1/jobs")
     transitions = n * STAGES_PER_RUN  # every Job's completion is one transition (the last one ends the run)
     lat = sorted(latencies)
-    q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
+    q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) >= 2 else [float("nan")] * 99
     return {"runs": n, "succeeded": done, "jobs": jobs, "wall_s": round(wall, 1), "create_s": round(created, 1),
             "p50_ms": round(q[49] * 1000, 1), "p99_ms": round(q[98] * 1000, 1),
             "max_ms": round(max(lat) * 1000, 1) if lat else float("nan"), "samples": len(lat),

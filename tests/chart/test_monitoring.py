@@ -102,7 +102,7 @@ async def _operator_metrics_text() -> str:
         return await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/metrics")
     finally:
         await runner.cleanup()
-        ctl.api.pool.shutdown(wait=False)
+        await ctl.api.close()
 
 
 @pytest.mark.asyncio

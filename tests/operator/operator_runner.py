@@ -55,8 +55,6 @@ class OperatorRunner:
         await asyncio.to_thread(self.thread.join, 60)
         assert not self.thread.is_alive(), "operator did not stop"
         self.thread = None
-        if self.controller is not None:
-            self.controller.api.pool.shutdown(wait=False)
         assert self.error is None, self.error
 
     def stop_leftover(self) -> None:

@@ -74,7 +74,7 @@ async def test_metrics_and_healthz_are_served():
             assert name in text
     finally:
         await runner.cleanup()
-        ctl.api.pool.shutdown(wait=False)
+        await ctl.api.close()
 
 
 @pytest.mark.asyncio
@@ -126,7 +126,82 @@ async def test_job_created_and_deleted_between_two_reconciles_is_retried(cluster
         assert rs.waker.is_set()
         await ctl.reconcile(rs, cluster.run("race"), {}, logger)
     finally:
-        ctl.api.pool.shutdown(wait=False)
+        await ctl.api.close()
     seed = {s["name"]: s for s in cluster.run("race")["status"]["stages"]}["iter-00/seed-train"]
     assert (seed["attempts"], seed["failures"], seed["job"]) == (2, 1, "race-i00-seed-train-a2"), seed
     assert "race-i00-seed-train-a2" in cluster.jobs()
+
+
+@pytest.mark.asyncio
+async def test_api_client_sends_the_configured_token_and_maps_answers():
+    """KubeApi against a recording HTTP server: the kubernetes-client Configuration's token (refreshed through its
+    hook, as in-cluster tokens are) goes in the header; 409 on create means 'exists', 404 on a Secret means None,
+    other errors raise ApiError with the status and no response body."""
+    import base64
+
+    import kubernetes
+    from aiohttp import web
+
+    seen: list[tuple[str, str, str | None, str | None, bytes]] = []
+    answers = {"POST": [201, 409, 422], "GET": [404, 200], "PATCH": [200]}
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        seen.append((request.method, request.path, request.headers.get("authorization"),
+                     request.headers.get("Content-Type"), body))
+        status = answers[request.method].pop(0)
+        data = {"data": {"key": base64.b64encode(b"value").decode()}} if status == 200 else {"message": "echo"}
+        return web.json_response(data, status=status)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    conf = kubernetes.client.Configuration(host=f"http://127.0.0.1:{port}")
+    calls = itertools.count(1)
+    conf.api_key = {"authorization": "Bearer t0"}
+    conf.refresh_api_key_hook = lambda c: c.api_key.update(authorization=f"Bearer t{next(calls)}")
+    api = kube.KubeApi(conf)
+    job = {"metadata": {"name": "j", "namespace": "ns"}}
+    try:
+        assert await api.create_job(job) == "created"
+        assert await api.create_job(job) == "exists"
+        with pytest.raises(kube.ApiError) as err:
+            await api.create_job(job)
+        assert err.value.status == 422 and "echo" not in str(err.value)
+        assert kube.api_error(err.value) == "API error 422: Unprocessable Entity"
+        assert await api.read_secret("ns", "missing") is None
+        assert await api.read_secret("ns", "creds") == {"key": "value"}
+        await api.patch_status("ns", "r", {"phase": "Running"})
+    finally:
+        await api.close()
+        await runner.cleanup()
+    assert [(m, p) for m, p, *_ in seen] == [("POST", "/apis/batch/v1/namespaces/ns/jobs")] * 3 + [
+        ("GET", "/api/v1/namespaces/ns/secrets/missing"), ("GET", "/api/v1/namespaces/ns/secrets/creds"),
+        ("PATCH", "/apis/spa.dev/v1alpha1/namespaces/ns/alignmentruns/r/status")]
+    tokens = [auth for _, _, auth, _, _ in seen]
+    assert tokens == [f"Bearer t{i}" for i in range(1, 7)], tokens  # refreshed before every call
+    assert seen[-1][3] == "application/merge-patch+json" and seen[-1][4] == b'{"status": {"phase": "Running"}}'
+
+
+def test_lean_diff_base_equals_kopfs_own_for_runs_and_is_empty_for_jobs():
+    """The operator's diff-base storage skips kopf's deep copy of status (runs) and of whole Jobs; for a run it must
+    build exactly the essence kopf's own storage builds."""
+    import kopf
+
+    run = {"apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun",
+           "metadata": {"name": "r", "namespace": "ns", "uid": "u", "labels": {"team": "a"},
+                        "annotations": {"note": "x", "spa.dev/last-handled-configuration": "{}"}},
+           "spec": {"iterations": {"count": 2}, "suspend": False},
+           "status": {"phase": "Running", "stages": [{"name": "iter-00/seed-train", "state": "Succeeded"}]}}
+    lean = kube.LeanDiffBaseStorage(prefix="spa.dev", key="last-handled-configuration")
+    stock = kopf.AnnotationsDiffBaseStorage(prefix="spa.dev", key="last-handled-configuration")
+    assert lean.build(body=kopf.Body(run)) == stock.build(body=kopf.Body(run))
+    assert lean.build(body=kopf.Body(run))["spec"] == run["spec"]
+    assert "status" not in lean.build(body=kopf.Body(run))
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"}, "spec": {"template": {}}}
+    assert lean.build(body=kopf.Body(job)) == {}
