@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -103,15 +104,15 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
-async def bench(n: int, timeout: float) -> dict[str, Any]:
+async def bench(n: int, timeout: float, job_seconds: float | None = None) -> dict[str, Any]:
+    """One size: n runs; Jobs complete at once (a burst), or after uniform(0.5, 1.5) x job_seconds (paced)."""
+    import random
     import tempfile
 
     from cluster import Harness, start_cluster
     from spa_workers import contract
 
     store = tempfile.mkdtemp(prefix="spa-bench-store-")
-    finished_at: dict[str, float] = {}  # run -> time its last Job was marked Complete
-    latencies: list[float] = []
 
     def write_manifests(job: dict[str, Any]) -> None:
         argv = job["spec"]["template"]["spec"]["containers"][0]["command"][1:]
@@ -121,26 +122,18 @@ async def bench(n: int, timeout: float) -> dict[str, Any]:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as fh:
                 fh.write(contract.StageManifest(stage=args.stage, files={}).to_json())
-        run = job["metadata"]["labels"]["spa.dev/run"]
-        if run in finished_at:
-            latencies.append(time.monotonic() - finished_at.pop(run))
 
     async with start_cluster(validate_runs=False) as cluster:
-        harness = Harness(cluster, env={}, instant=True, on_instant=write_manifests)
+        rng = random.Random(n)
+        harness = Harness(cluster, env={}, instant=True, on_instant=write_manifests,
+                          instant_after=None if job_seconds is None else lambda: rng.uniform(0.5, 1.5) * job_seconds)
 
-        orig_finish = harness._finish
-
-        async def finish_and_stamp(job, ok, reason, message, failed=0):
-            await orig_finish(job, ok, reason, message, failed)
-            finished_at[job["metadata"]["labels"]["spa.dev/run"]] = time.monotonic()
-
-        harness._finish = finish_and_stamp  # type: ignore[method-assign]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "workers")])}
         proc = subprocess.Popen([sys.executable, __file__, "--operator", cluster.url, store], env=env)
         try:
             async with harness:
                 await asyncio.sleep(3.0)  # operator start-up
-                cpu0 = cpu_seconds(proc.pid)
+                cpu0, emu_cpu0 = cpu_seconds(proc.pid), cpu_seconds(os.getpid())
                 t0 = time.monotonic()
                 for start in range(0, n, 50):
                     await asyncio.gather(*(cluster.create_run(run_doc(i)) for i in range(start, min(n, start + 50))))
@@ -161,11 +154,11 @@ async def bench(n: int, timeout: float) -> dict[str, Any]:
                     if done == n:
                         break
                     if os.environ.get("SPA_BENCH_DEBUG"):
-                        print(f"{time.monotonic() - t0:.1f}s: {done}/{n} succeeded, {len(latencies)} transitions",
+                        print(f"{time.monotonic() - t0:.1f}s: {done}/{n} succeeded, {len(harness.finished)} Jobs done",
                               flush=True)
                     await asyncio.sleep(2.0)
                 wall = time.monotonic() - t0
-                cpu = cpu_seconds(proc.pid) - cpu0
+                cpu, emu_cpu = cpu_seconds(proc.pid) - cpu0, cpu_seconds(os.getpid()) - emu_cpu0
                 rss_now, rss_peak = peak
             try:
                 import urllib.request
@@ -189,9 +182,16 @@ async def bench(n: int, timeout: float) -> dict[str, Any]:
             kinds[key] = kinds.get(key, 0) + 1
         jobs = sum(1 for (res, _, _) in cluster.emulator.objects if res == "batch/v1/jobs")
     transitions = n * STAGES_PER_RUN  # every Job's completion is one transition (the last one ends the run)
-    lat = sorted(latencies)
+    # Job finished (the harness's Complete write returned) -> the run's next Job seen on the harness's watch.
+    chains: dict[str, list[str]] = {}
+    for job in sorted(harness.created, key=harness.created.__getitem__):
+        chains.setdefault(job.split("-i")[0], []).append(job)
+    lat = sorted(harness.created[b] - harness.finished[a] for chain in chains.values()
+                 for a, b in itertools.pairwise(chain) if a in harness.finished)
     q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) >= 2 else [float("nan")] * 99
-    return {"runs": n, "succeeded": done, "jobs": jobs, "wall_s": round(wall, 1), "create_s": round(created, 1),
+    return {"runs": n, "job_s": job_seconds, "succeeded": done, "jobs": jobs, "wall_s": round(wall, 1),
+            "create_s": round(created, 1), "transitions_per_s": round(transitions / wall, 1),
+            "emulator_cpu_ms_per_transition": round(1000 * emu_cpu / transitions, 1),
             "p50_ms": round(q[49] * 1000, 1), "p99_ms": round(q[98] * 1000, 1),
             "max_ms": round(max(lat) * 1000, 1) if lat else float("nan"), "samples": len(lat),
             "writes": len(writes), "writes_per_transition": round(len(writes) / transitions, 2),
@@ -203,17 +203,23 @@ async def bench(n: int, timeout: float) -> dict[str, Any]:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ("| runs | Jobs | all Succeeded in | Job finished → next Job created p50 / p99 / max | "
-            "same, inside the operator (mean) | operator CPU / transition | operator API writes / transition | "
-            "operator RSS (peak) |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    head = ("| Jobs finish | runs | Jobs | all Succeeded in | transitions / s | Job finished → next Job created "
+            "p50 / p99 / max | same, inside the operator (mean) | operator CPU / transition | emulator + harness CPU "
+            "/ transition | operator API writes / transition | operator RSS (peak) |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     rows = "".join(
-        f"| {r['runs']} | {r['jobs']} | {r['wall_s']} s ({r['succeeded']}/{r['runs']}) | "
-        f"{r['p50_ms']} / {r['p99_ms']} / {r['max_ms']} ms | {r['operator_mean_ms']} ms | "
-        f"{r['operator_cpu_ms_per_transition']} ms | {r['writes_per_transition']} | "
-        f"{r['rss_mib']} MiB ({r['rss_peak_mib']} MiB) |\n" for r in results)
-    kinds = "\n".join(f"- {r['runs']} runs: " + ", ".join(f"{k}: {v}" for k, v in sorted(r["write_kinds"].items()))
+        f"| {finish(r)} | {r['runs']} | {r['jobs']} | {r['wall_s']} s ({r['succeeded']}/{r['runs']}) | "
+        f"{r['transitions_per_s']} | {r['p50_ms']} / {r['p99_ms']} / {r['max_ms']} ms | {r['operator_mean_ms']} ms | "
+        f"{r['operator_cpu_ms_per_transition']} ms | {r['emulator_cpu_ms_per_transition']} ms | "
+        f"{r['writes_per_transition']} | {r['rss_mib']} MiB ({r['rss_peak_mib']} MiB) |\n" for r in results)
+    kinds = "\n".join(f"- {finish(r)}, {r['runs']} runs: " + ", ".join(f"{k}: {v}" for k, v in
+                                                                       sorted(r["write_kinds"].items()))
                       for r in results)
     return head + rows + "\nOperator writes by kind:\n" + kinds + "\n\n" + READING
+
+
+def finish(r: dict[str, Any]) -> str:
+    return "at once" if r["job_s"] is None else f"after {r['job_s']:g} s ± 50%"
 
 
 READING = """How to read it: every Job of every run completes the instant it is created, so each size is a burst of N
@@ -232,19 +238,23 @@ def main() -> int:
         operator_main(sys.argv[2], sys.argv[3])
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, nargs="+", default=[100, 300, 1000])
+    p.add_argument("--runs", type=int, nargs="*", default=[100, 300, 1000], help="burst: Jobs complete at once")
+    p.add_argument("--paced-runs", type=int, nargs="*", default=[1000],
+                   help="paced: each Job completes after --job-seconds ± 50%%")
+    p.add_argument("--job-seconds", type=float, default=60.0)
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", default=str(HERE / "results" / "operator_scale.md"))
     args = p.parse_args()
     results = []
-    for n in args.runs:
-        r = asyncio.run(bench(n, args.timeout))
+    for n, job_s in [(n, None) for n in args.runs] + [(n, args.job_seconds) for n in args.paced_runs]:
+        r = asyncio.run(bench(n, args.timeout, job_s))
         print(json.dumps(r), flush=True)
         results.append(r)
-    md = (f"# Operator scale (benchmarks/operator_scale.py)\n\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}; emulator + harness in one process, the operator in another; each run "
-          f"is seed-train + 1 iteration ({STAGES_PER_RUN} Jobs); Jobs complete at once; manifests are read from a "
-          "local folder standing in for S3.\n\n" + table(results))
+    md = (f"# Operator scale (benchmarks/operator_scale.py)\n\n{time.strftime('%Y-%m-%d %H:%M')}, "
+          f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at the end), Python "
+          f"{platform.python_version()}; emulator + harness in one process, the operator in another; each run is "
+          f"seed-train + 1 iteration ({STAGES_PER_RUN} Jobs); manifests are read from a local folder standing in for "
+          "S3.\n\n" + table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(md)
     print(md)

@@ -231,7 +231,8 @@ class Harness:
     stub: bool = False  # run tests/operator/stub_worker.py instead of the real spa-worker
     stub_seconds: float = 1.0
     fault: Fault | None = None
-    instant: bool = False  # complete every Job at once without running anything (benchmark)
+    instant: bool = False  # complete every Job without running anything (benchmark)...
+    instant_after: Callable[[], float] | None = None  # ...after this many seconds (default: at once)
     on_instant: Callable[[dict[str, Any]], None] | None = None
     before_finish: Callable[[dict[str, Any]], Any] | None = None  # awaited before a Job's final status is written
     max_pods: int = 2
@@ -316,6 +317,8 @@ class Harness:
             await r.read()
 
     async def _complete_now(self, job: dict[str, Any]) -> None:
+        if self.instant_after is not None:
+            await asyncio.sleep(self.instant_after())
         if self.on_instant:
             self.on_instant(job)
         await self._finish(job, True, "", "")
