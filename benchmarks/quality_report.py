@@ -58,6 +58,16 @@ def _stat(data: dict, cond: str, it: int, stage: str, kind: str, key: str) -> li
     return out
 
 
+def _eval_error(data: dict) -> str:
+    """The evaluation's own sampling error of one model's win-rate, averaged over the scored models."""
+    ses = [row["win_rate_se"] for seed in data["seeds"] for its in data["per_seed"][str(seed)]["conditions"].values()
+           for row in its.values() if "win_rate_se" in row]
+    if not ses:
+        return ""
+    return (f" The evaluation's own standard error of one model's win-rate (prompts as the independent units) is "
+            f"{statistics.fmean(ses):.3f}; the seed-to-seed ± below include it.")
+
+
 def ms(xs: list[float], digits: int = 3) -> str:
     if not xs:
         return "–"
@@ -91,11 +101,12 @@ def render(data: dict) -> str:
         f"Task: sort 5 digits; gold score = LCS(answer, sorted digits) / max(5, answer length). Seed: "
         f"{statistics.fmean(n_seed):.0f} gold pairs ({pct} of the {statistics.fmean(n_all):.0f} pairs DPO-100% "
         f"trains on, same prompts); SPA iterations take {c['prompts_per_iteration']} unlabelled prompts, "
-        f"{c['responses_per_prompt']} answers each, temperature {c['temperature']}; learning rate "
+        f"{c['responses_per_prompt']} answers each, temperature {c['iteration_temperature']}; learning rate "
         f"{c['learning_rate']}, β {c['beta']}, batch {c['batch_size']}, seed DPO {c['seed_epochs']} epochs, "
         f"DPO-100% {c['all_epochs']} epoch. Evaluation: {c['eval_prompts']} prompts × {c['eval_samples']} samples "
-        f"against the SFT model's samples (win = higher gold score, tie = ½). Judge agreement: "
-        f"{statistics.fmean(n_held):.0f} held-out gold pairs (evaluate stage).",
+        f"(temperature {c['temperature']}) against the SFT model's samples (win = higher gold score, tie = ½). "
+        "Judge agreement: "
+        f"{statistics.fmean(n_held):.0f} held-out gold pairs (evaluate stage).{_eval_error(data)}",
         "",
         "## Main results (shape of the paper's Table 1)",
         "",
@@ -213,7 +224,7 @@ def render(data: dict) -> str:
         "spa_iter2_win_rate_mean": statistics.fmean(spa2) if spa2 else None, "spa_iter2_win_rate_sd": sd(spa2),
         "dpo_seed_win_rate_mean": statistics.fmean(dseed) if dseed else None, "dpo_seed_win_rate_sd": sd(dseed),
         "difference_mean": statistics.fmean(diffs) if diffs else None, "difference_sd": sd(diffs),
-        # the margin benchmarks/quality_gate.py requires: the larger seed-to-seed sd of the two conditions
+        # the margin tests/test_quality.py requires: the larger seed-to-seed sd of the two conditions
         "spread": max(sd(spa2), sd(dseed)),
     }
     (RESULTS / "quality-spread.json").write_text(json.dumps(spread, indent=1) + "\n")
