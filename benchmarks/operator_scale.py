@@ -260,7 +260,7 @@ def main() -> int:
           f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at the end), Python "
           f"{platform.python_version()}; emulator + harness in one process, the operator in another; each run is "
           f"seed-train + 1 iteration ({STAGES_PER_RUN} Jobs); manifests are read from a local folder standing in for "
-          "S3.\n\n" + table(results))
+          f"S3.\n\n`python benchmarks/operator_scale.py {' '.join(sys.argv[1:])}`\n\n" + table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(md)
     print(md)
