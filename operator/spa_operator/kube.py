@@ -357,7 +357,8 @@ class RunState:
     first_pass: bool = True  # the first reconcile after (re)start: the Job index is complete by then
     generation: int | None = None  # metadata.generation last reconciled
     started_spec: dict[str, Any] | None = None  # the spec once the run started: only suspend may change
-    parsed: tuple[int, AlignmentRun, list[PlannedStage]] | None = None  # (generation, its run, its stage graph)
+    # (generation, its run, storage root, stage graph): parsed once per generation
+    parsed: tuple[int | None, AlignmentRun, str, list[PlannedStage]] | None = None
 
 
 class Controller:
@@ -435,9 +436,7 @@ class Controller:
 
         # 1. The spec, validated as the CRD would (the operator never crash-loops on a bad one). Parsed once per
         # generation (the spec changes only with it): parsing on every event was a tenth of the operator's work.
-        if rs.parsed is not None and generation is not None and rs.parsed[0] == generation:
-            _, run, graph = rs.parsed
-        else:
+        if rs.parsed is None or generation is None or rs.parsed[0] != generation:
             try:
                 run = validate_for_cluster(body, self.cfg.default_storage)
             except SpecError as e:
@@ -445,11 +444,10 @@ class Controller:
                     return None
                 return await self._fail(rs, body, new, "InvalidSpec", f"{e.field}: {e.message}", logger)
             assert run.spec.storage is not None
-            graph = stage_graph(run.spec, run_root(run.spec.storage.uri, ns, name, rs.uid))
-            rs.parsed = (generation, run, graph)
+            root = run_root(run.spec.storage.uri, ns, name, rs.uid)
+            rs.parsed = (generation, run, root, stage_graph(run.spec, root))
+        _, run, root, graph = rs.parsed
         spec = run.spec
-        assert spec.storage is not None
-        root = run_root(spec.storage.uri, ns, name, rs.uid)
         new["storagePrefix"] = root
         new["observedGeneration"] = generation
         by_key = {s.key: s for s in graph}

@@ -33,6 +33,22 @@ def attempt_of(job: dict[str, Any]) -> int:
     return int(job["metadata"]["labels"]["spa.dev/attempt"])
 
 
+async def run_with_fault(cluster, s3_env, name: str, fault: Any, stub_seconds: float = 0.2, settle: float = 0.0,
+                         **spec: Any) -> tuple[str | None, Harness]:
+    """A seed + 1 iteration run (stub pods, `fault` deciding each pod's fate) run to its end; its final phase and
+    the harness (for its pod record). `settle`: seconds the operator keeps running after the end."""
+    op = OperatorRunner(cluster.url, ["ns"])
+    harness = Harness(cluster, pod_base_env(S3_KEYS), stub=True, stub_seconds=stub_seconds, fault=fault)
+    async with harness:
+        await op.start()
+        await cluster.create_run(tiny_run(name, FAKE, s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"], iterations=1,
+                                          **spec))
+        outcome = await finish(cluster, name)
+        await asyncio.sleep(settle)
+        await op.stop()
+    return outcome, harness
+
+
 def stages(cluster, name: str) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in (cluster.run(name) or {}).get("status", {}).get("stages", [])}
 
@@ -87,13 +103,8 @@ async def test_stage_failing_once_is_retried_then_succeeds(cluster, s3_env):
     def fault(job, index, pod_attempt):
         return "fail" if stage_of(job) == "iter-01/judge" and attempt_of(job) == 1 else None
 
-    op = OperatorRunner(cluster.url, ["ns"])
-    async with Harness(cluster, pod_base_env(S3_KEYS), stub=True, stub_seconds=0.2, fault=fault):
-        await op.start()
-        await cluster.create_run(tiny_run("flaky", FAKE, s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"],
-                                          iterations=1, heldout=False))
-        assert await finish(cluster, "flaky") == "Succeeded"
-        await op.stop()
+    outcome, _ = await run_with_fault(cluster, s3_env, "flaky", fault, heldout=False)
+    assert outcome == "Succeeded"
     judge = stages(cluster, "flaky")["iter-01/judge"]
     assert (judge["attempts"], judge["failures"], judge["job"]) == (2, 1, "flaky-i01-judge-a2")
     assert {"flaky-i01-judge-a1", "flaky-i01-judge-a2"} <= set(cluster.jobs())
@@ -105,14 +116,9 @@ async def test_stage_always_failing_fails_the_run_after_max_retries(cluster, s3_
     def fault(job, index, pod_attempt):
         return "fail" if stage_of(job) == "iter-01/generate" else None
 
-    op = OperatorRunner(cluster.url, ["ns"])
-    async with Harness(cluster, pod_base_env(S3_KEYS), stub=True, stub_seconds=0.2, fault=fault):
-        await op.start()
-        await cluster.create_run(tiny_run("broken", FAKE, s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"],
-                                          iterations=1, heldout=False, maxRetriesPerStage=2))
-        assert await finish(cluster, "broken") == "Failed"
-        await asyncio.sleep(0.5)
-        await op.stop()
+    outcome, _ = await run_with_fault(cluster, s3_env, "broken", fault, settle=0.5, heldout=False,
+                                      maxRetriesPerStage=2)
+    assert outcome == "Failed"
     gen_jobs = sorted(n for n, j in cluster.jobs().items() if stage_of(j) == "iter-01/generate")
     assert gen_jobs == [f"broken-i01-generate-a{i}" for i in (1, 2, 3)]  # 1 + maxRetriesPerStage, then no more
     failed = condition(cluster, "broken", "Failed")
@@ -127,13 +133,8 @@ async def test_bad_input_is_not_retried(cluster, s3_env):
     def fault(job, index, pod_attempt):
         return "bad-input" if stage_of(job) == "iter-00/seed-train" else None
 
-    op = OperatorRunner(cluster.url, ["ns"])
-    async with Harness(cluster, pod_base_env(S3_KEYS), stub=True, stub_seconds=0.2, fault=fault):
-        await op.start()
-        await cluster.create_run(tiny_run("badinput", FAKE, s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"],
-                                          iterations=1, maxRetriesPerStage=3))
-        assert await finish(cluster, "badinput") == "Failed"
-        await op.stop()
+    outcome, _ = await run_with_fault(cluster, s3_env, "badinput", fault, maxRetriesPerStage=3)
+    assert outcome == "Failed"
     assert list(cluster.jobs()) == ["badinput-i00-seed-train-a1"]
     assert "PodFailurePolicy" in condition(cluster, "badinput", "Failed")["message"]
 
@@ -145,14 +146,9 @@ async def test_disruption_is_retried_and_not_counted(cluster, s3_env):
     def fault(job, index, pod_attempt):
         return "disrupt" if stage_of(job) == "iter-01/train" and pod_attempt == 1 else None
 
-    op = OperatorRunner(cluster.url, ["ns"])
-    harness = Harness(cluster, pod_base_env(S3_KEYS), stub=True, stub_seconds=1.0, fault=fault)
-    async with harness:
-        await op.start()
-        await cluster.create_run(tiny_run("preempted", FAKE, s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"],
-                                          iterations=1, heldout=False, maxRetriesPerStage=0))
-        assert await finish(cluster, "preempted") == "Succeeded"
-        await op.stop()
+    outcome, harness = await run_with_fault(cluster, s3_env, "preempted", fault, stub_seconds=1.0, heldout=False,
+                                            maxRetriesPerStage=0)
+    assert outcome == "Succeeded"
     train = stages(cluster, "preempted")["iter-01/train"]
     assert (train["attempts"], train["failures"]) == (1, 0)
     pods = [(a, code) for job, _, a, code in harness.pods if job == "preempted-i01-train-a1"]
