@@ -216,3 +216,14 @@ def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRun
         },
         "spec": job_spec,
     }
+
+
+def build_stage_objects(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRunSpec,
+                        default_image: str = DEFAULT_WORKER_IMAGE, default_service_account: str | None = None,
+                        metrics_port: int | None = None) -> list[dict[str, Any]]:
+    """Every object one attempt of one stage needs, in creation order (the Job last).
+
+    The executor creates them in this order; `spa render` prints them.
+    """
+    return [build_job(stage, attempt, run, spec, default_image, default_service_account, metrics_port)]
+
