@@ -62,6 +62,7 @@ class StageResult:
     failures: int = 0  # failed attempts so far (preemptions are not failures)
     permanent: bool = False  # the last failure was bad input: retrying cannot help
     reason: str = ""
+    metrics: Mapping[str, float] = field(default_factory=dict)  # from the stage's manifest(s), once succeeded
 
 
 class Action(StrEnum):

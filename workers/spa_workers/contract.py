@@ -137,6 +137,7 @@ class GenerateArgs(StageArgs):
     batch_size: int = 16
     shard_index: int = -1
     shard_count: int = 1
+    tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per vLLM engine", "execution": True})
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class JudgeArgs(StageArgs):
     max_prompt_length: int = 1024
     shard_index: int = -1
     shard_count: int = 1
+    tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per vLLM engine", "execution": True})
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,12 @@ class TrainArgs(StageArgs):
     lora_dropout: float = 0.0
     seed: int = 0
     save_steps: int = 50
+    # How the stage runs, not what it computes (a fingerprint leaves `execution` fields out).
+    processes: int = field(default=1, metadata={"help": "processes per node (one per GPU)", "execution": True})
+    nodes: int = field(default=1, metadata={"help": "nodes (pods) training together", "execution": True})
+    strategy: str = field(default="auto", metadata={"help": "auto | fsdp | deepspeed | ddp", "execution": True})
+    checkpoint_every_steps: int = field(default=0, metadata={"help": "0 = by time only", "execution": True})
+    checkpoint_every_minutes: float = field(default=60.0, metadata={"help": "0 = by steps only", "execution": True})
 
 
 @dataclass(frozen=True)
