@@ -31,7 +31,7 @@ SPA = [
     "0.25",
     "--warmup-fraction",
     "0.25",
-    "--save-steps",
+    "--checkpoint-every-steps",
     "2",
     "--max-prompt-length",
     "40",

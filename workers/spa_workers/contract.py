@@ -190,7 +190,6 @@ class TrainArgs(StageArgs):
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     seed: int = 0
-    save_steps: int = 50
     # How the stage runs, not what it computes (a fingerprint leaves `execution` fields out).
     processes: int = field(default=1, metadata={"help": "processes per node (one per GPU)", "execution": True})
     nodes: int = field(default=1, metadata={"help": "nodes (pods) training together", "execution": True})

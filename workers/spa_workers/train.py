@@ -23,27 +23,26 @@ import functools
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from spa_workers import contract, data, modeling, runner, storage
+from spa_workers import checkpoints, contract, data, launch, modeling, runner, storage
 from spa_workers.contract import ManifestKeys, StageInputError, TrainArgs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 LOG_FILE = "train_log.jsonl"
-SPA_STATE_FILE = "spa_state.json"
-CHECKPOINT_DONE = "_COMPLETE"
-CHECKPOINT_PREFIX = "checkpoint-"
 STOP_AFTER_ENV = "SPA_TRAIN_STOP_AFTER_STEPS"
+STOP_RANK_ENV = "SPA_TRAIN_STOP_RANK"
 STOP_EXIT_CODE = 75
 # Linear LR warm-up over this fraction of the steps, then cosine decay: the alignment-handbook recipe that the
 # official SPA code trains with.
 LR_WARMUP_RATIO = 0.1
-EXTRAPOLATION_CHUNK_TOKENS = 256  # tokens per LM-head projection in the λ forward; bounds the logits' memory
+EXTRAPOLATION_CHUNK_TOKENS = 256  # labelled tokens per float32 log-softmax in the λ path; bounds that copy
 
 
 _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
@@ -62,6 +61,10 @@ class Refinement:
 
 
 def run(args: TrainArgs) -> int:
+    if launch.needs_launch(args) and not storage.exists(storage.join(args.output, contract.MANIFEST)):
+        load_training_pairs(args.pairs)  # bad input fails here, in one process, with its own exit code
+        launch.batch_geometry(args.batch_size, args.per_device_batch_size, launch.world_size(args))
+        launch.exec_launcher(args)  # does not return
     return runner.run_stage(args, lambda work: _train(args, work))
 
 
@@ -101,39 +104,12 @@ def training_rows(
     return rows, skipped
 
 
-def batch_geometry(batch_size: int, per_device: int, processes: int) -> tuple[int, int]:
-    """(per-device batch, gradient-accumulation steps) so that per_device·accum·processes ≈ batch_size.
-
-    per_device 0 means the whole batch is split evenly over the processes without accumulation.
-    """
-    per_device = per_device or max(1, batch_size // processes)
-    accum = max(1, round(batch_size / (per_device * processes)))
-    return per_device, accum
-
-
 # --- the trainer ---
 
 
-def _logits_fn(causal_lm):
-    """hidden → logits of a causal LM's head, with the logit scaling / soft-capping some models apply."""
-    import torch
-
-    head = causal_lm.get_output_embeddings()
-    cfg = causal_lm.config.get_text_config()
-    scale = getattr(cfg, "logit_scale", None) or getattr(cfg, "output_multiplier", None)
-    if scale is None and getattr(cfg, "logits_scaling", None):
-        scale = 1.0 / cfg.logits_scaling
-    cap = getattr(cfg, "final_logit_softcapping", None)
-
-    def fn(hidden: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden)
-        if scale is not None and scale != 1.0:
-            logits = logits * scale
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    return fn
+def _identity(x):
+    """The "head" for logits that are already logits (completion_logps projects hidden states otherwise)."""
+    return x
 
 
 @functools.cache
@@ -171,6 +147,12 @@ def trainer_class():
             )
             self.step_log: list[dict[str, Any]] = []  # one record per optimiser step, identical on all ranks
             self._micro: list[dict[str, Any]] = []  # this step's micro-batches
+
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            if os.environ.get(launch.FORCE_FSDP_ENV) == "1":
+                _force_fsdp(self.accelerator)
+                self.is_fsdp_enabled = True
 
         # Warm-up length depends on the step count, which the Trainer knows only here. Floor (not ceil, as
         # `warmup_steps` ratios do) so that a one-step run still moves the weights.
@@ -228,36 +210,32 @@ def trainer_class():
             return loss
 
         def extrapolated_logps(self, model, model_kwargs, labels, lam: float):
-            """(reference, extrapolated) summed completion log-probs, per row, without gradient."""
+            """(reference, extrapolated) summed completion log-probs, per row, without gradient.
+
+            Both forwards go through the prepared (DDP / FSDP / DeepSpeed-wrapped) models: under sharding a
+            submodule or the LM head alone holds only this rank's shard, so only the wrapped forward sees whole
+            weights. That costs the (B, T, V) logits of each model, which the no-grad pass frees right away.
+            """
             unwrapped = self.accelerator.unwrap_model(model)
-            peft = is_peft_model(unwrapped)
-            policy = unwrapped.get_base_model() if peft else unwrapped
             kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
             with (
                 torch.no_grad(),
                 disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             ):
-                policy_hidden = policy.base_model(**kwargs).last_hidden_state[:, :-1]
+                policy_logits = model(**kwargs).logits[:, :-1]
                 if self.ref_model is not None:
-                    ref = self.accelerator.unwrap_model(self.ref_model)
-                    ref_hidden = ref.base_model(**kwargs).last_hidden_state[:, :-1]
-                elif peft:  # the reference is the model with its adapter off (or TRL's frozen "ref" copy)
-                    ref = policy
+                    ref_logits = self.ref_model(**kwargs).logits[:, :-1]
+                elif is_peft_model(unwrapped):  # the reference is the model with its adapter off (or TRL's "ref")
                     with use_adapter(
                         unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None
                     ):
-                        ref_hidden = policy.base_model(**kwargs).last_hidden_state[:, :-1]
+                        ref_logits = model(**kwargs).logits[:, :-1]
                 else:
                     raise RuntimeError(
                         "λ-extrapolation needs a reference model (precomputed log-probs are not enough)"
                     )
                 return completion_logps(
-                    policy_hidden,
-                    ref_hidden,
-                    _logits_fn(policy),
-                    _logits_fn(ref),
-                    labels[:, 1:],
-                    lam,
+                    policy_logits, ref_logits, _identity, _identity, labels[:, 1:], lam,
                     chunk_tokens=EXTRAPOLATION_CHUNK_TOKENS,
                 )
 
@@ -320,9 +298,10 @@ def trainer_class():
             self.step_log.append(rec)
             return rec
 
-        # Hooks the stage sets: `on_step_record(record)` after each optimiser step, `checkpoint_sink(dir)`
-        # after the Trainer wrote a checkpoint locally. The end-of-training checkpoint is skipped: the stage
-        # saves the final model itself right after.
+        # Hooks the stage sets: `on_prepared()` once the models are wrapped (sharded), `on_step_record(record)`
+        # after each optimiser step, `checkpoint_sink(dir)` after the Trainer wrote a checkpoint locally. The
+        # end-of-training checkpoint is skipped: the stage saves the final model itself right after.
+        on_prepared = None
         on_step_record = None
         checkpoint_sink = None
 
@@ -332,17 +311,39 @@ def trainer_class():
             super()._save_checkpoint(model, trial)
             if self.checkpoint_sink is not None:
                 run_dir = self._get_output_dir(trial=trial)
-                self.checkpoint_sink(os.path.join(run_dir, f"{CHECKPOINT_PREFIX}{self.state.global_step}"))
+                self.checkpoint_sink(
+                    os.path.join(run_dir, f"{checkpoints.CHECKPOINT_PREFIX}{self.state.global_step}")
+                )
 
     return SPATrainer
 
 
-def _step_callback(trainer):
-    """Closes each optimiser step's log record (with the learning rate that step used)."""
+def _force_fsdp(accelerator) -> None:
+    """Make accelerate's (process-wide) state FSDP where accelerate itself would not: on CPU (see launch.py).
+
+    accelerate builds the FSDP plugin from the launcher's FSDP_* environment but drops it when the distributed
+    type is MULTI_CPU; this puts it back, so that `prepare` shards with FSDP2 over gloo.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()
+
+
+def _step_callback(trainer, cadence: checkpoints.Cadence):
+    """Closes each optimiser step's log record (with the learning rate that step used) and asks for a
+    checkpoint when the cadence says so (rank 0's clock decides, so that every rank saves together)."""
+    from accelerate.utils import broadcast_object_list
     from transformers import TrainerCallback
 
     class StepLog(TrainerCallback):
         lr: float | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if trainer.on_prepared is not None:
+                trainer.on_prepared()
 
         def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
             self.lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None
@@ -351,6 +352,13 @@ def _step_callback(trainer):
             rec = trainer.finish_step(self.lr)
             if trainer.on_step_record is not None:
                 trainer.on_step_record(rec)
+            if cadence.enabled and state.global_step < state.max_steps:
+                due = cadence.due(state.global_step)
+                if trainer.accelerator.num_processes > 1:
+                    due = broadcast_object_list([due], from_process=0)[0]
+                if due:
+                    control.should_save = True
+                    cadence.taken()
 
     return StepLog()
 
@@ -364,18 +372,19 @@ def make_trainer(
     processes: int = 1,
     max_steps: int = -1,
 ):
-    """A ready SPATrainer for `args` on `rows` (TRL conversational pairs); checkpoints go to `output_dir`."""
+    """A ready SPATrainer for `args` on `rows` (TRL conversational pairs); checkpoints go to `output_dir`
+    locally, on the cadence of `args.checkpoint_every_steps` / `args.checkpoint_every_minutes`."""
     import torch
     from datasets import Dataset
     from trl import DPOConfig
 
     cuda = torch.cuda.is_available()
-    per_device, accum = batch_geometry(args.batch_size, args.per_device_batch_size, processes)
+    per_device, accum = launch.batch_geometry(args.batch_size, args.per_device_batch_size, processes)
     tokenizer = modeling.load_tokenizer(args.model)
-    model = modeling.load_model(args.model)
+    model = modeling.load_model(args.model, dtype="auto")
     ref_model = None
     if args.reference and args.reference != args.model:
-        ref_model = modeling.load_model(args.reference)
+        ref_model = modeling.load_model(args.reference, dtype=str(model.dtype).removeprefix("torch."))
     peft_config = None
     if args.lora_r > 0:
         from peft import LoraConfig
@@ -404,14 +413,14 @@ def make_trainer(
         use_cpu=not cuda,
         bf16=cuda,
         gradient_checkpointing=cuda,  # CPU runs are tiny: no need to trade speed
-        save_strategy="steps" if args.save_steps > 0 else "no",
-        save_steps=max(args.save_steps, 1),
+        save_strategy="no",  # the cadence callback asks for checkpoints
         save_total_limit=1,
         logging_steps=1,
         report_to=[],
         disable_tqdm=quiet,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient: no extra graph walk
+        ddp_timeout=launch.collective_timeout_s(),
     )
     trainer = trainer_class()(
         model=model,
@@ -422,50 +431,13 @@ def make_trainer(
         peft_config=peft_config,
         refinement=refinement,
     )
-    trainer.add_callback(_step_callback(trainer))
+    cadence = checkpoints.Cadence(args.checkpoint_every_steps, args.checkpoint_every_minutes)
+    trainer.add_callback(_step_callback(trainer, cadence))
     if quiet:  # the step log line replaces the Trainer's per-step dict printing
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
     return trainer
-
-
-# --- checkpoints in storage ---
-
-
-def _delete_checkpoint(uri: str) -> None:
-    """Delete a checkpoint, its completeness marker first, so a crash mid-delete never leaves one that looks whole."""
-    marker = storage.join(uri, CHECKPOINT_DONE)
-    if storage.exists(marker):
-        storage.delete_tree(marker)
-    storage.delete_tree(uri)
-
-
-def _checkpoint_step(uri: str) -> int:
-    """N of a `.../checkpoint-N` URI; -1 for anything else."""
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    number = name.removeprefix(CHECKPOINT_PREFIX)
-    return int(number) if name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else -1
-
-
-def latest_checkpoint(root: str) -> tuple[str, int] | None:
-    """(URI, step) of the newest complete checkpoint under `root`, if any."""
-    found = sorted(((_checkpoint_step(d), d) for d in storage.list_dirs(root)), reverse=True)
-    for step, uri in found:
-        if step >= 0 and storage.exists(storage.join(uri, CHECKPOINT_DONE)):
-            return uri, step
-    return None
-
-
-def _store_checkpoint(local_dir: str, root: str, step: int, spa_state: dict[str, Any]) -> None:
-    with open(os.path.join(local_dir, SPA_STATE_FILE), "w", encoding="utf-8") as fh:
-        json.dump(spa_state, fh)
-    dest = storage.join(root, f"{CHECKPOINT_PREFIX}{step}")
-    storage.upload_dir(local_dir, dest)
-    storage.write_text(storage.join(dest, CHECKPOINT_DONE), json.dumps({"step": step}))  # last: complete
-    for old in storage.list_dirs(root):
-        if old.rstrip("/") != dest.rstrip("/"):
-            _delete_checkpoint(old)
 
 
 # --- the stage ---
@@ -508,16 +480,83 @@ def _summarise(log: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def sharding_report(module) -> tuple[int, int, int, int]:
+    """(parameters, of them DTensor, local elements, global elements) of a (possibly FSDP-wrapped) module."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(module.parameters())
+    dtensors = [p for p in params if isinstance(p, DTensor)]
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    return len(params), len(dtensors), local, sum(p.numel() for p in params)
+
+
+def _check_sharded(trainer, strategy: str, rank: int, stage: str) -> None:
+    """Under FSDP, prove the engine is active: every parameter of policy and reference is a DTensor shard."""
+    if strategy != "fsdp":
+        return
+    for name, module in (("policy", trainer.model_wrapped), ("reference", trainer.ref_model)):
+        if module is None:
+            continue
+        n, sharded, local, total = sharding_report(module)
+        print(
+            f"{stage}: rank {rank}: fsdp {name}: {sharded}/{n} parameters are DTensor shards, "
+            f"{local}/{total} elements local",
+            file=sys.stderr,
+        )
+        if sharded != n:
+            raise RuntimeError(f"--strategy fsdp: {n - sharded} of {n} {name} parameters are not sharded")
+
+
+def _resume(args: TrainArgs, strategy: str, world: int, ckpt_root: str, scratch: str, state):
+    """(step, local dir, SPA state) of the newest complete checkpoint, fetched onto this node; None if none."""
+    from accelerate.utils import broadcast_object_list
+
+    found = checkpoints.latest_checkpoint(ckpt_root) if state.is_main_process else None
+    found = broadcast_object_list([found], from_process=0)[0] if world > 1 else found
+    if found is None:
+        return None
+    uri, step = found
+    saved = json.loads(storage.read_text(storage.join(uri, checkpoints.SPA_STATE_FILE)))
+    was = saved.get("strategy", strategy)
+    sharded = "fsdp" in (was, strategy) or "deepspeed" in (was, strategy)
+    if was != strategy and sharded:
+        raise StageInputError(
+            f"{uri}: written with --strategy {was}; resume it with the same strategy (or delete it to start over)"
+        )
+    if was == "deepspeed" and saved.get("world") != world:
+        raise StageInputError(f"{uri}: a DeepSpeed checkpoint of {saved.get('world')} processes; resume with as many")
+    local = os.path.join(scratch, "resume", f"{checkpoints.CHECKPOINT_PREFIX}{step}")
+    if storage.is_s3(uri) or world > 1:
+        checkpoints.download_share(uri, local, state.local_process_index, _local_world(state))
+        if world > 1:
+            state.wait_for_everyone()
+    else:
+        local = storage._local(uri)
+    if state.is_main_process:
+        print(f"{args.stage}: resuming from {uri} (step {step})", file=sys.stderr)
+    return step, local, saved
+
+
+def _local_world(state) -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if state.num_processes > 1 else 1
+
+
 def _train(args: TrainArgs, work: runner.StageWork) -> None:
     # Read the pairs before the heavy imports: bad input fails in a fraction of a second.
     pairs = load_training_pairs(args.pairs)
     _quiet()
     import torch
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
 
+    cuda = torch.cuda.is_available()
     # Usually already created by the runner; CPU-only machines need `cpu=True` to get a gloo process group.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not cuda)
+    world = state.num_processes
+    if world != launch.world_size(args) and launch.under_launcher():
+        raise StageInputError(
+            f"--processes {args.processes} x --nodes {args.nodes} but the launcher started {world} processes"
+        )
+    strategy = launch.resolve_strategy(args, cuda) if world > 1 else "none"
     seed_stage = args.stage == contract.SEED_TRAIN
     refinement = None
     if args.refinement and not seed_stage:
@@ -534,41 +573,21 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
         raise StageInputError(
             f"{args.pairs}: every prompt is longer than --max-prompt-length {args.max_prompt_length}"
         )
-    per_device, accum = batch_geometry(args.batch_size, args.per_device_batch_size, state.num_processes)
-    effective = per_device * accum * state.num_processes
-    if effective != args.batch_size and work.is_main:
-        print(
-            f"{args.stage}: warning: batch size {args.batch_size} is not a multiple of {per_device} x "
-            f"{state.num_processes} processes; using {effective}",
-            file=sys.stderr,
-        )
+    per_device, accum = launch.batch_geometry(args.batch_size, args.per_device_batch_size, world)
 
-    # One scratch dir for the Trainer's local checkpoints, shared by the ranks (each writes its RNG state
-    # there). It lives inside the main's work dir and is removed before publishing.
-    scratch = broadcast_object_list([os.path.join(work.dir, ".trainer")], from_process=0)[0]
-    os.makedirs(scratch, exist_ok=True)
+    # This node's scratch dir: the Trainer's local checkpoints (each rank writes its own files) and fetched ones.
+    scratch = checkpoints.scratch_dir(work.output)
+    if state.is_local_main_process:
+        checkpoints.reset_local(scratch)
+    state.wait_for_everyone()
     ckpt_root = storage.join(work.output, contract.CHECKPOINT_SUBDIR)
-    resume = latest_checkpoint(ckpt_root) if work.is_main else None
-    resume = broadcast_object_list([resume], from_process=0)[0]
-    resume_dir = None
-    if resume is not None:
-        uri, step = resume
-        if storage.is_s3(uri):
-            resume_dir = os.path.join(scratch, "resume", f"{CHECKPOINT_PREFIX}{step}")
-            if state.is_local_main_process:
-                storage.download_dir(uri, resume_dir)
-            state.wait_for_everyone()
-        else:
-            resume_dir = storage._local(uri)
-        if work.is_main:
-            print(f"{args.stage}: resuming from {uri} (step {step})", file=sys.stderr)
+    resume = _resume(args, strategy, world, ckpt_root, scratch, state)
 
-    trainer = make_trainer(args, rows, scratch, refinement=refinement, processes=state.num_processes)
+    trainer = make_trainer(args, rows, os.path.join(scratch, "trainer"), refinement=refinement, processes=world)
     skipped += len(rows) - len(trainer.train_dataset)  # TRL drops pairs whose prompt fills max_length
     log_path = os.path.join(work.dir, LOG_FILE)
-    if resume_dir is not None:
-        with open(os.path.join(resume_dir, SPA_STATE_FILE), encoding="utf-8") as fh:
-            saved = json.load(fh)
+    if resume is not None:
+        saved = resume[2]
         trainer.step_log = saved["log"]
         if trainer.window is not None and saved.get("window"):
             trainer.window.load_state_dict(saved["window"])
@@ -598,35 +617,39 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
 
     def checkpoint_sink(local_dir: str) -> None:
         step = trainer.state.global_step
-        trainer.accelerator.wait_for_everyone()  # every rank's RNG file is written
+        acc = trainer.accelerator
+        acc.wait_for_everyone()  # every rank's files are written
+        dest = storage.join(ckpt_root, f"{checkpoints.CHECKPOINT_PREFIX}{step}")
+        t0 = time.time()
+        uploaded = checkpoints.upload_share(local_dir, dest, state.local_process_index, _local_world(state))
+        acc.wait_for_everyone()  # every rank's share is uploaded
         if work.is_main:
             spa_state = {
                 "step": step,
+                "strategy": strategy,
+                "world": world,
                 "log": trainer.step_log,
                 "window": trainer.window.state_dict() if trainer.window is not None else None,
             }
-            _store_checkpoint(local_dir, ckpt_root, step, spa_state)
-        trainer.accelerator.wait_for_everyone()
-        stop = os.environ.get(STOP_AFTER_ENV)
-        if stop and step >= int(stop):
-            print(f"{args.stage}: {STOP_AFTER_ENV}={stop}: exiting after checkpoint {step}", file=sys.stderr)
-            sys.stderr.flush()
-            os._exit(STOP_EXIT_CODE)
+            checkpoints.finish_checkpoint(ckpt_root, step, spa_state)
+            print(f"{args.stage}: checkpoint {step} stored in {time.time() - t0:.1f}s", file=sys.stderr)
+        if world > 1:
+            print(f"{args.stage}: rank {state.process_index}: uploaded {uploaded} checkpoint files", file=sys.stderr)
+        acc.wait_for_everyone()
+        _stop_hook(args.stage, step, state.process_index)
 
     trainer.checkpoint_sink = checkpoint_sink
     trainer.on_step_record = on_record
-    trainer.train(resume_from_checkpoint=resume_dir)
+    trainer.on_prepared = lambda: _check_sharded(trainer, strategy, state.process_index, args.stage)
+    trainer.train(resume_from_checkpoint=resume[1] if resume else None)
     train_s = time.time() - t_start
 
     trainer.accelerator.wait_for_everyone()
-    if work.is_main:
-        _save_model(
-            trainer,
-            tokenizer,
-            os.path.join(work.dir, contract.MODEL_SUBDIR),
-            _output_dtype(modeling.resolve_model(args.model)),
-        )
+    model_dtype = _output_dtype(modeling.resolve_model(args.model))
+    _save_model(trainer, tokenizer, os.path.join(work.dir, contract.MODEL_SUBDIR), model_dtype, work.is_main)
+    if state.is_local_main_process:
         shutil.rmtree(scratch, ignore_errors=True)  # not an output
+    if work.is_main:
         trained = sum(r["samples"] for r in trainer.step_log) - samples_before
         work.metrics.update(_summarise(trainer.step_log))
         work.metrics[ManifestKeys.SAMPLES_PER_S] = trained / train_s if train_s > 0 else 0.0
@@ -634,35 +657,80 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
             {
                 ManifestKeys.PAIRS: len(trainer.train_dataset),
                 ManifestKeys.SKIPPED_LONG_PROMPTS: skipped,
-                ManifestKeys.EFFECTIVE_BATCH: effective,
-                ManifestKeys.PROCESSES: state.num_processes,
-                ManifestKeys.RESUMED_FROM_STEP: resume[1] if resume else 0,
+                ManifestKeys.EFFECTIVE_BATCH: per_device * accum * world,
+                ManifestKeys.PROCESSES: world,
+                ManifestKeys.RESUMED_FROM_STEP: resume[0] if resume else 0,
             }
         )
         work.timings["train_s"] = train_s
-        work.after_manifest.append(lambda: _delete_checkpoint(ckpt_root))
+        work.after_manifest.append(lambda: checkpoints.delete_checkpoint(ckpt_root))
 
 
-def _save_model(trainer, tokenizer, out_dir: str, dtype: str) -> None:
-    """The trained policy as a plain HF model (LoRA merged) in the input model's dtype, plus the tokenizer."""
+def _stop_hook(stage: str, step: int, rank: int) -> None:
+    """The STOP_AFTER_ENV test hook: end abruptly after the first checkpoint at or after step N.
+
+    With STOP_RANK_ENV set, only that rank dies, by SIGKILL (a lost pod or OOM-killed process); the others carry on
+    into the next collective, which the launcher must turn into a failed stage instead of a hang.
+    """
+    stop = os.environ.get(STOP_AFTER_ENV)
+    if not stop or step < int(stop):
+        return
+    only = os.environ.get(STOP_RANK_ENV)
+    if only is None:
+        print(f"{stage}: {STOP_AFTER_ENV}={stop}: exiting after checkpoint {step}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(STOP_EXIT_CODE)
+    if int(only) == rank:
+        print(f"{stage}: {STOP_RANK_ENV}={only}: killing rank {rank} after checkpoint {step}", file=sys.stderr)
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _full_state_dict(trainer, is_main: bool) -> dict[str, Any]:
+    """The policy's whole weights on the main process (empty elsewhere); every rank must call it.
+
+    Under FSDP2 each parameter is all-gathered in turn (`full_tensor`, a fresh tensor): accelerate's
+    `get_state_dict` returns views of FSDP's unsharded buffers, which on CPU are freed again before they are read.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not trainer.is_fsdp_enabled:
+        return trainer.accelerator.get_state_dict(trainer.model_wrapped)  # DDP, one process; ZeRO-3 gathers
+    full = {}
+    for name, value in trainer.model.state_dict().items():
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        if is_main:
+            full[name] = value.detach().cpu()
+    return full
+
+
+def _save_model(trainer, tokenizer, out_dir: str, dtype: str, is_main: bool) -> None:
+    """The trained policy as a plain HF model (LoRA merged) in the input model's dtype, plus the tokenizer.
+
+    Every rank takes part (the weights are gathered); the main process writes.
+    """
     import torch
     from accelerate.utils import is_peft_model
 
+    full = _full_state_dict(trainer, is_main)
+    if not is_main:
+        return
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if is_peft_model(model):
-        model = model.merge_and_unload()
-    model = model.to(getattr(torch, dtype))
-    model.save_pretrained(out_dir, safe_serialization=True)
+    target = getattr(torch, dtype)
+    if is_peft_model(model):  # LoRA trains under DDP only: the unwrapped model holds whole weights
+        model.merge_and_unload().to(target).save_pretrained(out_dir, safe_serialization=True)
+    else:
+        state_dict = {k: v.to(target).contiguous() for k, v in full.items()}
+        model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
 
 __all__ = [
     "Refinement",
-    "batch_geometry",
-    "latest_checkpoint",
     "load_training_pairs",
     "make_trainer",
     "run",
+    "sharding_report",
     "trainer_class",
     "training_rows",
 ]

@@ -1,0 +1,117 @@
+"""Training checkpoints: when to take one, where they are written, how they reach storage and come back.
+
+A checkpoint is the Trainer's own (under FSDP its SHARDED_STATE_DICT: every rank writes its shard of the model
+and optimiser through torch.distributed.checkpoint; under DDP the full model and optimiser from rank 0), written
+into a local scratch dir — SPA_SCRATCH_DIR (a sized volume in a pod) or the temp dir — then uploaded to
+`<output>/checkpoints/checkpoint-<step>/` in parallel: each process of a node uploads its share of that node's
+files. After a barrier, global rank 0 adds `spa_state.json` (margin window, step log, how it was trained) and the
+`_COMPLETE` marker, last. A restarted stage fetches the newest complete checkpoint the same way, each process of a
+node downloading its share.
+
+Cadence: every `checkpoint_every_steps` optimiser steps and/or every `checkpoint_every_minutes` (rank 0's clock,
+broadcast so that all ranks decide alike).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+from spa_workers import storage
+
+SPA_STATE_FILE = "spa_state.json"
+CHECKPOINT_DONE = "_COMPLETE"
+CHECKPOINT_PREFIX = "checkpoint-"
+SCRATCH_ENV = "SPA_SCRATCH_DIR"
+
+
+def scratch_dir(output: str) -> str:
+    """This node's local scratch dir for a stage: the same path on every node, distinct per stage output."""
+    root = os.environ.get(SCRATCH_ENV) or tempfile.gettempdir()
+    return os.path.join(root, "spa-train-" + hashlib.sha256(output.encode()).hexdigest()[:16])
+
+
+def delete_checkpoint(uri: str) -> None:
+    """Delete a checkpoint, its completeness marker first, so a crash mid-delete never leaves one that looks whole."""
+    marker = storage.join(uri, CHECKPOINT_DONE)
+    if storage.exists(marker):
+        storage.delete_tree(marker)
+    storage.delete_tree(uri)
+
+
+def checkpoint_step(uri: str) -> int:
+    """N of a `.../checkpoint-N` URI; -1 for anything else."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    number = name.removeprefix(CHECKPOINT_PREFIX)
+    return int(number) if name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else -1
+
+
+def latest_checkpoint(root: str) -> tuple[str, int] | None:
+    """(URI, step) of the newest complete checkpoint under `root`, if any."""
+    found = sorted(((checkpoint_step(d), d) for d in storage.list_dirs(root)), reverse=True)
+    for step, uri in found:
+        if step >= 0 and storage.exists(storage.join(uri, CHECKPOINT_DONE)):
+            return uri, step
+    return None
+
+
+def my_share(paths: list[str], local_rank: int, local_world: int) -> list[str]:
+    """The files this process of a node moves: every local_world-th of the sorted list, from local_rank."""
+    return sorted(paths)[local_rank::local_world]
+
+
+def upload_share(local_dir: str, dest: str, local_rank: int, local_world: int) -> int:
+    """Upload this process's share of the node's checkpoint files; returns how many it uploaded."""
+    share = my_share(storage.list_files(local_dir), local_rank, local_world)
+    for rel in share:
+        storage.upload_file(os.path.join(local_dir, rel), storage.join(dest, rel))
+    return len(share)
+
+
+def download_share(uri: str, local_dir: str, local_rank: int, local_world: int) -> None:
+    """Download this process's share of a checkpoint's files into the node's local dir."""
+    for rel in my_share(storage.list_files(uri), local_rank, local_world):
+        storage.download_file(storage.join(uri, rel), os.path.join(local_dir, rel))
+
+
+def finish_checkpoint(root: str, step: int, spa_state: dict[str, Any]) -> str:
+    """Global rank 0, once every rank's files are uploaded: the SPA state, the marker (last), old ones deleted."""
+    dest = storage.join(root, f"{CHECKPOINT_PREFIX}{step}")
+    storage.write_text(storage.join(dest, SPA_STATE_FILE), json.dumps(spa_state))
+    storage.write_text(storage.join(dest, CHECKPOINT_DONE), json.dumps({"step": step}))  # last: complete
+    for old in storage.list_dirs(root):
+        if old.rstrip("/") != dest.rstrip("/"):
+            delete_checkpoint(old)
+    return dest
+
+
+def reset_local(path: str) -> None:
+    """An empty local dir (what a killed attempt left there is stale)."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+
+
+class Cadence:
+    """Whether to checkpoint after a step: by step count and/or by elapsed minutes since the last one."""
+
+    def __init__(self, every_steps: int, every_minutes: float, clock=time.monotonic) -> None:
+        self.every_steps, self.every_s = max(every_steps, 0), max(every_minutes, 0.0) * 60.0
+        self.clock = clock
+        self.last = clock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_steps > 0 or self.every_s > 0
+
+    def due(self, step: int) -> bool:
+        by_steps = self.every_steps > 0 and step % self.every_steps == 0
+        by_time = self.every_s > 0 and self.clock() - self.last >= self.every_s
+        return by_steps or by_time
+
+    def taken(self) -> None:
+        self.last = self.clock()
