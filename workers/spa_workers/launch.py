@@ -10,10 +10,10 @@ The launcher is accelerate's; this module only chooses its flags:
 - bf16 on GPU.
 
 accelerate 1.15 turns FSDP on only for accelerator device types: on CPU it silently runs DDP, and its
-CPU-RAM-efficient loading then leaves the non-zero ranks' reference model all zeros. The launcher therefore sets
-FORCE_FSDP_ENV when it asks for FSDP on a CUDA-less machine, and the trainer (train.py) switches accelerate's state
-to FSDP itself and checks that the parameters really are DTensor shards; CPU-RAM-efficient loading stays off
-because TRL's reference model is sharded without the broadcast from rank 0 it relies on.
+CPU-RAM-efficient loading then leaves the non-zero ranks' reference model all zeros. So whenever the launcher asked
+for FSDP (ACCELERATE_USE_FSDP in the ranks' environment) the trainer (train.py) switches accelerate's state to FSDP
+itself where accelerate did not, and checks that the parameters really are DTensor shards; CPU-RAM-efficient
+loading stays off because TRL's reference model is sharded without the broadcast from rank 0 it relies on.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from dataclasses import replace
 from spa_workers.contract import StageInputError, TrainArgs
 
 STRATEGIES = ("auto", "fsdp", "deepspeed", "ddp", "none")
-FORCE_FSDP_ENV = "SPA_FORCE_FSDP"  # "1": make accelerate use FSDP even on CPU (gloo)
 RENDEZVOUS_HOST_ENV = "SPA_RENDEZVOUS_HOST"
 RENDEZVOUS_PORT_ENV = "SPA_RENDEZVOUS_PORT"
 NODE_RANK_ENV = "JOB_COMPLETION_INDEX"
@@ -86,8 +85,8 @@ def needs_launch(args: TrainArgs) -> bool:
     return not under_launcher() and world_size(args) > 1
 
 
-def launch_command(args: TrainArgs, strategy: str, cuda: bool) -> tuple[list[str], dict[str, str]]:
-    """(argv, extra environment) of `accelerate launch` running this stage with `strategy` on every rank."""
+def launch_command(args: TrainArgs, strategy: str, cuda: bool) -> list[str]:
+    """The argv of `accelerate launch` running this stage with `strategy` on every rank."""
     world = world_size(args)
     _, accum = batch_geometry(args.batch_size, args.per_device_batch_size, world)
     env = os.environ
@@ -104,7 +103,6 @@ def launch_command(args: TrainArgs, strategy: str, cuda: bool) -> tuple[list[str
         "--mixed_precision", "bf16" if cuda else "no",
         "--dynamo_backend", "no",
     ]
-    extra_env: dict[str, str] = {}
     if strategy == "fsdp":
         argv += [
             "--use_fsdp",
@@ -116,8 +114,6 @@ def launch_command(args: TrainArgs, strategy: str, cuda: bool) -> tuple[list[str
             "--fsdp_offload_params", "false",
             "--fsdp_activation_checkpointing", "false",  # the Trainer's gradient checkpointing does it on GPU
         ]
-        if not cuda:
-            extra_env[FORCE_FSDP_ENV] = "1"
     elif strategy == "deepspeed":
         argv += [
             "--use_deepspeed",
@@ -132,8 +128,7 @@ def launch_command(args: TrainArgs, strategy: str, cuda: bool) -> tuple[list[str
     else:
         argv.append("--multi_gpu")  # DDP; the ranks pick gloo themselves when there is no GPU
     child = replace(args, strategy=strategy)  # the ranks (and the manifest's args) see the resolved strategy
-    argv += ["-m", "spa_workers.cli", *child.to_argv()]
-    return argv, extra_env
+    return [*argv, "-m", "spa_workers.cli", *child.to_argv()]
 
 
 def exec_launcher(args: TrainArgs) -> None:
@@ -141,10 +136,23 @@ def exec_launcher(args: TrainArgs) -> None:
     import torch
 
     cuda = torch.cuda.is_available()
-    argv, extra_env = launch_command(args, resolve_strategy(args, cuda), cuda)
+    argv = launch_command(args, resolve_strategy(args, cuda), cuda)
     print(f"{args.stage}: launching {world_size(args)} processes: {' '.join(argv[1:5])} ...", file=sys.stderr)
     sys.stderr.flush()
-    os.execvpe(argv[0], argv, {**os.environ, **extra_env})
+    os.execv(argv[0], argv)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def active_strategy() -> str:
+    """What a rank runs under, as its launcher set it up (ours, or a user's own `accelerate launch`)."""
+    if _flag("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    return "ddp"
 
 
 def collective_timeout_s() -> int:

@@ -150,7 +150,7 @@ def trainer_class():
 
         def create_accelerator_and_postprocess(self) -> None:
             super().create_accelerator_and_postprocess()
-            if os.environ.get(launch.FORCE_FSDP_ENV) == "1":
+            if launch.active_strategy() == "fsdp" and launch.under_launcher():
                 _force_fsdp(self.accelerator)
                 self.is_fsdp_enabled = True
 
@@ -490,8 +490,11 @@ def sharding_report(module) -> tuple[int, int, int, int]:
     return len(params), len(dtensors), local, sum(p.numel() for p in params)
 
 
-def _check_sharded(trainer, strategy: str, rank: int, stage: str) -> None:
-    """Under FSDP, prove the engine is active: every parameter of policy and reference is a DTensor shard."""
+def _check_engine(trainer, strategy: str, rank: int, stage: str) -> None:
+    """Prove the launcher's strategy is really active (accelerate falls back to DDP silently where it does not
+    support one): under FSDP every parameter of policy and reference must be a DTensor shard."""
+    if strategy == "deepspeed" and not trainer.is_deepspeed_enabled:
+        raise RuntimeError("--strategy deepspeed: accelerate did not enable DeepSpeed")
     if strategy != "fsdp":
         return
     for name, module in (("policy", trainer.model_wrapped), ("reference", trainer.ref_model)):
@@ -552,11 +555,9 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
     # Usually already created by the runner; CPU-only machines need `cpu=True` to get a gloo process group.
     state = PartialState(cpu=not cuda)
     world = state.num_processes
-    if world != launch.world_size(args) and launch.under_launcher():
-        raise StageInputError(
-            f"--processes {args.processes} x --nodes {args.nodes} but the launcher started {world} processes"
-        )
-    strategy = launch.resolve_strategy(args, cuda) if world > 1 else "none"
+    strategy = launch.active_strategy() if world > 1 else "none"
+    if strategy == "fsdp":  # transformers would load only rank 0's weights, and TRL's reference needs them all
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
     seed_stage = args.stage == contract.SEED_TRAIN
     refinement = None
     if args.refinement and not seed_stage:
@@ -640,7 +641,7 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
 
     trainer.checkpoint_sink = checkpoint_sink
     trainer.on_step_record = on_record
-    trainer.on_prepared = lambda: _check_sharded(trainer, strategy, state.process_index, args.stage)
+    trainer.on_prepared = lambda: _check_engine(trainer, strategy, state.process_index, args.stage)
     trainer.train(resume_from_checkpoint=resume[1] if resume else None)
     train_s = time.time() - t_start
 
