@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -209,7 +210,7 @@ def test_failed_download_leaves_no_partial_file(s3_env, tmp_path, monkeypatch):
     storage.write_bytes(uri, os.urandom(1 << 20))
 
     def broken(*args, **kwargs):
-        open(args[2], "wb").write(b"half")
+        Path(args[2]).write_bytes(b"half")
         raise storage.StorageError("S3 unreachable: ConnectionClosedError")
 
     monkeypatch.setattr(storage._client(), "download_file", broken)
