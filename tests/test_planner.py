@@ -191,3 +191,21 @@ def test_argv_round_trip(stage):
             argv = s.args.to_argv()
             assert argv[0] == stage
             assert cls.from_argv(argv[1:]) == s.args
+
+
+def test_launch_and_tensor_parallel_come_from_the_stage_resources():
+    spec = make_spec(1, resources={"seedTrain": {"gpus": 4}, "train": {"gpus": 8, "nodes": 2},
+                                   "generate": {"gpus": 4}, "judge": {"gpus": 2}},
+                     training={"checkpoint": {"everySteps": 100, "everyMinutes": 0}},
+                     generation={"backend": "vllm"}, judge={"backend": "transformers"})
+    by = {s.key: s.args for s in stage_graph(spec, ROOT)}
+    seed, train = by["iter-00/seed-train"], by["iter-01/train"]
+    assert (seed.processes, seed.nodes, seed.strategy) == (4, 1, "fsdp")  # auto: full-parameter → sharded
+    assert (train.processes, train.nodes, train.strategy) == (8, 2, "fsdp")
+    assert (train.checkpoint_every_steps, train.checkpoint_every_minutes) == (100, 0)
+    assert by["iter-01/generate"].tensor_parallel_size == 4
+    assert by["iter-01/judge"].tensor_parallel_size == 1  # transformers: one device
+    lora = {s.key: s.args for s in stage_graph(make_spec(1, training={"lora": {"r": 8}},
+                                                         resources={"train": {"gpus": 2}}), ROOT)}
+    assert lora["iter-01/train"].strategy == "ddp" and lora["iter-00/seed-train"].processes == 1
+    assert lora["iter-00/seed-train"].strategy == "auto"  # one process: nothing to share

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -150,3 +151,69 @@ def test_stage_killed_before_manifest_leaves_nothing_a_reader_takes(root, tmp_pa
     assert run_stage(args, lambda w: open(os.path.join(w.dir, "responses.jsonl"), "w").close()) == 0
     assert contract.finished_shard_dirs(args.output) == [shard]
     assert [f for f in storage.list_files(shard) if "work" in f] == []
+
+
+RESOLVE_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    from spa_workers import modeling, storage
+
+    real = storage.download_dir
+
+    def counted(uri, local_dir):  # count the downloads; slow them so that the resolvers overlap
+        with open(os.environ["COUNTER"], "a") as fh:
+            fh.write(f"{os.getpid()}\\n")
+        time.sleep(1.0)
+        real(uri, local_dir)
+
+    storage.download_dir = counted
+    while time.time() < float(os.environ["START_AT"]):  # all four ask at the same moment, like a pod's ranks
+        time.sleep(0.01)
+    print(modeling.resolve_model(sys.argv[1]))
+""")
+
+
+def test_processes_of_a_pod_download_a_model_once(s3_env, tiny, tmp_path):
+    uri = f"s3://{s3_env['BUCKET']}/models/tiny"
+    storage.upload_dir(tiny["model"], uri)
+    cache, counter = tmp_path / "cache", tmp_path / "downloads.txt"
+    env = {**os.environ, **s3_env, "SPA_CACHE_DIR": str(cache), "COUNTER": str(counter),
+           "START_AT": str(time.time() + 5)}
+    procs = [subprocess.Popen([sys.executable, "-c", RESOLVE_SCRIPT, uri], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    dests = {o[0].strip() for o in outs}
+    assert len(dests) == 1 and len(counter.read_text().split()) == 1  # one download, four users
+    (dest,) = dests
+    assert sorted(os.listdir(dest)) == sorted([*os.listdir(tiny["model"]), storage.COMPLETE])
+    assert [n for n in os.listdir(cache / "models") if ".part" in n] == []
+
+
+def test_partial_copies_of_a_dead_downloader_are_cleaned(s3_env, tiny, tmp_path, monkeypatch):
+    from spa_workers import modeling
+
+    uri = f"s3://{s3_env['BUCKET']}/models/tiny"
+    storage.upload_dir(tiny["model"], uri)
+    monkeypatch.setenv("SPA_CACHE_DIR", str(tmp_path))
+    dest = modeling.resolve_model(uri)
+    storage.delete_tree(dest)  # start over, with the leftovers of two killed downloaders (old and new naming)
+    os.makedirs(dest + ".part/sub")
+    os.makedirs(dest + ".part-4242")
+    os.makedirs(dest)  # renamed but never marked complete
+    assert modeling.resolve_model(uri) == dest
+    assert os.path.exists(os.path.join(dest, "config.json"))
+    assert [n for n in os.listdir(os.path.dirname(dest)) if ".part" in n] == []
+
+
+def test_failed_download_leaves_no_partial_file(s3_env, tmp_path, monkeypatch):
+    uri = f"s3://{s3_env['BUCKET']}/big.bin"
+    storage.write_bytes(uri, os.urandom(1 << 20))
+
+    def broken(*args, **kwargs):
+        Path(args[2]).write_bytes(b"half")
+        raise storage.StorageError("S3 unreachable: ConnectionClosedError")
+
+    monkeypatch.setattr(storage._client(), "download_file", broken)
+    with pytest.raises(storage.StorageError):
+        storage.download_file(uri, str(tmp_path / "big.bin"))
+    assert os.listdir(tmp_path) == []

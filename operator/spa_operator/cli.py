@@ -1,4 +1,4 @@
-"""`spa plan | run | demo`: the AlignmentRun pipeline on one machine."""
+"""`spa plan | run | demo | render`: the AlignmentRun pipeline on one machine, and its Kubernetes objects."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def print_summary(run: AlignmentRun, root: str) -> None:
     out.print(table)
 
 
-def execute_with_progress(run: AlignmentRun, root: str, logs: Path) -> int:
+def execute_with_progress(run: AlignmentRun, root: str, logs: Path, processes: int | None = None) -> int:
     tasks: dict[str, TaskID] = {}
     with Progress(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                   TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=err,
@@ -96,7 +96,7 @@ def execute_with_progress(run: AlignmentRun, root: str, logs: Path) -> int:
             status = "[green]done" if result.ok else f"[red]failed (exit {result.exit_code}, log {result.log})"
             progress.update(tasks[result.key], status=status)
 
-        plan = local.execute(run, root, logs, on_start, on_progress, on_finish)
+        plan = local.execute(run, root, logs, on_start, on_progress, on_finish, processes=processes)
     if plan.action is Action.DONE:
         print_summary(run, root)
         out.print(f"final model: {plan.final_model}")
@@ -113,7 +113,15 @@ def _logs_dir(root: str, override: str | None) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     run, root = _load(args.run, args.storage)
-    return execute_with_progress(run, root, _logs_dir(root, args.logs))
+    return execute_with_progress(run, root, _logs_dir(root, args.logs), args.processes)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from spa_operator import render
+
+    run = render.cluster_run(args.run, args.storage)
+    sys.stdout.write(render.render(run, args.worker_image, args.service_account))
+    return 0
 
 
 DEMO_SPEC = {
@@ -147,6 +155,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return execute_with_progress(run, root, _logs_dir(root, None))
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spa", description="SPA self-alignment pipeline (AlignmentRun) on one machine")
     sub = p.add_subparsers(dest="command", required=True)
@@ -158,7 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("run", help="AlignmentRun manifest (YAML)")
     pr.add_argument("--storage", help="storage root (local dir or s3://...), overrides spec.storage.uri")
     pr.add_argument("--logs", help="folder for stage logs (default: <run root>/logs)")
+    pr.add_argument("--processes", type=_at_least_one, metavar="N",
+                    help="training processes (default: the stage's resources.<stage>.gpus, at least 1)")
     pr.set_defaults(fn=cmd_run)
+    pt = sub.add_parser("render", help="print every Kubernetes object the operator would create for the run "
+                                       "(first attempt of each stage), as a YAML stream")
+    pt.add_argument("run", help="AlignmentRun manifest (YAML)")
+    pt.add_argument("--storage", help="s3://bucket/prefix, overrides spec.storage.uri")
+    pt.add_argument("--worker-image", help="the operator's default worker image")
+    pt.add_argument("--service-account", help="the operator's default worker service account")
+    pt.set_defaults(fn=cmd_render)
     pd = sub.add_parser("demo", help="build the tiny offline example and run seed DPO + 2 SPA iterations")
     pd.add_argument("--out", required=True, help="folder for the example and its run")
     pd.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",

@@ -143,6 +143,11 @@ NODE_RULES: dict[str, list[dict[str, str]]] = {
     "training": [
         {"rule": "self.maxPromptLength < self.maxLength", "message": "maxPromptLength must be smaller than maxLength"},
     ],
+    "resources": [
+        {"rule": f"!has(self.{stage}) || !has(self.{stage}.nodes) || self.{stage}.nodes == 1",
+         "message": "must be 1: only seedTrain and train run on several nodes", "fieldPath": f".{stage}.nodes"}
+        for stage in S.SINGLE_NODE_STAGES
+    ],
     # Cluster-only (operator.validate_for_cluster checks the same): stage pods can only share S3 storage.
     "storage": [
         {"rule": "self.uri.startsWith('s3://')", "message": "must be s3://bucket/prefix in a cluster",

@@ -1,7 +1,9 @@
-"""Planned stage + run metadata -> a batch/v1 Job manifest. Pure: no API calls, no clock.
+"""Planned stage + run metadata -> the Kubernetes objects of one stage attempt. Pure: no API calls, no clock.
 
 The container runs exactly `spa-worker <stage args>`, the command the local executor runs, so one stage contract
-serves both executors. Sharded stages become Indexed Jobs; the worker reads JOB_COMPLETION_INDEX itself.
+serves both executors. Sharded stages become Indexed Jobs; the worker reads JOB_COMPLETION_INDEX itself. A training
+stage on several nodes is an Indexed Job too (one pod per node, JOB_COMPLETION_INDEX = node rank) plus a headless
+Service that gives its pods stable DNS names for the rendezvous.
 """
 
 from __future__ import annotations
@@ -9,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from spa_workers.contract import EXIT_BAD_INPUT
 
 from spa_operator.planner import PlannedStage
-from spa_operator.spec import AlignmentRunSpec, StageResources
+from spa_operator.spec import AlignmentRunSpec, StageResources, stage_resources
 
 LABEL_RUN = "spa.dev/run"
 LABEL_RUN_UID = "spa.dev/run-uid"
@@ -27,6 +30,9 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONTAINER = "worker"
 SECRET_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
 CACHE_DIR = "/cache"
+SCRATCH_DIR = "/scratch"
+RENDEZVOUS_PORT = 29500
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set by the Job controller on every pod of the Job
 DEFAULT_WORKER_IMAGE = "ghcr.io/spa-operator/spa-worker:0.1.0"
 MAX_NAME = 63  # Job names end up in the job-name label of their pods: a label value
 
@@ -64,21 +70,46 @@ def run_label(run_name: str) -> str:
     return fit(run_name)
 
 
-def job_name(run_name: str, iteration: int, stage: str, attempt: int) -> str:
+def job_name(run_name: str, iteration: int, stage: str, attempt: int, limit: int = MAX_NAME) -> str:
     """`<run>-i<ii>-<stage>-a<attempt>`; a long run name is cut and suffixed with its hash, the rest is kept."""
     suffix = f"-i{iteration:02d}-{stage}-a{attempt}"
     run = _clean(run_name).strip("-")
-    if len(run) + len(suffix) <= MAX_NAME:
+    if len(run) + len(suffix) <= limit:
         return run + suffix
     h = _short_hash(run_name)
-    keep = MAX_NAME - len(suffix) - len(h) - 1
+    keep = limit - len(suffix) - len(h) - 1
     return f"{run[:keep].rstrip('-')}-{h}{suffix}"
 
 
-def stage_resources(spec: AlignmentRunSpec, stage: str) -> StageResources:
-    res = spec.resources
-    field = {"seed-train": "seed_train"}.get(stage, stage)
-    return (getattr(res, field) if res else None) or StageResources()
+def gang_job_name(run_name: str, iteration: int, stage: str, attempt: int, nodes: int) -> str:
+    """The name of a multi-node Job: short enough that its pods' hostnames `<job>-<index>` are DNS labels."""
+    return job_name(run_name, iteration, stage, attempt, MAX_NAME - len(f"-{nodes - 1}"))
+
+
+def service_name(job: str) -> str:
+    """The headless Service of a multi-node Job: the Job's name (a Service name must start with a letter)."""
+    return job if job[0].isalpha() else fit("s" + job)
+
+
+def rendezvous_host(job: str) -> str:
+    """Index 0's stable hostname: an Indexed Job's pod is `<job>-<index>`, in DNS under its subdomain Service."""
+    return f"{job}-0.{service_name(job)}"
+
+
+_QUANTITY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+                   "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1, "k": 10**3, "M": 10**6,
+                   "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+
+
+def quantity_value(q: str) -> Decimal:
+    """A Kubernetes quantity ("200Gi", "1.5T", "1e9") as a number (the spec's pattern has checked its form)."""
+    m = re.fullmatch(r"([+-]?[0-9.]+)([eE][+-]?[0-9.]+|[KMGTPE]i|[numkMGTPE])?", q)
+    if m is None:
+        raise ValueError(f"not a quantity: {q!r}")
+    number, suffix = Decimal(m.group(1)), m.group(2) or ""
+    if suffix[:1] in ("e", "E"):
+        return number * Decimal(10) ** Decimal(suffix[1:])
+    return number * _QUANTITY_UNITS[suffix]
 
 
 def worker_env(spec: AlignmentRunSpec, run: RunRef, stage: PlannedStage, attempt: int) -> list[dict[str, Any]]:
@@ -91,6 +122,9 @@ def worker_env(spec: AlignmentRunSpec, run: RunRef, stage: PlannedStage, attempt
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/hf"},
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
     ]
+    res = stage_resources(spec, stage.stage)
+    if res.scratch:
+        env.append({"name": "SPA_SCRATCH_DIR", "value": SCRATCH_DIR})
     st = spec.storage
     if st and st.endpoint:
         env.append({"name": "SPA_S3_ENDPOINT", "value": st.endpoint})
@@ -103,7 +137,7 @@ def worker_env(spec: AlignmentRunSpec, run: RunRef, stage: PlannedStage, attempt
     return env
 
 
-def _resources(res: StageResources) -> dict[str, Any]:
+def _resources(res: StageResources, spec: AlignmentRunSpec) -> dict[str, Any]:
     limits: dict[str, Any] = {}
     requests: dict[str, Any] = {}
     if res.cpu:
@@ -112,6 +146,11 @@ def _resources(res: StageResources) -> dict[str, Any]:
         requests["memory"] = limits["memory"] = res.memory
     if res.gpus:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = res.gpus
+    # The scheduler places the pod on a node with this much free local disk for its sized emptyDirs; no limit: an
+    # emptyDir past its sizeLimit already evicts the pod, and the container's own writes are small.
+    local_disk = [q for q in (res.scratch, None if spec.model_cache else res.cache_size) if q]
+    if local_disk:
+        requests["ephemeral-storage"] = str(sum(quantity_value(q) for q in local_disk).to_integral_value())
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
@@ -132,6 +171,52 @@ def labels(run: RunRef, stage: PlannedStage, attempt: int) -> dict[str, str]:
     }
 
 
+def gang_env(job: str, nodes: int) -> list[dict[str, Any]]:
+    """What the pods of a multi-node Job need to meet: the launcher's static rendezvous at index 0, NCCL behaviour."""
+    return [
+        {"name": "SPA_RENDEZVOUS_HOST", "value": rendezvous_host(job)},
+        {"name": "SPA_RENDEZVOUS_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": "SPA_NODES", "value": str(nodes)},
+        # A rank whose peer died must fail (and fail the Job) instead of waiting in a collective forever.
+        {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
+        {"name": "NCCL_DEBUG", "value": "WARN"},
+    ]
+
+
+def headless_service(job: str, run: RunRef, stage: PlannedStage, attempt: int) -> dict[str, Any]:
+    """The DNS names of a multi-node Job's pods (`<job>-<index>.<service>`), so index 0 can host the rendezvous."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service_name(job), "namespace": run.namespace, "labels": labels(run, stage, attempt),
+                     "annotations": {ANNOTATION_STAGE_KEY: stage.key, ANNOTATION_RUN_NAME: run.name},
+                     "ownerReferences": [owner_reference(run)]},
+        "spec": {
+            "clusterIP": "None",
+            "selector": {JOB_NAME_LABEL: job},
+            # Ranks resolve index 0 while it starts, before any readiness: publish addresses at once.
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT,
+                       "protocol": "TCP"}],
+        },
+    }
+
+
+def _volumes(res: StageResources, spec: AlignmentRunSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(pod volumes, container mounts): /dev/shm, the model cache, and scratch space when asked for."""
+    # torch/NCCL need more shared memory than the 64Mi default; memory-backed, so it counts against the pod's memory.
+    shm: dict[str, Any] = {"medium": "Memory", **({"sizeLimit": res.shm_size} if res.shm_size else {})}
+    cache: dict[str, Any] = ({"persistentVolumeClaim": {"claimName": spec.model_cache.claim_name}}
+                             if spec.model_cache else {"emptyDir": {"sizeLimit": res.cache_size} if res.cache_size
+                                                                   else {}})
+    volumes = [{"name": "dshm", "emptyDir": shm}, {"name": "cache", **cache}]
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "cache", "mountPath": CACHE_DIR}]
+    if res.scratch:
+        volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": res.scratch}})
+        mounts.append({"name": "scratch", "mountPath": SCRATCH_DIR})
+    return volumes, mounts
+
+
 def owner_reference(run: RunRef) -> dict[str, Any]:
     return {"apiVersion": run.api_version, "kind": run.kind, "name": run.name, "uid": run.uid,
             "controller": True, "blockOwnerDeletion": True}
@@ -144,37 +229,42 @@ def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRun
 
     default_service_account: used when the spec names none; metrics_port: the worker serves live Prometheus metrics
     there (SPA_WORKER_METRICS_PORT, a container port named "metrics" for a PodMonitor).
+    A stage on several nodes is a gang: an Indexed Job with one pod per node, found by its headless Service
+    (`headless_service`, created first by `build_stage_objects`).
     """
     res = stage_resources(spec, stage.stage)
+    gang = res.nodes > 1
+    name = (gang_job_name(run.name, stage.iteration, stage.stage, attempt, res.nodes) if gang
+            else job_name(run.name, stage.iteration, stage.stage, attempt))
     meta_labels = labels(run, stage, attempt)
     pod_labels = dict(meta_labels)
     job_labels = dict(meta_labels)
     if spec.queue_name:
+        # Kueue admits the whole Job as one workload (all `parallelism` pods' resources at once, never part of a gang).
         job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
     annotations = {ANNOTATION_STAGE_KEY: stage.key, ANNOTATION_RUN_NAME: run.name}
+    volumes, mounts = _volumes(res, spec)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": res.image or spec.image or default_image,
         "command": ["spa-worker", *stage.args.to_argv()],
-        "env": worker_env(spec, run, stage, attempt),
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "cache", "mountPath": CACHE_DIR}],
+        "env": worker_env(spec, run, stage, attempt) + (gang_env(name, res.nodes) if gang else []),
+        "volumeMounts": mounts,
         # The worker's last lines (its one-line error) show in the pod status and `kubectl describe`.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if metrics_port:
         container["env"].append({"name": "SPA_WORKER_METRICS_PORT", "value": str(metrics_port)})
         container["ports"] = [{"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}]
-    resources = _resources(res)
+    if gang:
+        container.setdefault("ports", []).append(
+            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
+    resources = _resources(res, spec)
     if resources:
         container["resources"] = resources
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "containers": [container],
-        "volumes": [
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # torch/NCCL need more than the 64Mi default
-            {"name": "cache", "emptyDir": {}},
-        ],
-    }
+    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container], "volumes": volumes}
+    if gang:
+        pod_spec["subdomain"] = service_name(name)  # hostname `<job>-<index>` (Indexed Job) + this = a DNS name
     if spec.service_account_name or default_service_account:
         pod_spec["serviceAccountName"] = spec.service_account_name or default_service_account
     if spec.priority_class_name:
@@ -193,12 +283,17 @@ def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRun
             # Bad input: retrying cannot help; the operator reads the Failed reason "PodFailurePolicy".
             {"action": "FailJob",
              "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}},
-            # Preemption, eviction, node drain: start a new pod, do not count it against backoffLimit.
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            # Preemption, eviction, node drain. A lone pod: start a new one, not counted against backoffLimit. A gang:
+            # fail the attempt at once, since the surviving ranks would wait for the lost one forever; the next
+            # attempt resumes from the sharded checkpoint (`failed_by_bad_input` tells this from bad input).
+            {"action": "FailJob" if gang else "Ignore",
+             "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]},
         "template": {"metadata": {"labels": pod_labels, "annotations": dict(annotations)}, "spec": pod_spec},
     }
-    if stage.shards > 1:
+    if gang:
+        job_spec.update(completionMode="Indexed", completions=res.nodes, parallelism=res.nodes)
+    elif stage.shards > 1:
         job_spec.update(completionMode="Indexed", completions=stage.shards, parallelism=stage.shards)
     if spec.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
@@ -208,7 +303,7 @@ def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRun
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(run.name, stage.iteration, stage.stage, attempt),
+            "name": name,
             "namespace": run.namespace,
             "labels": job_labels,
             "annotations": annotations,
@@ -218,12 +313,24 @@ def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRun
     }
 
 
+def failed_by_bad_input(condition: dict[str, Any]) -> bool:
+    """Whether a Job's Failed condition comes from the bad-input rule (exit code 2), not a gang's disruption rule.
+
+    Both are FailJob rules (reason "PodFailurePolicy"); the Job controller names what matched in the message.
+    """
+    return condition.get("reason") == "PodFailurePolicy" and "DisruptionTarget" not in condition.get("message", "")
+
+
 def build_stage_objects(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRunSpec,
                         default_image: str = DEFAULT_WORKER_IMAGE, default_service_account: str | None = None,
                         metrics_port: int | None = None) -> list[dict[str, Any]]:
     """Every object one attempt of one stage needs, in creation order (the Job last).
 
-    The executor creates them in this order; `spa render` prints them.
+    The executor creates them in this order; `spa render` prints them. A multi-node stage's headless Service comes
+    first, so its pods' names resolve as soon as they start.
     """
-    return [build_job(stage, attempt, run, spec, default_image, default_service_account, metrics_port)]
+    job = build_job(stage, attempt, run, spec, default_image, default_service_account, metrics_port)
+    if job["spec"]["template"]["spec"].get("subdomain"):
+        return [headless_service(job["metadata"]["name"], run, stage, attempt), job]
+    return [job]
 

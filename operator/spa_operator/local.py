@@ -115,9 +115,17 @@ def last_error_line(log_path: str) -> str:
     return (errors or lines or [""])[-1][:500]
 
 
+def local_launch(stage: PlannedStage, processes: int | None) -> PlannedStage:
+    """A train stage as it runs here: on one node, with `processes` processes when given (else its GPU count)."""
+    if not isinstance(stage.args, contract.TrainArgs):
+        return stage
+    return replace(stage, args=replace(stage.args, nodes=1, processes=processes or stage.args.processes))
+
+
 def execute(run: AlignmentRun, root: str, logs: Path, on_start: Callable[[PlannedStage, int], None] | None = None,
-            on_progress: ProgressFn | None = None, on_finish: Callable[[StageRun], None] | None = None) -> Plan:
-    """Drive the run to DONE or FAILED; returns the final plan."""
+            on_progress: ProgressFn | None = None, on_finish: Callable[[StageRun], None] | None = None,
+            processes: int | None = None) -> Plan:
+    """Drive the run to DONE or FAILED; returns the final plan. `processes`: training processes (`local_launch`)."""
     graph = stage_graph(run.spec, root)
     env = stage_env(run)
     failures: dict[str, StageResult] = {}
@@ -130,7 +138,7 @@ def execute(run: AlignmentRun, root: str, logs: Path, on_start: Callable[[Planne
         todo = plan.start[0]
         if on_start:
             on_start(todo.stage, todo.attempt)
-        result = run_stage_process(todo.stage, todo.attempt, env, logs, on_progress)
+        result = run_stage_process(local_launch(todo.stage, processes), todo.attempt, env, logs, on_progress)
         if on_finish:
             on_finish(result)
         if not result.ok:

@@ -24,7 +24,7 @@ from spa_workers.contract import (
     TrainArgs,
 )
 
-from spa_operator.spec import AlignmentRunSpec
+from spa_operator.spec import AlignmentRunSpec, stage_resources
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,21 @@ def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
     )
     lengths = dict(max_length=t.max_length, max_prompt_length=t.max_prompt_length)
 
+    def launch(stage: str) -> dict:
+        """How a train stage runs: one process per GPU of each of its pods, with the spec's sharding strategy."""
+        res = stage_resources(spec, stage)
+        processes = max(res.gpus, 1)
+        strategy = t.strategy
+        if strategy == "auto" and processes * res.nodes > 1:
+            strategy = "ddp" if t.lora else "fsdp"  # LoRA's trainable weights are small: copies are cheaper
+        return dict(processes=processes, nodes=res.nodes, strategy=strategy,
+                    checkpoint_every_steps=t.checkpoint.every_steps,
+                    checkpoint_every_minutes=t.checkpoint.every_minutes)
+
+    def tensor_parallel(stage: str, backend: str) -> int:
+        """vLLM splits one engine over the pod's GPUs; transformers runs on one device."""
+        return max(stage_resources(spec, stage).gpus, 1) if backend == "vllm" else 1
+
     def evaluate(i: int, after: str) -> PlannedStage:
         args = EvaluateArgs(policy=model_uri(root, i), reference=sft, heldout=spec.data.heldout or "",
                             output=out(i, contract.EVALUATE), beta=t.beta, **lengths)
@@ -123,7 +138,7 @@ def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
     seed_key = _key(0, contract.SEED_TRAIN)
     stages = [PlannedStage(seed_key, 0, contract.SEED_TRAIN, SeedTrainArgs(
         model=sft, pairs=spec.data.seed, output=out(0, contract.SEED_TRAIN), reference=sft,
-        epochs=t.seed_epochs, refinement=False, **train_common), ())]
+        epochs=t.seed_epochs, refinement=False, **train_common, **launch(contract.SEED_TRAIN)), ())]
     if spec.data.heldout:
         stages.append(evaluate(0, seed_key))
 
@@ -136,18 +151,20 @@ def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
             policy=policy, prompts=spec.data.prompts, output=out(i, contract.GENERATE),
             slice_start=start, slice_end=start + n_prompts, responses_per_prompt=g.responses_per_prompt,
             temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, seed=g.seed + i,
-            backend=g.backend, shard_count=g.shards), (prev_train,))
+            backend=g.backend, shard_count=g.shards,
+            tensor_parallel_size=tensor_parallel(contract.GENERATE, g.backend)), (prev_train,))
         judge_ref = sft if spec.judge.reference == "initial" or i == 1 else model_uri(root, i - 2)
         judge = PlannedStage(_key(i, contract.JUDGE), i, contract.JUDGE, JudgeArgs(
             policy=policy, reference=judge_ref, responses=gen.output, output=out(i, contract.JUDGE),
             beta=t.beta, pairing=spec.judge.pairing, seed=g.seed + i, backend=spec.judge.backend,
-            shard_count=spec.judge.shards, **lengths), (gen.key,))
+            shard_count=spec.judge.shards, tensor_parallel_size=tensor_parallel(contract.JUDGE, spec.judge.backend),
+            **lengths), (gen.key,))
         train = PlannedStage(_key(i, contract.TRAIN), i, contract.TRAIN, TrainArgs(
             model=policy, pairs=judge.output, output=out(i, contract.TRAIN), reference=None,
             epochs=t.epochs_per_iteration, refinement=r.enabled,
             low_confidence_fraction=r.low_confidence_fraction, smoothing=r.smoothing,
             warmup_fraction=r.warmup_fraction, window=r.window, extrapolation=lambdas[i - 1],
-            **train_common), (judge.key,))
+            **train_common, **launch(contract.TRAIN)), (judge.key,))
         stages += [gen, judge, train]
         if spec.data.heldout:
             stages.append(evaluate(i, train.key))

@@ -19,6 +19,7 @@ PAPER_PROMPTS_PER_ITERATION = [8000, 20000, 30000]
 MAX_URI = 4096
 MAX_NAME = 253
 MAX_IMAGE = 1024
+SINGLE_NODE_STAGES = ("generate", "judge", "evaluate")  # their pods work alone (shards split the data instead)
 DNS_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 # A Kubernetes resource quantity ("500m", "4", "16Gi").
 QUANTITY = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
@@ -32,6 +33,12 @@ class SpecError(ValueError):
         self.field, self.message, self.source = field, message, source
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{field}: {message}")
+
+
+class _FieldError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
 
 
 class _Model(BaseModel):
@@ -119,6 +126,16 @@ class RefinementSpec(_Model):
         return [float(v)] * count if isinstance(v, int | float) else [float(x) for x in v]
 
 
+class CheckpointSpec(_Model):
+    every_steps: int = Field(default=0, ge=0, le=1 << 30,
+                             description="Save a sharded checkpoint every this many optimiser steps (0: by time "
+                                         "only).")
+    every_minutes: float = Field(default=60.0, ge=0.0, le=10080.0,
+                                 description="Save a sharded checkpoint at most every this many minutes of training "
+                                             "(0: by steps only). A 7B full-parameter checkpoint (weights + Adam) is "
+                                             "about 87 GB: the default keeps its cost to a few percent of a stage.")
+
+
 class TrainingSpec(_Model):
     beta: float = Field(default=0.1, gt=0.0, le=10.0)
     learning_rate: float = Field(default=5e-7, gt=0.0, le=1.0)
@@ -131,6 +148,14 @@ class TrainingSpec(_Model):
     seed: int = Field(default=0, ge=0)
     lora: LoraSpec | None = None
     refinement: RefinementSpec = RefinementSpec()
+    strategy: Literal["auto", "fsdp", "deepspeed", "ddp"] = Field(
+        default="auto",
+        description="How a train stage with several processes (one per GPU) shares the work: fsdp (FSDP2 full "
+                    "shard), deepspeed (ZeRO-3, the paper's official recipe), ddp (a full copy per GPU); auto: "
+                    "sharded (fsdp) for full-parameter training, ddp for LoRA.")
+    checkpoint: CheckpointSpec = Field(
+        default=CheckpointSpec(), description="When train stages save a sharded checkpoint (each rank its own shard, "
+                                              "under the scratch volume) to resume from after a failure.")
 
     @model_validator(mode="after")
     def _lengths(self) -> TrainingSpec:
@@ -153,6 +178,20 @@ class StorageSpec(_Model):
 
 class StageResources(_Model):
     gpus: int = Field(default=0, ge=0, le=64)
+    nodes: int = Field(default=1, ge=1, le=256,
+                       description="Pods (nodes) that run one training stage together, each with `gpus` GPUs: an "
+                                   "Indexed Job with a headless Service for the rendezvous. Only seedTrain and train "
+                                   "may use more than 1.")
+    scratch: str | None = Field(default=None, max_length=64, pattern=QUANTITY,
+                                description="Local scratch space per pod (a quantity, e.g. \"200Gi\") for training "
+                                            "checkpoints: an emptyDir with this sizeLimit and an ephemeral-storage "
+                                            "request, mounted and passed to the worker as SPA_SCRATCH_DIR.")
+    cache_size: str | None = Field(default=None, max_length=64, pattern=QUANTITY,
+                                   description="Size limit of the pod's model cache emptyDir (a quantity; also "
+                                               "requested as ephemeral storage). Ignored with spec.modelCache.")
+    shm_size: str | None = Field(default=None, max_length=64, pattern=QUANTITY,
+                                 description="Size limit of /dev/shm (memory-backed; counts against the pod's "
+                                             "memory). Absent: the pod's memory limit.")
     cpu: str | None = Field(default=None, max_length=64, pattern=QUANTITY)
     memory: str | None = Field(default=None, max_length=64, pattern=QUANTITY)
     node_selector: dict[str, str] | None = Field(default=None, max_length=64)
@@ -167,6 +206,20 @@ class ResourcesSpec(_Model):
     train: StageResources | None = None
     evaluate: StageResources | None = None
 
+    @model_validator(mode="after")
+    def _nodes_only_for_training(self) -> ResourcesSpec:
+        for name in SINGLE_NODE_STAGES:
+            res = getattr(self, name)
+            if res is not None and res.nodes > 1:
+                raise _FieldError(f"resources.{to_camel(name)}.nodes",
+                                  "must be 1: only seedTrain and train run on several nodes")
+        return self
+
+
+class ModelCacheSpec(_Model):
+    claim_name: str = Field(min_length=1, max_length=MAX_NAME, pattern=DNS_NAME,
+                            description="A ReadWriteMany PersistentVolumeClaim in the run's namespace.")
+
 
 class AlignmentRunSpec(_Model):
     model: ModelSpec
@@ -177,6 +230,9 @@ class AlignmentRunSpec(_Model):
     training: TrainingSpec = TrainingSpec()
     storage: StorageSpec | None = None
     resources: ResourcesSpec | None = None
+    model_cache: ModelCacheSpec | None = Field(
+        default=None, description="A shared model cache mounted by every stage pod instead of a per-pod emptyDir, "
+                                  "so a run downloads each model once, not once per stage.")
     image: str | None = Field(default=None, min_length=1, max_length=MAX_IMAGE)
     image_pull_secrets: list[Annotated[str, Field(min_length=1, max_length=MAX_NAME)]] | None = Field(
         default=None, max_length=16)
@@ -208,10 +264,11 @@ class AlignmentRunSpec(_Model):
         return self
 
 
-class _FieldError(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        super().__init__(message)
+def stage_resources(spec: AlignmentRunSpec, stage: str) -> StageResources:
+    """The resources of a stage (`seed-train`, `train`, ...): its own entry, or the defaults."""
+    res = spec.resources
+    field = {"seed-train": "seed_train"}.get(stage, stage)
+    return (getattr(res, field) if res else None) or StageResources()
 
 
 class Metadata(_Model):

@@ -155,12 +155,14 @@ def test_rbac_least_privilege_and_scope(rendered):
         # Watching listed namespaces: the namespaced rights live in a Role per namespace, not cluster-wide.
         assert {r["metadata"]["namespace"] for r in by_kind(docs, "Role")} == {"ml", "research"}
         assert {r["metadata"]["namespace"] for r in by_kind(docs, "RoleBinding")} == {"ml", "research"}
-        assert not cluster_resources & {"jobs", "secrets", "alignmentruns"}
+        assert not cluster_resources & {"jobs", "services", "secrets", "alignmentruns"}
+        assert all("services" in {r for rule in role["rules"] for r in rule["resources"]}
+                   for role in by_kind(docs, "Role"))
         dep = by_kind(docs, "Deployment")[0]
         assert dep["spec"]["template"]["spec"]["containers"][0]["args"] == ["--namespace=ml", "--namespace=research"]
     else:
         assert not by_kind(docs, "Role")
-        assert {"jobs", "secrets", "alignmentruns", "alignmentruns/status", "events"} <= cluster_resources
+        assert {"jobs", "services", "secrets", "alignmentruns", "alignmentruns/status", "events"} <= cluster_resources
 
 
 def test_worker_service_account_has_no_binding(rendered):

@@ -2,6 +2,11 @@
 server (uids, resourceVersions, generations, CRD defaulting and validation), plus a harness that plays the Job
 controller and the kubelet: it runs each Job's container command as a local process with the Job's env and writes
 the Job's status, applying the Job's podFailurePolicy as Kubernetes would.
+
+A multi-node stage's Job (an Indexed Job whose pods name a subdomain) is a gang: the harness starts all its pods at
+once, whatever `max_pods` says (they must meet), resolves their `<job>-<index>.<subdomain>` names to 127.0.0.1 as
+cluster DNS would resolve them to pod IPs, gives the gang a free rendezvous port (pods have their own IPs in a
+cluster, here they share loopback), and when the Job fails it kills the gang's other pods, as the Job controller does.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -131,6 +137,7 @@ def register(emulator: kmock.KubernetesEmulator) -> None:
     emulator.resources[JOBS] = info(kind="Job", namespaced=True, verbs=VERBS, subresources={"status"})
     emulator.resources["v1/events"] = info(kind="Event", namespaced=True, verbs=VERBS)
     emulator.resources["v1/secrets"] = info(kind="Secret", namespaced=True, verbs=VERBS)
+    emulator.resources["v1/services"] = info(kind="Service", namespaced=True, verbs=VERBS)
     emulator.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs=VERBS)
 
 
@@ -341,9 +348,10 @@ class Harness:
         await self._write(job, {"active": 1, "startTime": now_iso()})
         completions = spec.get("completions", 1) if spec.get("completionMode") == "Indexed" else 1
         deadline = spec.get("activeDeadlineSeconds")
+        gang = _is_gang(job)
+        ports = {"SPA_RENDEZVOUS_PORT": str(_free_port())} if gang else {}
         try:
-            outcome = await asyncio.wait_for(
-                asyncio.gather(*(self._run_index(job, i) for i in range(completions))), deadline)
+            outcome = await asyncio.wait_for(self._run_indexes(job, completions, gang, ports), deadline)
         except TimeoutError:
             await self._kill_procs(name)
             await self._finish(job, False, "DeadlineExceeded", "Job was active longer than specified deadline", 1)
@@ -357,26 +365,49 @@ class Harness:
             reason, message = failures[0]
             await self._finish(job, False, reason, message, len(failures))
 
+    async def _run_indexes(self, job: dict[str, Any], completions: int, gang: bool,
+                           env: dict[str, str]) -> list[tuple[str, str] | None]:
+        """Every index's outcome, in the order they ended; a gang's first failure fails the Job, whose other pods are
+        then terminated (their outcomes follow it)."""
+        tasks = [asyncio.create_task(self._run_index(job, i, gang, env)) for i in range(completions)]
+        if not gang:
+            return list(await asyncio.gather(*tasks))
+        outcomes: list[tuple[str, str] | None] = []
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                outcomes.append(await next_done)
+                if outcomes[-1] is not None:
+                    await self._kill_procs(job["metadata"]["name"])
+        finally:
+            for t in tasks:
+                t.cancel()
+        return outcomes
+
     async def _kill_procs(self, name: str) -> None:
         for proc in list(self._procs.get(name, ())):
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
 
-    async def _run_index(self, job: dict[str, Any], index: int) -> tuple[str, str] | None:
+    async def _run_index(self, job: dict[str, Any], index: int, gang: bool = False,
+                         env: dict[str, str] | None = None) -> tuple[str, str] | None:
         """Run pods for one completion index until success or a failure the policy does not ignore."""
         spec = job["spec"]
         backoff_limit = spec.get("backoffLimit", 6)
         counted = 0
         for pod_attempt in itertools.count(1):
-            result = await self._run_pod(job, index, pod_attempt)
+            result = await self._run_pod(job, index, pod_attempt, gang, env or {})
             if result.exit_code == 0 and not result.disrupted:
                 return None
-            action = _policy_action(spec.get("podFailurePolicy"), result)
+            action, action_rule = _policy_action(spec.get("podFailurePolicy"), result)
             if action == "Ignore":
                 continue  # a replacement pod; not counted against backoffLimit
             if action == "FailJob":
-                return ("PodFailurePolicy", f"Container worker for pod {job['metadata']['name']}-{index} failed with "
-                                            f"exit code {result.exit_code} matching FailJob rule at index 0")
+                pod, rule = f"{job['metadata']['namespace']}/{job['metadata']['name']}-{index}", action_rule
+                return ("PodFailurePolicy",
+                        f"Pod {pod} has condition DisruptionTarget matching FailJob rule at index {rule}"
+                        if result.disrupted else
+                        f"Container worker for pod {pod} failed with exit code {result.exit_code} matching FailJob "
+                        f"rule at index {rule}")
             counted += 1
             if counted > backoff_limit:
                 return ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
@@ -387,12 +418,16 @@ class Harness:
         mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
         env = dict(self.env)
         ns = job["metadata"]["namespace"]
+        subdomain = job["spec"]["template"]["spec"].get("subdomain")
         for item in container.get("env", []):
             if "value" in item:
                 value = item["value"]
                 for mount, vol in mounts.items():  # emptyDir volumes are scratch folders here
                     if value == mount or value.startswith(mount + "/"):
                         value = str(scratch / vol) + value[len(mount):]
+                if subdomain and value.startswith(job["metadata"]["name"] + "-") and \
+                        value.endswith("." + subdomain):
+                    value = "127.0.0.1"  # a gang pod's DNS name: every "pod" here is on loopback
                 env[item["name"]] = value
             elif "secretKeyRef" in item.get("valueFrom", {}):
                 ref = item["valueFrom"]["secretKeyRef"]
@@ -406,11 +441,12 @@ class Harness:
             env["JOB_COMPLETION_INDEX"] = str(index)
         return env
 
-    async def _run_pod(self, job: dict[str, Any], index: int, pod_attempt: int) -> PodResult:
+    async def _run_pod(self, job: dict[str, Any], index: int, pod_attempt: int, gang: bool = False,
+                       extra_env: dict[str, str] | None = None) -> PodResult:
         name = job["metadata"]["name"]
         verdict = self.fault(job, index, pod_attempt) if self.fault else None
         assert self._slots is not None
-        async with self._slots:
+        async with contextlib.nullcontext() if gang else self._slots:  # a gang's pods must all run to meet
             if verdict in ("fail", "bad-input"):  # the container exits at once: 1, or 2 for bad input
                 code = 2 if verdict == "bad-input" else 1
                 self.pods.append((name, index, pod_attempt, code))
@@ -421,7 +457,7 @@ class Harness:
             cmd = [sys.executable, str(STUB_WORKER), *cmd[1:]] if self.stub else \
                 [sys.executable, "-m", "spa_workers.cli", *cmd[1:]]
             scratch = Path(tempfile.mkdtemp(prefix=f"{name}-{index}-", dir=self.logdir))
-            env = self._pod_env(job, index, scratch)
+            env = {**self._pod_env(job, index, scratch), **(extra_env or {})}
             if self.stub:
                 env["STUB_SECONDS"] = str(self.stub_seconds)
             logf = open(self.logdir / f"{name}-{index}-{pod_attempt}.log", "wb")  # noqa: SIM115
@@ -448,18 +484,30 @@ class Harness:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.logdir.glob("*.log")))
 
 
-def _policy_action(policy: dict[str, Any] | None, result: PodResult) -> str:
-    """The first matching podFailurePolicy rule's action, else 'Count' (as the Job controller evaluates it)."""
-    for rule in (policy or {}).get("rules", []):
+def _policy_action(policy: dict[str, Any] | None, result: PodResult) -> tuple[str, int]:
+    """The first matching podFailurePolicy rule's (action, index), else ('Count', -1), as the Job controller does."""
+    for i, rule in enumerate((policy or {}).get("rules", [])):
         codes = rule.get("onExitCodes")
         if codes and not result.disrupted:
             inside = result.exit_code in codes.get("values", [])
             if (codes.get("operator") == "In") == inside:
-                return rule["action"]
+                return rule["action"], i
         for cond in rule.get("onPodConditions", []):
             if cond.get("type") == "DisruptionTarget" and result.disrupted:
-                return rule["action"]
-    return "Count"
+                return rule["action"], i
+    return "Count", -1
+
+
+def _is_gang(job: dict[str, Any]) -> bool:
+    """A multi-node stage: an Indexed Job whose pods have DNS names under a headless Service."""
+    return job["spec"].get("completionMode") == "Indexed" and bool(job["spec"]["template"]["spec"].get("subdomain"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 
 def pod_base_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -122,3 +122,80 @@ def test_job_for_long_run_name_validates():
     kubernetes_validate.validate(job, desired_version=kubernetes_validate.latest_version(), strict=True)
     assert len(job["metadata"]["name"]) <= 63 and job["metadata"]["name"].endswith("-a7")
     assert job["metadata"]["annotations"][jobs.ANNOTATION_RUN_NAME] == doc["metadata"]["name"]
+
+
+def _gang_spec(**resources):
+    doc = {**DOC, "spec": {**DOC["spec"], "training": {"strategy": "deepspeed"},
+                           "resources": {"train": {"gpus": 8, "nodes": 4, **resources}}}}
+    return parse_run(doc).spec
+
+
+def test_multi_node_train_stage_is_a_gang_with_a_headless_service():
+    spec = _gang_spec(scratch="200Gi", cacheSize="60Gi", shmSize="32Gi")
+    train = next(s for s in stage_graph(spec, ROOT) if s.stage == "train")
+    service, job = jobs.build_stage_objects(train, 3, RUN, spec)
+    for obj in (service, job):
+        kubernetes_validate.validate(obj, desired_version=kubernetes_validate.latest_version(), strict=True)
+        assert obj["metadata"]["ownerReferences"] == [jobs.owner_reference(RUN)]  # deleted with the run
+    name, spec_ = job["metadata"]["name"], job["spec"]
+    assert (spec_["completionMode"], spec_["completions"], spec_["parallelism"]) == ("Indexed", 4, 4)
+    assert spec_["backoffLimit"] == 0
+    # A disrupted pod fails the whole attempt: its peers would otherwise wait for it forever.
+    assert {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} \
+        in spec_["podFailurePolicy"]["rules"]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {jobs.JOB_NAME_LABEL: name}
+    pod = spec_["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"]
+    c = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["SPA_RENDEZVOUS_HOST"] == f"{name}-0.{service['metadata']['name']}"
+    assert env["SPA_RENDEZVOUS_PORT"] == str(jobs.RENDEZVOUS_PORT) and env["SPA_SCRATCH_DIR"] == jobs.SCRATCH_DIR
+    argv = c["command"]
+    assert argv[argv.index("--processes") + 1] == "8" and argv[argv.index("--nodes") + 1] == "4"
+    assert argv[argv.index("--strategy") + 1] == "deepspeed"
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["scratch"]["emptyDir"] == {"sizeLimit": "200Gi"} and vols["cache"]["emptyDir"] == {"sizeLimit": "60Gi"}
+    assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
+    assert c["resources"]["requests"]["ephemeral-storage"] == str(260 * 2**30)  # scratch + cache: where it fits
+    # Single-node stages keep their Job as it was: preemption just starts a new pod.
+    seed = jobs.build_stage_objects(stage_graph(spec, ROOT)[0], 1, RUN, spec)
+    assert [o["kind"] for o in seed] == ["Job"] and "subdomain" not in seed[0]["spec"]["template"]["spec"]
+
+
+def test_gang_hostnames_are_dns_labels_for_long_run_names():
+    spec = _gang_spec()
+    train = next(s for s in stage_graph(spec, ROOT) if s.stage == "train")
+    run = jobs.RunRef(name="9" + "x" * 200, namespace="team-a", uid=RUN.uid)
+    service, job = jobs.build_stage_objects(train, 12, run, spec)
+    name = job["metadata"]["name"]
+    assert len(f"{name}-3") <= 63 and name.endswith("-i01-train-a12")
+    svc = service["metadata"]["name"]
+    assert svc[0].isalpha() and len(svc) <= 63  # a Service name is an RFC 1035 label
+    kubernetes_validate.validate(service, desired_version=kubernetes_validate.latest_version(), strict=True)
+
+
+def test_shared_model_cache_replaces_the_cache_emptydir_everywhere():
+    doc = {**DOC, "spec": {**DOC["spec"], "modelCache": {"claimName": "models-rwx"},
+                           "resources": {"generate": {"gpus": 4, "cacheSize": "50Gi"}}}}
+    spec = parse_run(doc).spec
+    for stage in stage_graph(spec, ROOT):
+        job = jobs.build_job(stage, 1, RUN, spec)
+        vols = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+        assert vols["cache"] == {"name": "cache", "persistentVolumeClaim": {"claimName": "models-rwx"}}
+        assert "ephemeral-storage" not in job["spec"]["template"]["spec"]["containers"][0].get(
+            "resources", {}).get("requests", {})
+
+
+def test_bad_input_is_told_apart_from_a_gang_disruption():
+    bad = {"type": "Failed", "reason": "PodFailurePolicy",
+           "message": "Container worker for pod ns/j-0 failed with exit code 2 matching FailJob rule at index 0"}
+    disrupted = {"type": "Failed", "reason": "PodFailurePolicy",
+                 "message": "Pod ns/j-1 has condition DisruptionTarget matching FailJob rule at index 1"}
+    assert jobs.failed_by_bad_input(bad) and not jobs.failed_by_bad_input(disrupted)
+    assert not jobs.failed_by_bad_input({"type": "Failed", "reason": "BackoffLimitExceeded", "message": ""})
+
+
+@pytest.mark.parametrize(("text", "value"), [("200Gi", 200 * 2**30), ("1.5T", 1_500_000_000_000), ("1e3", 1000),
+                                             ("500m", 0.5), ("64", 64)])
+def test_quantity_value(text, value):
+    assert jobs.quantity_value(text) == value

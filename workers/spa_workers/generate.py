@@ -98,7 +98,8 @@ def _vllm_sampler(args: GenerateArgs, tokenizer, model_dir: str, max_model_len: 
         results = llm.generate(prompts, params, use_tqdm=False)
         return [[finish(tokenizer, list(o.token_ids), eos) for o in r.outputs] for r in results]
 
-    with engine(model_dir, max_model_len=max_model_len, seed=args.seed) as llm:
+    with engine(model_dir, max_model_len=max_model_len, seed=args.seed,
+                tensor_parallel_size=args.tensor_parallel_size) as llm:
         yield Sampler(sample, VLLM_CHUNK)
 
 

@@ -98,7 +98,7 @@ def _body(work: StageWork) -> None:
             dropped[reason] += 1
     items = [(row["prompt"], row["responses"][i]) for row, keep in judged for i in keep]
     limits = Limits(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                    max_batch_tokens=args.max_batch_tokens)
+                    max_batch_tokens=args.max_batch_tokens, tensor_parallel_size=args.tensor_parallel_size)
     rewards = iter(implicit_rewards(args.policy, args.reference, items, args.beta, limits, args.backend,
                                     lambda done, total: work.progress(done, total, unit="answers")))
     pairs = []

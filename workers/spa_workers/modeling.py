@@ -8,10 +8,8 @@ starts where the two diverge), which a test checks against TRL itself.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spa_workers import storage
@@ -30,7 +28,9 @@ def cache_dir() -> str:
 def resolve_model(uri: str) -> str:
     """A local directory holding the HF-format model at `uri` (path, `s3://`, `hf://org/name[@revision]`).
 
-    S3 models are downloaded once into a cache keyed by URI and ETag; `hf://` goes through the Hub's own cache.
+    S3 models are downloaded once per cache (one pod, or every pod sharing a model-cache volume) into a folder keyed
+    by URI and ETag: the processes of a pod that ask together wait for one download; `hf://` goes through the Hub's
+    own cache.
     """
     if uri.startswith("hf://"):
         repo, _, revision = uri[len("hf://"):].partition("@")
@@ -44,14 +44,8 @@ def resolve_model(uri: str) -> str:
         if not storage.exists(storage.join(uri, "config.json")):
             raise StageInputError(f"model {uri}: not found (no config.json)")
         key = hashlib.sha256(f"{uri}@{storage.etag(uri)}".encode()).hexdigest()[:24]
-        dest = os.path.join(cache_dir(), "models", key)
-        if not os.path.exists(os.path.join(dest, ".complete")):
-            tmp = dest + f".part-{os.getpid()}"
-            storage.download_dir(uri, tmp)
-            Path(tmp, ".complete").touch()
-            with contextlib.suppress(OSError):  # another process won the race; its copy is as good
-                os.replace(tmp, dest)
-        return dest
+        return storage.fetch_once(os.path.join(cache_dir(), "models", key),
+                                  lambda tmp: storage.download_dir(uri, tmp))
     path = storage._local(uri)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise StageInputError(f"model {uri}: not found (no config.json)")

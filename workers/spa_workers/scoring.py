@@ -25,6 +25,7 @@ class Limits:
     max_prompt_length: int = 1024
     # Padded tokens per forward pass (transformers backend); also bounds the logits: tokens × vocab × 4 bytes.
     max_batch_tokens: int = 8192
+    tensor_parallel_size: int = 1  # vllm backend: GPUs one engine is split over
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ def _logprobs_vllm(model_uri: str, seqs: Sequence[Encoded], limits: Limits,
     # One generated token is required; the score is the prompt log-probs of the answer positions.
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
     out: list[float] = []
-    with engine(resolve_model(model_uri), max_model_len=max(len(s.ids) for s in seqs) + 1) as llm:
+    with engine(resolve_model(model_uri), max_model_len=max(len(s.ids) for s in seqs) + 1,
+                tensor_parallel_size=limits.tensor_parallel_size) as llm:
         for start in range(0, len(seqs), _VLLM_CHUNK):
             chunk = seqs[start: start + _VLLM_CHUNK]
             prompts = [TokensPrompt(prompt_token_ids=s.ids) for s in chunk]

@@ -7,14 +7,22 @@ objects are atomic on both backends (S3 PUT; temp file + rename locally), so a r
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
+# Parallel transfers: a 7B model is ~15 GB in a few shards; one stream per file is far below a node's bandwidth.
+TRANSFER_THREADS = 16  # concurrent ranged GETs / part uploads per file
+FILE_THREADS = 4  # files of a directory fetched at once
+COMPLETE = ".complete"  # marks a fetched copy as whole
 
 
 class StorageError(Exception):
@@ -128,14 +136,18 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
-def upload_file(local_path: str, uri: str) -> None:
-    """Copy a local file to `uri`; S3 uses multipart above MULTIPART_THRESHOLD."""
-    if is_s3(uri):
-        from boto3.s3.transfer import TransferConfig
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
 
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD,
+                          max_concurrency=TRANSFER_THREADS)
+
+
+def upload_file(local_path: str, uri: str) -> None:
+    """Copy a local file to `uri`; S3 uses parallel multipart above MULTIPART_THRESHOLD."""
+    if is_s3(uri):
         bucket, key = split_s3(uri)
-        cfg = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
-        _s3_call(_client().upload_file, local_path, bucket, key, Config=cfg)
+        _s3_call(_client().upload_file, local_path, bucket, key, Config=_transfer_config())
         return
     dest = Path(_local(uri))
     if dest.resolve() == Path(local_path).resolve():
@@ -147,6 +159,7 @@ def upload_file(local_path: str, uri: str) -> None:
 
 
 def download_file(uri: str, local_path: str) -> None:
+    """Copy `uri` to a local file; S3 objects above MULTIPART_THRESHOLD come as parallel ranged GETs."""
     Path(local_path).parent.mkdir(parents=True, exist_ok=True)
     if is_s3(uri):
         from botocore.exceptions import ClientError
@@ -154,9 +167,11 @@ def download_file(uri: str, local_path: str) -> None:
         bucket, key = split_s3(uri)
         tmp = local_path + ".part"
         try:
-            _s3_call(_client().download_file, bucket, key, tmp)
-        except ClientError as e:
-            if _is_missing(e):
+            _s3_call(_client().download_file, bucket, key, tmp, Config=_transfer_config())
+        except BaseException as e:
+            with contextlib.suppress(FileNotFoundError):  # a failed transfer leaves no partial file behind
+                os.unlink(tmp)
+            if isinstance(e, ClientError) and _is_missing(e):
                 raise FileNotFoundError(uri) from e
             raise
         os.replace(tmp, local_path)
@@ -205,8 +220,51 @@ def download_dir(uri: str, local_dir: str) -> None:
     files = list_files(uri)
     if not files:
         raise FileNotFoundError(uri)
-    for rel in files:
-        download_file(join(uri, rel), os.path.join(local_dir, rel))
+    with ThreadPoolExecutor(FILE_THREADS) as pool:  # boto3 clients are thread-safe
+        for done in [pool.submit(download_file, join(uri, rel), os.path.join(local_dir, rel)) for rel in files]:
+            done.result()
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    """An exclusive lock between processes (POSIX record lock: also honoured on NFS, e.g. a ReadWriteMany volume).
+
+    The kernel drops it when its holder dies, so a killed downloader never blocks the others.
+    """
+    with open(path, "a") as fh:
+        fcntl.lockf(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(fh, fcntl.LOCK_UN)
+
+
+def fetch_once(dest: str, fetch: Callable[[str], None]) -> str:
+    """`dest`, filled by `fetch(tmp_dir)` exactly once however many processes ask at the same time.
+
+    The first process to take the lock fetches into `<dest>.part` and renames it into place (atomic); the others wait
+    on the lock and then reuse its copy. Partial copies a dead fetcher left are deleted under the lock, when nobody can
+    be writing them.
+    """
+    if os.path.exists(os.path.join(dest, COMPLETE)):
+        return dest
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with _file_lock(dest + ".lock"):
+        if os.path.exists(os.path.join(dest, COMPLETE)):
+            return dest
+        parent, name = os.path.split(dest)
+        for stale in os.listdir(parent):
+            if stale == name or stale.startswith(name + ".part"):
+                shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+        tmp = dest + ".part"
+        try:
+            fetch(tmp)
+            Path(tmp, COMPLETE).touch()
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return dest
 
 
 def delete_tree(uri: str) -> None:
@@ -248,8 +306,7 @@ def local_path_for_reading(uri: str, cache_dir: str) -> str:
     """A local path holding the object at `uri` (downloaded into `cache_dir` for S3)."""
     if not is_s3(uri):
         return _local(uri)
-    dest = os.path.join(cache_dir, hashlib.sha256(f"{uri}@{etag(uri)}".encode()).hexdigest()[:24],
-                        os.path.basename(uri))
-    if not os.path.exists(dest):
-        download_file(uri, dest)
-    return dest
+    folder = os.path.join(cache_dir, hashlib.sha256(f"{uri}@{etag(uri)}".encode()).hexdigest()[:24])
+    name = os.path.basename(uri)
+    fetch_once(folder, lambda tmp: download_file(uri, os.path.join(tmp, name)))
+    return os.path.join(folder, name)

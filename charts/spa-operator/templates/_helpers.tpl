@@ -78,6 +78,11 @@ default account unless a run names one (a missing account would block the pods).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# The headless Service of a multi-node stage (stable pod DNS names for the rendezvous); owned by the run, so the
+# garbage collector deletes it.
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create"]
 # An Event for each transition.
 - apiGroups: [""]
   resources: ["events"]

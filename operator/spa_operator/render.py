@@ -1,0 +1,49 @@
+"""`spa render RUN.yaml`: every Kubernetes object the operator would create for the run, like `helm template`.
+
+For each planned stage, in plan order, the objects of its first attempt (`jobs.build_stage_objects`, exactly what the
+operator creates), as one multi-document YAML stream a user can review, diff or validate before applying the run.
+The run's uid, which the API server assigns, is a placeholder unless the manifest carries one (it only shows in
+labels, owner references and the storage prefix).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from spa_operator import jobs, kube
+from spa_operator.planner import stage_graph
+from spa_operator.spec import AlignmentRun, load_run
+
+PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
+
+
+def cluster_run(path: str, storage_uri: str | None = None) -> AlignmentRun:
+    """The run in `path` as the operator would accept it (cluster rules: S3 storage); raises SpecError."""
+    doc = load_run(path).model_dump(by_alias=True, exclude_none=True, mode="json")
+    if storage_uri:
+        doc["spec"]["storage"] = {**doc["spec"].get("storage", {}), "uri": storage_uri}
+    return kube.validate_for_cluster(doc)
+
+
+def stage_objects(run: AlignmentRun, worker_image: str | None = None,
+                  service_account: str | None = None) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(stage key, objects of its first attempt) for every stage of the run, in plan order."""
+    meta = run.metadata
+    ref = jobs.RunRef(name=meta.name, namespace=meta.namespace, uid=meta.uid or PLACEHOLDER_UID)
+    assert run.spec.storage is not None  # cluster_run made sure
+    root = kube.run_root(run.spec.storage.uri, meta.namespace, meta.name, ref.uid)
+    image = worker_image or jobs.DEFAULT_WORKER_IMAGE
+    return [(s.key, jobs.build_stage_objects(s, 1, ref, run.spec, image, service_account))
+            for s in stage_graph(run.spec, root)]
+
+
+def render(run: AlignmentRun, worker_image: str | None = None, service_account: str | None = None) -> str:
+    """The objects as a YAML stream, each stage's headed by a comment naming it."""
+    parts = []
+    for key, objects in stage_objects(run, worker_image, service_account):
+        for obj in objects:
+            parts.append(f"# stage {key}: {obj['kind']} {obj['metadata']['name']}\n"
+                         + yaml.safe_dump(obj, sort_keys=False, width=120))
+    return "---\n" + "---\n".join(parts)
