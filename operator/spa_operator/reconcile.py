@@ -291,7 +291,6 @@ def read_stage(obs: Observed, stage: PlannedStage, rec: dict[str, Any] | None, v
         return _Stage(StageResult(StageState.FAILED, failures=failures + 1, reason=reason), rec)
     if latest.state in ("active", "suspended"):
         rec["state"], rec["failures"] = RUNNING, failures
-        rec.pop("reason", None)
         queued = obs.spec is not None and bool(obs.spec.queue_name)
         waiting = _waiting(obs, latest, queued)
         timeout = (obs.settings.queued_timeout_s if waiting and waiting[0] == QUEUED
@@ -399,9 +398,8 @@ def decide(obs: Observed) -> Decision:
             job = job_name_of(obs, todo.stage, attempt)
             if rec is None:
                 records[todo.stage.key] = _new_record(todo.stage, job, attempt, obs.now)
-            else:
+            else:  # the reason of the last failure stays
                 rec.update(state=RUNNING, job=job, attempts=attempt)
-                rec.pop("reason", None)
                 rec.pop("endTime", None)
 
     running = [k for k in by_key if (records.get(k) or {}).get("state") == RUNNING]
@@ -589,11 +587,11 @@ def _transitions(obs: Observed, old: Mapping[str, Any], new: Mapping[str, Any], 
             t0 = parse_iso(rec.get("startTime"))
             if t0 is not None:
                 durations.append((stage.stage, max(obs.now - t0, 0.0)))
-        elif state == FAILED and int(rec.get("failures", 0) or 0) > int(prev.get("failures", 0) or 0):
+        elif int(rec.get("failures", 0) or 0) > int(prev.get("failures", 0) or 0):  # failed (and maybe restarted)
             permanent = rec.get("reason", "").startswith(("Job rejected", "PodFailurePolicy"))
             outcomes.append((stage.stage, "bad-input" if permanent else "failed"))
-            events.append(Event("Warning", "StageFailed",
-                                f"{key} attempt {attempts}: {rec.get('reason', '')}"))
+            attempt = attempts - 1 if state == RUNNING else attempts
+            events.append(Event("Warning", "StageFailed", f"{key} attempt {attempt}: {rec.get('reason', '')}"))
         if state == RUNNING and (prev.get("state") != RUNNING or prev.get("attempts") != attempts):
             started.append(f"{key} attempt {attempts}: Job {rec.get('job', '')}")
     after = f" (after {', '.join(succeeded)} succeeded)" if succeeded else ""

@@ -268,15 +268,21 @@ class Harness:
     _orphaned: dict[str, Any] = field(default_factory=dict)  # job deleted without propagation -> its pods' task
     _slots: asyncio.Semaphore | None = None
     _watch: asyncio.Task | None = None
+    _pod_watch: asyncio.Task | None = None
+    _pod_procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)  # pod -> its container
+    ended: dict[str, float] = field(default_factory=dict)  # pod -> time its container ended
 
     async def __aenter__(self) -> Harness:
         self._slots = asyncio.Semaphore(self.max_pods)
         self._watch = asyncio.create_task(self._watch_jobs())
+        self._pod_watch = asyncio.create_task(self._watch("/api/v1/pods?watch=true", self._on_pod_event))
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
         if self._watch:
             self._watch.cancel()
+        if self._pod_watch:
+            self._pod_watch.cancel()
         for name in list(self._tasks):
             await self._kill(name)
         for name, task in list(self._orphaned.items()):
@@ -287,14 +293,25 @@ class Harness:
                 await self._watch
 
     async def _watch_jobs(self) -> None:
-        url = self.cluster.url + "/apis/batch/v1/jobs?watch=true"
+        await self._watch("/apis/batch/v1/jobs?watch=true", self._on_event)
+
+    async def _on_pod_event(self, event: dict[str, Any]) -> None:
+        """A pod deleted (by the operator, an orphan) stops its container, as the kubelet would."""
+        if event.get("type") == "DELETED":
+            proc = self._pod_procs.get((event.get("object") or {}).get("metadata", {}).get("name", ""))
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+
+    async def _watch(self, path: str, handle: Callable[[dict[str, Any]], Any]) -> None:
+        url = self.cluster.url + path
         while True:
             try:
                 async with self.cluster.session.get(url, headers={"User-Agent": "harness"},
                                                     timeout=aiohttp.ClientTimeout(total=None)) as r:
                     async for line in r.content:
                         if line.strip():
-                            await self._on_event(json.loads(line))
+                            await handle(json.loads(line))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # reconnect, like a controller would
@@ -478,12 +495,12 @@ class Harness:
         assert self._slots is not None
         async with self._slots:
             pod = await self._pod(job, index, pod_attempt, {"phase": "Running", "startTime": now_iso()})
-            result = await self._run_container(job, index, pod_attempt, verdict)
+            result = await self._run_container(job, index, pod_attempt, verdict, pod)
             await self._pod_phase(job, pod, "Succeeded" if result.exit_code == 0 else "Failed")
             return result
 
-    async def _run_container(self, job: dict[str, Any], index: int, pod_attempt: int, verdict: str | None
-                             ) -> PodResult:
+    async def _run_container(self, job: dict[str, Any], index: int, pod_attempt: int, verdict: str | None,
+                             pod: str) -> PodResult:
         name = job["metadata"]["name"]
         if verdict in ("fail", "bad-input"):  # the container exits at once: 1, or 2 for bad input
             code = 2 if verdict == "bad-input" else 1
@@ -502,6 +519,7 @@ class Harness:
         proc = await asyncio.create_subprocess_exec(*cmd, stdout=logf, stderr=asyncio.subprocess.STDOUT,
                                                     env=env, cwd=str(scratch))
         self._procs.setdefault(name, set()).add(proc)
+        self._pod_procs[pod] = proc
         try:
             if verdict == "disrupt":  # preempted a moment after it started
                 try:
@@ -514,6 +532,8 @@ class Harness:
             code = await proc.wait()
         finally:
             self._procs[name].discard(proc)
+            self._pod_procs.pop(pod, None)
+            self.ended[pod] = time.monotonic()
             logf.close()
         self.pods.append((name, index, pod_attempt, code))
         return PodResult(code)
