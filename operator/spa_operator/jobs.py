@@ -212,7 +212,7 @@ def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRun
     if res.node_selector:
         pod_spec["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in res.tolerations]
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations]
     job_spec: dict[str, Any] = {
         # Retries are new attempts (new Jobs) decided by the operator, so each is named, counted and reported.
         "backoffLimit": 0,

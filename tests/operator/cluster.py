@@ -275,7 +275,7 @@ class Harness:
     async def __aenter__(self) -> Harness:
         self._slots = asyncio.Semaphore(self.max_pods)
         self._watch = asyncio.create_task(self._watch_jobs())
-        self._pod_watch = asyncio.create_task(self._watch("/api/v1/pods?watch=true", self._on_pod_event))
+        self._pod_watch = asyncio.create_task(self._stream("/api/v1/pods?watch=true", self._on_pod_event))
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -293,7 +293,7 @@ class Harness:
                 await self._watch
 
     async def _watch_jobs(self) -> None:
-        await self._watch("/apis/batch/v1/jobs?watch=true", self._on_event)
+        await self._stream("/apis/batch/v1/jobs?watch=true", self._on_event)
 
     async def _on_pod_event(self, event: dict[str, Any]) -> None:
         """A pod deleted (by the operator, an orphan) stops its container, as the kubelet would."""
@@ -303,7 +303,7 @@ class Harness:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
 
-    async def _watch(self, path: str, handle: Callable[[dict[str, Any]], Any]) -> None:
+    async def _stream(self, path: str, handle: Callable[[dict[str, Any]], Any]) -> None:
         url = self.cluster.url + path
         while True:
             try:
