@@ -212,10 +212,17 @@ def _type_schema(tp: Any, path: str) -> dict[str, Any]:
         (item,) = get_args(tp)
         return {"type": "array", "items": _type_schema(item, path + "[]"), **extra}
     if origin is dict:
-        _key, value = get_args(tp)
+        key, value = get_args(tp)
         if value is Any:
             return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
-        return {"type": "object", "additionalProperties": _type_schema(value, path + "{}")}
+        out = {"type": "object", "additionalProperties": _type_schema(value, path + "{}")}
+        key_rules = _unwrap_annotated(key)[1]
+        if "pattern" in key_rules:  # OpenAPI has no schema for keys: CEL checks them
+            out["x-kubernetes-validations"] = [{
+                "rule": f"self.all(k, size(k) <= {key_rules.get('maxLength', 253)} && "
+                        f"k.matches('{key_rules['pattern']}'))",
+                "message": "keys must be label keys (an optional DNS prefix/, then a name of up to 63 characters)"}]
+        return out
     if tp is Any:
         return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
     simple = {str: "string", bool: "boolean", int: "integer", float: "number"}
@@ -261,8 +268,9 @@ def _object_schema(model: type[BaseModel], path: str) -> dict[str, Any]:
     required += CLUSTER_REQUIRED.get(path, [])
     if required:
         out["required"] = required
-    if path in NODE_RULES:
-        out["x-kubernetes-validations"] = NODE_RULES[path]
+    rules = NODE_RULES.get(path, []) + list(getattr(model, "cel_rules", []))
+    if rules:
+        out["x-kubernetes-validations"] = rules
     return out
 
 

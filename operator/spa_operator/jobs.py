@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from pydantic.alias_generators import to_camel
 from spa_workers.contract import EXIT_BAD_INPUT
 
 from spa_operator.planner import PlannedStage
@@ -74,7 +75,8 @@ def job_name(run_name: str, iteration: int, stage: str, attempt: int, limit: int
     """`<run>-i<ii>-<stage>-a<attempt>`; a long run name is cut and suffixed with its hash, the rest is kept."""
     suffix = f"-i{iteration:02d}-{stage}-a{attempt}"
     run = _clean(run_name).strip("-")
-    if len(run) + len(suffix) <= limit:
+    # A name the rule had to change (`team.a`) gets its hash, so it cannot take the Job names of `team-a`.
+    if len(run) + len(suffix) <= limit and run == run_name:
         return run + suffix
     h = _short_hash(run_name)
     keep = limit - len(suffix) - len(h) - 1
@@ -157,6 +159,30 @@ def _resources(res: StageResources, spec: AlignmentRunSpec) -> dict[str, Any]:
     if limits:
         out["limits"] = limits
     return out
+
+
+def images_of(spec: AlignmentRunSpec) -> list[tuple[str, str]]:
+    """(field, image) of every worker image the run names itself (the operator's default is trusted)."""
+    out = [("spec.image", spec.image)] if spec.image else []
+    res = spec.resources
+    for field in ("seed_train", "generate", "judge", "train", "evaluate"):
+        stage_res = getattr(res, field, None) if res else None
+        if stage_res is not None and stage_res.image:
+            out.append((f"spec.resources.{to_camel(field)}.image", stage_res.image))
+    return out
+
+
+# The worker image runs as this non-root user (Dockerfile.worker); the pod refuses to start as root.
+WORKER_UID = 10001
+
+
+def security_context() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pod, container) securityContext: non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp
+    (Pod Security "restricted"). The root filesystem stays writable: the worker and its libraries write caches."""
+    pod = {"runAsNonRoot": True, "runAsUser": WORKER_UID, "runAsGroup": WORKER_UID, "fsGroup": WORKER_UID,
+           "seccompProfile": {"type": "RuntimeDefault"}}
+    container = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "privileged": False}
+    return pod, container
 
 
 def labels(run: RunRef, stage: PlannedStage, attempt: int) -> dict[str, str]:
@@ -252,6 +278,7 @@ def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRun
         "volumeMounts": mounts,
         # The worker's last lines (its one-line error) show in the pod status and `kubectl describe`.
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": security_context()[1],
     }
     if metrics_port:
         container["env"].append({"name": "SPA_WORKER_METRICS_PORT", "value": str(metrics_port)})
@@ -262,7 +289,8 @@ def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRun
     resources = _resources(res, spec)
     if resources:
         container["resources"] = resources
-    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container], "volumes": volumes}
+    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "securityContext": security_context()[0],
+                                "containers": [container], "volumes": volumes}
     if gang:
         pod_spec["subdomain"] = service_name(name)  # hostname `<job>-<index>` (Indexed Job) + this = a DNS name
     if spec.service_account_name or default_service_account:
@@ -274,7 +302,7 @@ def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRun
     if res.node_selector:
         pod_spec["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in res.tolerations]
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations]
     job_spec: dict[str, Any] = {
         # Retries are new attempts (new Jobs) decided by the operator, so each is named, counted and reported.
         "backoffLimit": 0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections import OrderedDict
 from typing import Any, Protocol
 
 from spa_workers import contract, storage
@@ -79,20 +80,30 @@ def _read_local(uri: str) -> bytes | None:
 
 
 class ClientCache:
-    """boto3 clients keyed by (endpoint, region, a hash of the credentials): credentials never appear in keys."""
+    """boto3 clients (~12 MiB each), one per (endpoint, region, credentials Secret): a rotated credential replaces the
+    Secret's client instead of adding one, and the least recently used client goes past `limit`. Credentials never
+    appear in keys (only a hash, to notice a rotation)."""
 
-    def __init__(self) -> None:
-        self._clients: dict[tuple[str | None, str | None, str], Any] = {}
+    def __init__(self, limit: int = 32) -> None:
+        self.limit = limit
+        self._clients: OrderedDict[tuple[str | None, str | None, str | None], tuple[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def store(self, endpoint: str | None, region: str | None, creds: dict[str, str] | None) -> S3RunStore:
+    def store(self, endpoint: str | None, region: str | None, creds: dict[str, str] | None,
+              secret_name: str | None = None) -> S3RunStore:
         digest = hashlib.sha256(json.dumps(creds or {}, sort_keys=True).encode()).hexdigest()
-        key = (endpoint, region, digest)
+        key = (endpoint, region, secret_name)
         with self._lock:
-            client = self._clients.get(key)
-            if client is None:
-                client = self._clients[key] = _make_client(endpoint, region, creds)
-        return S3RunStore(client)
+            held = self._clients.get(key)
+            if held is None or held[0] != digest:
+                held = self._clients[key] = (digest, _make_client(endpoint, region, creds))
+            self._clients.move_to_end(key)
+            while len(self._clients) > self.limit:
+                self._clients.popitem(last=False)
+        return S3RunStore(held[1])
+
+    def __len__(self) -> int:
+        return len(self._clients)
 
     def forget(self) -> None:
         with self._lock:

@@ -6,7 +6,7 @@ Every validation error names the field by its manifest path, e.g. `spec.training
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,9 +21,24 @@ MAX_NAME = 253
 MAX_IMAGE = 1024
 SINGLE_NODE_STAGES = ("generate", "judge", "evaluate")  # their pods work alone (shards split the data instead)
 DNS_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-# A Kubernetes resource quantity ("500m", "4", "16Gi").
-QUANTITY = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+# A Kubernetes resource quantity ("500m", "4", "16Gi"); never negative (a request or a limit).
+QUANTITY = (r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
             r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+# The same rules the API server applies (a URI that is only whitespace, an s3:// URI without a bucket, an image
+# reference with spaces, a label value with a slash would pass a length check and fail in a pod).
+# A URI: s3://<bucket>[/key], or anything else not starting with "s3://" and without surrounding whitespace. Spelt
+# out without look-ahead, which neither pydantic's regex engine nor the API server's (RE2) has.
+_REST = r"(.*\S)?"
+URI = (rf"^(s3://[a-z0-9]([a-z0-9.-]{{0,61}}[a-z0-9])?(/.*)?|[^s\s]{_REST}|s([^3\s]{_REST})?|s3([^:\s]{_REST})?"
+       rf"|s3:([^/\s]{_REST})?|s3:/([^/\s]{_REST})?)$")
+URL = r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)(:[0-9]{1,5})?(/[^\s]*)?$"
+REGION = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+IMAGE = r"^[a-zA-Z0-9]([a-zA-Z0-9._/:@-]*[a-zA-Z0-9])?$"
+LABEL_KEY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
+MAX_SEED = 2**32 - 1 - 64  # numpy's seed range; the generation seed gets the iteration added
+MAX_YAML_NODES = 100_000  # a manifest is a few hundred nodes
+MAX_COUNT = 10**9  # bound on free integers: CEL (int64) and the API server stay in range
 
 
 class SpecError(ValueError):
@@ -46,15 +61,16 @@ class _Model(BaseModel):
 
 
 class ModelSpec(_Model):
-    sft: str = Field(min_length=1, max_length=MAX_URI,
+    sft: str = Field(min_length=1, max_length=MAX_URI, pattern=URI,
                      description="The SFT model: first policy and the judge's fixed reference.")
 
 
 class DataSpec(_Model):
-    seed: str = Field(min_length=1, max_length=MAX_URI, description="Gold preference pairs (JSONL/Parquet).")
-    prompts: str = Field(min_length=1, max_length=MAX_URI,
+    seed: str = Field(min_length=1, max_length=MAX_URI, pattern=URI,
+                      description="Gold preference pairs (JSONL/Parquet).")
+    prompts: str = Field(min_length=1, max_length=MAX_URI, pattern=URI,
                          description="Unlabelled prompts, sliced in order across iterations.")
-    heldout: str | None = Field(default=None, min_length=1, max_length=MAX_URI,
+    heldout: str | None = Field(default=None, min_length=1, max_length=MAX_URI, pattern=URI,
                                 description="Gold pairs never trained on, to measure the judge.")
 
 
@@ -67,8 +83,8 @@ class IterationsSpec(_Model):
     @classmethod
     def _positive(cls, v: list[int] | int | None) -> list[int] | int | None:
         values = v if isinstance(v, list) else [] if v is None else [v]
-        if any(x < 1 for x in values):
-            raise ValueError("must be >= 1")
+        if any(x < 1 or x > MAX_COUNT for x in values):
+            raise ValueError(f"must be between 1 and {MAX_COUNT}")
         return v
 
     def per_iteration(self) -> list[int]:
@@ -85,7 +101,7 @@ class GenerationSpec(_Model):
     max_new_tokens: int = Field(default=300, ge=1, le=32768)
     backend: Literal["vllm", "transformers"] = "vllm"
     shards: int = Field(default=1, ge=1, le=1024)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
 
 class JudgeSpec(_Model):
@@ -98,7 +114,7 @@ class JudgeSpec(_Model):
 
 class LoraSpec(_Model):
     r: int = Field(default=16, ge=1, le=1024)
-    alpha: int = Field(default=32, ge=1)
+    alpha: int = Field(default=32, ge=1, le=65536)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
@@ -145,7 +161,7 @@ class TrainingSpec(_Model):
     micro_batch_size: int = Field(default=0, ge=0, le=65536, description="Per-device batch; 0 = batchSize.")
     max_length: int = Field(default=2048, ge=8, le=1 << 20)
     max_prompt_length: int = Field(default=1024, ge=4, le=1 << 20)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     lora: LoraSpec | None = None
     refinement: RefinementSpec = RefinementSpec()
     strategy: Literal["auto", "fsdp", "deepspeed", "ddp"] = Field(
@@ -165,15 +181,44 @@ class TrainingSpec(_Model):
 
 
 class SecretRef(_Model):
-    name: str = Field(min_length=1, max_length=MAX_NAME)
+    name: str = Field(min_length=1, max_length=MAX_NAME, pattern=DNS_NAME)
 
 
 class StorageSpec(_Model):
-    uri: str = Field(min_length=1, max_length=MAX_URI,
+    uri: str = Field(min_length=1, max_length=MAX_URI, pattern=URI,
                      description="s3://bucket/prefix (in a cluster); spa run also takes a local path.")
-    endpoint: str | None = Field(default=None, min_length=1, max_length=MAX_URI)
-    region: str | None = Field(default=None, min_length=1, max_length=64)
+    endpoint: str | None = Field(default=None, min_length=1, max_length=MAX_URI, pattern=URL)
+    region: str | None = Field(default=None, min_length=1, max_length=64, pattern=REGION)
     secret_ref: SecretRef | None = None
+
+
+class Toleration(_Model):
+    """A Kubernetes Toleration, checked as the API server checks it."""
+
+    cel_rules: ClassVar[list[dict[str, str]]] = [
+        {"rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+         "message": "value must be empty when operator is Exists"},
+        {"rule": "has(self.key) || (has(self.operator) && self.operator == 'Exists')",
+         "message": "operator must be Exists when key is empty"},
+    ]
+
+    key: str | None = Field(default=None, max_length=316, pattern=LABEL_KEY,
+                            description="Taint key (a label key); absent with operator Exists: every taint.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: str | None = Field(default=None, max_length=63, pattern=LABEL_VALUE,
+                              description="Taint value (a label value); empty with operator Exists.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute", ""] | None = Field(
+        default=None, description="NoSchedule, PreferNoSchedule or NoExecute; absent: all effects.")
+    toleration_seconds: int | None = Field(default=None, ge=0, le=MAX_COUNT,
+                                           description="How long a NoExecute taint is tolerated.")
+
+    @model_validator(mode="after")
+    def _exists_has_no_value(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("value must be empty when operator is Exists")
+        if self.key is None and self.operator != "Exists":
+            raise ValueError("operator must be Exists when key is empty")
+        return self
 
 
 class StageResources(_Model):
@@ -194,9 +239,11 @@ class StageResources(_Model):
                                              "memory). Absent: the pod's memory limit.")
     cpu: str | None = Field(default=None, max_length=64, pattern=QUANTITY)
     memory: str | None = Field(default=None, max_length=64, pattern=QUANTITY)
-    node_selector: dict[str, str] | None = Field(default=None, max_length=64)
-    tolerations: list[dict[str, Any]] | None = Field(default=None, max_length=64)
-    image: str | None = Field(default=None, min_length=1, max_length=MAX_IMAGE)
+    node_selector: dict[Annotated[str, Field(max_length=316, pattern=LABEL_KEY)],
+                        Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] | None = Field(
+        default=None, max_length=64)
+    tolerations: list[Toleration] | None = Field(default=None, max_length=64)
+    image: str | None = Field(default=None, min_length=1, max_length=MAX_IMAGE, pattern=IMAGE)
 
 
 class ResourcesSpec(_Model):
@@ -233,8 +280,8 @@ class AlignmentRunSpec(_Model):
     model_cache: ModelCacheSpec | None = Field(
         default=None, description="A shared model cache mounted by every stage pod instead of a per-pod emptyDir, "
                                   "so a run downloads each model once, not once per stage.")
-    image: str | None = Field(default=None, min_length=1, max_length=MAX_IMAGE)
-    image_pull_secrets: list[Annotated[str, Field(min_length=1, max_length=MAX_NAME)]] | None = Field(
+    image: str | None = Field(default=None, min_length=1, max_length=MAX_IMAGE, pattern=IMAGE)
+    image_pull_secrets: list[Annotated[str, Field(min_length=1, max_length=MAX_NAME, pattern=DNS_NAME)]] | None = Field(
         default=None, max_length=16)
     service_account_name: str | None = Field(default=None, min_length=1, max_length=MAX_NAME, pattern=DNS_NAME)
     priority_class_name: str | None = Field(default=None, min_length=1, max_length=MAX_NAME, pattern=DNS_NAME)
@@ -321,6 +368,38 @@ def parse_run(doc: Any, source: str | None = None, strict: bool = False) -> Alig
         raise SpecError(path or "(document)", msg, source) from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as the API server reads it: a duplicate key is an error (not "the last one wins"). Aliases are fine
+    (kubectl expands them), but a document whose aliases expand past MAX_YAML_NODES nodes is refused: an alias bomb
+    turns a few hundred bytes into gigabytes."""
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+
+        def expanded(n: Any) -> int:  # nodes after expanding every alias; shared subtrees are counted once each use
+            if id(n) not in sizes:
+                children = [c for kv in n.value for c in kv] if isinstance(n, yaml.MappingNode) else \
+                    n.value if isinstance(n, yaml.SequenceNode) else []
+                sizes[id(n)] = 1 + sum(expanded(c) for c in children)
+            return sizes[id(n)]
+
+        if node is not None and expanded(node) > MAX_YAML_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"its aliases expand to more than {MAX_YAML_NODES} nodes (an alias bomb?)",
+                node.start_mark)
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_run(path: str | Path) -> AlignmentRun:
     path = Path(path)
     try:
@@ -328,10 +407,13 @@ def load_run(path: str | Path) -> AlignmentRun:
     except FileNotFoundError:
         raise SpecError("(file)", "not found", str(path)) from None
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
     except yaml.YAMLError as e:
-        raise SpecError("(document)", f"not valid YAML: {e}", str(path)) from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError("(document)", f"not valid YAML: {problem}{where}", str(path)) from None
     runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
     if len(runs) != 1:
         raise SpecError("kind", f"expected exactly one {KIND} document, found {len(runs)}", str(path))
-    return parse_run(runs[0], str(path))
+    return parse_run(runs[0], str(path), strict=True)  # as strictly as the API server: "3" is not a number

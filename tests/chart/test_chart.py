@@ -146,7 +146,9 @@ def test_rbac_least_privilege_and_scope(rendered):
         for rule in role["rules"]:
             for field in ("verbs", "resources", "apiGroups"):
                 assert "*" not in rule.get(field, []), (role["metadata"]["name"], rule)
-            assert "delete" not in rule["verbs"] and "deletecollection" not in rule["verbs"]
+            assert "deletecollection" not in rule["verbs"]
+            if "delete" in rule["verbs"]:  # only what the operator made: Jobs and their pods
+                assert set(rule["resources"]) <= {"jobs", "pods"}, rule
             if "secrets" in rule["resources"]:
                 assert rule["verbs"] == ["get"]
     (cluster_role,) = by_kind(docs, "ClusterRole")
@@ -163,6 +165,9 @@ def test_rbac_least_privilege_and_scope(rendered):
     else:
         assert not by_kind(docs, "Role")
         assert {"jobs", "services", "secrets", "alignmentruns", "alignmentruns/status", "events"} <= cluster_resources
+    # Jobs set blockOwnerDeletion on their run: OwnerReferencesPermissionEnforcement needs update on finalizers.
+    for role in (by_kind(docs, "Role") or [cluster_role]):
+        assert any("alignmentruns/finalizers" in r["resources"] and r["verbs"] == ["update"] for r in role["rules"])
 
 
 def test_worker_service_account_has_no_binding(rendered):
@@ -308,3 +313,18 @@ def test_storage_defaults_from_values_reach_the_operator():
                                                   "region": "eu-west-1", "secretRef": {"name": "s3-creds"}}
     bad = run(tool("helm"), "template", "spa", str(CHART), "--set", "storage.uri=/mnt/runs")
     assert bad.returncode != 0 and "storage" in bad.stderr
+
+
+def test_worker_image_allow_list_and_pending_timeout_reach_the_operator(monkeypatch):
+    docs = helm_template("--set", "worker.allowedImages={registry.example.com/ml/,ghcr.io/spa-operator/}",
+                         "--set", "operator.pendingTimeoutSeconds=600", include_crds=False)
+    (dep,) = by_kind(docs, "Deployment")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SPA_ALLOWED_IMAGES"] == "registry.example.com/ml/,ghcr.io/spa-operator/"
+    assert env["SPA_PENDING_TIMEOUT_S"] == "600" and "SPA_QUEUED_TIMEOUT_S" not in env
+    # The operator reads them as the chart writes them.
+    for key in ("SPA_ALLOWED_IMAGES", "SPA_PENDING_TIMEOUT_S"):
+        monkeypatch.setenv(key, env[key])
+    cfg = kube.Config.from_env()
+    assert cfg.allowed_images == ("registry.example.com/ml/", "ghcr.io/spa-operator/")
+    assert cfg.pending_timeout_s == 600.0 and cfg.queued_timeout_s is None

@@ -55,6 +55,11 @@ class Emulator(kmock.KubernetesEmulator):
     """kmock plus what the operator relies on from a real API server."""
 
     validate_runs: bool = True
+    # OwnerReferencesPermissionEnforcement (OpenShift): an ownerReference with blockOwnerDeletion needs `update` on
+    # the owner's finalizers subresource; the operator "has" it when this is True.
+    enforce_owner_refs: bool = False
+    finalizers_granted: bool = False
+    deletions: dict[str, str] = attrs.field(factory=dict)  # Job name -> propagationPolicy of its DELETE ("" if none)
     _rv: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
     _inflight: set[int] = attrs.field(factory=set, init=False)
     # (method, user agent, resource plural, subresource) of every request, for counting writes.
@@ -66,6 +71,17 @@ class Emulator(kmock.KubernetesEmulator):
                          request.subresource))
         # kmock matches each request against every request it has kept (O(n²) over a test): keep only those in
         # flight, which its matching needs; `log` above is the history.
+        if request.method.value.upper() == "DELETE" and plural == "jobs" and request.name:
+            options = request.data if isinstance(request.data, dict) else {}
+            self.deletions[request.name] = request.params.get("propagationPolicy") or \
+                options.get("propagationPolicy") or ""
+        if (request.method.value.upper() == "POST" and plural == "jobs" and self.enforce_owner_refs
+                and not self.finalizers_granted and isinstance(request.data, dict)
+                and any(o.get("blockOwnerDeletion") for o in request.data.get("metadata", {}).get("ownerReferences")
+                        or [])):
+            raise kmock.KubernetesError(status=403, reason="Forbidden",
+                                        message="cannot set blockOwnerDeletion if an ownerReference refers to a "
+                                                "resource you can't set finalizers on")
         self._inflight.add(id(request))
         self._requests[:] = [r for r in self._requests if id(r) in self._inflight]
         try:
@@ -138,6 +154,7 @@ def register(emulator: kmock.KubernetesEmulator) -> None:
     emulator.resources["v1/events"] = info(kind="Event", namespaced=True, verbs=VERBS)
     emulator.resources["v1/secrets"] = info(kind="Secret", namespaced=True, verbs=VERBS)
     emulator.resources["v1/services"] = info(kind="Service", namespaced=True, verbs=VERBS)
+    emulator.resources["v1/pods"] = info(kind="Pod", namespaced=True, verbs=VERBS, subresources={"status"})
     emulator.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs=VERBS)
 
 
@@ -197,6 +214,10 @@ class Cluster:
                 out[name] = json.loads(json.dumps(obj.raw))
         return out
 
+    def pods(self, ns: str = "ns") -> dict[str, dict[str, Any]]:
+        return {name: json.loads(json.dumps(obj.raw)) for (res, n, name), obj in list(self.emulator.objects.items())
+                if res == "v1/pods" and n == ns and not obj.deleted}
+
     def all_jobs_ever(self) -> list[str]:
         return sorted(name for (res, _, name) in self.emulator.objects if res == JOBS)
 
@@ -220,7 +241,8 @@ async def start_cluster(validate_runs: bool = True) -> Any:
 
 # --------------------------------------------------------------------------------------------- the Job controller
 
-Fault = Callable[[dict[str, Any], int, int], "str | None"]  # (job, index, pod attempt) -> None|fail|disrupt|hang
+# (job, index, pod attempt) -> None | fail | bad-input | disrupt | "pending:<waiting reason>" (the pod never starts)
+Fault = Callable[[dict[str, Any], int, int], "str | None"]
 
 
 @dataclass
@@ -249,32 +271,54 @@ class Harness:
     pods: list[tuple[str, int, int, int]] = field(default_factory=list)  # (job, index, pod attempt, exit)
     _tasks: dict[str, asyncio.Task] = field(default_factory=dict)
     _procs: dict[str, set[asyncio.subprocess.Process]] = field(default_factory=dict)
+    _pods: dict[str, set[str]] = field(default_factory=dict)  # job -> its pod objects
+    _orphaned: dict[str, Any] = field(default_factory=dict)  # job deleted without propagation -> its pods' task
     _slots: asyncio.Semaphore | None = None
     _watch: asyncio.Task | None = None
+    _pod_watch: asyncio.Task | None = None
+    _pod_procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)  # pod -> its container
+    ended: dict[str, float] = field(default_factory=dict)  # pod -> time its container ended
 
     async def __aenter__(self) -> Harness:
         self._slots = asyncio.Semaphore(self.max_pods)
         self._watch = asyncio.create_task(self._watch_jobs())
+        self._pod_watch = asyncio.create_task(self._stream("/api/v1/pods?watch=true", self._on_pod_event))
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
         if self._watch:
             self._watch.cancel()
+        if self._pod_watch:
+            self._pod_watch.cancel()
         for name in list(self._tasks):
+            await self._kill(name)
+        for name, task in list(self._orphaned.items()):
+            self._tasks[name] = task
             await self._kill(name)
         with contextlib.suppress(asyncio.CancelledError, Exception):
             if self._watch:
                 await self._watch
 
     async def _watch_jobs(self) -> None:
-        url = self.cluster.url + "/apis/batch/v1/jobs?watch=true"
+        await self._stream("/apis/batch/v1/jobs?watch=true", self._on_event)
+
+    async def _on_pod_event(self, event: dict[str, Any]) -> None:
+        """A pod deleted (by the operator, an orphan) stops its container, as the kubelet would."""
+        if event.get("type") == "DELETED":
+            proc = self._pod_procs.get((event.get("object") or {}).get("metadata", {}).get("name", ""))
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+
+    async def _stream(self, path: str, handle: Callable[[dict[str, Any]], Any]) -> None:
+        url = self.cluster.url + path
         while True:
             try:
                 async with self.cluster.session.get(url, headers={"User-Agent": "harness"},
                                                     timeout=aiohttp.ClientTimeout(total=None)) as r:
                     async for line in r.content:
                         if line.strip():
-                            await self._on_event(json.loads(line))
+                            await handle(json.loads(line))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # reconnect, like a controller would
@@ -285,7 +329,13 @@ class Harness:
         job = event.get("object") or {}
         name = job.get("metadata", {}).get("name", "")
         if event.get("type") == "DELETED":
-            await self._kill(name)
+            # As the garbage collector does: with a propagation policy the pods go with the Job; without one (the
+            # API's default for Jobs) they are orphaned and run on.
+            if self.cluster.emulator.deletions.get(name) in ("Foreground", "Background"):
+                await self._kill(name)
+                await self._delete_pods(name)
+            else:
+                self._orphaned[name] = self._tasks.pop(name, None)
             return
         status = job.get("status") or {}
         if any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
@@ -314,6 +364,36 @@ class Harness:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+    async def _api(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+        async with self.cluster.session.request(method, self.cluster.url + path,
+                                                data=None if body is None else json.dumps(body),
+                                                headers={"Content-Type": content_type, "User-Agent": "harness"}) as r:
+            text = await r.text()
+            return json.loads(text) if text else None
+
+    async def _pod(self, job: dict[str, Any], index: int, pod_attempt: int, status: dict[str, Any]) -> str:
+        """Create the pod object (labels and annotations from the Job's template, as the Job controller does)."""
+        meta, template = job["metadata"], job["spec"]["template"]
+        name = f"{meta['name']}-{index}-{pod_attempt}"
+        body = {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": meta["namespace"],
+                             "labels": {**template["metadata"].get("labels", {}), "job-name": meta["name"]},
+                             "annotations": dict(template["metadata"].get("annotations", {})),
+                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                                                  "uid": meta.get("uid", ""), "controller": True}]},
+                "spec": template["spec"], "status": status}
+        await self._api("POST", f"/api/v1/namespaces/{meta['namespace']}/pods", body)
+        self._pods.setdefault(meta["name"], set()).add(name)
+        return name
+
+    async def _pod_phase(self, job: dict[str, Any], pod: str, phase: str) -> None:
+        path = f"/api/v1/namespaces/{job['metadata']['namespace']}/pods/{pod}/status"
+        await self._api("PATCH", path, {"status": {"phase": phase}}, "application/merge-patch+json")
+
+    async def _delete_pods(self, job: str) -> None:
+        for pod in self._pods.pop(job, set()):
+            await self._api("DELETE", f"/api/v1/namespaces/ns/pods/{pod}")
 
     async def _write(self, job: dict[str, Any], status: dict[str, Any]) -> None:
         meta = job["metadata"]
@@ -443,42 +523,56 @@ class Harness:
 
     async def _run_pod(self, job: dict[str, Any], index: int, pod_attempt: int, gang: bool = False,
                        extra_env: dict[str, str] | None = None) -> PodResult:
-        name = job["metadata"]["name"]
         verdict = self.fault(job, index, pod_attempt) if self.fault else None
+        if verdict and verdict.startswith("pending:"):  # never starts: stays Pending until its Job is deleted
+            await self._pod(job, index, pod_attempt, {"phase": "Pending", "containerStatuses": [
+                {"name": "worker", "ready": False, "state": {"waiting": {"reason": verdict.split(":", 1)[1]}}}]})
+            await asyncio.Event().wait()
         assert self._slots is not None
         async with contextlib.nullcontext() if gang else self._slots:  # a gang's pods must all run to meet
-            if verdict in ("fail", "bad-input"):  # the container exits at once: 1, or 2 for bad input
-                code = 2 if verdict == "bad-input" else 1
-                self.pods.append((name, index, pod_attempt, code))
-                return PodResult(code)
-            container = job["spec"]["template"]["spec"]["containers"][0]
-            cmd = list(container["command"])
-            assert cmd[0] == "spa-worker", cmd
-            cmd = [sys.executable, str(STUB_WORKER), *cmd[1:]] if self.stub else \
-                [sys.executable, "-m", "spa_workers.cli", *cmd[1:]]
-            scratch = Path(tempfile.mkdtemp(prefix=f"{name}-{index}-", dir=self.logdir))
-            env = {**self._pod_env(job, index, scratch), **(extra_env or {})}
-            if self.stub:
-                env["STUB_SECONDS"] = str(self.stub_seconds)
-            logf = open(self.logdir / f"{name}-{index}-{pod_attempt}.log", "wb")  # noqa: SIM115
-            proc = await asyncio.create_subprocess_exec(*cmd, stdout=logf, stderr=asyncio.subprocess.STDOUT,
-                                                        env=env, cwd=str(scratch))
-            self._procs.setdefault(name, set()).add(proc)
-            try:
-                if verdict == "disrupt":  # preempted a moment after it started
-                    try:
-                        await asyncio.wait_for(proc.wait(), 0.5)
-                    except TimeoutError:
-                        proc.kill()
-                        await proc.wait()
-                    self.pods.append((name, index, pod_attempt, 137))
-                    return PodResult(137, disrupted=True)
-                code = await proc.wait()
-            finally:
-                self._procs[name].discard(proc)
-                logf.close()
+            pod = await self._pod(job, index, pod_attempt, {"phase": "Running", "startTime": now_iso()})
+            result = await self._run_container(job, index, pod_attempt, verdict, pod, extra_env or {})
+            await self._pod_phase(job, pod, "Succeeded" if result.exit_code == 0 else "Failed")
+            return result
+
+    async def _run_container(self, job: dict[str, Any], index: int, pod_attempt: int, verdict: str | None,
+                             pod: str, extra_env: dict[str, str]) -> PodResult:
+        name = job["metadata"]["name"]
+        if verdict in ("fail", "bad-input"):  # the container exits at once: 1, or 2 for bad input
+            code = 2 if verdict == "bad-input" else 1
             self.pods.append((name, index, pod_attempt, code))
             return PodResult(code)
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        cmd = list(container["command"])
+        assert cmd[0] == "spa-worker", cmd
+        cmd = [sys.executable, str(STUB_WORKER), *cmd[1:]] if self.stub else \
+            [sys.executable, "-m", "spa_workers.cli", *cmd[1:]]
+        scratch = Path(tempfile.mkdtemp(prefix=f"{name}-{index}-", dir=self.logdir))
+        env = {**self._pod_env(job, index, scratch), **extra_env}
+        if self.stub:
+            env["STUB_SECONDS"] = str(self.stub_seconds)
+        logf = open(self.logdir / f"{name}-{index}-{pod_attempt}.log", "wb")  # noqa: SIM115
+        proc = await asyncio.create_subprocess_exec(*cmd, stdout=logf, stderr=asyncio.subprocess.STDOUT,
+                                                    env=env, cwd=str(scratch))
+        self._procs.setdefault(name, set()).add(proc)
+        self._pod_procs[pod] = proc
+        try:
+            if verdict == "disrupt":  # preempted a moment after it started
+                try:
+                    await asyncio.wait_for(proc.wait(), 0.5)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+                self.pods.append((name, index, pod_attempt, 137))
+                return PodResult(137, disrupted=True)
+            code = await proc.wait()
+        finally:
+            self._procs[name].discard(proc)
+            self._pod_procs.pop(pod, None)
+            self.ended[pod] = time.monotonic()
+            logf.close()
+        self.pods.append((name, index, pod_attempt, code))
+        return PodResult(code)
 
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.logdir.glob("*.log")))

@@ -106,9 +106,28 @@ def _cel_errors(node_schema: dict[str, Any], value: Any, path: str, old: Any = N
     return errors
 
 
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _out_of_int64(value: Any, path: str) -> list[tuple[str, str]]:
+    """The API server decodes JSON integers as int64 and refuses larger ones; celpy would overflow on them."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [] if INT64[0] <= value <= INT64[1] else [(path or "(root)", "integer out of the int64 range")]
+    if isinstance(value, dict):
+        return [e for k, v in value.items() for e in _out_of_int64(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in _out_of_int64(v, f"{path}[{i}]")]
+    return []
+
+
 def errors(doc: dict[str, Any]) -> list[tuple[str, str]]:
     """(field path, message) for everything the API server would reject in a new AlignmentRun (after defaulting)."""
     doc = defaulted(doc)
+    overflow = _out_of_int64(doc, "")
+    if overflow:  # refused when the request is decoded, before any schema check
+        return [(p.rsplit("[", 1)[0] if p.endswith("]") else p, m) for p, m in overflow]
     out = [(_error_path(e), e.message) for e in _validator().iter_errors(doc)]
     if not out:  # the API server evaluates CEL rules only on schema-valid objects
         out = _cel_errors(schema(), doc, "")

@@ -81,6 +81,33 @@ INVALID = [
     (with_(("spec.queueName", "Bad_Queue")), "spec.queueName"),
     (with_(("spec.imagePullSecrets", [f"s{i}" for i in range(17)])), "spec.imagePullSecrets"),
     (with_(("spec.stageDeadlineSeconds", 10)), "spec.stageDeadlineSeconds"),
+    # Issue 10: accepted by the CRD and the operator before.
+    (with_(("spec.storage.uri", "s3://")), "spec.storage.uri"),
+    (with_(("spec.storage.uri", "s3:///runs")), "spec.storage.uri"),
+    (with_(("spec.model.sft", "   ")), "spec.model.sft"),
+    (with_(("spec.data.seed", "s3://")), "spec.data.seed"),
+    (with_(("spec.storage.secretRef", {"name": "../../other/secrets/aws"})), "spec.storage.secretRef.name"),
+    (with_(("spec.imagePullSecrets", ["Not A Name"])), "spec.imagePullSecrets[0]"),
+    (with_(("spec.storage.endpoint", "minio:9000")), "spec.storage.endpoint"),
+    (with_(("spec.storage.endpoint", "http://minio host")), "spec.storage.endpoint"),
+    (with_(("spec.storage.region", "us east/1")), "spec.storage.region"),
+    (with_(("spec.image", "registry/worker:1 --privileged")), "spec.image"),
+    (with_(("spec.resources", {"train": {"image": "a b"}})), "spec.resources.train.image"),
+    (with_(("spec.resources", {"train": {"cpu": "-4"}})), "spec.resources.train.cpu"),
+    (with_(("spec.resources", {"train": {"memory": "-1Gi"}})), "spec.resources.train.memory"),
+    (with_(("spec.resources", {"train": {"nodeSelector": {"gpu": "a100/80gb"}}})),
+     "spec.resources.train.nodeSelector.gpu"),
+    (with_(("spec.resources", {"train": {"tolerations": [{"key": "gpu", "operator": "Sometimes"}]}})),
+     "spec.resources.train.tolerations[0].operator"),
+    (with_(("spec.resources", {"train": {"tolerations": [{"key": "gpu", "effect": "Never"}]}})),
+     "spec.resources.train.tolerations[0].effect"),
+    (with_(("spec.resources", {"train": {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "x"}]}})),
+     "spec.resources.train.tolerations[0]"),
+    (with_(("spec.generation.seed", 2**32)), "spec.generation.seed"),
+    (with_(("spec.training.seed", 2**40)), "spec.training.seed"),
+    (with_(("spec.training.lora", {"alpha": 2**63})), "spec.training.lora.alpha"),
+    (with_(("spec.iterations", {"count": 1, "promptsPerIteration": 2**64})), "spec.iterations.promptsPerIteration"),
+    (with_(("spec.iterations", {"count": 1, "promptsPerIteration": [2**70]})), "spec.iterations.promptsPerIteration"),
 ]
 IDS = [f"{i:02d}-{field}" for i, (_, field) in enumerate(INVALID)]
 
@@ -209,3 +236,26 @@ def test_spec_is_immutable_once_started_except_suspend():
     edited = copy.deepcopy(not_started)
     edited["spec"]["training"] = {"beta": 0.5}
     assert crdcheck.update_errors(not_started, edited) == []
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("apiVersion: spa.dev/v1alpha1\nkind: AlignmentRun\nmetadata: {name: r}\nspec:\n  model: {sft: /m}\n"
+     "  data: {seed: /s, prompts: /p}\n  model: {sft: /other}\n", "duplicate key 'model'"),
+    ("apiVersion: spa.dev/v1alpha1\nkind: AlignmentRun\nmetadata: {name: r}\nx0: &a0 [1, 1, 1, 1, 1, 1, 1, 1]\n"
+     + "".join(f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 8)}]\n" for i in range(1, 9))
+     + "spec: {model: {sft: /m}, data: {seed: /s, prompts: /p}}\n", "alias bomb"),
+    ("apiVersion: spa.dev/v1alpha1\nkind: AlignmentRun\nmetadata: {name: r}\n"
+     "spec: {model: {sft: /m}, data: {seed: /s, prompts: /p}, iterations: {count: '3'}}\n", "spec.iterations.count"),
+    ("apiVersion: spa.dev/v1alpha1\nkind: AlignmentRun\nmetadata: {name: r}\n"
+     "spec: {model: {sft: '  '}, data: {seed: /s, prompts: /p}}\n", "spec.model.sft"),
+])
+def test_spa_plan_refuses_what_the_cluster_refuses(tmp_path, capsys, text, message):
+    """`spa plan` / `spa run` read a manifest as the API server does: duplicate keys and YAML aliases (alias bombs)
+    are refused by the loader, and the spec is parsed as strictly (no "3" for 3); the error names the problem."""
+    from spa_operator import cli
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    assert cli.main(["plan", str(path), "--storage", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()), err

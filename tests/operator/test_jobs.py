@@ -4,6 +4,8 @@ fit in 63 characters."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import kubernetes_validate
 import pytest
 from spa_operator import jobs
@@ -109,8 +111,10 @@ def test_job_names_are_deterministic_and_fit():
     # Two long names that share a 63-char prefix still get different Jobs (the hash is of the whole name).
     assert jobs.job_name(long + "x", 1, "train", 1) != jobs.job_name(long + "y", 1, "train", 1)
     assert jobs.job_name(long, 1, "train", 1).endswith("-i01-train-a1")
+    # A name the rule changes keeps a hash of itself: `team.a` and `team-a` never share Job names (issue 10, #2).
     dotted = jobs.job_name("team.run.v2", 1, "train", 1)
-    assert dotted == "team-run-v2-i01-train-a1"
+    assert dotted.startswith("team-run-v2-") and dotted.endswith("-i01-train-a1")
+    assert dotted != jobs.job_name("team-run-v2", 1, "train", 1) == "team-run-v2-i01-train-a1"
     assert len(jobs.run_label("r" * 100)) <= 63
 
 
@@ -199,3 +203,21 @@ def test_bad_input_is_told_apart_from_a_gang_disruption():
                                              ("500m", 0.5), ("64", 64)])
 def test_quantity_value(text, value):
     assert jobs.quantity_value(text) == value
+
+
+def test_worker_pods_are_hardened_and_tolerations_rendered():
+    """Worker pods run as the worker image's non-root user (Dockerfile.worker, uid 10001) under Pod Security
+    "restricted"; typed tolerations render as Kubernetes Tolerations."""
+    spec = parse_run({**DOC, "spec": {**DOC["spec"], "resources": {"train": {
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "nodeSelector": {"gpu.example.com/type": "a100"}}}}}).spec
+    stage = next(s for s in stage_graph(spec, ROOT) if s.stage == "train")
+    job = jobs.build_job(stage, 1, RUN, spec)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = pod["containers"][0]["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    kubernetes_validate.validate(job, desired_version=kubernetes_validate.latest_version(), strict=True)
+    assert "USER 10001" in (Path(__file__).resolve().parents[2] / "Dockerfile.worker").read_text()

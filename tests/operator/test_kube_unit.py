@@ -14,7 +14,7 @@ import pytest
 from cluster import Harness, pod_base_env
 from operator_runner import OperatorRunner
 from runs import phase, tiny_run, wait_for
-from spa_operator import kube
+from spa_operator import kube, reconcile
 
 
 def test_operator_imports_without_torch():
@@ -42,7 +42,7 @@ def test_job_view_reads_job_conditions():
 
 
 def test_merge_patch_and_spec_difference():
-    assert kube._merge_patch({"a": 1, "b": [1], "c": 3}, {"a": 1, "b": [1, 2]}) == {"b": [1, 2], "c": None}
+    assert reconcile.merge_patch({"a": 1, "b": [1], "c": 3}, {"a": 1, "b": [1, 2]}) == {"b": [1, 2], "c": None}
     ignore = {"spec.suspend"}
     assert kube.first_difference({"suspend": False}, {"suspend": True}, "spec", ignore) is None
     assert kube.first_difference({"training": {"beta": 0.1}, "suspend": False},
@@ -135,22 +135,25 @@ async def test_job_created_and_deleted_between_two_reconciles_is_retried(cluster
 @pytest.mark.asyncio
 async def test_api_client_sends_the_configured_token_and_maps_answers():
     """KubeApi against a recording HTTP server: the kubernetes-client Configuration's token (refreshed through its
-    hook, as in-cluster tokens are) goes in the header; 409 on create means 'exists', 404 on a Secret means None,
-    other errors raise ApiError with the status and no response body."""
+    hook, as in-cluster tokens are) goes in the header; 409 on create reads the existing object's controlling owner,
+    404 on a Secret means None, other errors raise ApiError with the status and no response body; names are quoted
+    into the path, so a Secret name cannot reach another namespace."""
     import base64
 
     import kubernetes
     from aiohttp import web
 
     seen: list[tuple[str, str, str | None, str | None, bytes]] = []
-    answers = {"POST": [201, 409, 422], "GET": [404, 200], "PATCH": [200]}
+    answers = {"POST": [201, 409, 422], "GET": [200, 404, 200, 404], "PATCH": [200]}
 
     async def handle(request: web.Request) -> web.Response:
         body = await request.read()
-        seen.append((request.method, request.path, request.headers.get("authorization"),
+        seen.append((request.method, request.raw_path, request.headers.get("authorization"),
                      request.headers.get("Content-Type"), body))
         status = answers[request.method].pop(0)
-        data = {"data": {"key": base64.b64encode(b"value").decode()}} if status == 200 else {"message": "echo"}
+        data = {"data": {"key": base64.b64encode(b"value").decode()},
+                "metadata": {"ownerReferences": [{"uid": "u1", "controller": True}]}} if status == 200 \
+            else {"message": "echo"}
         return web.json_response(data, status=status)
 
     app = web.Application()
@@ -166,25 +169,28 @@ async def test_api_client_sends_the_configured_token_and_maps_answers():
     conf.api_key = {"authorization": "Bearer t0"}
     conf.refresh_api_key_hook = lambda c: c.api_key.update(authorization=f"Bearer t{next(calls)}")
     api = kube.KubeApi(conf)
-    job = {"metadata": {"name": "j", "namespace": "ns"}}
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": "ns"}}
     try:
-        assert await api.create_job(job) == "created"
-        assert await api.create_job(job) == "exists"
+        assert await api.create(job) is None
+        assert await api.create(job) == "u1"  # exists: owned by the run with uid u1
         with pytest.raises(kube.ApiError) as err:
-            await api.create_job(job)
+            await api.create(job)
         assert err.value.status == 422 and "echo" not in str(err.value)
         assert kube.api_error(err.value) == "API error 422: Unprocessable Entity"
         assert await api.read_secret("ns", "missing") is None
         assert await api.read_secret("ns", "creds") == {"key": "value"}
+        assert await api.read_secret("ns", "../../other/secrets/aws") is None
         await api.patch_status("ns", "r", {"phase": "Running"})
     finally:
         await api.close()
         await runner.cleanup()
-    assert [(m, p) for m, p, *_ in seen] == [("POST", "/apis/batch/v1/namespaces/ns/jobs")] * 3 + [
+    jobs_path = "/apis/batch/v1/namespaces/ns/jobs"
+    assert [(m, p) for m, p, *_ in seen] == [("POST", jobs_path)] * 2 + [("GET", f"{jobs_path}/j"), ("POST", jobs_path),
         ("GET", "/api/v1/namespaces/ns/secrets/missing"), ("GET", "/api/v1/namespaces/ns/secrets/creds"),
+        ("GET", "/api/v1/namespaces/ns/secrets/..%2F..%2Fother%2Fsecrets%2Faws"),
         ("PATCH", "/apis/spa.dev/v1alpha1/namespaces/ns/alignmentruns/r/status")]
     tokens = [auth for _, _, auth, _, _ in seen]
-    assert tokens == [f"Bearer t{i}" for i in range(1, 7)], tokens  # refreshed before every call
+    assert tokens == [f"Bearer t{i}" for i in range(1, 9)], tokens  # refreshed before every call
     assert seen[-1][3] == "application/merge-patch+json" and seen[-1][4] == b'{"status": {"phase": "Running"}}'
 
 

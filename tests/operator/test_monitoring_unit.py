@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import kubernetes_validate
 from prometheus_client import generate_latest
-from spa_operator import jobs, kube
+from spa_operator import jobs, kube, reconcile
 
 
 def _series(metrics: kube.Metrics, name: str) -> dict[tuple, float]:
@@ -15,20 +15,19 @@ def _series(metrics: kube.Metrics, name: str) -> dict[tuple, float]:
 
 def test_running_stage_gauge_follows_status():
     m = kube.Metrics()
-    ctl = kube.Controller.__new__(kube.Controller)
-    ctl.metrics = m
+    export = lambda st: m.export("ns", "r", reconcile.metric_values(st))  # noqa: E731
     status = {"phase": "Running", "iteration": 1, "stage": "judge", "progress": 0.5, "stages": [
         {"name": "iter-01/generate", "iteration": 1, "stage": "generate", "state": "Succeeded",
          "startTime": "2026-01-01T00:00:00Z"},
         {"name": "iter-01/judge", "iteration": 1, "stage": "judge", "state": "Running",
          "startTime": "2026-01-01T01:00:00Z"}]}
-    ctl._export("ns", "r", status)
+    export(status)
     series = _series(m, "spa_run_stage_started_timestamp_seconds")
     key = (("iteration", "1"), ("namespace", "ns"), ("run", "r"), ("stage", "judge"))
     assert series == {key: 1767229200.0}
-    ctl._export("ns", "r", {**status, "phase": "Succeeded", "stages": []})
+    export({**status, "phase": "Succeeded", "stages": []})
     assert _series(m, "spa_run_stage_started_timestamp_seconds") == {}
-    ctl._export("ns", "r", status)
+    export(status)
     m.forget("ns", "r")
     assert _series(m, "spa_run_stage_started_timestamp_seconds") == {}
     assert b"spa_run_stage_started_timestamp_seconds" in generate_latest(m.registry)

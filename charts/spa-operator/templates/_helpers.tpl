@@ -74,10 +74,21 @@ default account unless a run names one (a missing account would block the pods).
 - apiGroups: ["spa.dev"]
   resources: ["alignmentruns/status"]
   verbs: ["get", "patch", "update"]
-# One Job per stage attempt; patched only to suspend or resume.
+# Jobs carry an ownerReference with blockOwnerDeletion to their run: clusters enforcing
+# OwnerReferencesPermissionEnforcement (OpenShift) require update on the owner's finalizers for that.
+- apiGroups: ["spa.dev"]
+  resources: ["alignmentruns/finalizers"]
+  verbs: ["update"]
+# One Job per stage attempt; patched only to suspend or resume; deleted (with its pods) when a pending attempt times
+# out or its run fails.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Stage pods: why one waits (image pull, scheduling), and orphans of a Job deleted without propagation, deleted
+# before the next attempt writes to the same place.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "delete"]
 # The headless Service of a multi-node stage (stable pod DNS names for the rendezvous); owned by the run, so the
 # garbage collector deletes it.
 - apiGroups: [""]

@@ -1,0 +1,148 @@
+"""The few API calls the operator makes itself (kopf does the watching), with aiohttp on the operator's loop.
+
+Every name in a request path is quoted: a name from a run's spec (a Secret's) must not reach another path
+(`../../other/secrets/aws`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+import urllib.parse
+from typing import Any
+
+from prometheus_client import Counter
+
+from spa_operator import crd
+
+MERGE_PATCH = "application/merge-patch+json"
+PLURALS = {"Job": "jobs", "Service": "services", "Pod": "pods"}
+
+
+def _q(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+def _collection(api_version: str, kind: str, namespace: str) -> str:
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{base}/namespaces/{_q(namespace)}/{PLURALS[kind]}"
+
+
+class ApiError(Exception):
+    """An API request answered with an error status (its body is not kept: it could echo what was sent)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class KubeApi:
+    """The few API calls the operator makes itself (kopf does the watching), with aiohttp on the operator's loop.
+
+    Credentials come from a kubernetes-client Configuration (in-cluster or kubeconfig; its token refresh hook runs on
+    each call). The kubernetes client itself is not used for requests: run in threads it cost ~4x the CPU per call,
+    and the threads' GIL hand-offs delayed the event loop that reacts to Job events."""
+
+    def __init__(self, conf: Any) -> None:
+        self.conf = conf
+        self.requests: Counter | None = None
+        self._session: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _ssl(self) -> Any:
+        if not self.conf.host.startswith("https:"):
+            return None
+        if not self.conf.verify_ssl:
+            return False
+        ctx = ssl.create_default_context(cafile=self.conf.ssl_ca_cert)
+        if self.conf.cert_file:
+            ctx.load_cert_chain(self.conf.cert_file, self.conf.key_file)
+        return ctx
+
+    def _headers(self, content_type: str | None) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": "spa-operator"}
+        for auth in self.conf.auth_settings().values():  # refreshes an expiring token first
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
+        if self.conf.username or self.conf.password:
+            headers["Authorization"] = self.conf.get_basic_auth_token()
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    async def _request(self, verb: str, method: str, path: str, body: Any = None,
+                       content_type: str = "application/json") -> Any:
+        import aiohttp
+
+        if self.requests is not None:
+            self.requests.labels(verb).inc()
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._loop is not loop:  # one session per loop (tests restart operators)
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=32),
+                                                  timeout=aiohttp.ClientTimeout(total=60))
+            self._loop = loop
+        data = None if body is None else json.dumps(body)
+        async with self._session.request(method, self.conf.host.rstrip("/") + path, data=data,
+                                         headers=self._headers(content_type if data else None)) as r:
+            payload = await r.read()
+            if r.status >= 400:
+                raise ApiError(r.status, r.reason or "")
+            return json.loads(payload) if payload else None
+
+    async def close(self) -> None:
+        if self._session is not None and self._loop is asyncio.get_running_loop():
+            await self._session.close()
+        self._session = None
+
+    async def create(self, body: dict[str, Any]) -> str | None:
+        """Create a Job or Service. None: created; on 409 (it exists), the uid of its controlling owner ("" if it
+        has none), so the caller can tell its own object (a previous operator made it) from a stranger's."""
+        meta = body["metadata"]
+        path = _collection(body["apiVersion"], body["kind"], meta["namespace"])
+        try:
+            await self._request("create", "POST", path, body)
+            return None
+        except ApiError as e:
+            if e.status != 409:
+                raise
+        existing = await self._request("get", "GET", f"{path}/{_q(meta['name'])}")
+        owners = (existing or {}).get("metadata", {}).get("ownerReferences") or []
+        return next((o.get("uid", "") for o in owners if o.get("controller")), "")
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        """Delete with its dependents (pods): without a propagation policy a Job's pods are orphaned and keep
+        running. Foreground: the Job stays visible (with a deletionTimestamp) until its pods are gone."""
+        path = f"{_collection(api_version, kind, namespace)}/{_q(name)}"
+        try:
+            await self._request("delete", "DELETE", path, {"kind": "DeleteOptions", "apiVersion": "v1",
+                                                           "propagationPolicy": "Foreground"})
+        except ApiError as e:
+            if e.status != 404:
+                raise
+
+    async def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        await self._request("patch", "PATCH", f"/apis/batch/v1/namespaces/{_q(namespace)}/jobs/{_q(name)}", patch,
+                            MERGE_PATCH)
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        await self._request("patch", "PATCH", f"/apis/{crd.GROUP}/{crd.VERSION}/namespaces/{_q(namespace)}/"
+                                              f"{crd.PLURAL}/{_q(name)}/status", {"status": status}, MERGE_PATCH)
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        try:
+            secret = await self._request("get", "GET", f"/api/v1/namespaces/{_q(namespace)}/secrets/{_q(name)}")
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+        return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+
+
+def api_error(e: Exception) -> str:
+    """A one-line API error without response bodies (which could echo what was sent)."""
+    status = getattr(e, "status", None)
+    reason = getattr(e, "reason", None) or type(e).__name__
+    return f"API error {status}: {reason}" if status else f"API error: {reason}"

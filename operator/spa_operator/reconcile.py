@@ -1,0 +1,660 @@
+"""The operator's decision core: what was observed -> what to do. Pure: no I/O, no clock, no memory.
+
+`decide` takes everything the kopf layer observed about one run (its spec and current status as the API server has
+them, its Jobs and their pods, the stage manifests found in storage, whether storage and the credentials Secret
+answered, the wall clock) and returns what to do: Jobs (every object of a stage attempt) to create, Jobs and pods to
+delete, the complete new status, the Events to post and the metric values to export. The new status is computed from
+the observations every time; the kopf layer patches the difference to the status it observed, so anyone's edit of a
+status field is repaired on the next reconcile.
+
+The stage schedule itself comes from `planner.plan_next_stage`; this module turns the cluster into its
+`StageResult`s and its answer into actions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from spa_workers import contract
+from spa_workers.contract import ManifestKeys as K
+from spa_workers.contract import StageManifest
+
+from spa_operator.planner import Action, PlannedStage, StageResult, StageState, plan_next_stage
+
+PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
+PHASES = (PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED)
+STAGE_METRICS = (K.PAIRS, K.DROPPED_IDENTICAL, K.DROPPED_EMPTY, K.RESPONSES, K.REWARD_GAP, K.CONFIDENCE, K.LOSS,
+                 K.REWARD_ACCURACY, K.REFINED_FRACTION, K.HELDOUT_AGREEMENT, K.TOKENS_PER_S, "wall_s")
+SUMMED = (K.PAIRS, K.DROPPED_IDENTICAL, K.DROPPED_EMPTY, K.RESPONSES)
+QUALITY_KEYS = (K.PAIRS, K.REWARD_GAP, K.REFINED_FRACTION, K.LOSS, K.REWARD_ACCURACY, K.HELDOUT_AGREEMENT)
+CONDITION_ORDER = ("Ready", "Progressing", "Failed", "Suspended", "StorageReachable")
+QUEUED = "queued"  # the waiting reason of a Job Kueue has not admitted yet
+
+
+# ------------------------------------------------------------------------------------------------- observations
+
+
+@dataclasses.dataclass(frozen=True)
+class PodView:
+    """One pod of a run's Job, as far as the decision needs it."""
+
+    name: str
+    job: str
+    stage_key: str
+    attempt: int
+    live: bool  # not Succeeded/Failed: it may still write to storage
+    waiting: str = ""  # why it does not run: a container waiting reason or the PodScheduled reason; "" if running
+    since: float = 0.0  # wall clock (Unix s) the pod was created
+
+
+@dataclasses.dataclass(frozen=True)
+class JobView:
+    """What the decision needs from one Job."""
+
+    name: str
+    stage_key: str
+    attempt: int
+    state: str  # active | suspended | succeeded | failed
+    permanent: bool = False
+    reason: str = ""
+    owner_uid: str = ""
+    created: float = 0.0  # wall clock (Unix s)
+    deleting: bool = False  # has a deletionTimestamp: its attempt is over
+    finished_at: float = 0.0  # monotonic time the operator first saw it finished (for the latency metric)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The operator's configuration that decisions depend on."""
+
+    pending_timeout_s: float | None = None  # a pod waiting (not queued) this long fails its attempt; None: never
+    queued_timeout_s: float | None = None  # a Job Kueue has not admitted this long fails its attempt; None: never
+    allowed_images: tuple[str, ...] = ()  # image prefixes worker images must start with; empty: any
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """Everything known about one run at one moment."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int | None
+    status: Mapping[str, Any]  # the run's status as the API server has it
+    now: float  # wall clock, Unix seconds
+    graph: Sequence[PlannedStage] = ()
+    spec: Any = None  # AlignmentRunSpec; None with spec_error
+    root: str = ""
+    spec_error: str | None = None  # "field: message" for an invalid spec
+    spec_violation: str | None = None  # a field changed after the start
+    jobs: Sequence[JobView] = ()  # the Jobs labelled with this run's uid
+    pods: Sequence[PodView] = ()  # the pods labelled with this run's uid
+    seen_jobs: frozenset[str] = frozenset()  # every Job of the run a watch event has shown
+    index_complete: bool = False  # the Job list is complete: a recorded Job missing from it was deleted
+    manifests: Mapping[str, Sequence[StageManifest] | None] = dataclasses.field(default_factory=dict)
+    storage_problem: str | None = None
+    secret_problem: str | None = None
+    progress: tuple[str, float] | None = None  # (stage key, fraction) read from the heartbeat
+    create_refused: Mapping[str, str] = dataclasses.field(default_factory=dict)  # stage key -> API refusal (422)
+    create_blocked: str | None = None  # a create that may work later (403, foreign 409, API down): why
+    settings: Settings = Settings()
+
+
+# ------------------------------------------------------------------------------------------------------ decisions
+
+
+@dataclasses.dataclass(frozen=True)
+class Create:
+    stage: PlannedStage
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricValues:
+    phase: str
+    iteration: int | None
+    progress: float | None
+    running: Mapping[tuple[str, str], float]  # (iteration, stage) -> start time of each running stage
+    quality: Mapping[tuple[str, str], float]  # (iteration, metric key) -> value, for succeeded stages
+    outcomes: Sequence[tuple[str, str]] = ()  # (stage, outcome) of attempts that finished in this decision
+    durations: Sequence[tuple[str, float]] = ()  # (stage, seconds) of stages that succeeded in this decision
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    status: dict[str, Any]
+    create: tuple[Create, ...] = ()
+    delete_jobs: tuple[str, ...] = ()  # deleted with their pods (propagationPolicy Background)
+    delete_pods: tuple[str, ...] = ()  # pods left behind by a Job deleted without propagation
+    suspend_jobs: tuple[str, ...] = ()
+    resume_jobs: tuple[str, ...] = ()
+    events: tuple[Event, ...] = ()
+    metrics: MetricValues | None = None
+    requeue_s: float | None = None  # look again after this long at the latest (None: when something changes)
+    transition: bool = False  # a Job was created because another finished (latency metric)
+
+
+# ---------------------------------------------------------------------------------------------------------- time
+
+
+def iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: Any) -> float | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------- stages
+
+
+def stage_outputs(stage: PlannedStage) -> dict[str, str]:
+    out = {"dir": stage.output}
+    if stage.stage in (contract.TRAIN, contract.SEED_TRAIN):
+        out["model"] = f"{stage.output.rstrip('/')}/{contract.MODEL_SUBDIR}"
+    return out
+
+
+def compact_metrics(manifests: Sequence[StageManifest]) -> dict[str, float]:
+    """The stage's headline numbers over its shards: counts add up, the wall time is the slowest shard's, rates and
+    means are the last shard's (compact, not exact)."""
+    out: dict[str, float] = {}
+    for m in manifests:
+        merged = {**m.counts, **m.metrics, "wall_s": m.timings.get("wall_s", 0.0)}
+        for k in STAGE_METRICS:
+            v = merged.get(k)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v if k in SUMMED else max(out.get(k, v), v) if k == "wall_s" else v
+    return {k: round(float(v), 6) for k, v in out.items()}
+
+
+def _latest(views: Sequence[JobView]) -> JobView | None:
+    return max(views, key=lambda v: v.attempt) if views else None
+
+
+def manifests_to_read(obs: Observed) -> list[str]:
+    """Stage keys whose manifests the decision needs: a finished-looking stage not yet recorded as succeeded."""
+    records = _records(obs)
+    views = _views_by_stage(obs)
+    out = []
+    for stage in obs.graph:
+        rec = records.get(stage.key) or {}
+        if rec.get("state") == SUCCEEDED:
+            continue
+        latest = _latest(views.get(stage.key, []))
+        if latest is not None and latest.attempt >= int(rec.get("attempts", 0) or 0):
+            if latest.state == "succeeded":
+                out.append(stage.key)
+        elif rec.get("state") == RUNNING and _vanished(obs, rec):
+            out.append(stage.key)
+    return out
+
+
+def _vanished(obs: Observed, rec: Mapping[str, Any]) -> bool:
+    """The record's Job is not in the Job list: deleted (seen before, or the list is complete), or not yet listed."""
+    job = rec.get("job", "")
+    return job in obs.seen_jobs or obs.index_complete
+
+
+def _records(obs: Observed) -> dict[str, dict[str, Any]]:
+    keys = {s.key for s in obs.graph}
+    return {r["name"]: dict(r) for r in obs.status.get("stages") or [] if isinstance(r, Mapping)
+            and r.get("name") in keys}
+
+
+def _views_by_stage(obs: Observed) -> dict[str, list[JobView]]:
+    out: dict[str, list[JobView]] = {}
+    for v in obs.jobs:
+        if v.owner_uid in ("", obs.uid):
+            out.setdefault(v.stage_key, []).append(v)
+    return out
+
+
+def _waiting(obs: Observed, job: JobView, queued: bool) -> tuple[str, float] | None:
+    """Why the attempt's pods do not run, and since when; None if they run (or none exists yet)."""
+    if queued and job.state == "suspended":
+        return QUEUED, job.created
+    waiting = [p for p in obs.pods if p.job == job.name and p.live and p.waiting]
+    if not waiting:
+        return None
+    first = min(waiting, key=lambda p: p.since)
+    return first.waiting, first.since
+
+
+@dataclasses.dataclass
+class _Stage:
+    """One stage's reading: the planner's result and its new status record."""
+
+    result: StageResult | None
+    record: dict[str, Any] | None
+    waiting: tuple[str, float] | None = None
+    timed_out: str | None = None  # a Job to delete: its pods waited past the timeout
+
+
+def _new_record(stage: PlannedStage, job: str, attempt: int, now: float) -> dict[str, Any]:
+    return {"name": stage.key, "iteration": stage.iteration, "stage": stage.stage, "state": RUNNING,
+            "job": job, "attempts": attempt, "failures": 0, "startTime": iso(now)}
+
+
+def _fail_record(rec: dict[str, Any], failures: int, reason: str) -> None:
+    rec.update(state=FAILED, failures=failures, reason=reason[:500])
+    rec.pop("endTime", None)
+
+
+def read_stage(obs: Observed, stage: PlannedStage, rec: dict[str, Any] | None, views: list[JobView]) -> _Stage:
+    """The planner's view of one stage from its status record, its Jobs, their pods and storage."""
+    if rec is not None and rec.get("state") == SUCCEEDED:
+        return _Stage(StageResult(StageState.SUCCEEDED, metrics=dict(rec.get("metrics") or {})), rec)
+    latest = _latest(views)
+    rec_attempts = int(rec.get("attempts", 0) or 0) if rec else 0
+    rec_failures = int(rec.get("failures", 0) or 0) if rec else 0
+    if latest is None or latest.attempt < rec_attempts:
+        if rec is None:
+            return _Stage(None, None)
+        if rec.get("state") == RUNNING:
+            if not _vanished(obs, rec):
+                return _Stage(StageResult(StageState.RUNNING), rec)  # just created: its watch event is on the way
+            found = obs.manifests.get(stage.key)
+            if found:  # finished, then removed (TTL)
+                return _succeed(obs, stage, rec, found)
+            rec = dict(rec)
+            _fail_record(rec, rec_failures + 1, f"Job {rec.get('job', '')} was deleted")
+        reason = rec.get("reason", "")
+        permanent = reason.startswith("Job rejected")
+        return _Stage(StageResult(StageState.FAILED, failures=int(rec.get("failures", 0) or 0), permanent=permanent,
+                                  reason=reason), rec)
+    rec = dict(rec) if rec is not None else _new_record(stage, latest.name, latest.attempt, obs.now)
+    rec["job"], rec["attempts"] = latest.name, max(rec_attempts, latest.attempt)
+    # Every attempt before the latest failed (a new attempt starts only after one failed): Jobs of earlier
+    # attempts count even where the record missed them, and the record counts those already deleted.
+    earlier = sum(1 for v in views if v.attempt < latest.attempt)
+    counted_latest = rec.get("state") == FAILED and rec_attempts == latest.attempt
+    failures = max(rec_failures - 1 if counted_latest else rec_failures, earlier)
+    if latest.deleting:  # stopped by the operator (pending timeout) or by someone else
+        reason = rec.get("reason", "") if counted_latest else f"Job {latest.name} was deleted"
+        _fail_record(rec, failures + 1, reason)
+        return _Stage(StageResult(StageState.FAILED, failures=failures + 1, reason=reason), rec)
+    if latest.state in ("active", "suspended"):
+        rec["state"], rec["failures"] = RUNNING, failures
+        queued = obs.spec is not None and bool(obs.spec.queue_name)
+        waiting = _waiting(obs, latest, queued)
+        timeout = (obs.settings.queued_timeout_s if waiting and waiting[0] == QUEUED
+                   else obs.settings.pending_timeout_s)
+        if waiting and timeout is not None and obs.now - waiting[1] >= timeout:
+            what = "queued" if waiting[0] == QUEUED else f"pod waiting: {waiting[0]}"
+            _fail_record(rec, failures + 1, f"{what} for {int(obs.now - waiting[1])}s "
+                                            f"(pending timeout {int(timeout)}s)")
+            return _Stage(StageResult(StageState.FAILED, failures=failures + 1, reason=rec["reason"]), rec,
+                          timed_out=latest.name)
+        return _Stage(StageResult(StageState.RUNNING), rec, waiting=waiting)
+    if latest.state == "succeeded":
+        found = obs.manifests.get(stage.key)
+        if found:
+            rec["failures"] = failures
+            return _succeed(obs, stage, rec, found)
+        if stage.key not in obs.manifests:  # not read (storage trouble): cannot tell yet
+            return _Stage(StageResult(StageState.RUNNING), rec)
+        reason = f"Job {latest.name} succeeded but {stage.key} wrote no manifest"
+        _fail_record(rec, failures + 1, reason)
+        return _Stage(StageResult(StageState.FAILED, failures=failures + 1, reason=reason), rec)
+    reason = latest.reason or "Job failed"
+    _fail_record(rec, failures + 1, reason)
+    return _Stage(StageResult(StageState.FAILED, failures=failures + 1, permanent=latest.permanent, reason=reason),
+                  rec)
+
+
+def _succeed(obs: Observed, stage: PlannedStage, rec: dict[str, Any], manifests: Sequence[StageManifest]) -> _Stage:
+    metrics = compact_metrics(manifests)
+    rec.update(state=SUCCEEDED, outputs=stage_outputs(stage), metrics=metrics)
+    rec.setdefault("endTime", iso(obs.now))
+    rec.pop("reason", None)
+    return _Stage(StageResult(StageState.SUCCEEDED, failures=int(rec.get("failures", 0) or 0), metrics=metrics),
+                  rec)
+
+
+# ------------------------------------------------------------------------------------------------------- decide
+
+
+def decide(obs: Observed) -> Decision:
+    """What to do about one run, given what was observed."""
+    old = obs.status
+    phase = old.get("phase")
+    if _terminal(old):
+        status = dict(old)
+        if obs.generation is not None:
+            status["observedGeneration"] = obs.generation
+        return Decision(status, metrics=metric_values(status))
+    if obs.spec_violation:
+        return _failed(obs, dict(old), "SpecImmutable", obs.spec_violation, _records(obs))
+    if obs.spec_error is not None or obs.spec is None:
+        if phase == FAILED and old.get("observedGeneration") == obs.generation:
+            return Decision(dict(old), metrics=metric_values(old))
+        return _failed(obs, dict(old), "InvalidSpec", obs.spec_error or "invalid spec", {})
+    spec = obs.spec
+    by_key = {s.key: s for s in obs.graph}
+    views = _views_by_stage(obs)
+    records = _records(obs)
+    results: dict[str, StageResult] = {}
+    readings: dict[str, _Stage] = {}
+    for stage in obs.graph:
+        reading = read_stage(obs, stage, records.get(stage.key), views.get(stage.key, []))
+        readings[stage.key] = reading
+        if reading.result is not None:
+            results[stage.key] = reading.result
+        if reading.record is not None:
+            records[stage.key] = reading.record
+    for key, why in obs.create_refused.items():  # the API refused the Job: retrying cannot help
+        rec = records.get(key) or _new_record(by_key[key], "", 0, obs.now)
+        rec["attempts"] = int(rec.get("attempts", 0) or 0) + 1
+        results[key] = StageResult(StageState.FAILED, failures=int(rec.get("failures", 0) or 0) + 1, permanent=True,
+                                   reason=f"Job rejected: {why}")
+        _fail_record(rec, results[key].failures, results[key].reason)
+        records[key] = rec
+    delete_jobs = tuple(r.timed_out for r in readings.values() if r.timed_out)
+    image_problem = _image_problem(obs)
+    if image_problem:
+        return _failed(obs, dict(old), "ImageNotAllowed", image_problem, records)
+
+    plan = plan_next_stage(spec, obs.root, results)
+    status: dict[str, Any] = {k: v for k, v in old.items() if k in ("startTime",)}
+    status.update(storagePrefix=obs.root, observedGeneration=obs.generation)
+    if plan.action is Action.FAILED:
+        return _failed(obs, dict(old), "StageFailed", plan.reason, records, delete_jobs=delete_jobs,
+                       failed_stage=plan.failed_stage)
+
+    create: list[Create] = []
+    delete_pods: list[str] = []
+    blocked = obs.create_blocked or obs.storage_problem or obs.secret_problem
+    orphans = []
+    if plan.action is Action.START and not spec.suspend:
+        for todo in plan.start:
+            # Two attempts of a stage never run at once: pods of an earlier attempt (a Job deleted without
+            # propagation leaves them running) must be gone before the next one starts.
+            left = [p for p in obs.pods if p.stage_key == todo.stage.key and p.live and p.attempt < todo.attempt]
+            if left:
+                orphans.append(todo.stage.key)
+                delete_pods += [p.name for p in left if not any(v.name == p.job for v in obs.jobs)]
+                continue
+            if blocked:
+                continue
+            attempt = max(todo.attempt, int((records.get(todo.stage.key) or {}).get("attempts", 0) or 0) + 1)
+            create.append(Create(todo.stage, attempt))
+            rec = records.get(todo.stage.key)
+            job = job_name_of(obs, todo.stage, attempt)
+            if rec is None:
+                records[todo.stage.key] = _new_record(todo.stage, job, attempt, obs.now)
+            else:  # the reason of the last failure stays
+                rec.update(state=RUNNING, job=job, attempts=attempt)
+                rec.pop("endTime", None)
+
+    running = [k for k in by_key if (records.get(k) or {}).get("state") == RUNNING]
+    waiting = {k: r.waiting for k, r in readings.items() if r.waiting and k in running}
+    suspend_jobs: tuple[str, ...] = ()
+    resume_jobs: tuple[str, ...] = ()
+    active_views = [_latest(views.get(k, [])) for k in running]
+    if plan.action is Action.DONE:
+        status["phase"] = SUCCEEDED
+        status["outputs"] = {"model": plan.final_model}
+        status["progress"] = 1.0
+        status["completionTime"] = old.get("completionTime") or iso(obs.now)
+        message = f"final model: {plan.final_model}" + (f" ({plan.reason})" if plan.reason else "")
+    elif spec.suspend:
+        status["phase"] = SUSPENDED
+        message = "suspended"
+        if not spec.queue_name:  # with Kueue, Kueue owns the Jobs' suspend field: only new stages wait
+            suspend_jobs = tuple(v.name for v in active_views if v is not None and v.state == "active")
+    else:
+        status["phase"] = RUNNING if records else PENDING
+        if phase == SUSPENDED and not spec.queue_name:
+            resume_jobs = tuple(v.name for v in active_views if v is not None and v.state == "suspended")
+        message = _message(running, waiting, orphans, blocked, plan.reason)
+    status["stages"] = [records[s.key] for s in obs.graph if s.key in records]
+    _position(obs, status, records, plan.action is Action.DONE)
+    status["message"] = message
+    if status["phase"] in (RUNNING, SUSPENDED) and "startTime" not in status and records:
+        status["startTime"] = iso(obs.now)
+    status["conditions"] = _conditions(obs, status, waiting, blocked, plan.reason)
+    events, outcomes, durations = _transitions(obs, old, status, by_key)
+    requeue = _requeue(obs, status, readings)
+    return Decision(status, tuple(create), delete_jobs, tuple(delete_pods), suspend_jobs, resume_jobs, events,
+                    dataclasses.replace(metric_values(status), outcomes=outcomes, durations=durations),
+                    requeue, transition=bool(create) and any(v.finished_at for v in obs.jobs))
+
+
+def job_name_of(obs: Observed, stage: PlannedStage, attempt: int) -> str:
+    from spa_operator.jobs import job_name  # jobs imports the planner; the name rule lives with the Job
+
+    return job_name(obs.name, stage.iteration, stage.stage, attempt)
+
+
+def _terminal(status: Mapping[str, Any]) -> bool:
+    failed = next((c for c in status.get("conditions") or [] if c.get("type") == "Failed"), {})
+    return status.get("phase") == SUCCEEDED or (status.get("phase") == FAILED and failed.get("reason") != "InvalidSpec")
+
+
+def _image_problem(obs: Observed) -> str | None:
+    allowed = obs.settings.allowed_images
+    if not allowed or obs.spec is None:
+        return None
+    from spa_operator.jobs import images_of  # jobs imports the planner
+
+    for field, image in images_of(obs.spec):
+        if not any(image.startswith(prefix) for prefix in allowed):
+            return f"{field}: image {image} is not allowed here (allowed: {', '.join(allowed)})"
+    return None
+
+
+def _message(running: list[str], waiting: Mapping[str, tuple[str, float]], orphans: list[str], blocked: str | None,
+             reason: str) -> str:
+    parts = []
+    if orphans:
+        parts.append(f"waiting for pods of an earlier attempt of {', '.join(orphans)} to stop")
+    if blocked:
+        parts.append(f"waiting: {blocked}")
+    if waiting:
+        parts.append("; ".join(f"{k}: {w[0]}" if w[0] == QUEUED else f"{k}: pod waiting: {w[0]}"
+                               for k, w in waiting.items()))
+    rest = [k for k in running if k not in waiting]
+    if rest:
+        parts.append(f"running {', '.join(rest)}")
+    return "; ".join(parts) if parts else ("" if reason == "waiting for running stages" else reason)
+
+
+def _position(obs: Observed, status: dict[str, Any], records: Mapping[str, Mapping[str, Any]], done: bool) -> None:
+    """status.iteration/stage/progress: the latest running stage (else the latest started); the last when done."""
+    old = obs.status
+    if done:
+        last = obs.graph[-1] if obs.graph else None
+        if last is not None:
+            status["iteration"], status["stage"] = last.iteration, last.stage
+        return
+    running = [s for s in obs.graph if (records.get(s.key) or {}).get("state") == RUNNING]
+    started = [s for s in obs.graph if s.key in records]
+    current = (running or started or [None])[-1]
+    if current is None:
+        return
+    status["iteration"], status["stage"] = current.iteration, current.stage
+    same = old.get("iteration") == current.iteration and old.get("stage") == current.stage
+    progress = float(old.get("progress", 0.0) or 0.0) if same else 0.0
+    if obs.progress is not None and obs.progress[0] == current.key:
+        progress = obs.progress[1]
+    if (records.get(current.key) or {}).get("state") == SUCCEEDED:
+        progress = 1.0
+    status["progress"] = round(min(max(progress, 0.0), 1.0), 3)  # a heartbeat above 1 must not void the patch
+
+
+def _conditions(obs: Observed, status: Mapping[str, Any], waiting: Mapping[str, tuple[str, float]],
+                blocked: str | None, reason: str, failed: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+    phase = status.get("phase", PENDING)
+    prev = {c.get("type"): c for c in obs.status.get("conditions") or [] if isinstance(c, Mapping)}
+    conds: dict[str, dict[str, Any]] = {}
+
+    def put(ctype: str, ok: bool, why: str, message: str = "") -> None:
+        state = "True" if ok else "False"
+        before = prev.get(ctype) or {}
+        cond = {"type": ctype, "status": state, "reason": why, "message": message[:1000]}
+        if obs.generation is not None:
+            cond["observedGeneration"] = obs.generation
+        cond["lastTransitionTime"] = (before["lastTransitionTime"] if before.get("status") == state
+                                      and before.get("lastTransitionTime") else iso(obs.now))
+        conds[ctype] = cond
+
+    if failed:
+        put("Failed", True, failed[0], failed[1])
+        put("Ready", False, "Failed", failed[1])
+        put("Progressing", False, "Failed", "")
+    else:
+        put("Failed", False, "NotFailed", "")
+        done = phase == SUCCEEDED
+        ready_msg = (status.get("outputs") or {}).get("model", "") + (f" ({reason})" if done and reason else "")
+        put("Ready", done, "Succeeded" if done else phase, ready_msg if done else "")
+        only_waiting = bool(waiting) and len(waiting) == len([r for r in status.get("stages", [])
+                                                               if r.get("state") == RUNNING])
+        if obs.storage_problem:
+            why = "StorageUnreachable"
+        elif obs.secret_problem:
+            why = "SecretUnavailable"
+        elif blocked:
+            why = "JobCreationBlocked"
+        elif only_waiting:
+            why = "Queued" if all(w[0] == QUEUED for w in waiting.values()) else "PodsPending"
+        else:
+            why = "StagesRunning" if phase == RUNNING else phase
+        progressing = phase in (RUNNING, PENDING) and not blocked and not only_waiting
+        put("Progressing", progressing, why, status.get("message", "") if not blocked or why == "JobCreationBlocked"
+            else blocked)
+        put("StorageReachable", obs.storage_problem is None,
+            "StorageUnreachable" if obs.storage_problem else "Reachable", obs.storage_problem or "")
+    suspended = bool(obs.spec is not None and obs.spec.suspend) and not failed
+    put("Suspended", suspended, "Suspended" if suspended else "NotSuspended", "")
+    return [conds[t] for t in CONDITION_ORDER if t in conds]
+
+
+def _failed(obs: Observed, old: dict[str, Any], reason: str, message: str, records: dict[str, dict[str, Any]],
+            delete_jobs: tuple[str, ...] = (), failed_stage: str | None = None) -> Decision:
+    status = {k: v for k, v in old.items() if k in ("startTime", "storagePrefix", "iteration", "stage", "progress",
+                                                    "completionTime")}
+    if records:
+        for key, rec in records.items():  # a failed run lists no stage as running
+            if rec.get("state") == RUNNING:
+                rec.update(state=FAILED, reason="the run failed" if key != failed_stage else rec.get("reason", ""))
+        status["stages"] = [records[s.key] for s in obs.graph if s.key in records]
+    elif "stages" in old:
+        status["stages"] = old["stages"]
+    status.update(phase=FAILED, message=message[:1000], observedGeneration=obs.generation)
+    status["completionTime"] = old.get("completionTime") or iso(obs.now)
+    status["conditions"] = _conditions(obs, status, {}, None, "", failed=(reason, message[:1000]))
+    events, outcomes, durations = _transitions(obs, obs.status, status, {s.key: s for s in obs.graph})
+    # Jobs still running when the run fails are stopped: their results can no longer be used.
+    views = _views_by_stage(obs)
+    active = tuple(v.name for vs in views.values() for v in vs if v.state in ("active", "suspended"))
+    return Decision(status, delete_jobs=tuple(dict.fromkeys((*delete_jobs, *active))), events=events,
+                    metrics=dataclasses.replace(metric_values(status), outcomes=outcomes, durations=durations))
+
+
+def _transitions(obs: Observed, old: Mapping[str, Any], new: Mapping[str, Any], by_key: Mapping[str, PlannedStage]
+                 ) -> tuple[tuple[Event, ...], tuple[tuple[str, str], ...], tuple[tuple[str, float], ...]]:
+    """Events and counter increments for what changed between the observed status and the new one."""
+    before = {r.get("name"): r for r in old.get("stages") or [] if isinstance(r, Mapping)}
+    events: list[Event] = []
+    outcomes: list[tuple[str, str]] = []
+    durations: list[tuple[str, float]] = []
+    succeeded, started = [], []
+    for rec in new.get("stages") or []:
+        key, prev = rec.get("name"), before.get(rec.get("name")) or {}
+        stage = by_key.get(key)
+        if stage is None:
+            continue
+        state, attempts = rec.get("state"), rec.get("attempts", 0)
+        if state == SUCCEEDED and prev.get("state") != SUCCEEDED:
+            succeeded.append(key)
+            outcomes.append((stage.stage, "succeeded"))
+            t0 = parse_iso(rec.get("startTime"))
+            if t0 is not None:
+                durations.append((stage.stage, max(obs.now - t0, 0.0)))
+        elif int(rec.get("failures", 0) or 0) > int(prev.get("failures", 0) or 0):  # failed (and maybe restarted)
+            permanent = rec.get("reason", "").startswith(("Job rejected", "PodFailurePolicy"))
+            outcomes.append((stage.stage, "bad-input" if permanent else "failed"))
+            attempt = attempts - 1 if state == RUNNING else attempts
+            events.append(Event("Warning", "StageFailed", f"{key} attempt {attempt}: {rec.get('reason', '')}"))
+        if state == RUNNING and (prev.get("state") != RUNNING or prev.get("attempts") != attempts):
+            started.append(f"{key} attempt {attempts}: Job {rec.get('job', '')}")
+    after = f" (after {', '.join(succeeded)} succeeded)" if succeeded else ""
+    events += [Event("Normal", "StageStarted", s + after) for s in started]
+    if succeeded and not started and new.get("phase") != SUCCEEDED:
+        events.append(Event("Normal", "StageSucceeded", f"{', '.join(succeeded)} succeeded"))
+    phase, was = new.get("phase"), old.get("phase")
+    if phase != was:
+        if phase == SUCCEEDED:
+            events.append(Event("Normal", "RunSucceeded", new.get("message", "")))
+        elif phase == FAILED:
+            failed = next((c for c in new.get("conditions", []) if c["type"] == "Failed"), {})
+            events.append(Event("Warning", failed.get("reason", "Failed"), new.get("message", "")))
+        elif phase == SUSPENDED:
+            events.append(Event("Normal", "Suspended", "no new stage starts; running Jobs are suspended"))
+        elif was == SUSPENDED:
+            events.append(Event("Normal", "Resumed", "the run goes on"))
+    if phase != FAILED:
+        reachable_before = next((c.get("status") for c in old.get("conditions") or []
+                                 if c.get("type") == "StorageReachable"), "True") == "True"
+        if reachable_before and obs.storage_problem:
+            events.append(Event("Warning", "StorageUnreachable", obs.storage_problem))
+        elif not reachable_before and not obs.storage_problem:
+            events.append(Event("Normal", "StorageReachable", "storage answers again"))
+    return tuple(events), tuple(outcomes), tuple(durations)
+
+
+def _requeue(obs: Observed, status: Mapping[str, Any], readings: Mapping[str, _Stage]) -> float | None:
+    """When to look again unprompted: a pending timeout to check, or None (the kopf layer's timers apply)."""
+    due = []
+    for r in readings.values():
+        if r.waiting:
+            timeout = (obs.settings.queued_timeout_s if r.waiting[0] == QUEUED else obs.settings.pending_timeout_s)
+            if timeout is not None:
+                due.append(max(r.waiting[1] + timeout - obs.now, 0.0) + 0.1)
+    return min(due) if due else None
+
+
+def metric_values(status: Mapping[str, Any]) -> MetricValues:
+    """The run's gauges, from its status alone: a restarted operator exports finished runs again."""
+    phase = status.get("phase") or PENDING
+    running: dict[tuple[str, str], float] = {}
+    quality: dict[tuple[str, str], float] = {}
+    for rec in status.get("stages") or []:
+        if not isinstance(rec, Mapping):
+            continue
+        it = str(rec.get("iteration", ""))
+        if rec.get("state") == RUNNING and phase in (RUNNING, SUSPENDED):
+            started = parse_iso(rec.get("startTime"))
+            if started:
+                running[(it, str(rec.get("stage", "")))] = started
+        if rec.get("state") == SUCCEEDED:
+            for key, value in (rec.get("metrics") or {}).items():
+                if key in QUALITY_KEYS and not (key == K.PAIRS and rec.get("stage") == contract.SEED_TRAIN):
+                    quality[(it, key)] = float(value)
+    iteration = status.get("iteration")
+    progress = status.get("progress")
+    return MetricValues(phase, iteration if isinstance(iteration, int) else None,
+                        float(progress) if isinstance(progress, int | float) else None, running, quality)
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch from old to new at the top level of status (lists and nested dicts are replaced)."""
+    patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in new})
+    return patch

@@ -1,0 +1,173 @@
+"""The real-cluster failures of issue 10, each once end to end: the real operator against the emulated cluster.
+
+Most use the harness's instant mode (Jobs complete at once, no process) with a stand-in RunStore, so each takes a
+few seconds; the pod-level ones (pending pods, orphaned pods) run the stub worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from cluster import Harness, pod_base_env
+from operator_runner import OperatorRunner
+from runs import phase, tiny_run, wait_for
+from spa_workers.contract import StageManifest
+from test_faults import FAKE, S3_KEYS, condition, finish, stages
+
+pytestmark = pytest.mark.asyncio
+
+
+class Store:
+    """A RunStore in which every stage has finished (done=True) or none ever does."""
+
+    def __init__(self, done: bool) -> None:
+        self.done = done
+
+    def manifests(self, args: Any) -> list[StageManifest] | None:
+        return [StageManifest(stage="x", files={})] if self.done else None
+
+    def progress(self, args: Any) -> float | None:
+        return None
+
+
+def run_doc(name: str, **spec: Any) -> dict[str, Any]:
+    return tiny_run(name, FAKE, "bucket", "http://127.0.0.1:9", iterations=spec.pop("iterations", 0),
+                    heldout=False, **spec)
+
+
+async def test_job_succeeding_without_manifest_is_retried_a_bounded_number_of_times(cluster):
+    """Failure 1: a Job that succeeds but leaves no manifest (workers writing to pod-local disk) was never counted,
+    so the stage was retried forever. Now it is a failed attempt: maxRetriesPerStage 1 -> two Jobs, run Failed."""
+    op = OperatorRunner(cluster.url, ["ns"], store_factory=lambda run, secret: Store(done=False))
+    async with Harness(cluster, {}, instant=True):
+        await op.start()
+        await cluster.create_run(run_doc("nomanifest"))
+        assert await finish(cluster, "nomanifest", timeout=30) == "Failed"
+        await asyncio.sleep(1.0)  # nothing more is created afterwards
+        await op.stop()
+    assert cluster.all_jobs_ever() == ["nomanifest-i00-seed-train-a1", "nomanifest-i00-seed-train-a2"]
+    run = cluster.run("nomanifest")
+    assert "failed 2 times" in run["status"]["message"] and "wrote no manifest" in run["status"]["message"]
+
+
+async def test_job_of_another_owner_is_not_taken_for_the_runs_own(cluster):
+    """Failure 2: a Job with the run's Job name owned by someone else (a deleted run's, not yet collected) made the
+    new run wait forever on the stranger's Job. Now the run says so; and `team.a` and `team-a` no longer share Job
+    names."""
+    stranger = {"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": "clash-i00-seed-train-a1", "namespace": "ns",
+                             "ownerReferences": [{"apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun",
+                                                  "name": "clash", "uid": "an-older-run", "controller": True}]},
+                "spec": {"suspend": True, "template": {"spec": {"containers": []}}}}
+    status, _ = await cluster.request("POST", "/apis/batch/v1/namespaces/ns/jobs", stranger)
+    assert status in (200, 201)
+    op = OperatorRunner(cluster.url, ["ns"], store_factory=lambda run, secret: Store(done=True))
+    async with Harness(cluster, {}, instant=True):
+        await op.start()
+        await cluster.create_run(run_doc("clash"))
+        await wait_for(lambda: "another owner" in ((cluster.run("clash") or {}).get("status") or {}).get(
+            "message", ""), 20, "the clash reported")
+        assert condition(cluster, "clash", "Progressing")["reason"] == "JobCreationBlocked"
+        assert phase(cluster, "clash") != "Running" or not stages(cluster, "clash")
+        await cluster.create_run(run_doc("team.a"))
+        await cluster.create_run(run_doc("team-a"))
+        assert await finish(cluster, "team.a", timeout=30) == "Succeeded"
+        assert await finish(cluster, "team-a", timeout=30) == "Succeeded"
+        await op.stop()
+    jobs = {n for n in cluster.jobs() if n.startswith("team")}
+    assert len(jobs) == 2, jobs
+
+
+async def test_storage_client_refusing_the_spec_gets_a_status(cluster):
+    """Failure 3: boto3 refusing an endpoint or region raised before any status write (status == {} forever). Now it
+    is the StorageReachable condition, with the reason."""
+
+    def refuse(run: Any, secret: Any) -> Any:
+        raise ValueError("Invalid endpoint: http://x y")
+
+    op = OperatorRunner(cluster.url, ["ns"], store_factory=refuse)
+    await op.start()
+    await cluster.create_run(run_doc("badclient"))
+    await wait_for(lambda: condition(cluster, "badclient", "StorageReachable").get("status") == "False", 20,
+                   "StorageReachable=False")
+    await op.stop()
+    cond = condition(cluster, "badclient", "StorageReachable")
+    assert "Invalid endpoint" in cond["message"] and phase(cluster, "badclient") == "Pending"
+
+
+async def test_forbidden_job_creation_is_reported_then_recovers(cluster):
+    """Failure 4: with OwnerReferencesPermissionEnforcement the 403 was retried silently (Pending, empty message).
+    Now the status names the missing permission; once granted (the chart's RBAC does), the run goes on."""
+    cluster.emulator.enforce_owner_refs = True
+    op = OperatorRunner(cluster.url, ["ns"], store_factory=lambda run, secret: Store(done=True))
+    async with Harness(cluster, {}, instant=True):
+        await op.start()
+        await cluster.create_run(run_doc("forbidden"))
+        await wait_for(lambda: "forbidden" in ((cluster.run("forbidden") or {}).get("status") or {}).get(
+            "message", ""), 20, "the 403 reported")
+        assert "alignmentruns/finalizers" in cluster.run("forbidden")["status"]["message"]
+        assert condition(cluster, "forbidden", "Progressing")["status"] == "False"
+        cluster.emulator.finalizers_granted = True
+        assert await finish(cluster, "forbidden", timeout=30) == "Succeeded"
+        await op.stop()
+
+
+async def test_pending_pod_shows_its_reason_and_times_out(cluster, s3_env):
+    """Failure 5: a pod stuck in ImagePullBackOff looked Running until the stage deadline. Now its reason is in the
+    status at once, a status edited by someone else is repaired (failure 9), and past the pending timeout the
+    attempt fails and the next one runs."""
+    def fault(job: dict[str, Any], index: int, pod_attempt: int) -> str | None:
+        return "pending:ImagePullBackOff" if job["metadata"]["name"].endswith("-a1") else None
+
+    op = OperatorRunner(cluster.url, ["ns"], pending_timeout_s=4.0)
+    async with Harness(cluster, pod_base_env(S3_KEYS), stub=True, stub_seconds=0.2, fault=fault):
+        await op.start()
+        await cluster.create_run(tiny_run("stuck", FAKE, s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"], iterations=0,
+                                          heldout=False))
+        await wait_for(lambda: "ImagePullBackOff" in ((cluster.run("stuck") or {}).get("status") or {}).get(
+            "message", ""), 20, "the waiting reason in status.message")
+        assert condition(cluster, "stuck", "Progressing")["reason"] == "PodsPending"
+        await cluster.request("PATCH", "/apis/spa.dev/v1alpha1/namespaces/ns/alignmentruns/stuck/status",
+                              {"status": {"message": "all good", "progress": 0.9}}, "application/merge-patch+json")
+        await wait_for(lambda: "ImagePullBackOff" in cluster.run("stuck")["status"]["message"], 10, "a repair")
+        assert await finish(cluster, "stuck", timeout=60) == "Succeeded"
+        await op.stop()
+    seed = stages(cluster, "stuck")["iter-00/seed-train"]
+    assert (seed["attempts"], seed["failures"]) == (2, 1)
+    failed = [e["message"] for e in cluster.events() if e["reason"] == "StageFailed"]
+    assert any("ImagePullBackOff" in m and "pending timeout" in m for m in failed), failed
+
+
+async def test_finished_run_is_exported_again_after_a_restart(cluster):
+    """Failure 8: a finished run's metrics were never exported by a restarted operator, so SpaRunFailed resolved
+    itself."""
+    op = OperatorRunner(cluster.url, ["ns"], store_factory=lambda run, secret: Store(done=False))
+    async with Harness(cluster, {}, instant=True):
+        await op.start()
+        await cluster.create_run(run_doc("gone", maxRetriesPerStage=0))
+        assert await finish(cluster, "gone", timeout=30) == "Failed"
+        await op.stop()
+        ctl = await op.start()
+        series = ctl.metrics.phase.labels("ns", "gone", "Failed")
+        await wait_for(lambda: series._value.get() == 1.0, 10, "spa_run_phase{phase=Failed} after the restart")
+        await op.stop()
+
+
+async def test_orphaned_pods_stop_before_the_next_attempt(cluster, s3_env):
+    """Failure 10: a Job deleted without a propagation policy (the API's default for Jobs) leaves its pod running,
+    and the retry wrote to the same prefix alongside it. Now the operator deletes the orphan and starts the next
+    attempt only once it has stopped."""
+    op = OperatorRunner(cluster.url, ["ns"])
+    async with Harness(cluster, pod_base_env(S3_KEYS), stub=True, stub_seconds=6.0) as harness:
+        await op.start()
+        await cluster.create_run(tiny_run("orphan", FAKE, s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"], iterations=0,
+                                          heldout=False))
+        await wait_for(lambda: "orphan-i00-seed-train-a1-0-1" in harness._pod_procs, 30, "the first pod to run")
+        status, _ = await cluster.request("DELETE", "/apis/batch/v1/namespaces/ns/jobs/orphan-i00-seed-train-a1")
+        assert status == 200 and cluster.emulator.deletions["orphan-i00-seed-train-a1"] == ""  # orphans its pod
+        assert await finish(cluster, "orphan", timeout=60) == "Succeeded"
+        await op.stop()
+    assert harness.ended["orphan-i00-seed-train-a1-0-1"] <= harness.created["orphan-i00-seed-train-a2"]
+    assert (stages(cluster, "orphan")["iter-00/seed-train"]["attempts"]) == 2
