@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from spa_workers.contract import EXIT_BAD_INPUT
+from spa_workers.contract import EXIT_BAD_INPUT, VALIDATE
 
 from spa_operator.planner import PlannedStage
 from spa_operator.spec import AlignmentRunSpec, StageResources
@@ -76,6 +76,8 @@ def job_name(run_name: str, iteration: int, stage: str, attempt: int) -> str:
 
 
 def stage_resources(spec: AlignmentRunSpec, stage: str) -> StageResources:
+    if stage == VALIDATE:  # input checks only: a CPU-only pod on the run's image, whatever the GPU stages ask
+        return StageResources()
     res = spec.resources
     field = {"seed-train": "seed_train"}.get(stage, stage)
     return (getattr(res, field) if res else None) or StageResources()

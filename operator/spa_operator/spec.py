@@ -77,6 +77,9 @@ class GenerationSpec(_Model):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(default=300, ge=1, le=32768)
     backend: Literal["vllm", "transformers"] = "vllm"
+    batch_size: int = Field(default=16, ge=1, le=4096, description=(
+        "Prompts per generate call with the transformers backend (its answers depend on it); vLLM batches "
+        "continuously and ignores it."))
     shards: int = Field(default=1, ge=1, le=1024)
     seed: int = Field(default=0, ge=0)
 

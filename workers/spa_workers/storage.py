@@ -117,11 +117,20 @@ def write_bytes(uri: str, data: bytes) -> None:
     path = Path(_local(uri))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files: give the mode an ordinary open() would
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask (reading it means setting it, so once, before any threads write)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(uri: str, text: str) -> None:
