@@ -321,8 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         say(f"{name}: error: storage: {e}")
         return EXIT_STORAGE
-    except PermissionError as e:
-        say(f"{name}: error: {e.filename}: not writable ({e.strerror})")
+    except BrokenPipeError:  # `spa plan ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug, keep the traceback
+            raise
+        say(f"{name}: error: {e.filename}: {e.strerror or e}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         say(f"{name}: interrupted; rerun the same command to resume")

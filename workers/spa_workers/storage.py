@@ -61,14 +61,17 @@ def reset_client() -> None:
 
 
 def _s3_call(fn, *args, **kwargs):
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     try:
         return fn(*args, **kwargs)
     except ClientError:
         raise
+    except NoCredentialsError as e:
+        raise StorageError("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)") \
+            from e
     except BotoCoreError as e:  # connection refused, timeouts, bad endpoint
-        raise StorageError(f"S3 unreachable: {type(e).__name__}") from e
+        raise StorageError(f"S3 unreachable: {type(e).__name__}: {e}") from e
 
 
 def _is_missing(err: Exception) -> bool:
