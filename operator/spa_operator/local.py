@@ -92,8 +92,13 @@ def check_stages(graph: list[PlannedStage]) -> dict[str, StageStatus]:
                 identity[uri] = fingerprint.input_identity(uri)
             inputs[name] = identity[uri]
         expected = [fingerprint.fingerprint(a, inputs) for a in _shard_args(s)]
-        manifests = [contract.read_manifest(d) for d in contract.stage_manifest_dirs(s.args)]
+        dirs = contract.stage_manifest_dirs(s.args)
+        manifests = [contract.read_manifest(d) for d in dirs]
         stale = [(m, of) for m, (fp, of) in zip(manifests, expected, strict=True) if m and m.fingerprint != fp]
+        if s.args.sharded:  # shards of another shard count would mix into what the next stage reads
+            others = [contract.read_manifest(d) for d in storage.list_dirs(s.output)
+                      if os.path.basename(d).startswith("shard-") and d not in dirs]
+            stale += [(m, expected[0][1]) for m in others if m]
         if stale:
             m, of = stale[0]
             upstream = tuple(sorted({producer[u] for n, u in fingerprint.input_uris(s.args).items()
