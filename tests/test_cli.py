@@ -126,6 +126,16 @@ def test_unwritable_storage_is_one_line(tmp_path, tiny):
     assert line.startswith(f"spa run: error: {blocker}/ns/cli") and "Traceback" not in proc.stderr
 
 
+def test_rerun_from_an_unknown_stage_names_the_stages(tmp_path, tiny):
+    run = write_run(tmp_path, tiny, count=0)
+    proc = spa("run", str(run), "--rerun-from", "iter-01/train")
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr) == [
+        "spa run: error: --rerun-from: no stage 'iter-01/train' in this run "
+        "(stages: iter-00/validate, iter-00/seed-train)"]
+    assert not (tmp_path / "store").exists()  # nothing was started
+
+
 def test_missing_s3_credentials_are_one_line(tmp_path, tiny, s3_server):
     """Issue 11.5: no S3 credentials printed 79 lines; the endpoint comes from spec.storage (11.2)."""
     run = write_run(tmp_path, tiny)

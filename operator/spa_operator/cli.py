@@ -144,7 +144,8 @@ def _prepare_outputs(args: argparse.Namespace, run: AlignmentRun, root: str) -> 
     if args.rerun_from:
         keys = [s.key for s in graph]
         if args.rerun_from not in keys:
-            raise SpecError("--rerun-from", f"no stage {args.rerun_from!r} in this run (stages: {', '.join(keys)})")
+            raise StageInputError(f"--rerun-from: no stage {args.rerun_from!r} in this run "
+                                  f"(stages: {', '.join(keys)})")
         redo = local.dependents(graph, args.rerun_from)
         say(f"spa run: discarding the outputs of {', '.join(redo)}")
         local.discard_outputs(graph, redo)

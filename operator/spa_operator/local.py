@@ -36,26 +36,28 @@ def run_root(run: AlignmentRun, storage_uri: str) -> str:
     return storage.join(storage_uri, run.metadata.namespace, run.metadata.name)
 
 
-def stage_env(run: AlignmentRun) -> dict[str, str]:
-    """Environment for workers: the run's S3 endpoint/region (credentials come from this process's env)."""
-    env = dict(os.environ)
+def storage_settings(run: AlignmentRun) -> dict[str, str]:
+    """The run's S3 endpoint and region as environment variables (they win over the environment's own;
+    credentials always come from the environment: a secretRef names a cluster Secret)."""
     st = run.spec.storage
+    env = {}
     if st and st.endpoint:
         env["SPA_S3_ENDPOINT"] = st.endpoint
     if st and st.region:
         env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = st.region
+    return env
+
+
+def stage_env(run: AlignmentRun) -> dict[str, str]:
+    """Environment for workers: this process's, with the run's storage settings."""
+    env = {**os.environ, **storage_settings(run)}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
 
 def apply_storage_settings(run: AlignmentRun) -> None:
-    """Make this process read storage as the workers will: `spec.storage.endpoint` and `region` win over the
-    environment (credentials still come from the environment: a secretRef names a cluster Secret)."""
-    st = run.spec.storage
-    if st and st.endpoint:
-        os.environ["SPA_S3_ENDPOINT"] = st.endpoint
-    if st and st.region:
-        os.environ["AWS_REGION"] = os.environ["AWS_DEFAULT_REGION"] = st.region
+    """Make this process reach storage as the workers will (`spa run` reads manifests and writes reports)."""
+    os.environ.update(storage_settings(run))
     storage.reset_client()
 
 

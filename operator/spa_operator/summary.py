@@ -68,13 +68,13 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "reward_gap": ("reward gap", "Mean implicit-reward gap r(chosen) - r(rejected) of the judged pairs, "
                    "r = beta * (log pi_{i-1} - log pi_init) over answer tokens; higher: the judge separates "
                    "answers more clearly."),
-    "refined_fraction": ("refined", "Fraction of training pairs whose labels SPA self-refinement softened or "
-                         "flipped (low-confidence pairs)."),
+    "refined_fraction": ("refined", "Fraction of training pairs SPA self-refinement relabelled: low-confidence "
+                         "pairs (smallest implicit-reward margins) whose labels it smoothed, over the stage."),
     "heldout_agreement": ("held-out agreement", "Fraction of held-out gold pairs where the trained model's "
                           "implicit reward prefers the gold chosen answer; 0.5 is chance."),
-    "loss": ("DPO loss", "The train stage's final DPO loss (log 2 = 0.693 means no preference learnt)."),
-    "reward_accuracy": ("reward accuracy", "Fraction of training pairs whose implicit reward ranks chosen above "
-                        "rejected at the end of training."),
+    "loss": ("DPO loss", "Mean DPO loss over the train stage (log 2 = 0.693 means no preference learnt)."),
+    "reward_accuracy": ("reward accuracy", "Fraction of training pairs whose implicit reward ranked chosen above "
+                        "rejected, over the train stage."),
     "wall_s": ("wall time", "Seconds the iteration's stages took (shards: the slowest)."),
 }
 PLOTTED = ("reward_gap", "refined_fraction", "heldout_agreement", "loss")
