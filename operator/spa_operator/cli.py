@@ -1,24 +1,44 @@
-"""`spa plan | run | demo | render`: the AlignmentRun pipeline on one machine, and its Kubernetes objects."""
+"""`spa plan | run | demo | report | explain | render`: the AlignmentRun pipeline on one machine, and its Kubernetes
+objects.
+
+Exit codes: 0 done; 1 a stage failed (after its retries); 2 bad input (the manifest, a data file, a model,
+outputs made with other settings, unwritable storage), never worth retrying as is; 3 storage unreachable;
+130 interrupted (rerunning the same command resumes).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from spa_workers import storage
+from spa_workers.contract import EXIT_BAD_INPUT, EXIT_STORAGE, StageInputError
+from spa_workers.storage import StorageError
 
 from spa_operator import local
-from spa_operator.planner import Action, PlannedStage, stage_graph
+from spa_operator.planner import Action, stage_graph
+from spa_operator.progress import plain_or_live
 from spa_operator.spec import AlignmentRun, SpecError, load_run, parse_run
-from spa_operator.summary import summarize
+from spa_operator.summary import COLUMNS, summarize, table_rows, write_report
+
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+RUN_SNAPSHOT = "run.yaml"  # the resolved manifest, saved in the run root (what `spa report DIR` reads)
 
 err = Console(stderr=True)
-out = Console()
+# Not a terminal (a log file, a pipe): no width to fit, so the table is never squeezed to 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 200)
+
+
+def say(text: str) -> None:
+    """One message line on stderr, never wrapped or cut (a path at the end must survive 80 columns)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def _is_local_path(uri: str) -> bool:
@@ -49,60 +69,118 @@ def _load(path: str, storage_override: str | None) -> tuple[AlignmentRun, str]:
         raise SpecError("spec.storage.uri", "required (or pass --storage DIR)", path)
     if _is_local_path(storage_uri):
         storage_uri = str(Path(storage_uri).resolve())
+    local.apply_storage_settings(run)
     return run, local.run_root(run, storage_uri)
+
+
+# ------------------------------------------------------------------------------------------------------- plan
+
+
+def _missing_local_inputs(run: AlignmentRun) -> list[str]:
+    """Local inputs that do not exist (cheap: S3 and hf:// inputs are left to `--check`)."""
+    spec = run.spec
+    files = {"spec.data.seed": spec.data.seed, "spec.data.prompts": spec.data.prompts,
+             "spec.data.heldout": spec.data.heldout}
+    problems = [f"{field}: {uri}: file not found" for field, uri in files.items()
+                if uri and _is_local_path(uri) and not os.path.isfile(storage._local(uri))]
+    sft = spec.model.sft
+    if _is_local_path(sft) and not os.path.isfile(os.path.join(storage._local(sft), "config.json")):
+        problems.append(f"spec.model.sft: {sft}: no model there (no config.json)")
+    return problems
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     run, root = _load(args.run, args.storage)
-    table = Table(title=f"{run.metadata.name}: {root}", show_lines=True)
-    for col in ("stage", "after", "inputs", "output", "command"):
-        table.add_column(col, overflow="fold")
-    for s in stage_graph(run.spec, root):
-        inputs = "\n".join(f"{k}: {v}" for k, v in s.inputs().items())
-        table.add_row(s.key, ", ".join(s.depends_on), inputs, s.output, "spa-worker " + " ".join(s.args.to_argv()))
-    out.print(table)
+    graph = stage_graph(run.spec, root)
+    print(f"{run.metadata.name}: {len(graph)} stages under {root}")
+    for s in graph:
+        print(f"\n{s.key}" + (f"  (after {', '.join(s.depends_on)})" if s.depends_on else ""))
+        for name, uri in s.inputs().items():
+            print(f"  {name}: {uri}")
+        print(f"  output: {s.output}")
+        print(f"  command: spa-worker {' '.join(s.args.to_argv())}")
+    problems = _missing_local_inputs(run)
+    for p in problems:
+        say(f"spa plan: error: {p}")
+    if problems:
+        return EXIT_BAD_INPUT
+    if args.check:
+        from spa_workers.validate import check, check_storage_writable
+
+        counts = check(graph[0].args)  # type: ignore[arg-type]  # the validate stage, always first
+        check_storage_writable(root)
+        found = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
+        say(f"spa plan: inputs OK ({found}; the model and its tokenizer load; storage is writable)")
     return 0
 
 
-def _fmt(value: float | int | None, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
+# -------------------------------------------------------------------------------------------------------- run
 
 
 def print_summary(run: AlignmentRun, root: str) -> None:
     table = Table(title=f"{run.metadata.name}: per-iteration results")
-    for col in ("iteration", "pairs", "reward gap", "refined", "held-out agreement", "DPO loss", "wall time"):
-        table.add_column(col, justify="right")
-    for row in summarize(stage_graph(run.spec, root)):
-        table.add_row("seed" if row.iteration == 0 else str(row.iteration), _fmt(row.pairs, "d"),
-                      _fmt(row.reward_gap, ".4f"), _fmt(row.refined_fraction, ".2f"),
-                      _fmt(row.heldout_agreement, ".3f"), _fmt(row.loss, ".4f"), f"{row.wall_s:.1f}s")
+    for label, _ in COLUMNS.values():
+        table.add_column(label, justify="right", overflow="fold")
+    for cells in table_rows(summarize(stage_graph(run.spec, root))):
+        table.add_row(*cells)
     out.print(table)
 
 
-def execute_with_progress(run: AlignmentRun, root: str, logs: Path, processes: int | None = None) -> int:
-    tasks: dict[str, TaskID] = {}
-    with Progress(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-                  TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=err,
-                  transient=False) as progress:
+def _stale_error(run: AlignmentRun, root: str, statuses: dict[str, local.StageStatus]) -> None:
+    stale = [st for st in statuses.values() if st.check is local.StageCheck.STALE]
+    roots = [st for st in stale if not st.follows]
+    for st in roots:
+        say(f"spa run: error: {st.key} in {root} was made with other settings: {st.change}")
+    if len(stale) > len(roots):
+        say(f"spa run: error: {len(stale) - len(roots)} stage(s) after it took its outputs: "
+            + ", ".join(st.key for st in stale if st.follows))
+    first = (roots or stale)[0].key
+    say(f"spa run: to redo them here, rerun with --rerun-from {first} (that stage and every one after it) "
+        f"or --force (only the stale ones); to keep the old results, use another --storage folder")
 
-        def on_start(stage: PlannedStage, attempt: int) -> None:
-            label = stage.key + (f" (attempt {attempt})" if attempt > 1 else "")
-            tasks[stage.key] = progress.add_task(label, total=stage.shards, status="running")
 
-        def on_progress(stage: PlannedStage, shard: int, fraction: float) -> None:
-            progress.update(tasks[stage.key], completed=shard + fraction)
+def _prepare_outputs(args: argparse.Namespace, run: AlignmentRun, root: str) -> bool:
+    """Apply --rerun-from / --force; False (after saying why) when outputs made with other settings remain."""
+    graph = stage_graph(run.spec, root)
+    if args.rerun_from:
+        keys = [s.key for s in graph]
+        if args.rerun_from not in keys:
+            raise StageInputError(f"--rerun-from: no stage {args.rerun_from!r} in this run "
+                                  f"(stages: {', '.join(keys)})")
+        redo = local.dependents(graph, args.rerun_from)
+        say(f"spa run: discarding the outputs of {', '.join(redo)}")
+        local.discard_outputs(graph, redo)
+    statuses = local.check_stages(graph)
+    stale = [k for k, st in statuses.items() if st.check is local.StageCheck.STALE]
+    if stale and args.force:
+        say(f"spa run: redoing stages made with other settings: {', '.join(stale)}")
+        local.discard_outputs(graph, stale)
+        return True
+    if stale:
+        _stale_error(run, root, statuses)
+        return False
+    return True
 
-        def on_finish(result: local.StageRun) -> None:
-            status = "[green]done" if result.ok else f"[red]failed (exit {result.exit_code}, log {result.log})"
-            progress.update(tasks[result.key], status=status)
 
-        plan = local.execute(run, root, logs, on_start, on_progress, on_finish, processes=processes)
-    if plan.action is Action.DONE:
+def _save_snapshot(run: AlignmentRun, root: str) -> None:
+    doc = run.model_dump(mode="json", by_alias=True, exclude_none=True)
+    storage.write_text(storage.join(root, RUN_SNAPSHOT), yaml.safe_dump(doc, sort_keys=False))
+
+
+def execute_and_report(run: AlignmentRun, root: str, logs: Path, processes: int | None = None) -> int:
+    t0 = time.time()
+    with plain_or_live(err) as progress:
+        outcome = local.execute(run, root, logs, progress.on_start, progress.on_progress, progress.on_finish,
+                                processes=processes)
+    reports = write_report(run, root)
+    if outcome.plan.action is Action.DONE:
         print_summary(run, root)
-        out.print(f"final model: {plan.final_model}")
+        print(f"final model: {outcome.plan.final_model}")
+        print(f"report: {reports[0]} ({time.time() - t0:.1f}s)")
         return 0
-    err.print(f"[red]run {run.metadata.name} failed:[/red] {plan.reason}")
-    return 1
+    say(f"spa run: run {run.metadata.name} failed: {outcome.plan.reason}")
+    say(f"spa run: report so far: {reports[0]}; fix the cause and rerun the same command to resume")
+    return EXIT_BAD_INPUT if outcome.permanent else EXIT_FAILED
 
 
 def _logs_dir(root: str, override: str | None) -> Path:
@@ -113,7 +191,10 @@ def _logs_dir(root: str, override: str | None) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     run, root = _load(args.run, args.storage)
-    return execute_with_progress(run, root, _logs_dir(root, args.logs), args.processes)
+    if not _prepare_outputs(args, run, root):
+        return EXIT_BAD_INPUT
+    _save_snapshot(run, root)
+    return execute_and_report(run, root, _logs_dir(root, args.logs), args.processes)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -122,6 +203,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     run = render.cluster_run(args.run, args.storage)
     sys.stdout.write(render.render(run, args.worker_image, args.service_account))
     return 0
+
+
+# ------------------------------------------------------------------------------------------------------- demo
 
 
 DEMO_SPEC = {
@@ -138,8 +222,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     base = Path(args.out).resolve()
     example = base / "example"
     manifest = example / "run.yaml"
-    if not manifest.exists():
-        err.print(f"building the tiny example (random-weight Llama, BPE tokenizer, data) in {example}")
+    if manifest.exists():
+        backend = load_run(manifest).spec.generation.backend
+        if args.backend and args.backend != backend:
+            say(f"spa demo: error: {base} holds a demo made with --backend {backend}; use another --out folder "
+                f"for --backend {args.backend}")
+            return EXIT_BAD_INPUT
+        say(f"spa demo: reusing the example and run in {base} (backend {backend}); finished stages are skipped")
+    else:
+        say(f"spa demo: building the tiny example (random-weight Llama, BPE tokenizer, data) in {example}")
         make_tiny_example(str(example))
         doc = {
             "apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun",
@@ -148,11 +239,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      "data": {"seed": "seed.jsonl", "prompts": "prompts.jsonl", "heldout": "heldout.jsonl"},
                      **DEMO_SPEC, "storage": {"uri": str(base / "runs")}},
         }
-        doc["spec"]["generation"]["backend"] = args.backend
+        doc["spec"]["generation"]["backend"] = args.backend or "transformers"
         manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
-    err.print(f"run manifest: {manifest}")
+    say(f"spa demo: run manifest: {manifest}")
     run, root = _load(str(manifest), None)
-    return execute_with_progress(run, root, _logs_dir(root, None))
+    _save_snapshot(run, root)
+    return execute_and_report(run, root, _logs_dir(root, None))
+
+
+# ------------------------------------------------------------------------------------------- report, explain
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    target = Path(args.target)
+    if target.is_dir() or "://" in args.target:
+        root = args.target.rstrip("/")
+        snapshot = storage.join(root, RUN_SNAPSHOT)
+        try:
+            text = storage.read_text(snapshot)
+        except FileNotFoundError:
+            raise StageInputError(f"{snapshot}: not found (is {root} the root of a run made by spa run?)") from None
+        run = parse_run(yaml.safe_load(text), snapshot)
+        local.apply_storage_settings(run)
+    else:
+        run, root = _load(args.target, args.storage)
+    reports = write_report(run, root)
+    print_summary(run, root)
+    for uri in reports:
+        print(f"wrote {uri}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from spa_operator.explain import render
+
+    print(render(args.field))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------------- main
 
 
 def _at_least_one(text: str) -> int:
@@ -166,11 +291,15 @@ def _at_least_one(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spa", description="SPA self-alignment pipeline (AlignmentRun) on one machine")
+    p = argparse.ArgumentParser(prog="spa", description="SPA self-alignment pipeline (AlignmentRun) on one machine",
+                                epilog="exit codes: 0 done, 1 a stage failed, 2 bad input, 3 storage unreachable, "
+                                       "130 interrupted (rerun the same command to resume)")
     sub = p.add_subparsers(dest="command", required=True)
     pp = sub.add_parser("plan", help="print the stage graph with each stage's inputs and outputs")
     pp.add_argument("run", help="AlignmentRun manifest (YAML)")
     pp.add_argument("--storage", help="storage root (local dir or s3://...), overrides spec.storage.uri")
+    pp.add_argument("--check", action="store_true",
+                    help="also run the validate stage's checks here: data rows, prompt count, model, storage")
     pp.set_defaults(fn=cmd_plan)
     pr = sub.add_parser("run", help="run the pipeline here, stages as subprocesses; finished stages are skipped")
     pr.add_argument("run", help="AlignmentRun manifest (YAML)")
@@ -178,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--logs", help="folder for stage logs (default: <run root>/logs)")
     pr.add_argument("--processes", type=_at_least_one, metavar="N",
                     help="training processes (default: the stage's resources.<stage>.gpus, at least 1)")
+    pr.add_argument("--rerun-from", metavar="STAGE",
+                    help="discard the outputs of STAGE (e.g. iter-00/seed-train) and every stage after it first")
+    pr.add_argument("--force", action="store_true",
+                    help="redo stages whose outputs were made with other settings instead of stopping")
     pr.set_defaults(fn=cmd_run)
     pt = sub.add_parser("render", help="print every Kubernetes object the operator would create for the run "
                                        "(first attempt of each stage), as a YAML stream")
@@ -188,19 +321,47 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(fn=cmd_render)
     pd = sub.add_parser("demo", help="build the tiny offline example and run seed DPO + 2 SPA iterations")
     pd.add_argument("--out", required=True, help="folder for the example and its run")
-    pd.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
-                    help="generation backend for the demo (default: transformers, quickest on CPU)")
+    pd.add_argument("--backend", choices=["transformers", "vllm"], default=None,
+                    help="generation backend for a new demo (default: transformers, quickest on CPU)")
     pd.set_defaults(fn=cmd_demo)
+    prep = sub.add_parser("report", help="write report.md, report.json and report.svg for a run and print its table")
+    prep.add_argument("target", help="AlignmentRun manifest (YAML) or a run root folder (holding run.yaml)")
+    prep.add_argument("--storage", help="storage root, overrides spec.storage.uri (with a manifest)")
+    prep.set_defaults(fn=cmd_report)
+    pe = sub.add_parser("explain", help="the reference of an AlignmentRun field, e.g. spec.training.beta")
+    pe.add_argument("field", nargs="?", default="spec", help="field path (default: spec)")
+    pe.set_defaults(fn=cmd_explain)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    name = f"spa {args.command}"
     try:
         return args.fn(args)
     except SpecError as e:
-        err.print(f"spa: invalid AlignmentRun: {e}", markup=False, highlight=False)
-        return 2
+        if args.command == "explain":
+            say(f"spa explain: {e}")
+        else:
+            say(f"spa: invalid AlignmentRun: {e}")
+        return EXIT_BAD_INPUT
+    except StageInputError as e:
+        say(f"{name}: error: {e}")
+        return EXIT_BAD_INPUT
+    except StorageError as e:
+        say(f"{name}: error: storage: {e}")
+        return EXIT_STORAGE
+    except BrokenPipeError:  # `spa plan ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug, keep the traceback
+            raise
+        say(f"{name}: error: {e.filename}: {e.strerror or e}")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        say(f"{name}: interrupted; rerun the same command to resume")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 
-from spa_workers import contract, storage
-from spa_workers.contract import EXIT_BAD_INPUT
+from spa_workers import contract, fingerprint, storage
+from spa_workers.contract import EXIT_BAD_INPUT, StageArgs
 from spa_workers.runner import output_of
 
 from spa_operator.planner import (
@@ -35,25 +36,110 @@ def run_root(run: AlignmentRun, storage_uri: str) -> str:
     return storage.join(storage_uri, run.metadata.namespace, run.metadata.name)
 
 
-def stage_env(run: AlignmentRun) -> dict[str, str]:
-    """Environment for workers: the run's S3 endpoint/region (credentials come from this process's env)."""
-    env = dict(os.environ)
+def storage_settings(run: AlignmentRun) -> dict[str, str]:
+    """The run's S3 endpoint and region as environment variables (they win over the environment's own;
+    credentials always come from the environment: a secretRef names a cluster Secret)."""
     st = run.spec.storage
+    env = {}
     if st and st.endpoint:
         env["SPA_S3_ENDPOINT"] = st.endpoint
     if st and st.region:
         env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = st.region
+    return env
+
+
+def stage_env(run: AlignmentRun) -> dict[str, str]:
+    """Environment for workers: this process's, with the run's storage settings."""
+    env = {**os.environ, **storage_settings(run)}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
 
-def finished_results(graph: list[PlannedStage]) -> dict[str, StageResult]:
-    """Stages whose manifests (every shard's) exist in storage."""
-    out = {}
+def apply_storage_settings(run: AlignmentRun) -> None:
+    """Make this process reach storage as the workers will (`spa run` reads manifests and writes reports)."""
+    os.environ.update(storage_settings(run))
+    storage.reset_client()
+
+
+class StageCheck(StrEnum):
+    MISSING = "missing"  # no manifest, or not every shard has one
+    DONE = "done"  # every manifest matches the fingerprint this run's spec gives
+    STALE = "stale"  # a manifest was made with other settings or inputs
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    key: str
+    check: StageCheck
+    change: str = ""  # for STALE: what differs, e.g. "learning_rate 5e-05 -> 0.0001"
+    follows: tuple[str, ...] = ()  # for STALE: the stale stages upstream whose outputs it took
+
+
+def _shard_args(stage: PlannedStage) -> list[StageArgs]:
+    if not stage.args.sharded:
+        return [stage.args]
+    return [replace(stage.args, shard_index=i) for i in range(stage.shards)]  # type: ignore[call-arg]
+
+
+def check_stages(graph: list[PlannedStage]) -> dict[str, StageStatus]:
+    """Each stage's state in storage, with fingerprints computed from the spec (as the worker would record them,
+    given that every upstream stage is redone to match the spec)."""
+    identity: dict[str, str] = {}  # input URI -> identity; stage outputs get their expected fingerprint
+    producer: dict[str, str] = {}  # stage output URI -> stage key
+    out: dict[str, StageStatus] = {}
     for s in graph:
-        if contract.read_stage_manifests(s.args) is not None:
-            out[s.key] = StageResult(StageState.SUCCEEDED)
+        inputs = {}
+        for name, uri in fingerprint.input_uris(s.args).items():
+            if uri not in identity:
+                identity[uri] = fingerprint.input_identity(uri)
+            inputs[name] = identity[uri]
+        expected = [fingerprint.fingerprint(a, inputs) for a in _shard_args(s)]
+        dirs = contract.stage_manifest_dirs(s.args)
+        manifests = [contract.read_manifest(d) for d in dirs]
+        stale = [(m, of) for m, (fp, of) in zip(manifests, expected, strict=True) if m and m.fingerprint != fp]
+        if s.args.sharded:  # shards of another shard count would mix into what the next stage reads
+            others = [contract.read_manifest(d) for d in storage.list_dirs(s.output)
+                      if os.path.basename(d).startswith("shard-") and d not in dirs]
+            stale += [(m, expected[0][1]) for m in others if m]
+        if stale:
+            m, of = stale[0]
+            upstream = tuple(sorted({producer[u] for n, u in fingerprint.input_uris(s.args).items()
+                                     if u in producer and out[producer[u]].check is not StageCheck.DONE
+                                     and m.fingerprint_of.get("inputs", {}).get(n) != inputs[n]}))
+            out[s.key] = StageStatus(s.key, StageCheck.STALE, fingerprint.describe_change(m.fingerprint_of, of),
+                                     upstream)
+        elif all(manifests):
+            out[s.key] = StageStatus(s.key, StageCheck.DONE)
+        else:
+            out[s.key] = StageStatus(s.key, StageCheck.MISSING)
+        fps = [fp for fp, _ in expected]
+        whole = fingerprint.combine_shards(fps) if s.args.sharded else fps[0]
+        for uri in (s.output, storage.join(s.output, contract.MODEL_SUBDIR)):
+            identity[uri] = whole
+            producer[uri] = s.key
     return out
+
+
+def dependents(graph: list[PlannedStage], key: str) -> list[str]:
+    """`key` and every stage that depends on it, directly or not, in graph order."""
+    found = {key}
+    for s in graph:
+        if any(d in found for d in s.depends_on):
+            found.add(s.key)
+    return [s.key for s in graph if s.key in found]
+
+
+def discard_outputs(graph: list[PlannedStage], keys: list[str]) -> None:
+    """Delete the outputs of these stages so they run again."""
+    by_key = {s.key: s for s in graph}
+    for key in keys:
+        storage.delete_tree(by_key[key].output)
+
+
+def finished_results(graph: list[PlannedStage]) -> dict[str, StageResult]:
+    """Stages whose manifests (every shard's) exist in storage with the fingerprint the spec gives."""
+    return {k: StageResult(StageState.SUCCEEDED) for k, st in check_stages(graph).items()
+            if st.check is StageCheck.DONE}
 
 
 @dataclass
@@ -122,10 +208,16 @@ def local_launch(stage: PlannedStage, processes: int | None) -> PlannedStage:
     return replace(stage, args=replace(stage.args, nodes=1, processes=processes or stage.args.processes))
 
 
+@dataclass(frozen=True)
+class Outcome:
+    plan: Plan  # DONE or FAILED
+    permanent: bool = False  # FAILED on bad input (exit 2): rerunning as is cannot help
+
+
 def execute(run: AlignmentRun, root: str, logs: Path, on_start: Callable[[PlannedStage, int], None] | None = None,
             on_progress: ProgressFn | None = None, on_finish: Callable[[StageRun], None] | None = None,
-            processes: int | None = None) -> Plan:
-    """Drive the run to DONE or FAILED; returns the final plan. `processes`: training processes (`local_launch`)."""
+            processes: int | None = None) -> Outcome:
+    """Drive the run to DONE or FAILED. `processes`: training processes here (`local_launch`)."""
     graph = stage_graph(run.spec, root)
     env = stage_env(run)
     failures: dict[str, StageResult] = {}
@@ -133,7 +225,8 @@ def execute(run: AlignmentRun, root: str, logs: Path, on_start: Callable[[Planne
         results = {**failures, **finished_results(graph)}
         plan = plan_next_stage(run.spec, root, results)
         if plan.action is not Action.START:
-            return plan
+            failed = failures.get(plan.failed_stage or "")
+            return Outcome(plan, permanent=bool(failed and failed.permanent))
         # Locally stages run one at a time, in plan order.
         todo = plan.start[0]
         if on_start:

@@ -3,7 +3,7 @@
 No I/O. Both executors (local subprocesses, Kubernetes Jobs) call `plan_next_stage` and only carry out its answer.
 
 Graph (N = iterations.count, evaluate only when data.heldout is set):
-    i00/seed-train -> i00/evaluate
+    i00/validate -> i00/seed-train -> i00/evaluate
     i00/seed-train -> i01/generate -> i01/judge -> i01/train -> i01/evaluate
                                                   i01/train -> i02/generate -> ...
 """
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from spa_workers import contract
+from spa_workers import contract, fingerprint
 from spa_workers.contract import (
     EvaluateArgs,
     GenerateArgs,
@@ -22,6 +22,7 @@ from spa_workers.contract import (
     SeedTrainArgs,
     StageArgs,
     TrainArgs,
+    ValidateArgs,
 )
 
 from spa_operator.spec import AlignmentRunSpec, stage_resources
@@ -44,8 +45,7 @@ class PlannedStage:
         return self.args.shard_count if self.args.sharded else 1  # type: ignore[attr-defined]
 
     def inputs(self) -> dict[str, str]:
-        names = ("policy", "reference", "model", "prompts", "responses", "pairs", "heldout")
-        return {n: getattr(self.args, n) for n in names if getattr(self.args, n, None)}
+        return fingerprint.input_uris(self.args)
 
 
 class StageState(StrEnum):
@@ -135,10 +135,14 @@ def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
                             output=out(i, contract.EVALUATE), beta=t.beta, **lengths)
         return PlannedStage(_key(i, contract.EVALUATE), i, contract.EVALUATE, args, (after,))
 
+    # Cheap input checks first, so a typo costs no GPU time.
+    validate = PlannedStage(_key(0, contract.VALIDATE), 0, contract.VALIDATE, ValidateArgs(
+        model=sft, seed_pairs=spec.data.seed, prompts=spec.data.prompts, heldout=spec.data.heldout,
+        output=out(0, contract.VALIDATE), prompts_needed=sum(spec.iterations.per_iteration())), ())
     seed_key = _key(0, contract.SEED_TRAIN)
-    stages = [PlannedStage(seed_key, 0, contract.SEED_TRAIN, SeedTrainArgs(
+    stages = [validate, PlannedStage(seed_key, 0, contract.SEED_TRAIN, SeedTrainArgs(
         model=sft, pairs=spec.data.seed, output=out(0, contract.SEED_TRAIN), reference=sft,
-        epochs=t.seed_epochs, refinement=False, **train_common, **launch(contract.SEED_TRAIN)), ())]
+        epochs=t.seed_epochs, refinement=False, **train_common, **launch(contract.SEED_TRAIN)), (validate.key,))]
     if spec.data.heldout:
         stages.append(evaluate(0, seed_key))
 
@@ -151,7 +155,7 @@ def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
             policy=policy, prompts=spec.data.prompts, output=out(i, contract.GENERATE),
             slice_start=start, slice_end=start + n_prompts, responses_per_prompt=g.responses_per_prompt,
             temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, seed=g.seed + i,
-            backend=g.backend, shard_count=g.shards,
+            backend=g.backend, batch_size=g.batch_size, shard_count=g.shards,
             tensor_parallel_size=tensor_parallel(contract.GENERATE, g.backend)), (prev_train,))
         judge_ref = sft if spec.judge.reference == "initial" or i == 1 else model_uri(root, i - 2)
         judge = PlannedStage(_key(i, contract.JUDGE), i, contract.JUDGE, JudgeArgs(

@@ -100,6 +100,9 @@ class GenerationSpec(_Model):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(default=300, ge=1, le=32768)
     backend: Literal["vllm", "transformers"] = "vllm"
+    batch_size: int = Field(default=16, ge=1, le=4096, description=(
+        "Prompts per generate call with the transformers backend (its answers depend on it); vLLM batches "
+        "continuously and ignores it."))
     shards: int = Field(default=1, ge=1, le=1024)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
@@ -312,10 +315,14 @@ class AlignmentRunSpec(_Model):
 
 
 def stage_resources(spec: AlignmentRunSpec, stage: str) -> StageResources:
-    """The resources of a stage (`seed-train`, `train`, ...): its own entry, or the defaults."""
+    """The resources of a stage (`seed-train`, `train`, ...): its own entry, or the defaults.
+
+    `validate` checks inputs only: a CPU-only pod on the run's image, whatever the GPU stages ask."""
     res = spec.resources
     field = {"seed-train": "seed_train"}.get(stage, stage)
-    return (getattr(res, field) if res else None) or StageResources()
+    if res is None or field not in ResourcesSpec.model_fields:  # ("validate" is also a pydantic method name)
+        return StageResources()
+    return getattr(res, field) or StageResources()
 
 
 class Metadata(_Model):

@@ -45,5 +45,5 @@ def phase(cluster, name: str) -> str | None:
     return (run or {}).get("status", {}).get("phase")
 
 
-STAGES_2_ITER = ["iter-00/seed-train", "iter-00/evaluate"] + [
+STAGES_2_ITER = ["iter-00/validate", "iter-00/seed-train", "iter-00/evaluate"] + [
     f"iter-{i:02d}/{s}" for i in (1, 2) for s in ("generate", "judge", "train", "evaluate")]

@@ -131,11 +131,11 @@ async def test_stage_always_failing_fails_the_run_after_max_retries(cluster, s3_
 async def test_bad_input_is_not_retried(cluster, s3_env):
     """Exit code 2 matches the Job's FailJob rule: one attempt, then the run fails."""
     def fault(job, index, pod_attempt):
-        return "bad-input" if stage_of(job) == "iter-00/seed-train" else None
+        return "bad-input" if stage_of(job) == "iter-00/validate" else None
 
     outcome, _ = await run_with_fault(cluster, s3_env, "badinput", fault, maxRetriesPerStage=3)
     assert outcome == "Failed"
-    assert list(cluster.jobs()) == ["badinput-i00-seed-train-a1"]
+    assert list(cluster.jobs()) == ["badinput-i00-validate-a1"]
     assert "PodFailurePolicy" in condition(cluster, "badinput", "Failed")["message"]
 
 
@@ -263,10 +263,10 @@ async def test_invalid_runs_fail_with_a_condition_naming_the_field(s3_env):
 
 
 async def start_one_iteration_run(cluster, s3_env, name: str) -> None:
-    """Create a seed + 1 iteration run (stub data) and wait until its seed-train Job exists."""
+    """Create a seed + 1 iteration run (stub data) and wait until its first (validate) Job exists."""
     await cluster.create_run(tiny_run(name, FAKE, s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"], iterations=1,
                                       heldout=False))
-    await wait_for(lambda: f"{name}-i00-seed-train-a1" in cluster.jobs(), 30, "seed Job")
+    await wait_for(lambda: f"{name}-i00-validate-a1" in cluster.jobs(), 30, "seed Job")
 
 
 async def test_suspend_stops_new_stages_and_resume_goes_on(cluster, s3_env):
@@ -276,10 +276,10 @@ async def test_suspend_stops_new_stages_and_resume_goes_on(cluster, s3_env):
         await start_one_iteration_run(cluster, s3_env, "pausable")
         await cluster.patch_run("pausable", {"spec": {"suspend": True}})
         await wait_for(lambda: phase(cluster, "pausable") == "Suspended", 20, "Suspended")
-        assert cluster.jobs()["pausable-i00-seed-train-a1"]["spec"]["suspend"] is True
+        assert cluster.jobs()["pausable-i00-validate-a1"]["spec"]["suspend"] is True
         assert condition(cluster, "pausable", "Suspended")["status"] == "True"
         await asyncio.sleep(2.0)
-        assert list(cluster.jobs()) == ["pausable-i00-seed-train-a1"]
+        assert list(cluster.jobs()) == ["pausable-i00-validate-a1"]
         await cluster.patch_run("pausable", {"spec": {"suspend": False}})
         assert await finish(cluster, "pausable") == "Succeeded"
         await op.stop()
@@ -293,12 +293,12 @@ async def test_job_deleted_by_hand_is_retried(cluster, s3_env):
         await op.start()
         await start_one_iteration_run(cluster, s3_env, "handdel")
         await asyncio.sleep(0.3)
-        status, _ = await cluster.request("DELETE", "/apis/batch/v1/namespaces/ns/jobs/handdel-i00-seed-train-a1")
+        status, _ = await cluster.request("DELETE", "/apis/batch/v1/namespaces/ns/jobs/handdel-i00-validate-a1")
         assert status == 200
         assert await finish(cluster, "handdel") == "Succeeded"
         await op.stop()
-    seed = stages(cluster, "handdel")["iter-00/seed-train"]
-    assert (seed["attempts"], seed["failures"], seed["job"]) == (2, 1, "handdel-i00-seed-train-a2")
+    seed = stages(cluster, "handdel")["iter-00/validate"]
+    assert (seed["attempts"], seed["failures"], seed["job"]) == (2, 1, "handdel-i00-validate-a2")
 
 
 async def test_spec_change_after_start_rejected_by_api_and_failed_by_operator(s3_env):

@@ -88,7 +88,8 @@ async def test_next_job_follows_a_finished_one_within_a_second(cluster, s3_env):
                                           s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"], iterations=1, heldout=False))
         await wait_for(lambda: phase(cluster, "quick") == "Succeeded", 60, "Succeeded")
         await op.stop()
-    chain = ["quick-i00-seed-train-a1", "quick-i01-generate-a1", "quick-i01-judge-a1", "quick-i01-train-a1"]
+    chain = ["quick-i00-validate-a1", "quick-i00-seed-train-a1", "quick-i01-generate-a1", "quick-i01-judge-a1",
+             "quick-i01-train-a1"]
     gaps = [harness.created[b] - harness.finished[a] for a, b in itertools.pairwise(chain)]
     assert max(gaps) < 1.0, gaps
 
@@ -120,16 +121,16 @@ async def test_job_created_and_deleted_between_two_reconciles_is_retried(cluster
     logger = logging.getLogger("test")
     try:
         await ctl.reconcile(rs, cluster.run("race"), {}, logger)
-        job = cluster.jobs()["race-i00-seed-train-a1"]
+        job = cluster.jobs()["race-i00-validate-a1"]
         # The watch delivered the Job's events (ADDED, then DELETED); the empty index below is what kopf leaves.
         await kube.job_changed(name=job["metadata"]["name"], labels=job["metadata"]["labels"], memo=memo)
         assert rs.waker.is_set()
         await ctl.reconcile(rs, cluster.run("race"), {}, logger)
     finally:
         await ctl.api.close()
-    seed = {s["name"]: s for s in cluster.run("race")["status"]["stages"]}["iter-00/seed-train"]
-    assert (seed["attempts"], seed["failures"], seed["job"]) == (2, 1, "race-i00-seed-train-a2"), seed
-    assert "race-i00-seed-train-a2" in cluster.jobs()
+    seed = {s["name"]: s for s in cluster.run("race")["status"]["stages"]}["iter-00/validate"]
+    assert (seed["attempts"], seed["failures"], seed["job"]) == (2, 1, "race-i00-validate-a2"), seed
+    assert "race-i00-validate-a2" in cluster.jobs()
 
 
 @pytest.mark.asyncio

@@ -45,16 +45,18 @@ def test_render_two_nodes_of_eight_gpus_validates(tmp_path):
     for doc in docs:
         kubernetes_validate.validate(doc, desired_version=kubernetes_validate.latest_version(), strict=True)
     kinds = [(d["kind"], d["metadata"]["annotations"][jobs.ANNOTATION_STAGE_KEY]) for d in docs]
-    assert kinds == [("Service", "iter-00/seed-train"), ("Job", "iter-00/seed-train"), ("Job", "iter-01/generate"),
-                     ("Job", "iter-01/judge"), ("Service", "iter-01/train"), ("Job", "iter-01/train")]
-    train_svc, train = docs[4], docs[5]
+    assert kinds == [("Job", "iter-00/validate"), ("Service", "iter-00/seed-train"), ("Job", "iter-00/seed-train"),
+                     ("Job", "iter-01/generate"), ("Job", "iter-01/judge"), ("Service", "iter-01/train"),
+                     ("Job", "iter-01/train")]
+    assert "nvidia.com/gpu" not in str(docs[0]["spec"]["template"]["spec"]["containers"][0].get("resources"))
+    train_svc, train = docs[5], docs[6]
     assert (train["spec"]["completionMode"], train["spec"]["completions"], train["spec"]["parallelism"]) == \
         ("Indexed", 2, 2)
     assert train["metadata"]["labels"][jobs.KUEUE_QUEUE_LABEL] == "gpu" and train["spec"]["suspend"] is True
     assert train["spec"]["template"]["spec"]["subdomain"] == train_svc["metadata"]["name"]
     command = " ".join(train["spec"]["template"]["spec"]["containers"][0]["command"])
     assert command.startswith("spa-worker train ") and "--processes 8 --nodes 2 --strategy fsdp" in command
-    generate = " ".join(docs[2]["spec"]["template"]["spec"]["containers"][0]["command"])
+    generate = " ".join(docs[3]["spec"]["template"]["spec"]["containers"][0]["command"])
     assert "--tensor-parallel-size 4" in generate
 
 

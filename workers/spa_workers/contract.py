@@ -29,12 +29,13 @@ CONTRACT_VERSION = 1
 EXIT_BAD_INPUT = 2  # the input must be fixed: retrying cannot help
 EXIT_STORAGE = 3  # storage unreachable: worth retrying
 
+VALIDATE = "validate"
 SEED_TRAIN = "seed-train"
 GENERATE = "generate"
 JUDGE = "judge"
 TRAIN = "train"
 EVALUATE = "evaluate"
-STAGES = (SEED_TRAIN, GENERATE, JUDGE, TRAIN, EVALUATE)
+STAGES = (VALIDATE, SEED_TRAIN, GENERATE, JUDGE, TRAIN, EVALUATE)
 
 
 class StageInputError(Exception):
@@ -222,8 +223,23 @@ class EvaluateArgs(StageArgs):
     max_prompt_length: int = 1024
 
 
+@dataclass(frozen=True)
+class ValidateArgs(StageArgs):
+    """Check every input of a run before any GPU work: files parse, rows are usable, models load, storage is
+    writable. Cheap and CPU-only."""
+
+    stage: ClassVar[str] = VALIDATE
+
+    model: str = field(metadata={"help": "the SFT model URI"})
+    seed_pairs: str = field(metadata={"help": "gold preference pairs (spec.data.seed)"})
+    prompts: str = field(metadata={"help": "prompt file"})
+    output: str
+    heldout: str | None = field(default=None, metadata={"help": "held-out gold pairs (optional)"})
+    prompts_needed: int = field(default=0, metadata={"help": "prompts the iterations take from the prompt file"})
+
+
 ARGS_BY_STAGE: dict[str, type[StageArgs]] = {
-    a.stage: a for a in (GenerateArgs, JudgeArgs, TrainArgs, SeedTrainArgs, EvaluateArgs)
+    a.stage: a for a in (ValidateArgs, GenerateArgs, JudgeArgs, TrainArgs, SeedTrainArgs, EvaluateArgs)
 }
 
 # Where each stage's outputs live inside its output dir.
@@ -245,6 +261,9 @@ class StageManifest:
     args: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     contract_version: int = CONTRACT_VERSION
+    # What determines the outputs (see `fingerprint`); "" in manifests written before fingerprints existed.
+    fingerprint: str = ""
+    fingerprint_of: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

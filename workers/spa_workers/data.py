@@ -105,6 +105,14 @@ def parse_pair(row: dict[str, Any], where: str) -> PreferencePair:
         raise StageInputError(f"{where}: missing column prompt")
     if rejected_ctx and chosen_ctx and rejected_ctx != chosen_ctx:
         raise StageInputError(f"{where}: chosen and rejected conversations have different prompts")
+    # A pair with an empty side or two equal answers teaches nothing and skews DPO: it is a data error.
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise StageInputError(f"{where}: column {name} is empty")
+    if not any(m["content"].strip() for m in prompt):
+        raise StageInputError(f"{where}: column prompt is empty")
+    if chosen == rejected:
+        raise StageInputError(f"{where}: chosen and rejected are the same answer")
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected)
 
 
@@ -122,10 +130,13 @@ def load_prompts(uri: str) -> list[Messages]:
     out = []
     for n, row in enumerate(rows, start=1):
         if "prompt" in row:
-            out.append(_messages(row["prompt"], f"{uri}: row {n}: column prompt"))
+            msgs = _messages(row["prompt"], f"{uri}: row {n}: column prompt")
         elif "messages" in row:
             msgs = _messages(row["messages"], f"{uri}: row {n}: column messages")
-            out.append(msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs)
+            msgs = msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
         else:
             raise StageInputError(f"{uri}: row {n}: missing column prompt (found {', '.join(sorted(row)) or 'none'})")
+        if not any(m["content"].strip() for m in msgs):
+            raise StageInputError(f"{uri}: row {n}: the prompt is empty")
+        out.append(msgs)
     return out

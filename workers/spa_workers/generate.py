@@ -52,6 +52,9 @@ def select_prompts(args: GenerateArgs) -> list[tuple[int, Messages]]:
     if start >= end:
         raise StageInputError(f"{args.prompts}: slice [{args.slice_start}, {args.slice_end}) selects no "
                               f"prompts (the file has {len(prompts)})")
+    if args.slice_end > len(prompts):  # silently taking fewer prompts would change the run's schedule
+        raise StageInputError(f"{args.prompts}: slice [{args.slice_start}, {args.slice_end}) needs "
+                              f"{args.slice_end} prompts but the file has {len(prompts)}")
     if not 0 <= args.shard_index < args.shard_count:
         raise StageInputError(f"shard index {args.shard_index} is outside 0..{args.shard_count - 1}")
     part = shard_part(end - start, args.shard_index, args.shard_count)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from spa_workers import contract, live_metrics, storage
+from spa_workers import contract, fingerprint, live_metrics, storage
 from spa_workers.contract import StageArgs, StageManifest
 
 
@@ -81,18 +81,40 @@ def _broadcast_from_main(value):
     return broadcast_object_list([value], from_process=0)[0]
 
 
+OVERWRITE_ENV = "SPA_OVERWRITE_STALE"
+
+
+def _reuse_decision(args: StageArgs, out: str, fp: str, of: dict) -> str:
+    """"run", "done" (a manifest with this fingerprint exists) or the error for a manifest made differently."""
+    old = contract.read_manifest(out)
+    if old is None:
+        return "run"
+    if old.fingerprint == fp:
+        return "done"
+    change = fingerprint.describe_change(old.fingerprint_of, of)
+    if os.environ.get(OVERWRITE_ENV) == "1":
+        print(f"{args.stage}: {out} was made with other settings ({change}); redoing it", file=sys.stderr)
+        storage.delete_tree(out)
+        return "run"
+    return (f"{out} holds outputs made with other settings ({change}); delete that folder, write to a new one, "
+            f"or set {OVERWRITE_ENV}=1 to redo it")
+
+
 def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
     args = resolve_shard(args)
     out = output_of(args)
     dist = _distributed_state()
     is_main = dist is None or dist.is_main_process
-    done = storage.exists(storage.join(out, contract.MANIFEST)) if is_main else False
+    fp, of = fingerprint.of_stage(args) if is_main else ("", {})
+    decision = _reuse_decision(args, out, fp, of) if is_main else ""
     if dist is not None:
-        done = _broadcast_from_main(done)  # one answer for all ranks, even without shared storage
-    if done:
+        decision = _broadcast_from_main(decision)  # one answer for all ranks, even without shared storage
+    if decision == "done":
         if is_main:
-            print(f"{args.stage}: {out} already has a manifest; nothing to do", file=sys.stderr)
+            print(f"{args.stage}: {out} already has a manifest with this fingerprint; nothing to do", file=sys.stderr)
         return 0
+    if decision != "run":
+        raise contract.StageInputError(decision)
     t0 = time.time()
     if not is_main:
         return _run_secondary(args, out, body, dist)
@@ -123,7 +145,8 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
                 storage.upload_file(os.path.join(workdir, rel), storage.join(out, rel))
         work.timings["wall_s"] = time.time() - t0
         manifest = StageManifest(stage=args.stage, files=files, counts=work.counts, metrics=work.metrics,
-                                 timings=work.timings, args=args.to_argv(), versions=contract.versions())
+                                 timings=work.timings, args=args.to_argv(), versions=contract.versions(),
+                                 fingerprint=fp, fingerprint_of=of)
         storage.write_text(storage.join(out, contract.MANIFEST), manifest.to_json())
         for hook in work.after_manifest:
             try:

@@ -69,14 +69,17 @@ def reset_client() -> None:
 
 
 def _s3_call(fn, *args, **kwargs):
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     try:
         return fn(*args, **kwargs)
     except ClientError:
         raise
+    except NoCredentialsError as e:
+        raise StorageError("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)") \
+            from e
     except BotoCoreError as e:  # connection refused, timeouts, bad endpoint
-        raise StorageError(f"S3 unreachable: {type(e).__name__}") from e
+        raise StorageError(f"S3 unreachable: {type(e).__name__}: {e}") from e
 
 
 def _is_missing(err: Exception) -> bool:
@@ -125,11 +128,20 @@ def write_bytes(uri: str, data: bytes) -> None:
     path = Path(_local(uri))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files: give the mode an ordinary open() would
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask (reading it means setting it, so once, before any threads write)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(uri: str, text: str) -> None:

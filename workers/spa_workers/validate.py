@@ -1,0 +1,72 @@
+"""validate: the cheap checks of a run's inputs, before any GPU time is spent.
+
+Every input exists and parses; preference rows have a non-empty prompt, chosen and rejected, and chosen differs
+from rejected; the prompt file holds enough prompts for every iteration; the model's config and tokenizer load
+and the tokenizer has a chat template; storage is writable. The first failure is a StageInputError naming the
+file, row or field (exit 2). Needs no torch: only the config and the tokenizer are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from spa_workers import storage
+from spa_workers.contract import StageInputError, ValidateArgs
+from spa_workers.data import load_pairs, load_prompts
+from spa_workers.modeling import load_tokenizer, resolve_model
+from spa_workers.runner import StageWork, run_stage
+
+REPORT_FILE = "validation.json"
+
+
+def _check_model(uri: str) -> None:
+    from transformers import AutoConfig
+
+    path = resolve_model(uri)
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as e:  # transformers raises several types for unreadable configs
+        raise StageInputError(f"model {uri}: config.json does not load ({type(e).__name__}: {e})") from None
+    try:
+        load_tokenizer(uri)
+    except StageInputError:
+        raise
+    except Exception as e:
+        raise StageInputError(f"model {uri}: tokenizer does not load ({type(e).__name__}: {e})") from None
+
+
+def check_storage_writable(uri: str) -> None:
+    """Write and delete a probe object under `uri`; a refusal is the user's to fix (exit 2)."""
+    probe = storage.join(uri, ".spa-write-probe")
+    try:
+        storage.write_text(probe, "ok")
+        storage.delete_tree(probe)
+    except OSError as e:
+        raise StageInputError(f"storage {uri}: not writable ({e.strerror or e})") from None
+
+
+def check(args: ValidateArgs) -> dict[str, int]:
+    """Run every check; returns the counts found (rows per file)."""
+    counts = {"seed_pairs": len(load_pairs(args.seed_pairs))}
+    prompts = len(load_prompts(args.prompts))
+    if prompts < args.prompts_needed:
+        raise StageInputError(f"{args.prompts}: has {prompts} prompts but the iterations need "
+                              f"{args.prompts_needed} (spec.iterations.promptsPerIteration)")
+    counts["prompts"] = prompts
+    if args.heldout:
+        counts["heldout_pairs"] = len(load_pairs(args.heldout))
+    _check_model(args.model)
+    return counts
+
+
+def _body(work: StageWork) -> None:
+    args: ValidateArgs = work.args  # type: ignore[assignment]
+    check_storage_writable(work.output)
+    work.counts.update(check(args))
+    with open(os.path.join(work.dir, REPORT_FILE), "w", encoding="utf-8") as fh:
+        json.dump(work.counts, fh)
+
+
+def run(args: ValidateArgs) -> int:
+    return run_stage(args, _body)
