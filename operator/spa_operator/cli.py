@@ -30,15 +30,17 @@ def localize(run: AlignmentRun, base: Path) -> AlignmentRun:
     doc = run.model_dump(by_alias=True, exclude_none=True)
     spec = doc["spec"]
 
-    def fix(section: str, key: str) -> None:
-        value = spec.get(section, {}).get(key)
+    def fix(section: dict | None, key: str) -> None:
+        value = (section or {}).get(key)
         if value and _is_local_path(value) and not os.path.isabs(value):
-            spec[section][key] = str((base / value).resolve())
+            section[key] = str((base / value).resolve())  # type: ignore[index]
 
-    fix("model", "sft")
+    fix(spec.get("model"), "sft")
     for key in ("seed", "prompts", "heldout"):
-        fix("data", key)
-    fix("storage", "uri")
+        fix(spec.get("data"), key)
+    for key in ("prompts", "referenceAnswers", "referenceModel"):
+        fix(spec.get("evaluation", {}).get("winRate"), key)
+    fix(spec.get("storage"), "uri")
     return parse_run(doc)
 
 
@@ -68,14 +70,22 @@ def _fmt(value: float | int | None, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _pct(value: float | None, se: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ± {se:.1f}" if se is not None else f"{value:.1f}"
+
+
 def print_summary(run: AlignmentRun, root: str) -> None:
     table = Table(title=f"{run.metadata.name}: per-iteration results")
-    for col in ("iteration", "pairs", "reward gap", "refined", "held-out agreement", "DPO loss", "wall time"):
+    win = bool(run.spec.evaluation and run.spec.evaluation.win_rate)
+    cols = ["iteration", "pairs", "reward gap", "refined", "held-out agreement"]
+    cols += ["win rate %", "LC win rate %"] if win else []
+    for col in (*cols, "DPO loss", "wall time"):
         table.add_column(col, justify="right")
     for row in summarize(stage_graph(run.spec, root)):
-        table.add_row("seed" if row.iteration == 0 else str(row.iteration), _fmt(row.pairs, "d"),
-                      _fmt(row.reward_gap, ".4f"), _fmt(row.refined_fraction, ".2f"),
-                      _fmt(row.heldout_agreement, ".3f"), _fmt(row.loss, ".4f"), f"{row.wall_s:.1f}s")
+        cells = ["seed" if row.iteration == 0 else str(row.iteration), _fmt(row.pairs, "d"),
+                 _fmt(row.reward_gap, ".4f"), _fmt(row.refined_fraction, ".2f"), _fmt(row.heldout_agreement, ".3f")]
+        cells += [_pct(row.win_rate, row.win_rate_se), _pct(row.lc_win_rate, row.lc_win_rate_se)] if win else []
+        table.add_row(*cells, _fmt(row.loss, ".4f"), f"{row.wall_s:.1f}s")
     out.print(table)
 
 
@@ -99,6 +109,8 @@ def execute_with_progress(run: AlignmentRun, root: str, logs: Path) -> int:
         plan = local.execute(run, root, logs, on_start, on_progress, on_finish)
     if plan.action is Action.DONE:
         print_summary(run, root)
+        if plan.reason:
+            out.print(plan.reason)
         out.print(f"final model: {plan.final_model}")
         return 0
     err.print(f"[red]run {run.metadata.name} failed:[/red] {plan.reason}")

@@ -53,9 +53,18 @@ FINALIZER = "spa.dev/finalizer"
 MERGE_PATCH = "application/merge-patch+json"
 log = logging.getLogger("spa_operator")
 
+# evaluate's win-rate figures: manifest key -> (gauge name, help)
+WIN_RATE_GAUGES = {
+    K.WIN_RATE: ("spa_iteration_win_rate", "Win rate against the reference, percent"),
+    K.WIN_RATE_SE: ("spa_iteration_win_rate_stderr", "Standard error of the win rate, percent"),
+    K.LC_WIN_RATE: ("spa_iteration_lc_win_rate", "Length-controlled win rate against the reference, percent"),
+    K.LC_WIN_RATE_SE: ("spa_iteration_lc_win_rate_stderr", "Standard error of the LC win rate, percent"),
+    K.JUDGE_FAILED: ("spa_iteration_judge_failed", "Judgments given up after retries"),
+}
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 STAGE_METRICS = (K.PAIRS, K.DROPPED_IDENTICAL, K.DROPPED_EMPTY, K.RESPONSES, K.REWARD_GAP, K.CONFIDENCE, K.LOSS,
-                 K.REWARD_ACCURACY, K.REFINED_FRACTION, K.HELDOUT_AGREEMENT, K.TOKENS_PER_S, "wall_s")
+                 K.REWARD_ACCURACY, K.REFINED_FRACTION, K.HELDOUT_AGREEMENT, K.TOKENS_PER_S, "wall_s",
+                 *WIN_RATE_GAUGES)
 
 
 @dataclasses.dataclass
@@ -291,6 +300,7 @@ class Metrics:
             K.REWARD_ACCURACY: Gauge("spa_iteration_reward_accuracy", "Training reward accuracy", it, registry=r),
             K.HELDOUT_AGREEMENT: Gauge("spa_iteration_heldout_agreement", "Held-out gold agreement", it,
                                        registry=r),
+            **{k: Gauge(name, doc, it, registry=r) for k, (name, doc) in WIN_RATE_GAUGES.items()},
         }
 
     def export_run(self, ns: str, name: str, phase: str, iteration: int | None, progress: float | None,

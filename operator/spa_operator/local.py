@@ -48,11 +48,13 @@ def stage_env(run: AlignmentRun) -> dict[str, str]:
 
 
 def finished_results(graph: list[PlannedStage]) -> dict[str, StageResult]:
-    """Stages whose manifests (every shard's) exist in storage."""
+    """Stages whose manifests (every shard's) exist in storage, with their metrics (the first shard's: only
+    unsharded stages, evaluate among them, carry metrics the planner reads)."""
     out = {}
     for s in graph:
-        if contract.read_stage_manifests(s.args) is not None:
-            out[s.key] = StageResult(StageState.SUCCEEDED)
+        manifests = contract.read_stage_manifests(s.args)
+        if manifests is not None:
+            out[s.key] = StageResult(StageState.SUCCEEDED, metrics=dict(manifests[0].metrics))
     return out
 
 

@@ -18,6 +18,10 @@ class IterationSummary:
     reward_gap: float | None = None
     refined_fraction: float | None = None
     heldout_agreement: float | None = None
+    win_rate: float | None = None  # percent
+    win_rate_se: float | None = None
+    lc_win_rate: float | None = None  # percent, length-controlled
+    lc_win_rate_se: float | None = None
     loss: float | None = None
     wall_s: float = 0.0
 
@@ -41,7 +45,10 @@ def summarize(graph: list[PlannedStage]) -> list[IterationSummary]:
             else:
                 row.refined_fraction = manifests[0].metrics.get(K.REFINED_FRACTION)
         elif s.stage == contract.EVALUATE:
-            row.heldout_agreement = manifests[0].metrics.get(K.HELDOUT_AGREEMENT)
+            m = manifests[0].metrics
+            row.heldout_agreement = m.get(K.HELDOUT_AGREEMENT)
+            row.win_rate, row.win_rate_se = m.get(K.WIN_RATE), m.get(K.WIN_RATE_SE)
+            row.lc_win_rate, row.lc_win_rate_se = m.get(K.LC_WIN_RATE), m.get(K.LC_WIN_RATE_SE)
     return [rows[i] for i in sorted(rows)]
 
 

@@ -75,6 +75,13 @@ INVALID = [
     (with_(("spec.queueName", "Bad_Queue")), "spec.queueName"),
     (with_(("spec.imagePullSecrets", [f"s{i}" for i in range(17)])), "spec.imagePullSecrets"),
     (with_(("spec.stageDeadlineSeconds", 10)), "spec.stageDeadlineSeconds"),
+    (with_(("spec.gate", {"metric": "heldoutAgreement", "floor": 0.8})), "spec.gate.metric"),  # no data.heldout
+    (with_(("spec.gate", {"metric": "lcWinRate", "floor": 40})), "spec.gate.metric"),  # no evaluation.winRate
+    (with_(("spec.data.heldout", "s3://d/h.jsonl"), ("spec.gate", {"metric": "heldoutAgreement"})), "spec.gate"),
+    (with_(("spec.data.heldout", "s3://d/h.jsonl"), ("spec.gate", {"floor": 85})), "spec.gate"),
+    (with_(("spec.evaluation", {"winRate": {"prompts": "s3://d/p.jsonl",
+                                            "judge": {"endpoint": "judge:8000", "model": "m"}}})),
+     "spec.evaluation.winRate.judge.endpoint"),
 ]
 IDS = [f"{i:02d}-{field}" for i, (_, field) in enumerate(INVALID)]
 
