@@ -210,7 +210,7 @@ def gate_verdict(spec: AlignmentRunSpec, results: Mapping[str, StageResult]) -> 
         if best is None or value > best[1]:
             best = (i, value)
     if best is None:
-        return GateVerdict(False, None, f"gate: no {name} figure yet")
+        return GateVerdict(False, None, f"gate: no {name} figure found")
     return GateVerdict(False, best[0], f"gate: {name} held; best iteration {best[0]} ({best[1]:.4g})")
 
 
@@ -238,10 +238,13 @@ def plan_next_stage(spec: AlignmentRunSpec, root: str, results: Mapping[str, Sta
         return Plan(Action.DONE, reason=verdict.reason, final_model=model_uri(root, verdict.best_iteration or 0),
                     best_iteration=verdict.best_iteration)
     if all(state.get(s.key) is StageState.SUCCEEDED for s in graph):
-        if verdict is not None and verdict.best_iteration is not None:
-            return Plan(Action.DONE, reason=verdict.reason, final_model=model_uri(root, verdict.best_iteration),
-                        best_iteration=verdict.best_iteration)
-        return Plan(Action.DONE, final_model=final_model(spec, root))
+        if verdict is None:
+            return Plan(Action.DONE, final_model=final_model(spec, root))
+        if verdict.best_iteration is None:  # never silently: say the gate had nothing to judge
+            return Plan(Action.DONE, reason=f"{verdict.reason}; the last iteration's model is published",
+                        final_model=final_model(spec, root))
+        return Plan(Action.DONE, reason=verdict.reason, final_model=model_uri(root, verdict.best_iteration),
+                    best_iteration=verdict.best_iteration)
     if spec.suspend:
         return Plan(Action.WAIT, reason="suspended")
     ready = []
