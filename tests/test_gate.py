@@ -41,14 +41,16 @@ def play(spec, figures: dict[int, dict[str, float]]):
 
 
 def oracle(values: list[float], floor: float | None, max_drop: float | None) -> tuple[int | None, int]:
-    """(iteration the gate stops at or None, best iteration): the README's rule, restated."""
-    best = 0
+    """(iteration the gate stops at or None, the published model's iteration): the README's rule, restated."""
+    best = None
     for i in range(1, len(values)):
-        if (floor is not None and values[i] < floor) or (max_drop is not None and values[i] < values[best] - max_drop):
-            return i, best
-        if values[i] > values[best]:
+        below_floor = floor is not None and values[i] < floor
+        dropped = best is not None and max_drop is not None and values[i] < values[best] - max_drop
+        if below_floor or dropped:
+            return i, best or 0
+        if best is None or values[i] > values[best]:
             best = i
-    return None, best
+    return None, len(values) - 1
 
 
 GATES = [dict(floor=0.84), dict(maxDrop=0.03), dict(maxDrop=0.0), dict(floor=0.84, maxDrop=0.06)]
@@ -63,14 +65,18 @@ def test_gate_stops_at_the_right_iteration_and_publishes_the_best_model(gate):
         stop, best = oracle(list(values), floor, max_drop)
         last = COUNT if stop is None else stop
         assert plan.action is Action.DONE, (values, plan)
-        assert plan.final_model == model_uri(ROOT, best) and plan.best_iteration == best, (values, plan)
+        assert plan.final_model == model_uri(ROOT, best), (values, plan)
         # nothing after the stopping iteration's evaluate ever started
         assert max(int(k[5:7]) for k in started) == last and f"iter-{last:02d}/evaluate" in started, values
         if stop is None:
-            assert plan.reason.startswith(f"gate: heldoutAgreement held; best iteration {best}")
+            assert plan.best_iteration is None and plan.reason.startswith("gate: heldoutAgreement held; best "
+                                                                          "iteration "), plan.reason
+            assert plan.reason.endswith("the last iteration's model is published")
         else:
+            assert plan.best_iteration == best, (values, plan)
             assert f"heldoutAgreement {values[stop]:.4g} at iteration {stop}" in plan.reason, plan.reason
-            assert f"best iteration {best} ({values[best]:.4g})" in plan.reason, plan.reason
+            best_text = f"{best} ({values[best]:.4g})" if best else "0 (the seed model)"
+            assert plan.reason.endswith(f"best iteration {best_text}"), plan.reason
 
 
 def test_gate_on_win_rates_reads_their_figures():
@@ -80,7 +86,8 @@ def test_gate_on_win_rates_reads_their_figures():
     assert (plan.best_iteration, plan.final_model) == (1, model_uri(ROOT, 1))
     assert plan.reason == "gate: lcWinRate 31 at iteration 2 dropped more than 4 below best iteration 1 (36)"
     plan, _ = play(gated_spec("winRate", maxDrop=4.0), figures)  # the raw win rate keeps rising
-    assert (plan.best_iteration, plan.final_model) == (3, model_uri(ROOT, 3))
+    assert (plan.best_iteration, plan.final_model) == (None, model_uri(ROOT, 3))
+    assert plan.reason == "gate: winRate held; best iteration 3 (61); the last iteration's model is published"
 
 
 def test_with_a_gate_the_next_iteration_waits_for_the_evaluation():
@@ -121,23 +128,33 @@ def test_evaluate_stages_carry_the_win_rate_settings():
 
 
 @pytest.mark.slow
-def test_spa_run_stops_when_agreement_falls_and_publishes_the_best_model(tmp_path, tiny):
-    """A floor of 1.0 on held-out agreement: a real run crosses it at iteration 1 and must stop there."""
-    prompts = tmp_path / "wr.jsonl"
-    prompts.write_text("".join(f'{{"prompt": "What is {i} plus 2?"}}\n' for i in range(4)))
-    with FakeJudge(lambda instruction, first, second: 0.7) as judge:
+def test_spa_run_stops_when_quality_falls_and_publishes_the_best_model(tmp_path, tiny):
+    """A judge whose verdicts favour iteration 1's model, then turn against iteration 2's: the run must stop after
+    iteration 2's evaluation and publish iteration 1's model. Held-out agreement is reported beside the win rates."""
+    n = 4
+    (tmp_path / "wr.jsonl").write_text("".join(f'{{"prompt": "What is {i} plus 2?"}}\n' for i in range(n)))
+    (tmp_path / "ref.jsonl").write_text("".join(f'{{"answer": "REF {i + 2}"}}\n' for i in range(n)))
+    policy_wins = [0.5, 0.8, 0.3, 0.9]  # by evaluation, in the order they run (iteration 0, 1, 2, 3)
+    calls = itertools.count()
+
+    def judge_fn(instruction: str, first: str, second: str) -> float:
+        p = policy_wins[next(calls) // (2 * n)]  # evaluations run one after another, 2n judgments each
+        return 1 - p if first.startswith("REF") else p
+
+    with FakeJudge(judge_fn) as judge:
         doc = {
             "apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun", "metadata": {"name": "gated", "namespace": "ns"},
             "spec": {
                 "model": {"sft": tiny["model"]},
                 "data": {"seed": tiny["seed"], "prompts": tiny["prompts"], "heldout": tiny["heldout"]},
-                "iterations": {"count": 2, "promptsPerIteration": 16},
+                "iterations": {"count": 3, "promptsPerIteration": 8},
                 "generation": {"maxNewTokens": 12, "backend": "transformers"},
                 "training": {"learningRate": 1e-4, "seedEpochs": 1, "batchSize": 8, "maxLength": 128,
                              "maxPromptLength": 64},
-                "evaluation": {"winRate": {"prompts": "wr.jsonl", "maxNewTokens": 8, "backend": "transformers",
-                                           "judge": {"endpoint": judge.url, "model": "judge"}}},
-                "gate": {"metric": "heldoutAgreement", "floor": 1.0},
+                "evaluation": {"winRate": {"prompts": "wr.jsonl", "referenceAnswers": "ref.jsonl", "maxNewTokens": 8,
+                                           "backend": "transformers", "judge": {"endpoint": judge.url,
+                                                                                "model": "judge"}}},
+                "gate": {"metric": "winRate", "maxDrop": 20},
             },
         }
         (tmp_path / "run.yaml").write_text(yaml.safe_dump(doc))
@@ -146,17 +163,13 @@ def test_spa_run_stops_when_agreement_falls_and_publishes_the_best_model(tmp_pat
                               env={**os.environ, "COLUMNS": "200"}, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     root = tmp_path / "store" / "ns" / "gated"
-    agreement = [contract.read_manifest(str(root / f"iter-{i:02d}/evaluate")).metrics[K.HELDOUT_AGREEMENT]
-                 for i in (0, 1)]
-    assert agreement[1] < 1.0
-    best = 0 if agreement[0] >= agreement[1] else 1
-    assert not (root / "iter-02").exists()  # the gate stopped the run before iteration 2
+    assert (root / "iter-02/evaluate/_SUCCESS.json").exists() and not (root / "iter-03").exists()
     out = proc.stdout.replace("\n", "")
-    assert f"final model: {model_uri(str(root), best)}" in out
-    assert f"at iteration 1 is below the floor 1; best iteration {best}" in out
-    # the summary table has the win rates: the judge prefers what it reads first, so both orders give 50 %
+    assert "gate: winRate 30 at iteration 2 dropped more than 20 below best iteration 1 (80)" in out
+    assert f"final model: {model_uri(str(root), 1)}" in out
     rows = [ln.split("│")[1:-1] for ln in proc.stdout.splitlines() if ln.count("│") > 2]
-    assert [r[0].strip() for r in rows] == ["seed", "1"]
-    assert all(r[5].strip() == "50.0 ± 0.0" for r in rows), proc.stdout
-    wr = contract.read_manifest(str(root / "iter-01/evaluate"))
-    assert wr.counts[K.WINRATE_PROMPTS] == 4 and Path(root / "iter-01/evaluate/winrate.jsonl").exists()
+    assert [r[0].strip() for r in rows] == ["seed", "1", "2"]
+    assert [r[5].strip() for r in rows] == ["50.0 ± 0.0", "80.0 ± 0.0", "30.0 ± 0.0"], proc.stdout
+    assert all(r[4].strip() not in ("", "-") for r in rows)  # held-out agreement beside them
+    manifest = contract.read_manifest(str(root / "iter-02/evaluate"))
+    assert manifest.counts[K.WINRATE_PROMPTS] == n and Path(root / "iter-02/evaluate/winrate.jsonl").exists()

@@ -86,7 +86,7 @@ class Plan:
     reason: str = ""
     failed_stage: str | None = None
     final_model: str | None = field(default=None)
-    best_iteration: int | None = None  # with a gate: the iteration whose model is `final_model`
+    best_iteration: int | None = None  # set when the gate stopped the run: the iteration whose model is published
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -184,34 +184,37 @@ class GateVerdict:
 def gate_verdict(spec: AlignmentRunSpec, results: Mapping[str, StageResult]) -> GateVerdict | None:
     """The quality gate over the finished evaluations, in iteration order; None when the spec has no gate.
 
-    Stops at the first iteration i >= 1 whose figure is below `floor` or more than `maxDrop` below the best figure
-    of iterations 0..i-1 (the seed model counts as a candidate but never stops a run on its own). The best iteration
-    is the first with the highest figure up to where the verdict is taken.
+    The gate watches the SPA iterations 1..N: it stops at the first iteration i whose figure is below `floor`, or
+    more than `maxDrop` below the best figure of iterations 1..i-1, and names the best of those (the seed model when
+    i = 1) as the run's model. The seed model's own figure is not compared: it is trained on gold pairs, the held-out
+    set's own distribution, so its agreement is not comparable with that of self-trained iterations.
     """
     gate = spec.gate
     if gate is None:
         return None
     name, key = gate.metric, gate.manifest_key
-    figures: list[tuple[int, float]] = []
-    for i in range(spec.iterations.count + 1):
+    best: tuple[int, float] | None = None
+    for i in range(1, spec.iterations.count + 1):
         res = results.get(_key(i, contract.EVALUATE))
         if res is None or res.state is not StageState.SUCCEEDED or key not in res.metrics:
             break  # iterations are gated in order: a later figure waits for this one
-        figures.append((i, float(res.metrics[key])))
-    best: tuple[int, float] | None = None
-    for i, value in figures:
-        if best is not None:
-            if gate.floor is not None and value < gate.floor:
-                return GateVerdict(True, best[0], f"gate: {name} {value:.4g} at iteration {i} is below the floor "
-                                                  f"{gate.floor:g}; best iteration {best[0]} ({best[1]:.4g})")
-            if gate.max_drop is not None and value < best[1] - gate.max_drop:
-                return GateVerdict(True, best[0], f"gate: {name} {value:.4g} at iteration {i} dropped more than "
-                                                  f"{gate.max_drop:g} below best iteration {best[0]} ({best[1]:.4g})")
+        value = float(res.metrics[key])
+        fallback = best[0] if best else 0
+        if gate.floor is not None and value < gate.floor:
+            return GateVerdict(True, fallback, f"gate: {name} {value:.4g} at iteration {i} is below the floor "
+                                               f"{gate.floor:g}; best iteration {_best_text(best)}")
+        if best is not None and gate.max_drop is not None and value < best[1] - gate.max_drop:
+            return GateVerdict(True, fallback, f"gate: {name} {value:.4g} at iteration {i} dropped more than "
+                                               f"{gate.max_drop:g} below best iteration {_best_text(best)}")
         if best is None or value > best[1]:
             best = (i, value)
     if best is None:
         return GateVerdict(False, None, f"gate: no {name} figure found")
-    return GateVerdict(False, best[0], f"gate: {name} held; best iteration {best[0]} ({best[1]:.4g})")
+    return GateVerdict(False, best[0], f"gate: {name} held; best iteration {_best_text(best)}")
+
+
+def _best_text(best: tuple[int, float] | None) -> str:
+    return f"{best[0]} ({best[1]:.4g})" if best else "0 (the seed model)"
 
 
 def plan_next_stage(spec: AlignmentRunSpec, root: str, results: Mapping[str, StageResult]) -> Plan:
@@ -238,13 +241,9 @@ def plan_next_stage(spec: AlignmentRunSpec, root: str, results: Mapping[str, Sta
         return Plan(Action.DONE, reason=verdict.reason, final_model=model_uri(root, verdict.best_iteration or 0),
                     best_iteration=verdict.best_iteration)
     if all(state.get(s.key) is StageState.SUCCEEDED for s in graph):
-        if verdict is None:
-            return Plan(Action.DONE, final_model=final_model(spec, root))
-        if verdict.best_iteration is None:  # never silently: say the gate had nothing to judge
-            return Plan(Action.DONE, reason=f"{verdict.reason}; the last iteration's model is published",
-                        final_model=final_model(spec, root))
-        return Plan(Action.DONE, reason=verdict.reason, final_model=model_uri(root, verdict.best_iteration),
-                    best_iteration=verdict.best_iteration)
+        # a gate that held (or had nothing to judge: said, never silent) leaves the last model as the run's
+        reason = f"{verdict.reason}; the last iteration's model is published" if verdict else ""
+        return Plan(Action.DONE, reason=reason, final_model=final_model(spec, root))
     if spec.suspend:
         return Plan(Action.WAIT, reason="suspended")
     ready = []
