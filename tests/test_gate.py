@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 from judge_server import FakeJudge
-from spa_operator.planner import Action, StageResult, StageState, model_uri, plan_next_stage, stage_graph
+from spa_operator.planner import (
+    Action,
+    StageResult,
+    StageState,
+    gate_verdict,
+    model_uri,
+    plan_next_stage,
+    stage_graph,
+)
 from spa_workers import contract
 from spa_workers.contract import ManifestKeys as K
 from test_planner import ROOT, make_spec
@@ -65,6 +73,9 @@ def test_gate_stops_at_the_right_iteration_and_publishes_the_best_model(gate):
         stop, best = oracle(list(values), floor, max_drop)
         last = COUNT if stop is None else stop
         assert plan.action is Action.DONE, (values, plan)
+        verdict = gate_verdict(spec, {f"iter-{i:02d}/evaluate": StageResult(
+            StageState.SUCCEEDED, metrics={K.HELDOUT_AGREEMENT: v}) for i, v in enumerate(values)})
+        assert verdict is not None and (verdict.stop, verdict.stopped_at) == (stop is not None, stop), values
         assert plan.final_model == model_uri(ROOT, best), (values, plan)
         # nothing after the stopping iteration's evaluate ever started
         assert max(int(k[5:7]) for k in started) == last and f"iter-{last:02d}/evaluate" in started, values

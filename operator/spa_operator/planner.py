@@ -179,6 +179,7 @@ class GateVerdict:
     stop: bool
     best_iteration: int | None  # None: no figure of the gate's metric yet
     reason: str
+    stopped_at: int | None = None  # the iteration whose figure stopped the run
 
 
 def gate_verdict(spec: AlignmentRunSpec, results: Mapping[str, StageResult]) -> GateVerdict | None:
@@ -202,10 +203,10 @@ def gate_verdict(spec: AlignmentRunSpec, results: Mapping[str, StageResult]) -> 
         fallback = best[0] if best else 0
         if gate.floor is not None and value < gate.floor:
             return GateVerdict(True, fallback, f"gate: {name} {value:.4g} at iteration {i} is below the floor "
-                                               f"{gate.floor:g}; best iteration {_best_text(best)}")
+                                               f"{gate.floor:g}; best iteration {_best_text(best)}", i)
         if best is not None and gate.max_drop is not None and value < best[1] - gate.max_drop:
             return GateVerdict(True, fallback, f"gate: {name} {value:.4g} at iteration {i} dropped more than "
-                                               f"{gate.max_drop:g} below best iteration {_best_text(best)}")
+                                               f"{gate.max_drop:g} below best iteration {_best_text(best)}", i)
         if best is None or value > best[1]:
             best = (i, value)
     if best is None:
