@@ -528,7 +528,9 @@ class Controller:
             new["outputs"] = {"model": plan.final_model}
             new["progress"] = 1.0
             new.setdefault("completionTime", now_iso())
-            message = f"final model: {plan.final_model}"
+            # a run the quality gate stopped says so, and which iteration's model it publishes
+            message = f"{plan.reason}; final model: {plan.final_model}" if plan.reason else \
+                f"final model: {plan.final_model}"
             if phase != SUCCEEDED:
                 self._event(body, "Normal", "RunSucceeded", message, rs)
             rs.finished.clear()
@@ -604,7 +606,7 @@ class Controller:
         """The planner's view of one stage, from its record, its Jobs and (for a finished Job) storage;
         returns it with the stage's updated status record."""
         if rec is not None and rec.get("state") == SUCCEEDED:
-            return StageResult(StageState.SUCCEEDED), rec
+            return StageResult(StageState.SUCCEEDED, metrics=rec.get("metrics") or {}), rec
         latest = views[-1] if views else None
         rec_attempts = rec.get("attempts", 0) if rec else 0
         failed_jobs = sum(1 for v in views if v.state == "failed")
@@ -621,7 +623,7 @@ class Controller:
                     return StageResult(StageState.RUNNING), rec  # just created: its watch event is on the way
                 if await asyncio.to_thread(store.manifests, stage.args):  # finished, then removed (TTL)
                     rec.update(state=SUCCEEDED, endTime=now_iso(), outputs=_outputs(stage))
-                    return StageResult(StageState.SUCCEEDED), rec
+                    return StageResult(StageState.SUCCEEDED, metrics=rec.get("metrics") or {}), rec
                 return self._record_failure(stage, rec, failures + 1, f"Job {job} was deleted", False, body), rec
             return StageResult(StageState.FAILED, failures=failures, reason=rec.get("reason", "")), rec
         rec = rec if rec is not None else self._new_record(stage, latest.name, latest.attempt)
@@ -644,7 +646,7 @@ class Controller:
                 rs = self.runs.get(_uid(body))
                 if rs is not None:  # announced with the next transition's Event (one Event per transition)
                     rs.finished.append(stage.key)
-                return StageResult(StageState.SUCCEEDED), rec
+                return StageResult(StageState.SUCCEEDED, metrics=rec.get("metrics") or {}), rec
             failures = max(failures, failed_jobs + 1)
             reason = f"Job {latest.name} succeeded but {stage.key} wrote no manifest"
             return self._record_failure(stage, rec, failures, reason, False, body), rec
@@ -750,8 +752,9 @@ class Controller:
             put("Progressing", False, "Failed", "")
         else:
             put("Failed", False, "NotFailed", "")
+            # Succeeded: "final model: <uri>", after the quality gate's reason when it stopped the run
             put("Ready", phase == SUCCEEDED, "Succeeded" if phase == SUCCEEDED else phase,
-                new.get("outputs", {}).get("model", "") if phase == SUCCEEDED else "")
+                new.get("message", "") if phase == SUCCEEDED else "")
             blocked = storage_problem or secret_problem
             progressing = phase in (RUNNING, PENDING) and not blocked
             reason = ("StorageUnreachable" if storage_problem else "SecretUnavailable" if secret_problem
