@@ -11,6 +11,7 @@ With a quality gate, iteration i+1 also waits for iteration i's evaluate: the ga
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -124,6 +125,7 @@ def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
         winrate_reference_model=win.reference_model, answer_backend=win.backend,
         answer_max_new_tokens=win.max_new_tokens, answer_temperature=win.temperature, seed=g.seed,
         judge_endpoint=win.judge.endpoint, judge_model=win.judge.model,
+        judge_extra_body=json.dumps(win.judge.extra_body, sort_keys=True) if win.judge.extra_body else None,
         judge_max_failed_fraction=win.judge.max_failed_fraction, judge_concurrency=win.judge.concurrency,
         judge_max_retries=win.judge.max_retries, judge_timeout_s=win.judge.timeout_seconds)
 

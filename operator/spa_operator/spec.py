@@ -159,6 +159,9 @@ class JudgeEndpointSpec(_Model):
     timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
     max_failed_fraction: float = Field(default=0.05, ge=0.0, le=1.0,
                                        description="Fail the stage when more prompts than this lose a judgment.")
+    extra_body: dict[str, Any] | None = Field(
+        default=None, description="Extra fields for every request, e.g. vLLM's {structured_outputs: {choice: [m, M]}} "
+                                  "to hold a small judge to the two identifiers.")
 
 
 class WinRateSpec(_Model):

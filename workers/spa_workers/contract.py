@@ -238,6 +238,7 @@ class EvaluateArgs(StageArgs):
     seed: int = 0
     judge_endpoint: str | None = field(default=None, metadata={"help": "OpenAI-compatible base URL (…/v1)"})
     judge_model: str | None = None
+    judge_extra_body: str | None = field(default=None, metadata={"help": "JSON object added to every request"})
     judge_max_failed_fraction: float = field(
         default=0.05, metadata={"help": "fail the stage if more prompts than this lose a judgment"})
     judge_concurrency: int = field(default=8, metadata={"help": "requests in flight", "execution": True})

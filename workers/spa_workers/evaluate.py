@@ -14,6 +14,7 @@ of prompts judged, prompts left out, and every judge retry and failure.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from statistics import fmean
@@ -114,7 +115,13 @@ def _win_rate(work: StageWork, args: EvaluateArgs) -> None:
     if not kept:
         raise StageInputError(f"{args.winrate_prompts}: no prompt leaves room for {args.answer_max_new_tokens} "
                               "new tokens in the model's context")
-    settings = winrate.JudgeSettings(endpoint=args.judge_endpoint, model=args.judge_model,
+    try:
+        extra_body = json.loads(args.judge_extra_body) if args.judge_extra_body else None
+    except json.JSONDecodeError as e:
+        raise StageInputError(f"--judge-extra-body: not JSON: {e}") from None
+    if extra_body is not None and not isinstance(extra_body, dict):
+        raise StageInputError("--judge-extra-body: must be a JSON object")
+    settings = winrate.JudgeSettings(endpoint=args.judge_endpoint, model=args.judge_model, extra_body=extra_body,
                                      api_key=os.environ.get(JUDGE_API_KEY_ENV) or None,
                                      concurrency=args.judge_concurrency, max_retries=args.judge_max_retries,
                                      timeout_s=args.judge_timeout_s)

@@ -97,6 +97,7 @@ class JudgeSettings:
     concurrency: int = 8
     max_retries: int = 5
     timeout_s: float = 60.0
+    extra_body: dict | None = None  # server-specific request fields (e.g. vLLM's structured_outputs)
 
 
 class JudgeClient:
@@ -140,7 +141,8 @@ class JudgeClient:
             try:
                 reply = self.client.chat.completions.create(
                     model=self.settings.model, messages=messages_for(instruction, first, second),  # type: ignore[arg-type]
-                    max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=5)
+                    max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=5,
+                    extra_body=self.settings.extra_body)
             except openai.APIStatusError as e:
                 # The client already retried 408/409/429/5xx; what is left is not worth asking again.
                 self._count("judge_failed")
