@@ -122,3 +122,18 @@ def test_job_for_long_run_name_validates():
     kubernetes_validate.validate(job, desired_version=kubernetes_validate.latest_version(), strict=True)
     assert len(job["metadata"]["name"]) <= 63 and job["metadata"]["name"].endswith("-a7")
     assert job["metadata"]["annotations"][jobs.ANNOTATION_RUN_NAME] == doc["metadata"]["name"]
+
+
+def test_judge_key_reaches_only_the_evaluate_pods_and_only_by_reference():
+    doc = {**DOC, "spec": {**DOC["spec"], "evaluation": {"winRate": {
+        "prompts": "s3://d/wr.jsonl", "judge": {"endpoint": "https://api.judge.example/v1", "model": "j",
+                                                 "secretRef": {"name": "judge-creds", "key": "token"}}}}}}
+    for stage, job in all_jobs(doc):
+        kubernetes_validate.validate(job, desired_version=kubernetes_validate.latest_version(), strict=True)
+        env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        judge_key = env.get("SPA_JUDGE_API_KEY")
+        if stage.stage == "evaluate":
+            assert judge_key == {"name": "SPA_JUDGE_API_KEY",
+                                 "valueFrom": {"secretKeyRef": {"name": "judge-creds", "key": "token"}}}
+        else:
+            assert judge_key is None
