@@ -175,3 +175,17 @@ def test_stage_fails_when_too_many_judgments_are_lost(tmp_path, tiny_policy, wor
     assert proc.returncode == 1
     assert "1 of 6 prompts lost a judgment after 1 retries (last error: unparseable answers)" in proc.stderr
     assert not storage.exists(storage.join(str(tmp_path / "out"), contract.MANIFEST))
+
+
+def test_length_control_by_hand():
+    """Checks that need no library: equal answer lengths leave nothing to control for (LC = raw win rate, and the
+    delta-method SE is the raw SE with ddof 0); all-win stays near 100; one prompt has no standard error."""
+    prefs = [1.0, 2.0, 1.5, 2.0, 1.25, 2.0, 1.0, 1.75]
+    n = len(prefs)
+    wr, se = winrate.win_rate(prefs)
+    lc, lc_se = winrate.length_controlled_win_rate(prefs, [10] * n, [10] * n)
+    assert lc == pytest.approx(wr) and lc_se == pytest.approx(se * math.sqrt((n - 1) / n))
+    # the same length gap everywhere is no length variation either
+    assert winrate.length_controlled_win_rate(prefs, [30] * n, [10] * n)[0] == pytest.approx(wr)
+    assert winrate.length_controlled_win_rate([2.0] * 3, [3, 5, 9], [4, 1, 2])[0] > 99.9
+    assert math.isnan(winrate.win_rate([1.7])[1])

@@ -46,7 +46,8 @@ class PlannedStage:
         return self.args.shard_count if self.args.sharded else 1  # type: ignore[attr-defined]
 
     def inputs(self) -> dict[str, str]:
-        names = ("policy", "reference", "model", "prompts", "responses", "pairs", "heldout")
+        names = ("policy", "reference", "model", "prompts", "responses", "pairs", "heldout", "winrate_prompts",
+                 "winrate_reference_answers", "winrate_reference_model")
         return {n: getattr(self.args, n) for n in names if getattr(self.args, n, None)}
 
 

@@ -15,6 +15,7 @@ of prompts judged, prompts left out, and every judge retry and failure.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from statistics import fmean
@@ -156,10 +157,12 @@ def _win_rate(work: StageWork, args: EvaluateArgs) -> None:
     pol_len = [len(policy[kept[k]]) for k in complete]  # type: ignore[arg-type]
     wr, wr_se = winrate.win_rate(prefs)
     lc, lc_se = winrate.length_controlled_win_rate(prefs, ref_len, pol_len)
-    work.metrics.update({ManifestKeys.WIN_RATE: wr, ManifestKeys.WIN_RATE_SE: wr_se, ManifestKeys.LC_WIN_RATE: lc,
-                         ManifestKeys.LC_WIN_RATE_SE: lc_se,
-                         ManifestKeys.FIRST_POSITION_RATE: winrate.first_position_rate(
-                             [comparisons[k] for k in complete])})
+    figures = {ManifestKeys.WIN_RATE: wr, ManifestKeys.WIN_RATE_SE: wr_se, ManifestKeys.LC_WIN_RATE: lc,
+               ManifestKeys.LC_WIN_RATE_SE: lc_se,
+               ManifestKeys.FIRST_POSITION_RATE: winrate.first_position_rate([comparisons[k] for k in complete])}
+    # one judged prompt has no standard error: leave it out rather than write NaN (not JSON; the API server
+    # would refuse it in the run's status)
+    work.metrics.update({k: v for k, v in figures.items() if math.isfinite(v)})
 
 
 def _body(work: StageWork) -> None:
