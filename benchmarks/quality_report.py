@@ -68,6 +68,36 @@ def _eval_error(data: dict) -> str:
             f"{statistics.fmean(ses):.3f}; the seed-to-seed ± below include it.")
 
 
+def gated_iteration(data: dict, seed: int, gate: dict) -> tuple[int | None, int]:
+    """(iteration where the gate stops seed's `spa` run or None, iteration whose model it publishes), decided by
+    the planner itself on the run's recorded evaluate figures."""
+    from spa_operator.planner import StageResult, StageState, gate_verdict
+    from spa_operator.spec import parse_run
+
+    conds = data["per_seed"][str(seed)]["conditions"]
+    iters = sorted(int(i) for i in conds["spa"])
+    spec = parse_run({"apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun", "metadata": {"name": "gated"},
+                      "spec": {"model": {"sft": "sft"}, "data": {"seed": "s", "prompts": "p", "heldout": "h"},
+                               "iterations": {"count": iters[-1], "promptsPerIteration": 1}, "gate": gate}}).spec
+    results = {f"iter-{i:02d}/evaluate": StageResult(StageState.SUCCEEDED, metrics=conds["spa"][str(i)].get(
+        "evaluate", {}).get("metrics", {})) for i in iters}
+    verdict = gate_verdict(spec, results)
+    assert verdict is not None
+    return (verdict.stopped_at, verdict.best_iteration or 0) if verdict.stop else (None, iters[-1])
+
+
+def _gated_rows(data: dict, gate: dict) -> tuple[list[dict], list[str]]:
+    """The published model's scores per seed, and one line per seed saying what the gate did."""
+    rows, notes = [], []
+    for seed in data["seeds"]:
+        conds = data["per_seed"][str(seed)]["conditions"]
+        stop, published = gated_iteration(data, seed, gate)
+        rows.append(conds["dpo-seed"]["0"] if published == 0 else conds["spa"][str(published)])
+        notes.append(f"seed {seed}: " + ("ran to the end" if stop is None else
+                                         f"stopped after iteration {stop}, published iteration {published}"))
+    return rows, notes
+
+
 def ms(xs: list[float], digits: int = 3) -> str:
     if not xs:
         return "–"
@@ -122,6 +152,15 @@ def render(data: dict) -> str:
     for it in (1, 2, 3):
         lines.append(f"| SPA iteration {it} | {pct} | {ms(_values(data, 'spa', it, 'win_rate'))} | "
                      f"{ms(_values(data, 'spa', it, 'gold'))} | {ms(_values(data, 'spa', it, 'exact'))} |")
+    gate = c.get("gate")
+    if gate:
+        rows, notes = _gated_rows(data, gate)
+        rule = ", ".join(f"{k} {v}" for k, v in gate.items() if k != "metric")
+        lines.append(f"| SPA with the gate ({gate['metric']}, {rule}) | {pct} | "
+                     + " | ".join(ms([r[k] for r in rows]) for k in ("win_rate", "gold", "exact")) + " |")
+        lines += ["", f"SPA with the gate: spec.gate = {json.dumps(gate)} applied by the planner to each seed's "
+                  "`spa` run (its stages are the gated run's up to where the gate stops it): "
+                  + "; ".join(notes) + "."]
     lines += [
         "",
         "## Ablations (shape of the paper's Tables 6 and 7): win-rate vs SFT per iteration",

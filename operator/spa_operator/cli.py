@@ -50,15 +50,17 @@ def localize(run: AlignmentRun, base: Path) -> AlignmentRun:
     doc = run.model_dump(by_alias=True, exclude_none=True)
     spec = doc["spec"]
 
-    def fix(section: str, key: str) -> None:
-        value = spec.get(section, {}).get(key)
+    def fix(section: dict | None, key: str) -> None:
+        value = (section or {}).get(key)
         if value and _is_local_path(value) and not os.path.isabs(value):
-            spec[section][key] = str((base / value).resolve())
+            section[key] = str((base / value).resolve())  # type: ignore[index]
 
-    fix("model", "sft")
+    fix(spec.get("model"), "sft")
     for key in ("seed", "prompts", "heldout"):
-        fix("data", key)
-    fix("storage", "uri")
+        fix(spec.get("data"), key)
+    for key in ("prompts", "referenceAnswers", "referenceModel"):
+        fix(spec.get("evaluation", {}).get("winRate"), key)
+    fix(spec.get("storage"), "uri")
     return parse_run(doc)
 
 
@@ -175,6 +177,8 @@ def execute_and_report(run: AlignmentRun, root: str, logs: Path, processes: int 
     reports = write_report(run, root)
     if outcome.plan.action is Action.DONE:
         print_summary(run, root)
+        if outcome.plan.reason:
+            print(outcome.plan.reason)
         print(f"final model: {outcome.plan.final_model}")
         print(f"report: {reports[0]} ({time.time() - t0:.1f}s)")
         return 0

@@ -101,6 +101,17 @@ DOCS: dict[str, str] = {
     "ttlSecondsAfterFinished": "Delete each stage Job this long after it finished (absent: keep them until the run "
                                "is deleted).",
     "stageDeadlineSeconds": "activeDeadlineSeconds of each stage Job: a stage running longer fails (and is retried).",
+    "evaluation": "What the evaluate stage measures besides held-out agreement.",
+    "evaluation.winRate.maxNewTokens": "Maximum tokens per answer (policy and reference model).",
+    "evaluation.winRate.temperature": "Sampling temperature of the answers (0 = greedy).",
+    "evaluation.winRate.backend": "Answer sampling engine: vllm (GPU) or transformers.",
+    "evaluation.winRate.judge": "The LLM judge, reached over the OpenAI-compatible chat API.",
+    "evaluation.winRate.judge.secretRef.name": "Secret in the run's namespace.",
+    "evaluation.winRate.judge.secretRef.key": "Key of the Secret that holds the API key.",
+    "evaluation.winRate.judge.concurrency": "Judge requests in flight at once.",
+    "evaluation.winRate.judge.maxRetries": "Retries per request (timeouts, 429, 5xx, unparseable answers).",
+    "evaluation.winRate.judge.timeoutSeconds": "Timeout per request.",
+    "gate.metric": "The figure the gate watches: heldoutAgreement (0-1), winRate or lcWinRate (percent).",
 }
 RESOURCE_DOCS = {
     "": "Resources of the {stage} stage's pods.",
@@ -130,6 +141,19 @@ NODE_RULES: dict[str, list[dict[str, str]]] = {
                  "list || size(self.training.refinement.extrapolation) == self.iterations.count",
          "message": "training.refinement.extrapolation must have one entry per iteration (iterations.count)",
          "fieldPath": ".training.refinement.extrapolation"},
+        {"rule": "!has(self.gate) || (has(self.gate.metric) && self.gate.metric != 'heldoutAgreement') || "
+                 "has(self.data.heldout)",
+         "message": "gate.metric heldoutAgreement needs data.heldout", "fieldPath": ".gate.metric"},
+        {"rule": "!has(self.gate) || !has(self.gate.metric) || self.gate.metric == 'heldoutAgreement' || "
+                 "(has(self.evaluation) && has(self.evaluation.winRate))",
+         "message": "gate.metric winRate or lcWinRate needs evaluation.winRate", "fieldPath": ".gate.metric"},
+    ],
+    "gate": [
+        {"rule": "has(self.floor) || has(self.maxDrop)", "message": "set floor and/or maxDrop"},
+        {"rule": "(has(self.metric) && self.metric != 'heldoutAgreement') || "
+                 "((!has(self.floor) || double(self.floor) <= 1.0) && "
+                 "(!has(self.maxDrop) || double(self.maxDrop) <= 1.0))",
+         "message": "heldoutAgreement is a fraction: floor and maxDrop must be at most 1"},
     ],
     "iterations": [
         {"rule": "!has(self.promptsPerIteration) || type(self.promptsPerIteration) != list || "

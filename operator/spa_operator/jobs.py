@@ -15,7 +15,8 @@ from decimal import Decimal
 from typing import Any
 
 from pydantic.alias_generators import to_camel
-from spa_workers.contract import EXIT_BAD_INPUT
+from spa_workers import contract
+from spa_workers.contract import EXIT_BAD_INPUT, JUDGE_API_KEY_ENV
 
 from spa_operator.planner import PlannedStage
 from spa_operator.spec import AlignmentRunSpec, StageResources, stage_resources
@@ -136,6 +137,10 @@ def worker_env(spec: AlignmentRunSpec, run: RunRef, stage: PlannedStage, attempt
         env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": st.secret_ref.name, "key": key,
                                                               **({"optional": True} if optional else {})}}}
                 for key, optional in SECRET_KEYS]
+    win = spec.evaluation.win_rate if spec.evaluation else None
+    if stage.stage == contract.EVALUATE and win and win.judge.secret_ref:
+        ref = win.judge.secret_ref  # the judge's API key, by reference: its value never enters the Job spec
+        env.append({"name": JUDGE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     return env
 
 

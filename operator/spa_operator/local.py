@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -73,6 +73,7 @@ class StageStatus:
     check: StageCheck
     change: str = ""  # for STALE: what differs, e.g. "learning_rate 5e-05 -> 0.0001"
     follows: tuple[str, ...] = ()  # for STALE: the stale stages upstream whose outputs it took
+    metrics: dict[str, float] = field(default_factory=dict)  # for DONE: the (first shard's) manifest metrics
 
 
 def _shard_args(stage: PlannedStage) -> list[StageArgs]:
@@ -109,7 +110,7 @@ def check_stages(graph: list[PlannedStage]) -> dict[str, StageStatus]:
             out[s.key] = StageStatus(s.key, StageCheck.STALE, fingerprint.describe_change(m.fingerprint_of, of),
                                      upstream)
         elif all(manifests):
-            out[s.key] = StageStatus(s.key, StageCheck.DONE)
+            out[s.key] = StageStatus(s.key, StageCheck.DONE, metrics=dict(manifests[0].metrics))
         else:
             out[s.key] = StageStatus(s.key, StageCheck.MISSING)
         fps = [fp for fp, _ in expected]
@@ -137,8 +138,9 @@ def discard_outputs(graph: list[PlannedStage], keys: list[str]) -> None:
 
 
 def finished_results(graph: list[PlannedStage]) -> dict[str, StageResult]:
-    """Stages whose manifests (every shard's) exist in storage with the fingerprint the spec gives."""
-    return {k: StageResult(StageState.SUCCEEDED) for k, st in check_stages(graph).items()
+    """Stages whose manifests (every shard's) exist in storage with the fingerprint the spec gives, with their
+    metrics (the first shard's: only unsharded stages, evaluate among them, carry metrics the planner reads)."""
+    return {k: StageResult(StageState.SUCCEEDED, metrics=st.metrics) for k, st in check_stages(graph).items()
             if st.check is StageCheck.DONE}
 
 

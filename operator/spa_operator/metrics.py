@@ -11,6 +11,14 @@ from spa_workers.contract import ManifestKeys as K
 
 from spa_operator.reconcile import PHASES, MetricValues
 
+# evaluate's win-rate figures: manifest key -> (gauge name, help)
+WIN_RATE_GAUGES = {
+    K.WIN_RATE: ("spa_iteration_win_rate", "Win rate against the reference, percent"),
+    K.WIN_RATE_SE: ("spa_iteration_win_rate_stderr", "Standard error of the win rate, percent"),
+    K.LC_WIN_RATE: ("spa_iteration_lc_win_rate", "Length-controlled win rate against the reference, percent"),
+    K.LC_WIN_RATE_SE: ("spa_iteration_lc_win_rate_stderr", "Standard error of the LC win rate, percent"),
+    K.JUDGE_FAILED: ("spa_iteration_judge_failed", "Judgments given up after retries"),
+}
 
 class Metrics:
     def __init__(self) -> None:
@@ -43,6 +51,7 @@ class Metrics:
             K.REWARD_ACCURACY: Gauge("spa_iteration_reward_accuracy", "Training reward accuracy", it, registry=r),
             K.HELDOUT_AGREEMENT: Gauge("spa_iteration_heldout_agreement", "Held-out gold agreement", it,
                                        registry=r),
+            **{k: Gauge(name, doc, it, registry=r) for k, (name, doc) in WIN_RATE_GAUGES.items()},
         }
         self._exported: dict[tuple[str, str], tuple[Any, ...]] = {}  # run -> what export last set
         self._stage_labels: dict[tuple[str, str], set[tuple[str, str]]] = {}

@@ -2,14 +2,16 @@
 
 No I/O. Both executors (local subprocesses, Kubernetes Jobs) call `plan_next_stage` and only carry out its answer.
 
-Graph (N = iterations.count, evaluate only when data.heldout is set):
+Graph (N = iterations.count, evaluate only when data.heldout or evaluation.winRate is set):
     i00/validate -> i00/seed-train -> i00/evaluate
     i00/seed-train -> i01/generate -> i01/judge -> i01/train -> i01/evaluate
                                                   i01/train -> i02/generate -> ...
+With a quality gate, iteration i+1 also waits for iteration i's evaluate: the gate decides whether it starts.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -85,6 +87,7 @@ class Plan:
     reason: str = ""
     failed_stage: str | None = None
     final_model: str | None = field(default=None)
+    best_iteration: int | None = None  # set when the gate stopped the run: the iteration whose model is published
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -130,9 +133,20 @@ def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
         """vLLM splits one engine over the pod's GPUs; transformers runs on one device."""
         return max(stage_resources(spec, stage).gpus, 1) if backend == "vllm" else 1
 
+    win = spec.evaluation.win_rate if spec.evaluation else None
+    evaluates = bool(spec.data.heldout or win)
+    win_args = {} if win is None else dict(
+        winrate_prompts=win.prompts, winrate_samples=win.samples, winrate_reference_answers=win.reference_answers,
+        winrate_reference_model=win.reference_model, answer_backend=win.backend,
+        answer_max_new_tokens=win.max_new_tokens, answer_temperature=win.temperature, seed=g.seed,
+        judge_endpoint=win.judge.endpoint, judge_model=win.judge.model,
+        judge_extra_body=json.dumps(win.judge.extra_body, sort_keys=True) if win.judge.extra_body else None,
+        judge_max_failed_fraction=win.judge.max_failed_fraction, judge_concurrency=win.judge.concurrency,
+        judge_max_retries=win.judge.max_retries, judge_timeout_s=win.judge.timeout_seconds)
+
     def evaluate(i: int, after: str) -> PlannedStage:
-        args = EvaluateArgs(policy=model_uri(root, i), reference=sft, heldout=spec.data.heldout or "",
-                            output=out(i, contract.EVALUATE), beta=t.beta, **lengths)
+        args = EvaluateArgs(policy=model_uri(root, i), reference=sft, heldout=spec.data.heldout,
+                            output=out(i, contract.EVALUATE), beta=t.beta, **lengths, **win_args)
         return PlannedStage(_key(i, contract.EVALUATE), i, contract.EVALUATE, args, (after,))
 
     # Cheap input checks first, so a typo costs no GPU time.
@@ -143,10 +157,12 @@ def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
     stages = [validate, PlannedStage(seed_key, 0, contract.SEED_TRAIN, SeedTrainArgs(
         model=sft, pairs=spec.data.seed, output=out(0, contract.SEED_TRAIN), reference=sft,
         epochs=t.seed_epochs, refinement=False, **train_common, **launch(contract.SEED_TRAIN)), (validate.key,))]
-    if spec.data.heldout:
+    if evaluates:
         stages.append(evaluate(0, seed_key))
 
-    prev_train = seed_key
+    # with a gate the next iteration waits for this one's evaluate (the gate may stop the run there)
+    gated = spec.gate is not None
+    prev_done = _key(0, contract.EVALUATE) if gated else seed_key
     start = 0
     lambdas = r.per_iteration(spec.iterations.count)
     for i, n_prompts in enumerate(spec.iterations.per_iteration(), start=1):
@@ -156,7 +172,7 @@ def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
             slice_start=start, slice_end=start + n_prompts, responses_per_prompt=g.responses_per_prompt,
             temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, seed=g.seed + i,
             backend=g.backend, batch_size=g.batch_size, shard_count=g.shards,
-            tensor_parallel_size=tensor_parallel(contract.GENERATE, g.backend)), (prev_train,))
+            tensor_parallel_size=tensor_parallel(contract.GENERATE, g.backend)), (prev_done,))
         judge_ref = sft if spec.judge.reference == "initial" or i == 1 else model_uri(root, i - 2)
         judge = PlannedStage(_key(i, contract.JUDGE), i, contract.JUDGE, JudgeArgs(
             policy=policy, reference=judge_ref, responses=gen.output, output=out(i, contract.JUDGE),
@@ -170,15 +186,59 @@ def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
             warmup_fraction=r.warmup_fraction, window=r.window, extrapolation=lambdas[i - 1],
             **train_common, **launch(contract.TRAIN)), (judge.key,))
         stages += [gen, judge, train]
-        if spec.data.heldout:
+        if evaluates:
             stages.append(evaluate(i, train.key))
-        prev_train = train.key
+        prev_done = _key(i, contract.EVALUATE) if gated else train.key
         start += n_prompts
     return stages
 
 
 def final_model(spec: AlignmentRunSpec, root: str) -> str:
     return model_uri(root, spec.iterations.count)
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    stop: bool
+    best_iteration: int | None  # None: no figure of the gate's metric yet
+    reason: str
+    stopped_at: int | None = None  # the iteration whose figure stopped the run
+
+
+def gate_verdict(spec: AlignmentRunSpec, results: Mapping[str, StageResult]) -> GateVerdict | None:
+    """The quality gate over the finished evaluations, in iteration order; None when the spec has no gate.
+
+    The gate watches the SPA iterations 1..N: it stops at the first iteration i whose figure is below `floor`, or
+    more than `maxDrop` below the best figure of iterations 1..i-1, and names the best of those (the seed model when
+    i = 1) as the run's model. The seed model's own figure is not compared: it is trained on gold pairs, the held-out
+    set's own distribution, so its agreement is not comparable with that of self-trained iterations.
+    """
+    gate = spec.gate
+    if gate is None:
+        return None
+    name, key = gate.metric, gate.manifest_key
+    best: tuple[int, float] | None = None
+    for i in range(1, spec.iterations.count + 1):
+        res = results.get(_key(i, contract.EVALUATE))
+        if res is None or res.state is not StageState.SUCCEEDED or key not in res.metrics:
+            break  # iterations are gated in order: a later figure waits for this one
+        value = float(res.metrics[key])
+        fallback = best[0] if best else 0
+        if gate.floor is not None and value < gate.floor:
+            return GateVerdict(True, fallback, f"gate: {name} {value:.4g} at iteration {i} is below the floor "
+                                               f"{gate.floor:g}; best iteration {_best_text(best)}", i)
+        if best is not None and gate.max_drop is not None and value < best[1] - gate.max_drop:
+            return GateVerdict(True, fallback, f"gate: {name} {value:.4g} at iteration {i} dropped more than "
+                                               f"{gate.max_drop:g} below best iteration {_best_text(best)}", i)
+        if best is None or value > best[1]:
+            best = (i, value)
+    if best is None:
+        return GateVerdict(False, None, f"gate: no {name} figure found")
+    return GateVerdict(False, best[0], f"gate: {name} held; best iteration {_best_text(best)}")
+
+
+def _best_text(best: tuple[int, float] | None) -> str:
+    return f"{best[0]} ({best[1]:.4g})" if best else "0 (the seed model)"
 
 
 def plan_next_stage(spec: AlignmentRunSpec, root: str, results: Mapping[str, StageResult]) -> Plan:
@@ -199,8 +259,15 @@ def plan_next_stage(spec: AlignmentRunSpec, root: str, results: Mapping[str, Sta
             return Plan(Action.FAILED, failed_stage=s.key,
                         reason=f"{s.key} failed {res.failures} times (maxRetriesPerStage={spec.max_retries_per_stage})"
                         + (f": {res.reason}" if res.reason else ""))
+    verdict = gate_verdict(spec, results)
+    if verdict is not None and verdict.stop:
+        # the best iteration, not the one that tripped the gate: its model is what the run publishes
+        return Plan(Action.DONE, reason=verdict.reason, final_model=model_uri(root, verdict.best_iteration or 0),
+                    best_iteration=verdict.best_iteration)
     if all(state.get(s.key) is StageState.SUCCEEDED for s in graph):
-        return Plan(Action.DONE, final_model=final_model(spec, root))
+        # a gate that held (or had nothing to judge: said, never silent) leaves the last model as the run's
+        reason = f"{verdict.reason}; the last iteration's model is published" if verdict else ""
+        return Plan(Action.DONE, reason=reason, final_model=final_model(spec, root))
     if spec.suspend:
         return Plan(Action.WAIT, reason="suspended")
     ready = []

@@ -187,6 +187,68 @@ class SecretRef(_Model):
     name: str = Field(min_length=1, max_length=MAX_NAME, pattern=DNS_NAME)
 
 
+class SecretKeyRef(_Model):
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    key: str = Field(default="api-key", min_length=1, max_length=MAX_NAME)
+
+
+class JudgeEndpointSpec(_Model):
+    endpoint: str = Field(min_length=1, max_length=MAX_URI, pattern=r"^https?://",
+                          description="Base URL of an OpenAI-compatible chat API, e.g. http://judge:8000/v1.")
+    model: str = Field(min_length=1, max_length=MAX_NAME, description="Model name the endpoint serves.")
+    secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding the API key (spa run: the SPA_JUDGE_API_KEY variable).")
+    concurrency: int = Field(default=8, ge=1, le=256)
+    max_retries: int = Field(default=5, ge=0, le=50)
+    timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    max_failed_fraction: float = Field(default=0.05, ge=0.0, le=1.0,
+                                       description="Fail the stage when more prompts than this lose a judgment.")
+    extra_body: dict[str, Any] | None = Field(
+        default=None, description="Extra fields for every request, e.g. vLLM's {structured_outputs: {choice: [m, M]}} "
+                                  "to hold a small judge to the two identifiers.")
+
+
+class WinRateSpec(_Model):
+    prompts: str = Field(min_length=1, max_length=MAX_URI, description="Prompts to answer and judge (JSONL/Parquet).")
+    samples: int = Field(default=0, ge=0, le=1000000, description="Use the first N prompts (0 = all).")
+    reference_answers: str | None = Field(
+        default=None, min_length=1, max_length=MAX_URI,
+        description="Reference answers, one row per prompt in order (column answer or output).")
+    reference_model: str | None = Field(
+        default=None, min_length=1, max_length=MAX_URI,
+        description="Model whose answers are the reference (default: model.sft); ignored with referenceAnswers.")
+    max_new_tokens: int = Field(default=300, ge=1, le=32768)
+    temperature: float = Field(default=0.7, ge=0.0, le=5.0)
+    backend: Literal["vllm", "transformers"] = "vllm"
+    judge: JudgeEndpointSpec
+
+
+class EvaluationSpec(_Model):
+    win_rate: WinRateSpec | None = Field(
+        default=None, description="Win rate per iteration against a reference, judged by an LLM (AlpacaEval 2.0).")
+
+
+GATE_METRICS = {"heldoutAgreement": "heldout_agreement", "winRate": "win_rate", "lcWinRate": "lc_win_rate"}
+
+
+class GateSpec(_Model):
+    metric: Literal["heldoutAgreement", "winRate", "lcWinRate"] = "heldoutAgreement"
+    floor: float | None = Field(default=None, ge=0.0, le=100.0,
+                                description="Stop when the metric falls below this (agreement 0-1, win rates %).")
+    max_drop: float | None = Field(default=None, ge=0.0, le=100.0,
+                                   description="Stop when the metric falls more than this below the best iteration.")
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> GateSpec:
+        if self.floor is None and self.max_drop is None:
+            raise ValueError("set floor and/or maxDrop")
+        return self
+
+    @property
+    def manifest_key(self) -> str:
+        return GATE_METRICS[self.metric]
+
+
 class StorageSpec(_Model):
     uri: str = Field(min_length=1, max_length=MAX_URI, pattern=URI,
                      description="s3://bucket/prefix (in a cluster); spa run also takes a local path.")
@@ -278,6 +340,8 @@ class AlignmentRunSpec(_Model):
     generation: GenerationSpec = GenerationSpec()
     judge: JudgeSpec = JudgeSpec()
     training: TrainingSpec = TrainingSpec()
+    evaluation: EvaluationSpec | None = None
+    gate: GateSpec | None = Field(default=None, description="Stop early when quality falls (off when absent).")
     storage: StorageSpec | None = None
     resources: ResourcesSpec | None = None
     model_cache: ModelCacheSpec | None = Field(
@@ -309,6 +373,14 @@ class AlignmentRunSpec(_Model):
         if isinstance(lam, list) and len(lam) != n:
             raise _FieldError("training.refinement.extrapolation",
                               f"has {len(lam)} entries but iterations.count is {n}")
+        win = self.evaluation.win_rate if self.evaluation else None
+        if self.gate and self.gate.metric == "heldoutAgreement" and not self.data.heldout:
+            raise _FieldError("gate.metric", "heldoutAgreement needs data.heldout")
+        if self.gate and self.gate.metric != "heldoutAgreement" and not win:
+            raise _FieldError("gate.metric", f"{self.gate.metric} needs evaluation.winRate")
+        if self.gate and self.gate.metric == "heldoutAgreement" and any(
+                v is not None and v > 1 for v in (self.gate.floor, self.gate.max_drop)):
+            raise _FieldError("gate", "heldoutAgreement is a fraction: floor and maxDrop must be at most 1")
         if self.storage and not (self.storage.uri.startswith("s3://") or "://" not in self.storage.uri):
             raise _FieldError("storage.uri", "must be s3://bucket/prefix or a local path")
         return self

@@ -23,6 +23,10 @@ class IterationSummary:
     reward_gap: float | None = None
     refined_fraction: float | None = None
     heldout_agreement: float | None = None
+    win_rate: float | None = None  # percent
+    win_rate_se: float | None = None
+    lc_win_rate: float | None = None  # percent, length-controlled
+    lc_win_rate_se: float | None = None
     loss: float | None = None
     reward_accuracy: float | None = None
     wall_s: float = 0.0
@@ -48,7 +52,10 @@ def summarize(graph: list[PlannedStage]) -> list[IterationSummary]:
             else:
                 row.refined_fraction = manifests[0].metrics.get(K.REFINED_FRACTION)
         elif s.stage == contract.EVALUATE:
-            row.heldout_agreement = manifests[0].metrics.get(K.HELDOUT_AGREEMENT)
+            m = manifests[0].metrics
+            row.heldout_agreement = m.get(K.HELDOUT_AGREEMENT)
+            row.win_rate, row.win_rate_se = m.get(K.WIN_RATE), m.get(K.WIN_RATE_SE)
+            row.lc_win_rate, row.lc_win_rate_se = m.get(K.LC_WIN_RATE), m.get(K.LC_WIN_RATE_SE)
     return [rows[i] for i in sorted(rows)]
 
 
@@ -72,6 +79,10 @@ COLUMNS: dict[str, tuple[str, str]] = {
                          "pairs (smallest implicit-reward margins) whose labels it smoothed, over the stage."),
     "heldout_agreement": ("held-out agreement", "Fraction of held-out gold pairs where the trained model's "
                           "implicit reward prefers the gold chosen answer; 0.5 is chance."),
+    "win_rate": ("win rate %", "Percent of evaluation prompts where the judge preferred the model's answer to the "
+                 "reference's (ties 1/2, both answer orders), ± its standard error; optional (evaluation.winRate)."),
+    "lc_win_rate": ("LC win rate %", "Length-controlled win rate (alpaca_eval's GLM: the win rate had both answers "
+                    "been of equal length), ± its standard error."),
     "loss": ("DPO loss", "Mean DPO loss over the train stage (log 2 = 0.693 means no preference learnt)."),
     "reward_accuracy": ("reward accuracy", "Fraction of training pairs whose implicit reward ranked chosen above "
                         "rejected, over the train stage."),
@@ -90,11 +101,19 @@ def _cell(value: float | int | None, key: str) -> str:
         return str(value)
     if key == "wall_s":
         return f"{value:.1f}s"
+    if key in ("win_rate", "lc_win_rate"):
+        return f"{value:.1f}"
     return f"{value:.4f}"
 
 
+def _cell_of(row: IterationSummary, key: str) -> str:
+    text = _cell(getattr(row, key), key)
+    se = getattr(row, f"{key}_se", None)
+    return f"{text} ± {se:.1f}" if se is not None and text != "-" else text
+
+
 def table_rows(rows: list[IterationSummary]) -> list[list[str]]:
-    return [[_cell(getattr(r, key), key) for key in COLUMNS] for r in rows]
+    return [[_cell_of(r, key) for key in COLUMNS] for r in rows]
 
 
 def _scale(values: list[float], lo_px: float, hi_px: float) -> list[float]:

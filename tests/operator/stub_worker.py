@@ -7,6 +7,7 @@ Used where the operator's handling of a fault is under test, not the worker; the
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -37,7 +38,11 @@ def main(argv: list[str]) -> int:
                 work.counts[K.PAIRS] = 4
                 work.metrics[K.REWARD_GAP] = 0.25
             if stage == contract.EVALUATE:
-                work.metrics[K.HELDOUT_AGREEMENT] = 0.5
+                # STUB_AGREEMENT="a0,a1,...": iteration i's held-out agreement (the quality-gate tests)
+                per_iteration = os.environ.get("STUB_AGREEMENT")
+                iteration = int(re.search(r"iter-(\d+)", args.output).group(1))  # type: ignore[union-attr]
+                work.metrics[K.HELDOUT_AGREEMENT] = float(per_iteration.split(",")[iteration]) if per_iteration \
+                    else 0.5
 
     return run_stage(args, body)
 

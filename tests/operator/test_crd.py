@@ -108,6 +108,13 @@ INVALID = [
     (with_(("spec.training.lora", {"alpha": 2**63})), "spec.training.lora.alpha"),
     (with_(("spec.iterations", {"count": 1, "promptsPerIteration": 2**64})), "spec.iterations.promptsPerIteration"),
     (with_(("spec.iterations", {"count": 1, "promptsPerIteration": [2**70]})), "spec.iterations.promptsPerIteration"),
+    (with_(("spec.gate", {"metric": "heldoutAgreement", "floor": 0.8})), "spec.gate.metric"),  # no data.heldout
+    (with_(("spec.gate", {"metric": "lcWinRate", "floor": 40})), "spec.gate.metric"),  # no evaluation.winRate
+    (with_(("spec.data.heldout", "s3://d/h.jsonl"), ("spec.gate", {"metric": "heldoutAgreement"})), "spec.gate"),
+    (with_(("spec.data.heldout", "s3://d/h.jsonl"), ("spec.gate", {"floor": 85})), "spec.gate"),
+    (with_(("spec.evaluation", {"winRate": {"prompts": "s3://d/p.jsonl",
+                                            "judge": {"endpoint": "judge:8000", "model": "m"}}})),
+     "spec.evaluation.winRate.judge.endpoint"),
 ]
 IDS = [f"{i:02d}-{field}" for i, (_, field) in enumerate(INVALID)]
 

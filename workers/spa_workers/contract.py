@@ -28,6 +28,9 @@ CONTRACT_VERSION = 1
 # spa-worker exit codes that executors act on (anything else non-zero is an ordinary, retryable failure).
 EXIT_BAD_INPUT = 2  # the input must be fixed: retrying cannot help
 EXIT_STORAGE = 3  # storage unreachable: worth retrying
+# The evaluate stage's judge API key: set from spec.evaluation.winRate.judge.secretRef in a Job, from the user's
+# environment under `spa run`; never an argument (arguments are recorded in manifests).
+JUDGE_API_KEY_ENV = "SPA_JUDGE_API_KEY"
 
 VALIDATE = "validate"
 SEED_TRAIN = "seed-train"
@@ -208,19 +211,39 @@ class SeedTrainArgs(TrainArgs):
 
 @dataclass(frozen=True)
 class EvaluateArgs(StageArgs):
-    """Held-out gold agreement of the policy's implicit reward against the reference."""
+    """Held-out gold agreement of the policy's implicit reward against the reference, and/or a win rate against a
+    reference's answers judged over the OpenAI-compatible chat API (key from $SPA_JUDGE_API_KEY, never an argument)."""
 
     stage: ClassVar[str] = EVALUATE
 
     policy: str
     reference: str
-    heldout: str
     output: str
+    heldout: str | None = field(default=None, metadata={"help": "gold pairs for held-out agreement"})
     beta: float = 0.1
     backend: str = field(default="transformers", metadata={"help": "transformers | vllm"})
     max_batch_tokens: int = 8192
     max_length: int = 2048
     max_prompt_length: int = 1024
+    # win rate (all off unless winrate_prompts is given)
+    winrate_prompts: str | None = field(default=None, metadata={"help": "prompts for the win rate"})
+    winrate_samples: int = field(default=0, metadata={"help": "first N prompts (0 = all)"})
+    winrate_reference_answers: str | None = field(
+        default=None, metadata={"help": "reference answers, one row per prompt (column answer or output)"})
+    winrate_reference_model: str | None = field(
+        default=None, metadata={"help": "model whose sampled answers are the reference (default: --reference)"})
+    answer_backend: str = field(default="transformers", metadata={"help": "vllm | transformers"})
+    answer_max_new_tokens: int = 300
+    answer_temperature: float = 0.7
+    seed: int = 0
+    judge_endpoint: str | None = field(default=None, metadata={"help": "OpenAI-compatible base URL (…/v1)"})
+    judge_model: str | None = None
+    judge_extra_body: str | None = field(default=None, metadata={"help": "JSON object added to every request"})
+    judge_max_failed_fraction: float = field(
+        default=0.05, metadata={"help": "fail the stage if more prompts than this lose a judgment"})
+    judge_concurrency: int = field(default=8, metadata={"help": "requests in flight", "execution": True})
+    judge_max_retries: int = field(default=5, metadata={"help": "per request", "execution": True})
+    judge_timeout_s: float = field(default=60.0, metadata={"help": "per request", "execution": True})
 
 
 @dataclass(frozen=True)
@@ -385,6 +408,16 @@ class ManifestKeys:
     STEPS = "steps"
     # evaluate: metrics
     HELDOUT_AGREEMENT = "heldout_agreement"
+    WIN_RATE = "win_rate"  # percent, alpaca_eval's definition
+    WIN_RATE_SE = "win_rate_se"
+    LC_WIN_RATE = "lc_win_rate"  # length-controlled, percent
+    LC_WIN_RATE_SE = "lc_win_rate_se"
+    FIRST_POSITION_RATE = "judge_first_position_rate"  # how often the judge prefers the output shown first
+    # evaluate: counts (win rate)
+    WINRATE_PROMPTS = "winrate_prompts"  # prompts judged in both orders
+    JUDGE_FAILED = "judge_failed"  # judgments given up after retries (their prompts are left out and counted)
+    JUDGE_RETRY_COUNTS = ("judge_http_attempts", "judge_rate_limited", "judge_server_errors", "judge_client_errors",
+                          "judge_no_response", "judge_unparseable")
     # generate / judge / evaluate / train: prompts too long for max_prompt_length, left out
     SKIPPED_LONG_PROMPTS = "skipped_long_prompt"
     # train / seed-train: counts

@@ -28,7 +28,8 @@ from spa_workers import contract, storage
 from spa_workers.contract import StageArgs
 
 # Argument names that are input URIs (their identity, not their path, goes into the fingerprint).
-INPUT_FIELDS = ("model", "policy", "reference", "pairs", "seed_pairs", "responses", "prompts", "heldout")
+INPUT_FIELDS = ("model", "policy", "reference", "pairs", "seed_pairs", "responses", "prompts", "heldout",
+                "winrate_prompts", "winrate_reference_answers", "winrate_reference_model")
 SMALL_FILE = 256 * 1024 * 1024
 SMALL_MODEL_FILE = 4 * 1024 * 1024
 

@@ -1,0 +1,43 @@
+"""The quality gate on the emulated cluster: a run whose held-out agreement falls stops at the right iteration,
+ends Succeeded with a condition saying why, and publishes the best iteration's model in status.outputs.model.
+Pods run tests/operator/stub_worker.py, whose evaluate stage reports the agreement STUB_AGREEMENT scripts."""
+
+from __future__ import annotations
+
+import pytest
+from cluster import Harness, pod_base_env
+from operator_runner import OperatorRunner
+from runs import phase, tiny_run, wait_for
+from spa_operator import kube
+
+pytestmark = pytest.mark.asyncio
+FAKE = {"model": "/models/sft", "seed": "/data/seed.jsonl", "prompts": "/data/prompts.jsonl",
+        "heldout": "/data/heldout.jsonl"}
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+async def test_gate_stops_the_run_and_publishes_the_best_model(cluster, s3_env):
+    op = OperatorRunner(cluster.url, ["ns"])
+    # iteration 2's agreement is 0.2 below iteration 1's: the gate (maxDrop 0.1) stops the run there
+    env = pod_base_env({**S3_KEYS, "STUB_AGREEMENT": "0.95,0.9,0.7,0.9"})
+    async with Harness(cluster, env, stub=True, stub_seconds=0.2):
+        await op.start()
+        await cluster.create_run(tiny_run("gated", FAKE, s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"], iterations=3,
+                                          gate={"metric": "heldoutAgreement", "maxDrop": 0.1}))
+        try:
+            await wait_for(lambda: phase(cluster, "gated") in ("Succeeded", "Failed"), 120, "the run to end")
+        finally:
+            await op.stop()
+    run = cluster.run("gated")
+    st = run["status"]
+    assert st["phase"] == "Succeeded", st
+    names = {s["name"] for s in st["stages"]}
+    assert "iter-02/evaluate" in names and not any(n.startswith("iter-03") for n in names)
+    assert st["stages"][-1]["metrics"]["heldout_agreement"] == 0.7
+    root = kube.run_root(f"s3://{s3_env['BUCKET']}/runs", "ns", "gated", run["metadata"]["uid"])
+    assert st["outputs"]["model"] == f"{root}/iter-01/train/model"
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+    assert "gate: heldoutAgreement 0.7 at iteration 2 dropped more than 0.1 below best iteration 1 (0.9)" in \
+        ready["message"], ready
+    assert any("gate: heldoutAgreement 0.7" in e["message"] for e in cluster.events() if e["reason"] == "RunSucceeded")

@@ -1,0 +1,186 @@
+"""The quality gate in the planner (pure, exhaustive over metric sequences and gate settings) and through `spa run`
+with a win rate judged by a local OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from judge_server import FakeJudge
+from spa_operator.planner import (
+    Action,
+    StageResult,
+    StageState,
+    gate_verdict,
+    model_uri,
+    plan_next_stage,
+    stage_graph,
+)
+from spa_workers import contract
+from spa_workers.contract import ManifestKeys as K
+from test_planner import ROOT, make_spec
+
+COUNT = 3
+WIN_RATE = {"prompts": "s3://d/wr.jsonl", "judge": {"endpoint": "http://judge:8000/v1", "model": "j"}}
+
+
+def gated_spec(metric: str = "heldoutAgreement", **gate):
+    return make_spec(COUNT, heldout=True, gate={"metric": metric, **gate}, evaluation={"winRate": WIN_RATE})
+
+
+def play(spec, figures: dict[int, dict[str, float]]):
+    """An executor that finishes every started stage; iteration i's evaluate reports figures[i]."""
+    results: dict[str, StageResult] = {}
+    started: list[str] = []
+    for _ in range(100):
+        plan = plan_next_stage(spec, ROOT, results)
+        if plan.action is not Action.START:
+            return plan, started
+        for item in plan.start:
+            started.append(item.stage.key)
+            metrics = figures.get(item.stage.iteration, {}) if item.stage.stage == contract.EVALUATE else {}
+            results[item.stage.key] = StageResult(StageState.SUCCEEDED, metrics=metrics)
+    raise AssertionError("planner did not converge")
+
+
+def oracle(values: list[float], floor: float | None, max_drop: float | None) -> tuple[int | None, int]:
+    """(iteration the gate stops at or None, the published model's iteration): the README's rule, restated."""
+    best = None
+    for i in range(1, len(values)):
+        below_floor = floor is not None and values[i] < floor
+        dropped = best is not None and max_drop is not None and values[i] < values[best] - max_drop
+        if below_floor or dropped:
+            return i, best or 0
+        if best is None or values[i] > values[best]:
+            best = i
+    return None, len(values) - 1
+
+
+GATES = [dict(floor=0.84), dict(maxDrop=0.03), dict(maxDrop=0.0), dict(floor=0.84, maxDrop=0.06)]
+
+
+@pytest.mark.parametrize("gate", GATES, ids=[str(g) for g in GATES])
+def test_gate_stops_at_the_right_iteration_and_publishes_the_best_model(gate):
+    floor, max_drop = gate.get("floor"), gate.get("maxDrop")
+    spec = gated_spec(**gate)
+    for values in itertools.product([0.80, 0.85, 0.87, 0.90], repeat=COUNT + 1):
+        plan, started = play(spec, {i: {K.HELDOUT_AGREEMENT: v, K.WIN_RATE: 50.0} for i, v in enumerate(values)})
+        stop, best = oracle(list(values), floor, max_drop)
+        last = COUNT if stop is None else stop
+        assert plan.action is Action.DONE, (values, plan)
+        verdict = gate_verdict(spec, {f"iter-{i:02d}/evaluate": StageResult(
+            StageState.SUCCEEDED, metrics={K.HELDOUT_AGREEMENT: v}) for i, v in enumerate(values)})
+        assert verdict is not None and (verdict.stop, verdict.stopped_at) == (stop is not None, stop), values
+        assert plan.final_model == model_uri(ROOT, best), (values, plan)
+        # nothing after the stopping iteration's evaluate ever started
+        assert max(int(k[5:7]) for k in started) == last and f"iter-{last:02d}/evaluate" in started, values
+        if stop is None:
+            assert plan.best_iteration is None and plan.reason.startswith("gate: heldoutAgreement held; best "
+                                                                          "iteration "), plan.reason
+            assert plan.reason.endswith("the last iteration's model is published")
+        else:
+            assert plan.best_iteration == best, (values, plan)
+            assert f"heldoutAgreement {values[stop]:.4g} at iteration {stop}" in plan.reason, plan.reason
+            best_text = f"{best} ({values[best]:.4g})" if best else "0 (the seed model)"
+            assert plan.reason.endswith(f"best iteration {best_text}"), plan.reason
+
+
+def test_gate_on_win_rates_reads_their_figures():
+    figures = {0: {K.WIN_RATE: 40.0, K.LC_WIN_RATE: 30.0}, 1: {K.WIN_RATE: 55.0, K.LC_WIN_RATE: 36.0},
+               2: {K.WIN_RATE: 60.0, K.LC_WIN_RATE: 31.0}, 3: {K.WIN_RATE: 61.0, K.LC_WIN_RATE: 40.0}}
+    plan, _ = play(gated_spec("lcWinRate", maxDrop=4.0), figures)
+    assert (plan.best_iteration, plan.final_model) == (1, model_uri(ROOT, 1))
+    assert plan.reason == "gate: lcWinRate 31 at iteration 2 dropped more than 4 below best iteration 1 (36)"
+    plan, _ = play(gated_spec("winRate", maxDrop=4.0), figures)  # the raw win rate keeps rising
+    assert (plan.best_iteration, plan.final_model) == (None, model_uri(ROOT, 3))
+    assert plan.reason == "gate: winRate held; best iteration 3 (61); the last iteration's model is published"
+
+
+def test_with_a_gate_the_next_iteration_waits_for_the_evaluation():
+    deps = {s.key: s.depends_on for s in stage_graph(gated_spec(floor=0.5), ROOT)}
+    assert deps["iter-01/generate"] == ("iter-00/evaluate",) and deps["iter-03/generate"] == ("iter-02/evaluate",)
+    ungated = {s.key: s.depends_on for s in stage_graph(make_spec(COUNT, heldout=True), ROOT)}
+    assert ungated["iter-01/generate"] == ("iter-00/seed-train",)
+
+
+def test_without_a_gate_a_falling_metric_changes_nothing():
+    spec = make_spec(COUNT, heldout=True)
+    plan, started = play(spec, {i: {K.HELDOUT_AGREEMENT: 0.9 - 0.1 * i} for i in range(COUNT + 1)})
+    assert plan.final_model == model_uri(ROOT, COUNT) and plan.best_iteration is None and not plan.reason
+    assert len(started) == len(stage_graph(spec, ROOT))
+
+
+def test_gate_without_figures_runs_to_the_end_and_says_so():
+    """Evaluate manifests without the gate's metric (e.g. an executor that does not fill metrics) never stop a run."""
+    plan, started = play(gated_spec(floor=0.99), {})
+    assert plan.final_model == model_uri(ROOT, COUNT) and len(started) == len(stage_graph(gated_spec(floor=0.99), ROOT))
+    assert plan.reason == "gate: no heldoutAgreement figure found; the last iteration's model is published"
+
+
+def test_evaluate_stages_carry_the_win_rate_settings():
+    spec = make_spec(1, heldout=False, evaluation={"winRate": {**WIN_RATE, "samples": 64, "referenceAnswers":
+                                                               "s3://d/ref.jsonl"}})
+    evals = [s for s in stage_graph(spec, ROOT) if s.stage == contract.EVALUATE]
+    assert [s.key for s in evals] == ["iter-00/evaluate", "iter-01/evaluate"]
+    argv = evals[1].args.to_argv()
+    for flag, value in (("--winrate-prompts", "s3://d/wr.jsonl"), ("--winrate-samples", "64"),
+                        ("--winrate-reference-answers", "s3://d/ref.jsonl"), ("--judge-model", "j"),
+                        ("--judge-endpoint", "http://judge:8000/v1")):
+        assert argv[argv.index(flag) + 1] == value
+    assert "--heldout" not in argv and not any("key" in a.lower() for a in argv)
+
+
+# ------------------------------------------------------------------------------------------ through `spa run`
+
+
+@pytest.mark.slow
+def test_spa_run_stops_when_quality_falls_and_publishes_the_best_model(tmp_path, tiny):
+    """A judge whose verdicts favour iteration 1's model, then turn against iteration 2's: the run must stop after
+    iteration 2's evaluation and publish iteration 1's model. Held-out agreement is reported beside the win rates."""
+    n = 4
+    (tmp_path / "wr.jsonl").write_text("".join(f'{{"prompt": "What is {i} plus 2?"}}\n' for i in range(n)))
+    (tmp_path / "ref.jsonl").write_text("".join(f'{{"answer": "REF {i + 2}"}}\n' for i in range(n)))
+    policy_wins = [0.5, 0.8, 0.3, 0.9]  # by evaluation, in the order they run (iteration 0, 1, 2, 3)
+    calls = itertools.count()
+
+    def judge_fn(instruction: str, first: str, second: str) -> float:
+        p = policy_wins[next(calls) // (2 * n)]  # evaluations run one after another, 2n judgments each
+        return 1 - p if first.startswith("REF") else p
+
+    with FakeJudge(judge_fn) as judge:
+        doc = {
+            "apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun", "metadata": {"name": "gated", "namespace": "ns"},
+            "spec": {
+                "model": {"sft": tiny["model"]},
+                "data": {"seed": tiny["seed"], "prompts": tiny["prompts"], "heldout": tiny["heldout"]},
+                "iterations": {"count": 3, "promptsPerIteration": 8},
+                "generation": {"maxNewTokens": 12, "backend": "transformers"},
+                "training": {"learningRate": 1e-4, "seedEpochs": 1, "batchSize": 8, "maxLength": 128,
+                             "maxPromptLength": 64},
+                "evaluation": {"winRate": {"prompts": "wr.jsonl", "referenceAnswers": "ref.jsonl", "maxNewTokens": 8,
+                                           "backend": "transformers", "judge": {"endpoint": judge.url,
+                                                                                "model": "judge"}}},
+                "gate": {"metric": "winRate", "maxDrop": 20},
+            },
+        }
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(doc))
+        proc = subprocess.run([sys.executable, "-m", "spa_operator.cli", "run", str(tmp_path / "run.yaml"),
+                               "--storage", str(tmp_path / "store")], capture_output=True, text=True,
+                              env={**os.environ, "COLUMNS": "200"}, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    root = tmp_path / "store" / "ns" / "gated"
+    assert (root / "iter-02/evaluate/_SUCCESS.json").exists() and not (root / "iter-03").exists()
+    out = proc.stdout.replace("\n", "")
+    assert "gate: winRate 30 at iteration 2 dropped more than 20 below best iteration 1 (80)" in out
+    assert f"final model: {model_uri(str(root), 1)}" in out
+    rows = [ln.split("│")[1:-1] for ln in proc.stdout.splitlines() if ln.count("│") > 2]
+    assert [r[0].strip() for r in rows] == ["seed", "1", "2"]
+    assert [r[5].strip() for r in rows] == ["50.0 ± 0.0", "80.0 ± 0.0", "30.0 ± 0.0"], proc.stdout
+    assert all(r[4].strip() not in ("", "-") for r in rows)  # held-out agreement beside them
+    manifest = contract.read_manifest(str(root / "iter-02/evaluate"))
+    assert manifest.counts[K.WINRATE_PROMPTS] == n and Path(root / "iter-02/evaluate/winrate.jsonl").exists()

@@ -1,0 +1,191 @@
+"""Win rate against a local OpenAI-compatible judge: arithmetic (against alpaca_eval's own on the same annotations),
+both answer orders, retries and failures counted, and the evaluate stage through `spa-worker evaluate`."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from judge_server import FakeJudge
+from spa_workers import contract, storage, winrate
+from spa_workers.contract import ManifestKeys as K
+from spa_workers.data import write_jsonl
+
+N = 40
+
+
+def _answers(seed: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """Instructions, policy answers and reference answers of varied lengths; quality is hidden in a digit."""
+    rng = random.Random(seed)
+    instr = [f"Question {i}: what is {i} plus {i}?" for i in range(N)]
+    policy = [f"q{rng.randint(0, 9)} " + "x" * rng.randint(5, 400) for _ in range(N)]
+    reference = [f"q{rng.randint(0, 9)} " + "y" * rng.randint(5, 250) for _ in range(N)]
+    return instr, policy, reference
+
+
+def quality(answer: str) -> int:
+    return int(answer[1])
+
+
+def length_loving_judge(instruction: str, first: str, second: str) -> float:
+    """A soft judge: prefers the better answer, and longer answers, and what it reads first."""
+    z = 0.4 * (quality(first) - quality(second)) + 0.01 * (len(first) - len(second)) + 0.3
+    return 1 / (1 + math.exp(-z))
+
+
+def _client(judge: FakeJudge, **kw) -> winrate.JudgeClient:
+    return winrate.JudgeClient(winrate.JudgeSettings(endpoint=judge.url, model="judge", **kw))
+
+
+def test_arithmetic_matches_alpaca_eval_with_retries_counted():
+    instr, policy, reference = _answers()
+    faults = {instr[0]: ["429", "429"], instr[1]: ["500"], instr[2]: ["garbage"], instr[3]: ["slow"]}
+    with FakeJudge(length_loving_judge, faults=faults) as judge:
+        client = _client(judge, concurrency=4, max_retries=3, timeout_s=0.5)
+        comparisons = winrate.compare_all(client, instr, policy, reference)
+        client.close()
+    # Both orders, each the judge's own probability: preference = 1 + mean P(policy wins).
+    expected = [1 + ((1 - length_loving_judge("", r, p)) + length_loving_judge("", p, r)) / 2
+                for p, r in zip(policy, reference, strict=True)]
+    assert [c.preference for c in comparisons] == pytest.approx(expected, abs=1e-9)
+    seen = {(q["first"], q["second"]) for q in judge.requests if q["fault"] == "ok"}
+    assert seen == {(r, p) for p, r in zip(policy, reference, strict=True)} | set(zip(policy, reference, strict=True))
+    # Every fault was retried and counted: 2N judgments + 5 retries.
+    report = client.report()
+    assert report == {"judge_http_attempts": 2 * N + 5, "judge_rate_limited": 2, "judge_server_errors": 1,
+                      "judge_client_errors": 0, "judge_no_response": 1, "judge_unparseable": 1, "judge_failed": 0}
+
+    wr, se = winrate.win_rate(expected)
+    y = np.array(expected) - 1
+    assert (wr, se) == pytest.approx((y.mean() * 100, y.std(ddof=1) / math.sqrt(N) * 100))
+    lc, lc_se = winrate.length_controlled_win_rate(expected, [len(r) for r in reference], [len(p) for p in policy])
+    # The judge loves length and the policy's answers are longer: controlling for length lowers its win rate.
+    assert lc < wr - 3 and 0 < lc_se < 20
+
+    pd = pytest.importorskip("pandas")
+    glm = pytest.importorskip("alpaca_eval.metrics.glm_winrate")
+    from alpaca_eval.metrics import get_winrate
+
+    ours = get_winrate([{"preference": p} for p in expected])
+    assert (ours["win_rate"], ours["standard_error"]) == pytest.approx((wr, se))
+    delta = np.array([len(r) - len(p) for p, r in zip(policy, reference, strict=True)], dtype=float)
+    df = pd.DataFrame({"preference": y, "std_delta_len": delta / delta.std(ddof=1), "not_gamed_baseline": True})
+    test = df[["not_gamed_baseline"]].assign(std_delta_len=0.0)
+    train, x_test = glm.make_dmatrix_for_model(df, test, formula=glm.GLM_INFO["length_controlled_minimal"]["formula"])
+    # alpaca_eval's fit, practically unregularised (C large, no CV): the same maximum-likelihood estimate
+    model = glm.fit_LogisticRegressionCV(train, "preference", is_ytrue_proba=True, n_splits=0, C=1e8)
+    assert lc == pytest.approx(model.predict_proba(x_test)[:, 1].mean() * 100, abs=2e-3)
+    # alpaca_eval's default (L1, C chosen by 5-fold cross-validation) regularises a little
+    model = glm.fit_LogisticRegressionCV(train, "preference", is_ytrue_proba=True, **glm.GLM_INFO[
+        "length_controlled_minimal"]["kwargs"])
+    assert lc == pytest.approx(model.predict_proba(x_test)[:, 1].mean() * 100, abs=1.0)
+
+
+def test_both_orders_cancel_position_bias():
+    instr, policy, reference = _answers(1)
+
+    def sign(x: int) -> int:
+        return (x > 0) - (x < 0)
+
+    def biased(instruction: str, first: str, second: str) -> float:  # 0.15 in favour of whatever it reads first
+        return 0.65 + 0.3 * sign(quality(first) - quality(second))
+
+    with FakeJudge(biased) as judge:
+        client = _client(judge)
+        comparisons = winrate.compare_all(client, instr, policy, reference)
+        client.close()
+    d = [sign(quality(p) - quality(r)) for p, r in zip(policy, reference, strict=True)]
+    assert 0 < d.count(1) < N and d.count(-1) > 0
+    # policy second: 1 - (0.65 - 0.3 d) = 0.35 + 0.3 d; policy first: 0.65 + 0.3 d; the bias cancels in the mean
+    assert [c.policy_second for c in comparisons] == pytest.approx([0.35 + 0.3 * x for x in d])
+    assert [c.preference for c in comparisons] == pytest.approx([1.5 + 0.3 * x for x in d])
+    assert winrate.first_position_rate(comparisons) == pytest.approx(0.65)
+
+    with FakeJudge(lambda i, f, s: 1.0, logprobs=False) as judge:  # text only, always "m"
+        client = _client(judge)
+        comparisons = winrate.compare_all(client, instr, policy, reference)
+        client.close()
+    assert [c.preference for c in comparisons] == [1.5] * N
+    assert winrate.win_rate([c.preference for c in comparisons]) == (50.0, 0.0)
+    assert winrate.first_position_rate(comparisons) == 1.0
+
+
+def test_failures_after_retries_are_counted_not_dropped():
+    instr, policy, reference = _answers(2)
+    faults = {instr[5]: ["garbage"] * 10, instr[6]: ["400"]}
+    with FakeJudge(length_loving_judge, faults=faults) as judge:
+        client = _client(judge, max_retries=2)
+        comparisons = winrate.compare_all(client, instr, policy, reference)
+        client.close()
+    assert [i for i, c in enumerate(comparisons) if not c.complete] == [5, 6]
+    assert comparisons[5].policy_second is None and comparisons[5].policy_first is None  # both orders garbage
+    report = client.report()
+    assert report["judge_failed"] == 3 and report["judge_unparseable"] == 6 and report["judge_client_errors"] == 1
+    assert judge.served["garbage"] == 6  # 3 tries per order, then given up
+
+
+def _stage_argv(tmp_path, tiny_policy, judge: FakeJudge, *extra: str, n: int = 6) -> tuple[list[str], list[str]]:
+    """(prompts, `spa-worker evaluate` argv): the tiny policy answers n prompts, reference answers from a file."""
+    prompts = [f"What is {i} plus 1?" for i in range(n)]
+    write_jsonl(str(tmp_path / "prompts.jsonl"), [{"prompt": p} for p in prompts])
+    write_jsonl(str(tmp_path / "ref.jsonl"), [{"output": f"q5 The answer is {i + 1}."} for i in range(n)])
+    argv = ["evaluate", "--policy", tiny_policy, "--reference", tiny_policy, "--output", str(tmp_path / "out"),
+            "--winrate-prompts", str(tmp_path / "prompts.jsonl"), "--winrate-reference-answers",
+            str(tmp_path / "ref.jsonl"), "--answer-backend", "transformers", "--answer-max-new-tokens", "8",
+            "--judge-endpoint", judge.url, "--judge-model", "judge", *extra]
+    return prompts, argv
+
+
+SECRET = "sk-test-Zq8v1-DO-NOT-PRINT"
+
+
+@pytest.mark.slow
+def test_stage_end_to_end_reports_figures_and_never_the_key(tmp_path, tiny_policy, worker):
+    def prefers_reference(instruction: str, first: str, second: str) -> float:
+        return 0.8 if first.startswith("q5") else 0.2  # in either order
+
+    with FakeJudge(prefers_reference, api_key=SECRET, faults={"What is 0 plus 1?": ["429"]}) as judge:
+        prompts, argv = _stage_argv(tmp_path, tiny_policy, judge)
+        proc = worker(*argv, env={contract.JUDGE_API_KEY_ENV: SECRET})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert all(r["auth"] == f"Bearer {SECRET}" for r in judge.requests)
+    out = str(tmp_path / "out")
+    manifest = json.loads(storage.read_text(storage.join(out, contract.MANIFEST)))
+    assert manifest["metrics"][K.WIN_RATE] == pytest.approx(20.0)
+    assert manifest["metrics"][K.WIN_RATE_SE] == pytest.approx(0.0)
+    assert manifest["metrics"][K.FIRST_POSITION_RATE] == pytest.approx(0.5)
+    assert K.LC_WIN_RATE in manifest["metrics"] and K.HELDOUT_AGREEMENT not in manifest["metrics"]
+    assert manifest["counts"][K.WINRATE_PROMPTS] == 6 and manifest["counts"]["judge_rate_limited"] == 1
+    rows = [json.loads(line) for line in Path(out, "winrate.jsonl").read_text().splitlines()]
+    assert [r["prompt"][0]["content"] for r in rows] == prompts
+    assert [r["preference"] for r in rows] == pytest.approx([1.2] * 6)
+    texts = [proc.stdout, proc.stderr, *(p.read_text() for p in Path(out).rglob("*") if p.is_file())]
+    assert len(texts) >= 4 and not any(SECRET in t for t in texts)
+
+
+@pytest.mark.slow
+def test_stage_fails_when_too_many_judgments_are_lost(tmp_path, tiny_policy, worker):
+    with FakeJudge(lambda i, f, s: 0.9, faults={"What is 2 plus 1?": ["garbage"] * 10}) as judge:
+        _, argv = _stage_argv(tmp_path, tiny_policy, judge, "--judge-max-retries", "1")
+        proc = worker(*argv)
+    assert proc.returncode == 1
+    assert "1 of 6 prompts lost a judgment after 1 retries (last error: unparseable answers)" in proc.stderr
+    assert not storage.exists(storage.join(str(tmp_path / "out"), contract.MANIFEST))
+
+
+def test_length_control_by_hand():
+    """Checks that need no library: equal answer lengths leave nothing to control for (LC = raw win rate, and the
+    delta-method SE is the raw SE with ddof 0); all-win stays near 100; one prompt has no standard error."""
+    prefs = [1.0, 2.0, 1.5, 2.0, 1.25, 2.0, 1.0, 1.75]
+    n = len(prefs)
+    wr, se = winrate.win_rate(prefs)
+    lc, lc_se = winrate.length_controlled_win_rate(prefs, [10] * n, [10] * n)
+    assert lc == pytest.approx(wr) and lc_se == pytest.approx(se * math.sqrt((n - 1) / n))
+    # the same length gap everywhere is no length variation either
+    assert winrate.length_controlled_win_rate(prefs, [30] * n, [10] * n)[0] == pytest.approx(wr)
+    assert winrate.length_controlled_win_rate([2.0] * 3, [3, 5, 9], [4, 1, 2])[0] > 99.9
+    assert math.isnan(winrate.win_rate([1.7])[1])
