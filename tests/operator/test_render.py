@@ -93,5 +93,12 @@ def test_local_runs_train_on_one_node_with_the_requested_processes():
     here = local_launch(train, 2)
     assert (here.args.processes, here.args.nodes) == (2, 1)
     assert local_launch(train, None).args.processes == 8  # from the manifest's GPUs
+    plain = next(s for s in stage_graph(parse_run({**RUN, "spec": {**RUN["spec"], "resources": {}}}).spec, "/r")
+                 if s.stage == "train")
+    assert (plain.args.strategy, local_launch(plain, 2).args.strategy) == ("fsdp", "fsdp")  # the spec's choice
+    auto = next(s for s in stage_graph(parse_run({**RUN, "spec": {**RUN["spec"], "resources": {},
+                                                                  "training": {"lora": {"r": 4}}}}).spec, "/r")
+                if s.stage == "train")
+    assert (auto.args.strategy, local_launch(auto, 2).args.strategy) == ("auto", "ddp")  # auto, made explicit
     generate = next(s for s in stages if s.stage == "generate")
     assert local_launch(generate, 2) is generate
