@@ -10,7 +10,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from spa_operator import jobs
+from spa_operator import cli, jobs
 from spa_operator.local import local_launch
 from spa_operator.planner import stage_graph
 from spa_operator.spec import parse_run
@@ -59,20 +59,27 @@ def test_render_two_nodes_of_eight_gpus_validates(tmp_path):
     assert "--tensor-parallel-size 4" in generate
 
 
-def test_render_names_a_bad_field(tmp_path):
+def render_here(capsys, path: Path) -> tuple[int, str, str]:
+    """`spa render` in this process (the same entry point as the command, without a second interpreter's start)."""
+    code = cli.main(["render", str(path)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_render_names_a_bad_field(tmp_path, capsys):
     doc = {**RUN, "spec": {**RUN["spec"], "resources": {"judge": {"gpus": 1, "nodes": 2}}}}
     manifest = tmp_path / "run.yaml"
     manifest.write_text(yaml.safe_dump(doc))
-    out = spa("render", str(manifest))
-    assert out.returncode == 2 and out.stdout == ""
-    assert "spec.resources.judge.nodes: must be 1" in " ".join(out.stderr.split())  # (the console wraps lines)
+    code, stdout, stderr = render_here(capsys, manifest)
+    assert code == 2 and stdout == ""
+    assert "spec.resources.judge.nodes: must be 1" in " ".join(stderr.split())  # (the console wraps lines)
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
-def test_every_example_renders_valid_objects(example):
-    out = spa("render", str(ROOT / "examples" / example))
-    assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+def test_every_example_renders_valid_objects(example, capsys):
+    code, stdout, stderr = render_here(capsys, ROOT / "examples" / example)
+    assert code == 0, stderr
+    docs = [d for d in yaml.safe_load_all(stdout) if d]
     for doc in docs:
         kubernetes_validate.validate(doc, desired_version=kubernetes_validate.latest_version(), strict=True)
     train = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["labels"][jobs.LABEL_STAGE] == "train")
