@@ -4,19 +4,22 @@ machine has more than one GPU. Offline, at most ~8 minutes on one GPU.
 It runs `python -m spa_workers.cli train ...` (the command a Job runs) with SPA self-refinement and λ = 0.5 on
 synthetic preference pairs, first with one process, then (more than one GPU) with one process per GPU under each
 sharding strategy the machine can run (fsdp; deepspeed when installed). tokens/s counts the prompt+answer tokens of
-both answers of every pair; MFU is 8·N·tokens/s over the GPUs' peak bf16 FLOP/s (N = parameters outside the input
-embedding: 6N per token for the policy's forward and backward, 2N for the reference's forward; the λ extrapolation
-reuses those logits, gradient checkpointing's recomputation is not counted, as usual for MFU).
+both answers of every pair; MFU is 12·N·tokens/s over the GPUs' peak bf16 FLOP/s (N = matmul parameters, the LM
+head included: per token 6N for the policy's forward and backward, 2N for the reference's forward, 4N for the
+no-grad policy and reference forwards of the λ extrapolation, as workers/spa_workers/train.py computes it; gradient
+checkpointing's recomputation is not counted, as usual for MFU).
 
 A bare GPU machine with torch, transformers, peft and accelerate lacks TRL and `datasets`. Fetch their wheels on a
-networked machine into a folder that travels with the repository (about 10 MB, no dependencies resolved):
+networked machine into benchmarks/wheels/ (git-ignored; carry it to the GPU machine with the repository). About 2.3 MB;
+no dependencies are resolved, and the binary ones (xxhash, multiprocess) must match the GPU machine's Python, hence
+`--python-version`:
 
-    pip download --no-deps --only-binary=:all: -d benchmarks/wheels \\
-        "trl==$(python -c 'import trl; print(trl.__version__)')" \\
-        "datasets==$(python -c 'import datasets; print(datasets.__version__)')" dill multiprocess xxhash
+    pip download --no-deps --only-binary=:all: --python-version 3.11 -d benchmarks/wheels \
+        trl==1.16.0 datasets==5.2.0 dill multiprocess xxhash
 
-and run with `--wheels benchmarks/wheels` (installs every wheel there with `pip --no-index --no-deps`). pyarrow,
-pandas, fsspec and huggingface-hub usually come with transformers' stack; the script names any import still missing.
+and run with `--wheels benchmarks/wheels` (installs every wheel there with `pip --no-index --no-deps`). `datasets`
+also needs pyarrow and pandas (about 55 MB of wheels: add them only where the machine lacks them); the script names
+any import still missing before it starts.
 
     python benchmarks/gpu_train.py --wheels benchmarks/wheels          # on the GPU machine; writes benchmarks/results/
     python benchmarks/gpu_train.py --size tiny --steps 2 --out /tmp/g  # CPU smoke test (a minute)
@@ -59,6 +62,7 @@ SIZES = {
     "tiny": Size(hidden=64, layers=2, heads=1, vocab=512, max_length=96, max_prompt_length=48, batch_size=4,
                  micro_batch_size=2),
 }
+FLOPS_PER_TOKEN_PER_PARAM = 12  # see the module docstring
 # Dense bf16 peak FLOP/s by device name (no sparsity); --peak-tflops for others.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 WORKER_TIMEOUT_S = 420  # one variant; keeps the whole check within ~8 minutes on one GPU
@@ -74,7 +78,7 @@ def install_wheels(folder: str) -> None:
 
 def check_imports() -> None:
     missing = []
-    for module in ("torch", "transformers", "accelerate", "peft", "trl", "datasets"):
+    for module in ("torch", "transformers", "accelerate", "peft", "pyarrow", "pandas", "datasets", "trl"):
         try:
             __import__(module)
         except ImportError as e:
@@ -241,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             if "error" not in r:
                 r["tokens_per_s"] = r["samples_per_s"] * tokens
                 used = processes if gpus else 0
-                r["mfu"] = 8 * params * r["tokens_per_s"] / (peak * used) if peak and used else None
+                r["mfu"] = (FLOPS_PER_TOKEN_PER_PARAM * params * r["tokens_per_s"] / (peak * used)
+                            if peak and used else None)
             results.append(r)
             print(f"gpu_train: {name}: {json.dumps({k: v for k, v in r.items() if k != 'log_tail'})}", flush=True)
     text = report(results, device, max(gpus, 1), a.size, params, tokens, peak)

@@ -104,6 +104,16 @@ _QUANTITY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**
                    "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
 
 
+def binary_quantity(value: Decimal) -> str:
+    """A byte count as a quantity, in the largest binary unit that divides it ("260Gi", "1536Mi", "1000")."""
+    n = int(value.to_integral_value(rounding="ROUND_CEILING"))
+    for unit in ("Ti", "Gi", "Mi", "Ki"):
+        size = _QUANTITY_UNITS[unit]
+        if n and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
 def quantity_value(q: str) -> Decimal:
     """A Kubernetes quantity ("200Gi", "1.5T", "1e9") as a number (the spec's pattern has checked its form)."""
     m = re.fullmatch(r"([+-]?[0-9.]+)([eE][+-]?[0-9.]+|[KMGTPE]i|[numkMGTPE])?", q)
@@ -157,7 +167,7 @@ def _resources(res: StageResources, spec: AlignmentRunSpec) -> dict[str, Any]:
     # emptyDir past its sizeLimit already evicts the pod, and the container's own writes are small.
     local_disk = [q for q in (res.scratch, None if spec.model_cache else res.cache_size) if q]
     if local_disk:
-        requests["ephemeral-storage"] = str(sum(quantity_value(q) for q in local_disk).to_integral_value())
+        requests["ephemeral-storage"] = binary_quantity(sum(quantity_value(q) for q in local_disk))
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
@@ -202,12 +212,11 @@ def labels(run: RunRef, stage: PlannedStage, attempt: int) -> dict[str, str]:
     }
 
 
-def gang_env(job: str, nodes: int) -> list[dict[str, Any]]:
+def gang_env(job: str) -> list[dict[str, Any]]:
     """What the pods of a multi-node Job need to meet: the launcher's static rendezvous at index 0, NCCL behaviour."""
     return [
         {"name": "SPA_RENDEZVOUS_HOST", "value": rendezvous_host(job)},
         {"name": "SPA_RENDEZVOUS_PORT", "value": str(RENDEZVOUS_PORT)},
-        {"name": "SPA_NODES", "value": str(nodes)},
         # A rank whose peer died must fail (and fail the Job) instead of waiting in a collective forever.
         {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
         {"name": "NCCL_DEBUG", "value": "WARN"},
@@ -279,7 +288,7 @@ def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRun
         "name": CONTAINER,
         "image": res.image or spec.image or default_image,
         "command": ["spa-worker", *stage.args.to_argv()],
-        "env": worker_env(spec, run, stage, attempt) + (gang_env(name, res.nodes) if gang else []),
+        "env": worker_env(spec, run, stage, attempt) + (gang_env(name) if gang else []),
         "volumeMounts": mounts,
         # The worker's last lines (its one-line error) show in the pod status and `kubectl describe`.
         "terminationMessagePolicy": "FallbackToLogsOnError",

@@ -27,6 +27,7 @@ from spa_operator.planner import (
     StageResult,
     StageState,
     plan_next_stage,
+    resolve_strategy,
     stage_graph,
 )
 from spa_operator.spec import AlignmentRun
@@ -205,9 +206,12 @@ def last_error_line(log_path: str) -> str:
 
 def local_launch(stage: PlannedStage, processes: int | None) -> PlannedStage:
     """A train stage as it runs here: on one node, with `processes` processes when given (else its GPU count)."""
-    if not isinstance(stage.args, contract.TrainArgs):
+    args = stage.args
+    if not isinstance(args, contract.TrainArgs):
         return stage
-    return replace(stage, args=replace(stage.args, nodes=1, processes=processes or stage.args.processes))
+    n = processes or args.processes
+    strategy = resolve_strategy(args.strategy, args.lora_r > 0, n)
+    return replace(stage, args=replace(args, nodes=1, processes=n, strategy=strategy))
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,14 @@ def model_uri(root: str, iteration: int) -> str:
     return f"{root.rstrip('/')}/{_key(iteration, stage)}/{contract.MODEL_SUBDIR}"
 
 
+def resolve_strategy(strategy: str, lora: bool, world_size: int) -> str:
+    """`auto` made explicit for a stage of several processes: sharded for full-parameter training, ddp for LoRA (its
+    trainable weights are small: copies cost less than sharding's communication). One process has nothing to share."""
+    if strategy != "auto" or world_size <= 1:
+        return strategy
+    return "ddp" if lora else "fsdp"
+
+
 def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
     """Every stage of the run, in a valid execution order."""
     root = root.rstrip("/")
@@ -122,10 +130,8 @@ def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
         """How a train stage runs: one process per GPU of each of its pods, with the spec's sharding strategy."""
         res = stage_resources(spec, stage)
         processes = max(res.gpus, 1)
-        strategy = t.strategy
-        if strategy == "auto" and processes * res.nodes > 1:
-            strategy = "ddp" if t.lora else "fsdp"  # LoRA's trainable weights are small: copies are cheaper
-        return dict(processes=processes, nodes=res.nodes, strategy=strategy,
+        return dict(processes=processes, nodes=res.nodes,
+                    strategy=resolve_strategy(t.strategy, t.lora is not None, processes * res.nodes),
                     checkpoint_every_steps=t.checkpoint.every_steps,
                     checkpoint_every_minutes=t.checkpoint.every_minutes)
 

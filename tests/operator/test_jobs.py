@@ -160,7 +160,7 @@ def test_multi_node_train_stage_is_a_gang_with_a_headless_service():
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["scratch"]["emptyDir"] == {"sizeLimit": "200Gi"} and vols["cache"]["emptyDir"] == {"sizeLimit": "60Gi"}
     assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
-    assert c["resources"]["requests"]["ephemeral-storage"] == str(260 * 2**30)  # scratch + cache: where it fits
+    assert c["resources"]["requests"]["ephemeral-storage"] == "260Gi"  # scratch + cache: the node must have room
     # Single-node stages keep their Job as it was: preemption just starts a new pod.
     seed = jobs.build_stage_objects(stage_graph(spec, ROOT)[0], 1, RUN, spec)
     assert [o["kind"] for o in seed] == ["Job"] and "subdomain" not in seed[0]["spec"]["template"]["spec"]
@@ -236,3 +236,12 @@ def test_judge_key_reaches_only_the_evaluate_pods_and_only_by_reference():
                                  "valueFrom": {"secretKeyRef": {"name": "judge-creds", "key": "token"}}}
         else:
             assert judge_key is None
+
+
+def test_ephemeral_storage_request_adds_mixed_units():
+    doc = {**DOC, "spec": {**DOC["spec"], "resources": {"train": {"scratch": "1.5Gi", "cacheSize": "512Mi"}}}}
+    spec = parse_run(doc).spec
+    train = next(s for s in stage_graph(spec, ROOT) if s.stage == "train")
+    job = jobs.build_job(train, 1, RUN, spec)
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {"ephemeral-storage": "2Gi"}
+    assert jobs.binary_quantity(jobs.quantity_value("1e9")) == "1000000000"

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import kubernetes_validate
+import pytest
 import yaml
-from spa_operator import jobs
+from spa_operator import cli, jobs
 from spa_operator.local import local_launch
 from spa_operator.planner import stage_graph
 from spa_operator.spec import parse_run
@@ -60,24 +61,38 @@ def test_render_two_nodes_of_eight_gpus_validates(tmp_path):
     assert "--tensor-parallel-size 4" in generate
 
 
-def test_render_names_a_bad_field(tmp_path):
+def render_here(capsys, path: Path) -> tuple[int, str, str]:
+    """`spa render` in this process (the same entry point as the command, without a second interpreter's start)."""
+    code = cli.main(["render", str(path)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_render_names_a_bad_field(tmp_path, capsys):
     doc = {**RUN, "spec": {**RUN["spec"], "resources": {"judge": {"gpus": 1, "nodes": 2}}}}
     manifest = tmp_path / "run.yaml"
     manifest.write_text(yaml.safe_dump(doc))
-    out = spa("render", str(manifest))
-    assert out.returncode == 2 and out.stdout == ""
-    assert "spec.resources.judge.nodes: must be 1" in " ".join(out.stderr.split())  # (the console wraps lines)
+    code, stdout, stderr = render_here(capsys, manifest)
+    assert code == 2 and stdout == ""
+    assert "spec.resources.judge.nodes: must be 1" in " ".join(stderr.split())  # (the console wraps lines)
 
 
-def test_paper_example_renders():
-    out = spa("render", str(ROOT / "examples" / "paper-mistral-7b.yaml"))
-    assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
+def test_every_example_renders_valid_objects(example, capsys):
+    code, stdout, stderr = render_here(capsys, ROOT / "examples" / example)
+    assert code == 0, stderr
+    docs = [d for d in yaml.safe_load_all(stdout) if d]
     for doc in docs:
         kubernetes_validate.validate(doc, desired_version=kubernetes_validate.latest_version(), strict=True)
     train = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["labels"][jobs.LABEL_STAGE] == "train")
     command = " ".join(train["spec"]["template"]["spec"]["containers"][0]["command"])
-    assert "--processes 8 --nodes 1 --strategy deepspeed" in command and "--lora-r 0" in command
+    if example == "paper-mistral-7b.yaml":  # the official recipe: full-parameter ZeRO-3 on 8 GPUs, vLLM TP
+        assert "--processes 8 --nodes 1 --strategy deepspeed" in command and "--lora-r 0" in command
+        generate = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["labels"][jobs.LABEL_STAGE] ==
+                        "generate")
+        assert "--tensor-parallel-size 2" in " ".join(generate["spec"]["template"]["spec"]["containers"][0]["command"])
+    if example == "lora-one-gpu.yaml":
+        assert "--processes 1 --nodes 1" in command and "--lora-r 16" in command
 
 
 def test_local_runs_train_on_one_node_with_the_requested_processes():
@@ -87,5 +102,12 @@ def test_local_runs_train_on_one_node_with_the_requested_processes():
     here = local_launch(train, 2)
     assert (here.args.processes, here.args.nodes) == (2, 1)
     assert local_launch(train, None).args.processes == 8  # from the manifest's GPUs
+    plain = next(s for s in stage_graph(parse_run({**RUN, "spec": {**RUN["spec"], "resources": {}}}).spec, "/r")
+                 if s.stage == "train")
+    assert (plain.args.strategy, local_launch(plain, 2).args.strategy) == ("fsdp", "fsdp")  # the spec's choice
+    auto = next(s for s in stage_graph(parse_run({**RUN, "spec": {**RUN["spec"], "resources": {},
+                                                                  "training": {"lora": {"r": 4}}}}).spec, "/r")
+                if s.stage == "train")
+    assert (auto.args.strategy, local_launch(auto, 2).args.strategy) == ("auto", "ddp")  # auto, made explicit
     generate = next(s for s in stages if s.stage == "generate")
     assert local_launch(generate, 2) is generate
