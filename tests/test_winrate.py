@@ -189,3 +189,23 @@ def test_length_control_by_hand():
     assert winrate.length_controlled_win_rate(prefs, [30] * n, [10] * n)[0] == pytest.approx(wr)
     assert winrate.length_controlled_win_rate([2.0] * 3, [3, 5, 9], [4, 1, 2])[0] > 99.9
     assert math.isnan(winrate.win_rate([1.7])[1])
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"--judge-endpoint": None}, "--winrate-prompts needs --judge-endpoint and --judge-model"),
+    ({"--judge-extra-body": "{structured"}, "--judge-extra-body: not JSON"),
+    ({"ref_rows": 2}, "ref.jsonl: 2 reference answers for 6 prompts (one row per prompt, in order)"),
+    ({"ref_rows": [{"text": "x"}] * 6}, "ref.jsonl: row 1: missing string column answer (or output)"),
+])
+def test_bad_win_rate_input_fails_fast_with_one_line(change, message, tmp_path, worker):
+    """Exit 2 (bad input, not retried) before any model is loaded; the line names the flag, file and row."""
+    write_jsonl(str(tmp_path / "prompts.jsonl"), [{"prompt": f"q{i}"} for i in range(6)])
+    rows = change.pop("ref_rows", 6)
+    write_jsonl(str(tmp_path / "ref.jsonl"), rows if isinstance(rows, list) else [{"answer": "a"}] * rows)
+    flags = {"--policy": "/nonexistent/policy", "--reference": "/nonexistent/ref", "--output": str(tmp_path / "o"),
+             "--winrate-prompts": str(tmp_path / "prompts.jsonl"), "--winrate-reference-answers":
+             str(tmp_path / "ref.jsonl"), "--judge-endpoint": "http://127.0.0.1:9/v1", "--judge-model": "j", **change}
+    proc = worker("evaluate", *[x for k, v in flags.items() if v is not None for x in (k, v)])
+    assert proc.returncode == contract.EXIT_BAD_INPUT, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]

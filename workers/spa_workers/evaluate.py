@@ -103,6 +103,12 @@ def _win_rate(work: StageWork, args: EvaluateArgs) -> None:
         raise StageInputError("--winrate-prompts needs --judge-endpoint and --judge-model")
     if args.answer_backend not in ("vllm", "transformers"):
         raise StageInputError(f"unknown answer backend {args.answer_backend!r} (expected vllm or transformers)")
+    try:
+        extra_body = json.loads(args.judge_extra_body) if args.judge_extra_body else None
+    except json.JSONDecodeError as e:
+        raise StageInputError(f"--judge-extra-body: not JSON: {e}") from None
+    if extra_body is not None and not isinstance(extra_body, dict):
+        raise StageInputError("--judge-extra-body: must be a JSON object")
     prompts = load_prompts(args.winrate_prompts)  # type: ignore[arg-type]
     if args.winrate_samples > 0:
         prompts = prompts[: args.winrate_samples]
@@ -116,12 +122,6 @@ def _win_rate(work: StageWork, args: EvaluateArgs) -> None:
     if not kept:
         raise StageInputError(f"{args.winrate_prompts}: no prompt leaves room for {args.answer_max_new_tokens} "
                               "new tokens in the model's context")
-    try:
-        extra_body = json.loads(args.judge_extra_body) if args.judge_extra_body else None
-    except json.JSONDecodeError as e:
-        raise StageInputError(f"--judge-extra-body: not JSON: {e}") from None
-    if extra_body is not None and not isinstance(extra_body, dict):
-        raise StageInputError("--judge-extra-body: must be a JSON object")
     settings = winrate.JudgeSettings(endpoint=args.judge_endpoint, model=args.judge_model, extra_body=extra_body,
                                      api_key=os.environ.get(JUDGE_API_KEY_ENV) or None,
                                      concurrency=args.judge_concurrency, max_retries=args.judge_max_retries,

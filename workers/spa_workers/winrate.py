@@ -109,6 +109,7 @@ class JudgeClient:
 
         self.settings = settings
         self.counts: Counter[str] = Counter()
+        self.last_error = ""  # why the latest judgment was given up (no secret in it: status code or error type)
         self._lock = threading.Lock()
         http = openai.DefaultHttpxClient(
             limits=httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency),
@@ -145,27 +146,19 @@ class JudgeClient:
                     extra_body=self.settings.extra_body)
             except openai.APIStatusError as e:
                 # The client already retried 408/409/429/5xx; what is left is not worth asking again.
-                self._count("judge_failed")
-                self._last_error = f"HTTP {e.status_code}"
-                return None
-            except (openai.APITimeoutError, openai.APIConnectionError) as e:
-                self._count("judge_failed")
-                self._last_error = type(e).__name__
-                return None
+                return self._give_up(f"HTTP {e.status_code}")
+            except (openai.APITimeoutError, openai.APIConnectionError) as e:  # after the client's retries
+                return self._give_up(type(e).__name__)
             if reply.choices:
                 p = first_wins_probability(reply.choices[0])
                 if p is not None:
                     return p
             self._count("judge_unparseable")
+        return self._give_up("unparseable answers")
+
+    def _give_up(self, why: str) -> None:
         self._count("judge_failed")
-        self._last_error = "unparseable answers"
-        return None
-
-    _last_error = ""
-
-    @property
-    def last_error(self) -> str:
-        return self._last_error
+        self.last_error = why
 
     def report(self) -> dict[str, int]:
         """Every retry-worthy event, by kind: attempts, 429s, 5xx, 4xx, attempts that got no response (timeouts,
@@ -206,8 +199,7 @@ def compare_all(client: JudgeClient, instructions: Sequence[str], policy: Sequen
         nonlocal done
         i, policy_first = job
         if policy_first:
-            p_first = client.first_wins(instructions[i], policy[i], reference[i])
-            result = p_first
+            result = client.first_wins(instructions[i], policy[i], reference[i])
         else:
             p_first = client.first_wins(instructions[i], reference[i], policy[i])
             result = None if p_first is None else 1.0 - p_first
