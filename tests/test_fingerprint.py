@@ -29,6 +29,8 @@ def test_describe_change_names_fields_and_inputs():
     _, new = fingerprint.fingerprint(_train(beta=0.2, seed=1), {"model": "a", "pairs": "c"})
     assert fingerprint.describe_change(old, new) == "beta 0.1 -> 0.2; seed 0 -> 1; changed input pairs"
     assert fingerprint.describe_change({}, new) == "written before stage fingerprints, so its settings are unknown"
+    renamed = {**old, "args": {**old["args"], "save_steps": 50}}
+    assert fingerprint.describe_change(renamed, old) == "save_steps 50 (no longer an argument)"
 
 
 def test_input_identity_follows_content_and_upstream_manifests(tmp_path):
