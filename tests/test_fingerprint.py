@@ -54,3 +54,22 @@ def test_input_identity_follows_content_and_upstream_manifests(tmp_path):
         with open(os.path.join(shard, contract.MANIFEST), "w") as fh:
             fh.write(StageManifest("generate", {}, fingerprint=fp).to_json())
     assert fingerprint.input_identity(str(gen)) == fingerprint.combine_shards(["s0", "s1"])
+
+
+def test_shards_of_another_shard_count_make_the_stage_stale(tmp_path):
+    """A generate stage rerun with more shards must not mix with the old shards its judge would also read."""
+    from spa_operator.local import StageCheck, check_stages
+    from spa_operator.planner import stage_graph
+    from spa_operator.spec import parse_run
+
+    doc = {"apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun", "metadata": {"name": "r"},
+           "spec": {"model": {"sft": "/m"}, "data": {"seed": "/s.jsonl", "prompts": "/p.jsonl"},
+                    "iterations": {"count": 1, "promptsPerIteration": 8}, "generation": {"shards": 2}}}
+    graph = stage_graph(parse_run(doc).spec, str(tmp_path))
+    old = contract.shard_dir(str(tmp_path / "iter-01" / "generate"), 0, 1)
+    os.makedirs(old)
+    _, of = fingerprint.fingerprint(replace(graph[2].args, shard_count=1, shard_index=0), {})
+    with open(os.path.join(old, contract.MANIFEST), "w") as fh:
+        fh.write(StageManifest("generate", {}, fingerprint="old", fingerprint_of=of).to_json())
+    status = check_stages(graph)["iter-01/generate"]
+    assert status.check is StageCheck.STALE and "shard_count 1 -> 2" in status.change
