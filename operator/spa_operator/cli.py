@@ -128,38 +128,38 @@ def print_summary(run: AlignmentRun, root: str) -> None:
     out.print(table)
 
 
-def _stale_error(run: AlignmentRun, root: str, statuses: dict[str, local.StageStatus]) -> None:
+def _stale_error(root: str, statuses: dict[str, local.StageStatus]) -> None:
     stale = [st for st in statuses.values() if st.check is local.StageCheck.STALE]
     roots = [st for st in stale if not st.follows]
     for st in roots:
         say(f"spa run: error: {st.key} in {root} was made with other settings: {st.change}")
     if len(stale) > len(roots):
-        say(f"spa run: error: {len(stale) - len(roots)} stage(s) after it took its outputs: "
+        say(f"spa run: error: {len(stale) - len(roots)} stage(s) after {'it' if len(roots) == 1 else 'them'} took "
+            "their outputs: "
             + ", ".join(st.key for st in stale if st.follows))
     first = (roots or stale)[0].key
     say(f"spa run: to redo them here, rerun with --rerun-from {first} (that stage and every one after it) "
         f"or --force (only the stale ones); to keep the old results, use another --storage folder")
 
 
-def _prepare_outputs(args: argparse.Namespace, run: AlignmentRun, root: str) -> bool:
+def _prepare_outputs(run: AlignmentRun, root: str, rerun_from: str | None = None, force: bool = False) -> bool:
     """Apply --rerun-from / --force; False (after saying why) when outputs made with other settings remain."""
     graph = stage_graph(run.spec, root)
-    if args.rerun_from:
+    if rerun_from:
         keys = [s.key for s in graph]
-        if args.rerun_from not in keys:
-            raise StageInputError(f"--rerun-from: no stage {args.rerun_from!r} in this run "
-                                  f"(stages: {', '.join(keys)})")
-        redo = local.dependents(graph, args.rerun_from)
+        if rerun_from not in keys:
+            raise StageInputError(f"--rerun-from: no stage {rerun_from!r} in this run (stages: {', '.join(keys)})")
+        redo = local.dependents(graph, rerun_from)
         say(f"spa run: discarding the outputs of {', '.join(redo)}")
         local.discard_outputs(graph, redo)
     statuses = local.check_stages(graph)
     stale = [k for k, st in statuses.items() if st.check is local.StageCheck.STALE]
-    if stale and args.force:
+    if stale and force:
         say(f"spa run: redoing stages made with other settings: {', '.join(stale)}")
         local.discard_outputs(graph, stale)
         return True
     if stale:
-        _stale_error(run, root, statuses)
+        _stale_error(root, statuses)
         return False
     return True
 
@@ -195,7 +195,7 @@ def _logs_dir(root: str, override: str | None) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     run, root = _load(args.run, args.storage)
-    if not _prepare_outputs(args, run, root):
+    if not _prepare_outputs(run, root, args.rerun_from, args.force):
         return EXIT_BAD_INPUT
     _save_snapshot(run, root)
     return execute_and_report(run, root, _logs_dir(root, args.logs), args.processes)
@@ -247,6 +247,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
     say(f"spa demo: run manifest: {manifest}")
     run, root = _load(str(manifest), None)
+    if not _prepare_outputs(run, root):  # the demo's manifest was edited by hand since its run
+        say(f"spa demo: those flags go to `spa run {manifest}`")
+        return EXIT_BAD_INPUT
     _save_snapshot(run, root)
     return execute_and_report(run, root, _logs_dir(root, None))
 

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -628,6 +629,10 @@ async def serve_http(ctl: Controller, host: str, port: int) -> Any:
     return runner
 
 
+class NoCluster(Exception):
+    """Neither in-cluster credentials nor a kubeconfig: `spa-operator` says so in one line (exit 2)."""
+
+
 def make_controller(cfg: Config) -> Controller:
     import kubernetes
 
@@ -637,7 +642,11 @@ def make_controller(cfg: Config) -> Controller:
         try:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()
+            try:
+                kubernetes.config.load_kube_config()
+            except (kubernetes.config.ConfigException, OSError) as e:
+                raise NoCluster(f"no Kubernetes API to talk to: not in a cluster, and no usable kubeconfig "
+                                f"(KUBECONFIG or ~/.kube/config): {e}") from None
         conf = kubernetes.client.Configuration.get_default_copy()
     return Controller(cfg, KubeApi(conf))
 
@@ -672,5 +681,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     cfg = Config.from_env(namespaces=args.namespace, metrics_port=args.metrics_port or None,
                           worker_image=args.worker_image)
-    asyncio.run(run_operator(cfg))
+    try:
+        asyncio.run(run_operator(cfg))
+    except NoCluster as e:
+        print(f"spa-operator: error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

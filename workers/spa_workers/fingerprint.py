@@ -115,8 +115,12 @@ def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     changes = []
     old_args, new_args = old.get("args", {}), new.get("args", {})
     for name in sorted(set(old_args) | set(new_args)):
-        if old_args.get(name) != new_args.get(name):
-            changes.append(f"{name} {old_args.get(name)!r} -> {new_args.get(name)!r}")
+        if name not in new_args:  # the stage no longer has this argument (another version of spa made it)
+            changes.append(f"{name} {old_args[name]!r} (no longer an argument)")
+        elif name not in old_args:
+            changes.append(f"{name} {new_args[name]!r} (a new argument)")
+        elif old_args[name] != new_args[name]:
+            changes.append(f"{name} {old_args[name]!r} -> {new_args[name]!r}")
     old_in, new_in = old.get("inputs", {}), new.get("inputs", {})
     changed_inputs = [n for n in sorted(set(old_in) | set(new_in)) if old_in.get(n) != new_in.get(n)]
     if changed_inputs:
