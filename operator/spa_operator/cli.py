@@ -81,13 +81,25 @@ def _load(path: str, storage_override: str | None) -> tuple[AlignmentRun, str]:
 def _missing_local_inputs(run: AlignmentRun) -> list[str]:
     """Local inputs that do not exist (cheap: S3 and hf:// inputs are left to `--check`)."""
     spec = run.spec
+    win = spec.evaluation.win_rate if spec.evaluation else None
     files = {"spec.data.seed": spec.data.seed, "spec.data.prompts": spec.data.prompts,
              "spec.data.heldout": spec.data.heldout}
-    problems = [f"{field}: {uri}: file not found" for field, uri in files.items()
-                if uri and _is_local_path(uri) and not os.path.isfile(storage._local(uri))]
-    sft = spec.model.sft
-    if _is_local_path(sft) and not os.path.isfile(os.path.join(storage._local(sft), "config.json")):
-        problems.append(f"spec.model.sft: {sft}: no model there (no config.json)")
+    models = {"spec.model.sft": spec.model.sft}
+    if win:
+        files |= {"spec.evaluation.winRate.prompts": win.prompts,
+                  "spec.evaluation.winRate.referenceAnswers": win.reference_answers}
+        if not win.reference_answers:  # the reference model is unused once reference answers are given
+            models["spec.evaluation.winRate.referenceModel"] = win.reference_model
+
+    def absent(uri: str | None, inside: str = "") -> bool:
+        if not uri or not _is_local_path(uri):
+            return False
+        path = storage._local(uri)
+        return not os.path.isfile(os.path.join(path, inside) if inside else path)
+
+    problems = [f"{field}: {uri}: file not found" for field, uri in files.items() if absent(uri)]
+    problems += [f"{field}: {uri}: no model there (no config.json)" for field, uri in models.items()
+                 if absent(uri, "config.json")]
     return problems
 
 

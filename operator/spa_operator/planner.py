@@ -141,9 +141,13 @@ def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
 
     win = spec.evaluation.win_rate if spec.evaluation else None
     evaluates = bool(spec.data.heldout or win)
-    win_args = {} if win is None else dict(
+    # the win rate's inputs: what validate checks and evaluate reads (a reference model is unused once reference
+    # answers are given, so it is left out: neither checked nor in a fingerprint)
+    win_inputs = {} if win is None else dict(
         winrate_prompts=win.prompts, winrate_samples=win.samples, winrate_reference_answers=win.reference_answers,
-        winrate_reference_model=win.reference_model, answer_backend=win.backend,
+        winrate_reference_model=None if win.reference_answers else win.reference_model)
+    win_args = {} if win is None else dict(
+        **win_inputs, answer_backend=win.backend,
         answer_max_new_tokens=win.max_new_tokens, answer_temperature=win.temperature, seed=g.seed,
         judge_endpoint=win.judge.endpoint, judge_model=win.judge.model,
         judge_extra_body=json.dumps(win.judge.extra_body, sort_keys=True) if win.judge.extra_body else None,
@@ -158,7 +162,7 @@ def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
     # Cheap input checks first, so a typo costs no GPU time.
     validate = PlannedStage(_key(0, contract.VALIDATE), 0, contract.VALIDATE, ValidateArgs(
         model=sft, seed_pairs=spec.data.seed, prompts=spec.data.prompts, heldout=spec.data.heldout,
-        output=out(0, contract.VALIDATE), prompts_needed=sum(spec.iterations.per_iteration())), ())
+        output=out(0, contract.VALIDATE), prompts_needed=sum(spec.iterations.per_iteration()), **win_inputs), ())
     seed_key = _key(0, contract.SEED_TRAIN)
     stages = [validate, PlannedStage(seed_key, 0, contract.SEED_TRAIN, SeedTrainArgs(
         model=sft, pairs=spec.data.seed, output=out(0, contract.SEED_TRAIN), reference=sft,

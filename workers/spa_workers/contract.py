@@ -259,6 +259,13 @@ class ValidateArgs(StageArgs):
     output: str
     heldout: str | None = field(default=None, metadata={"help": "held-out gold pairs (optional)"})
     prompts_needed: int = field(default=0, metadata={"help": "prompts the iterations take from the prompt file"})
+    # the win rate's inputs (spec.evaluation.winRate), named as in EvaluateArgs: fingerprint.INPUT_FIELDS knows them
+    winrate_prompts: str | None = field(default=None, metadata={"help": "prompts for the win rate"})
+    winrate_samples: int = field(default=0, metadata={"help": "prompts the win rate takes (0 = all)"})
+    winrate_reference_answers: str | None = field(
+        default=None, metadata={"help": "reference answers, one row per prompt (column answer or output)"})
+    winrate_reference_model: str | None = field(
+        default=None, metadata={"help": "model whose sampled answers are the reference"})
 
 
 ARGS_BY_STAGE: dict[str, type[StageArgs]] = {

@@ -140,3 +140,19 @@ def load_prompts(uri: str) -> list[Messages]:
             raise StageInputError(f"{uri}: row {n}: the prompt is empty")
         out.append(msgs)
     return out
+
+
+def load_reference_answers(uri: str, n: int) -> list[str]:
+    """The win rate's reference answers for the first `n` prompts: row k answers prompt k (column answer or output).
+
+    Evaluate reads them with this, and validate checks them with it, so both match answers to prompts alike."""
+    rows = read_records(uri)
+    if len(rows) < n:
+        raise StageInputError(f"{uri}: {len(rows)} reference answers for {n} prompts (one row per prompt, in order)")
+    out = []
+    for k, row in enumerate(rows[:n], start=1):
+        answer = row.get("answer", row.get("output"))
+        if not isinstance(answer, str):
+            raise StageInputError(f"{uri}: row {k}: missing string column answer (or output)")
+        out.append(answer)
+    return out

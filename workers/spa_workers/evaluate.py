@@ -22,7 +22,7 @@ from statistics import fmean
 
 from spa_workers import winrate
 from spa_workers.contract import JUDGE_API_KEY_ENV, EvaluateArgs, GenerateArgs, ManifestKeys, StageInputError
-from spa_workers.data import load_prompts, read_records, write_jsonl
+from spa_workers.data import load_prompts, load_reference_answers, write_jsonl
 from spa_workers.modeling import Messages
 from spa_workers.runner import StageWork, run_stage
 from spa_workers.scoring import Limits, check_backend, implicit_rewards
@@ -77,19 +77,6 @@ def sample_answers(model: str, prompts: Sequence[Messages], args: EvaluateArgs) 
     return out
 
 
-def _reference_answers(path: str, n: int) -> list[str]:
-    rows = read_records(path)
-    if len(rows) < n:
-        raise StageInputError(f"{path}: {len(rows)} reference answers for {n} prompts (one row per prompt, in order)")
-    out = []
-    for k, row in enumerate(rows[:n], start=1):
-        answer = row.get("answer", row.get("output"))
-        if not isinstance(answer, str):
-            raise StageInputError(f"{path}: row {k}: missing string column answer (or output)")
-        out.append(answer)
-    return out
-
-
 def instruction_text(prompt: Messages) -> str:
     """What the judge reads as the instruction: the user turn, or the whole conversation when there are several."""
     turns = [m for m in prompt if m["role"] != "system"]
@@ -113,7 +100,7 @@ def _win_rate(work: StageWork, args: EvaluateArgs) -> None:
     if args.winrate_samples > 0:
         prompts = prompts[: args.winrate_samples]
     # Read the reference file before sampling anything: a bad file costs seconds, not a generation pass.
-    reference: list[str | None] = (list(_reference_answers(args.winrate_reference_answers, len(prompts)))
+    reference: list[str | None] = (list(load_reference_answers(args.winrate_reference_answers, len(prompts)))
                                    if args.winrate_reference_answers else [])
     policy = sample_answers(args.policy, prompts, args)
     if not reference:

@@ -2,7 +2,9 @@
 
 Every input exists and parses; preference rows have a non-empty prompt, chosen and rejected, and chosen differs
 from rejected; the prompt file holds enough prompts for every iteration; the model's config and tokenizer load
-and the tokenizer has a chat template; storage is writable. The first failure is a StageInputError naming the
+and the tokenizer has a chat template; storage is writable. With a win rate: its prompt file holds `samples`
+usable prompts, the reference answers file answers each of them, and the reference model loads as the model does.
+The first failure is a StageInputError naming the
 file, row or field (exit 2). Needs no torch: only the config and the tokenizer are loaded.
 """
 
@@ -13,7 +15,7 @@ import os
 
 from spa_workers import storage
 from spa_workers.contract import StageInputError, ValidateArgs
-from spa_workers.data import load_pairs, load_prompts
+from spa_workers.data import load_pairs, load_prompts, load_reference_answers
 from spa_workers.modeling import load_tokenizer, resolve_model
 from spa_workers.runner import StageWork, run_stage
 
@@ -56,7 +58,26 @@ def check(args: ValidateArgs) -> dict[str, int]:
     counts["prompts"] = prompts
     if args.heldout:
         counts["heldout_pairs"] = len(load_pairs(args.heldout))
-    _check_model(args.model)
+    if args.winrate_prompts:
+        counts.update(_check_win_rate_files(args))
+    # files first: they cost less to read than a tokenizer
+    for model in dict.fromkeys(m for m in (args.model, args.winrate_reference_model) if m):
+        _check_model(model)
+    return counts
+
+
+def _check_win_rate_files(args: ValidateArgs) -> dict[str, int]:
+    """The win rate's prompts and reference answers, read as evaluate reads them."""
+    uri = args.winrate_prompts
+    available = len(load_prompts(uri))  # type: ignore[arg-type]
+    if available < args.winrate_samples:
+        # evaluate would quietly judge fewer prompts than asked for
+        raise StageInputError(f"{uri}: has {available} prompts but the win rate needs {args.winrate_samples} "
+                              "(spec.evaluation.winRate.samples)")
+    used = args.winrate_samples or available
+    counts = {"winrate_prompts": used}
+    if args.winrate_reference_answers:
+        counts["winrate_reference_answers"] = len(load_reference_answers(args.winrate_reference_answers, used))
     return counts
 
 
