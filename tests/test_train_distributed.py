@@ -17,6 +17,7 @@ import pytest
 from safetensors.torch import load_file
 from spa_workers import contract, storage
 from spa_workers.data import read_records, write_jsonl
+from workerproc import run_worker
 
 pytestmark = pytest.mark.slow
 
@@ -69,18 +70,18 @@ def assert_same_run(a_dir: str, b_dir: str, tol: float = 5e-5) -> None:
 
 
 @pytest.fixture(scope="module")
-def single(base, worker, tmp_path_factory) -> str:
+def single(base, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("single") / "train")
-    proc = worker(*base, "--output", out)
+    proc = run_worker(*base, "--output", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 @pytest.fixture(scope="module")
-def fsdp(base, worker, tmp_path_factory) -> dict:
+def fsdp(base, tmp_path_factory) -> dict:
     out = str(tmp_path_factory.mktemp("fsdp") / "train")
     t0 = time.monotonic()
-    proc = worker(*base, "--processes", "2", "--output", out)
+    proc = run_worker(*base, "--processes", "2", "--output", out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"out": out, "stderr": proc.stderr, "wall_s": time.monotonic() - t0}
 

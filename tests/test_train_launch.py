@@ -136,3 +136,16 @@ def test_scratch_dir_from_the_environment(monkeypatch, tmp_path):
     a, b = checkpoints.scratch_dir("s3://b/run/iter-01/train"), checkpoints.scratch_dir("s3://b/run/iter-02/train")
     assert a.startswith(str(tmp_path)) and a != b
     assert a == checkpoints.scratch_dir("s3://b/run/iter-01/train")  # the same path on every node
+
+
+def test_training_loads_the_policy_in_its_stored_dtype_on_gpu(tiny, tmp_path, monkeypatch):
+    """bf16 stays bf16 on GPU (a 7B policy is 14.5 GB, not 29); CPU runs compute in float32."""
+    import torch
+    from spa_workers.modeling import load_model
+
+    bf16 = str(tmp_path / "bf16")
+    load_model(tiny["model"], dtype="bfloat16").save_pretrained(bf16)
+    assert load_model(bf16, dtype="auto").dtype == torch.float32  # this machine has no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert load_model(bf16, dtype="auto").dtype == torch.bfloat16
+    assert load_model(tiny["model"], dtype="auto").dtype == torch.float32  # stored in float32
