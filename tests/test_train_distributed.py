@@ -124,8 +124,8 @@ def test_lora_two_processes_run_ddp(base, worker, tmp_path):
 
 def test_killed_rank_fails_the_stage_and_the_rerun_resumes(base, fsdp, worker, tmp_path):
     """SIGKILL of rank 1 right after checkpoint 1: the launch exits non-zero promptly (no hang); the checkpoint
-    holds one model and one optimiser shard per rank; a rerun resumes from it and ends where the uninterrupted run
-    ended. Resuming the sharded checkpoint as one unsharded process is one clear error line."""
+    holds one model and one optimiser shard per rank; a rerun with 4 processes resumes from it (DCP reshards 2 → 4)
+    and ends where the uninterrupted run ended. Resuming it as one unsharded process is one clear error line."""
     out = str(tmp_path / "train")
     argv = [*base, "--processes", "2", "--output", out]
     t0 = time.monotonic()
@@ -146,9 +146,10 @@ def test_killed_rank_fails_the_stage_and_the_rerun_resumes(base, fsdp, worker, t
     assert single.returncode == contract.EXIT_BAD_INPUT
     assert "written with --strategy fsdp" in single.stderr.strip().splitlines()[-1]
 
-    resumed = worker(*argv)
+    resumed = worker(*base, "--processes", "4", "--output", out)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "(step 1)" in resumed.stderr and "step 1/" not in resumed.stderr
-    assert_fsdp_active(resumed.stderr)
+    assert len(re.findall(r"rank \d: fsdp policy: (\d+)/\1 parameters are DTensor shards", resumed.stderr)) == 4
     assert manifest(out)["counts"]["resumed_from_step"] == 1
+    assert manifest(out)["counts"]["processes"] == 4
     assert_same_run(fsdp["out"], out, tol=1e-6)
