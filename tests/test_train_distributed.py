@@ -11,7 +11,11 @@ import json
 import math
 import os
 import re
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -153,3 +157,29 @@ def test_killed_rank_fails_the_stage_and_the_rerun_resumes(base, fsdp, worker, t
     assert manifest(out)["counts"]["resumed_from_step"] == 1
     assert manifest(out)["counts"]["processes"] == 4
     assert_same_run(fsdp["out"], out, tol=1e-6)
+
+
+def test_two_nodes_meet_at_the_rendezvous_and_train_one_model(base, fsdp, tmp_path):
+    """Two "pods" of one process each (JOB_COMPLETION_INDEX 0 and 1, rendezvous at SPA_RENDEZVOUS_HOST:PORT as a
+    multi-node Job sets them) train one model together: the 2-process run's model, bit for bit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "train")
+    env = {**os.environ, "SPA_RENDEZVOUS_HOST": "127.0.0.1", "SPA_RENDEZVOUS_PORT": str(port)}
+    pods = [
+        subprocess.Popen(
+            [sys.executable, "-m", "spa_workers.cli", *base, "--nodes", "2", "--output", out],
+            env={**env, "JOB_COMPLETION_INDEX": str(index)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parent.parent,
+        )
+        for index in (1, 0)
+    ]
+    errs = [p.communicate(timeout=600)[1] for p in pods]
+    assert [p.returncode for p in pods] == [0, 0], errs[1][-3000:] + errs[0][-3000:]
+    assert "rank 1: fsdp policy" in errs[0] and "rank 0: fsdp policy" in errs[1]  # one rank per pod
+    assert manifest(out)["counts"]["processes"] == 2
+    assert_same_run(fsdp["out"], out, tol=1e-7)

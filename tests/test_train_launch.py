@@ -135,7 +135,9 @@ def test_scratch_dir_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(checkpoints.SCRATCH_ENV, str(tmp_path))
     a, b = checkpoints.scratch_dir("s3://b/run/iter-01/train"), checkpoints.scratch_dir("s3://b/run/iter-02/train")
     assert a.startswith(str(tmp_path)) and a != b
-    assert a == checkpoints.scratch_dir("s3://b/run/iter-01/train")  # the same path on every node
+    assert a == checkpoints.scratch_dir("s3://b/run/iter-01/train")  # the same path for every rank of a node
+    monkeypatch.setenv("GROUP_RANK", "1")
+    assert checkpoints.scratch_dir("s3://b/run/iter-01/train") != a  # another node
 
 
 def test_training_loads_the_policy_in_its_stored_dtype_on_gpu(tiny, tmp_path, monkeypatch):
