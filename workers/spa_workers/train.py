@@ -7,14 +7,20 @@
   when `--extrapolation` > 0.
 
 `--pairs` is a gold file (JSONL/Parquet) or a judge stage's output dir (`pairs.jsonl` of every finished
-shard). Outputs under the stage dir: `model/` (a plain HF model; a LoRA adapter is merged first),
-`train_log.jsonl` (one line per optimiser step). Checkpoints go to `<output>/checkpoints/checkpoint-<step>/`
-every `--save-steps` (model, optimizer, scheduler, RNG, trainer state, and `spa_state.json` with the margin
-window and the log so far), a `_COMPLETE` marker written last; a restarted stage resumes from the newest
-complete one. They are deleted once the manifest is written and are never part of it.
+shard). Outputs under the stage dir: `model/` (a plain HF model in the input model's dtype; a LoRA adapter is
+merged first; under FSDP/ZeRO-3 all ranks gather it and rank 0 writes), `train_log.jsonl` (one line per
+optimiser step).
 
-Test hook: with `SPA_TRAIN_STOP_AFTER_STEPS=N` in the environment the process exits abruptly (code 75, no
-cleanup, like a killed pod) right after the first checkpoint at or after step N has been stored.
+`--processes N --nodes M --strategy S`: more than one process in all → the stage re-runs itself under
+`accelerate launch` (launch.py); the optimiser batch is `--batch-size` exactly (micro-batch × accumulation ×
+processes). Checkpoints (checkpoints.py) every `--checkpoint-every-steps` / `--checkpoint-every-minutes`, sharded
+under FSDP, go to `<output>/checkpoints/checkpoint-<step>/` with a `_COMPLETE` marker written last; a restarted
+stage resumes from the newest complete one (FSDP: with any process count). They are deleted once the manifest is
+written and are never part of it.
+
+Test hooks: with `SPA_TRAIN_STOP_AFTER_STEPS=N` every process exits abruptly (code 75, no cleanup, like a killed
+pod) right after the first checkpoint at or after step N has been stored; with `SPA_TRAIN_STOP_RANK=R` as well,
+only rank R dies, by SIGKILL.
 """
 
 from __future__ import annotations
