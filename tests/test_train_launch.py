@@ -151,3 +151,13 @@ def test_training_loads_the_policy_in_its_stored_dtype_on_gpu(tiny, tmp_path, mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert load_model(bf16, dtype="auto").dtype == torch.bfloat16
     assert load_model(tiny["model"], dtype="auto").dtype == torch.float32  # stored in float32
+
+
+def test_policy_dtype_keeps_float32_where_adam_updates_the_stored_weights():
+    from spa_workers.train import policy_dtype
+
+    assert policy_dtype(lora=False, strategy="fsdp") == "auto"  # fp32 masters are FSDP's upcast shards
+    assert policy_dtype(lora=False, strategy="deepspeed") == "auto"  # ZeRO-3 keeps fp32 partitions
+    assert policy_dtype(lora=True, strategy="ddp") == "auto"  # the base is frozen
+    assert policy_dtype(lora=False, strategy="ddp") == "float32"
+    assert policy_dtype(lora=False, strategy="none") == "float32"

@@ -369,6 +369,14 @@ def _step_callback(trainer, cadence: checkpoints.Cadence):
     return StepLog()
 
 
+def policy_dtype(lora: bool, strategy: str) -> str:
+    """The dtype to load the policy in: as stored (bf16 on GPU, see modeling.load_model) where its stored weights
+    are not what Adam updates — a frozen LoRA base, FSDP (accelerate upcasts the shards to fp32 master weights under
+    bf16 mixed precision), ZeRO-3 (fp32 optimiser partitions) — else float32: DPO's 5e-7 learning rate moves a
+    weight by far less than bf16's resolution, so pure-bf16 updates would vanish."""
+    return "auto" if lora or strategy in ("fsdp", "deepspeed") else "float32"
+
+
 def make_trainer(
     args: TrainArgs,
     rows: list[dict[str, Any]],
@@ -387,10 +395,11 @@ def make_trainer(
     cuda = torch.cuda.is_available()
     per_device, accum = launch.batch_geometry(args.batch_size, args.per_device_batch_size, processes)
     tokenizer = modeling.load_tokenizer(args.model)
-    model = modeling.load_model(args.model, dtype="auto")
+    strategy = launch.active_strategy() if processes > 1 else "none"
+    model = modeling.load_model(args.model, dtype=policy_dtype(args.lora_r > 0, strategy))
     ref_model = None
-    if args.reference and args.reference != args.model:
-        ref_model = modeling.load_model(args.reference, dtype=str(model.dtype).removeprefix("torch."))
+    if args.lora_r == 0:  # frozen: as stored (bf16 on GPU) whatever the policy's dtype; LoRA turns the adapter off
+        ref_model = modeling.load_model(args.reference or args.model, dtype="auto")
     peft_config = None
     if args.lora_r > 0:
         from peft import LoraConfig
@@ -736,6 +745,7 @@ __all__ = [
     "Refinement",
     "load_training_pairs",
     "make_trainer",
+    "policy_dtype",
     "run",
     "sharding_report",
     "trainer_class",
