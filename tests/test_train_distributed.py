@@ -105,6 +105,8 @@ def test_fsdp_two_processes_shard_and_match_one_process(fsdp, single, tiny):
     assert argv_value(m, "--strategy") == "fsdp"
     assert "model/model.safetensors" in m["files"]
     assert not os.path.exists(os.path.join(fsdp["out"], contract.CHECKPOINT_SUBDIR))
+    uploads = dict(re.findall(r"rank (\d): uploaded (\d+) checkpoint files", fsdp["stderr"]))
+    assert uploads.keys() == {"0", "1"} and all(int(n) > 0 for n in uploads.values())  # both ranks uploaded
     assert_same_run(single, fsdp["out"])
     w, sft = weights(fsdp["out"]), load_file(os.path.join(tiny["model"], "model.safetensors"))
     assert any(float((w[k] - sft[k]).abs().max()) > 1e-4 for k in w)  # it trained
