@@ -161,3 +161,24 @@ def test_policy_dtype_keeps_float32_where_adam_updates_the_stored_weights():
     assert policy_dtype(lora=True, strategy="ddp") == "auto"  # the base is frozen
     assert policy_dtype(lora=False, strategy="ddp") == "float32"
     assert policy_dtype(lora=False, strategy="none") == "float32"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "{tmp}/no-model"], "no-model: not found (no config.json)"),
+        (["--batch-size", "5"], "--batch-size 5 is not a multiple of 2 processes"),
+        (["--strategy", "megatron"], "--strategy megatron: must be one of"),
+    ],
+)
+def test_bad_multi_process_input_fails_before_the_launch(tiny, tmp_path, extra, message):
+    """One clear line and exit 2 from the single process, not a launcher's generic failure from every rank."""
+    from spa_workers.contract import EXIT_BAD_INPUT
+    from workerproc import run_worker
+
+    argv = ["train", "--model", tiny["model"], "--pairs", tiny["seed"], "--output", str(tmp_path / "out"),
+            "--processes", "2", *(x.replace("{tmp}", str(tmp_path)) for x in extra)]
+    proc = run_worker(*argv)
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert "launching" not in proc.stderr

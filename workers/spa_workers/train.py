@@ -68,8 +68,12 @@ class Refinement:
 
 def run(args: TrainArgs) -> int:
     if launch.needs_launch(args) and not storage.exists(storage.join(args.output, contract.MANIFEST)):
-        load_training_pairs(args.pairs)  # bad input fails here, in one process, with its own exit code
+        # Bad input fails here, in one process, with its own exit code (the launcher would turn a rank's into 1);
+        # remote models are fetched once, here, for all the ranks of this node.
+        load_training_pairs(args.pairs)
         launch.batch_geometry(args.batch_size, args.per_device_batch_size, launch.world_size(args))
+        for uri in {args.model, args.reference or args.model}:
+            modeling.resolve_model(uri)
         launch.exec_launcher(args)  # does not return
     return runner.run_stage(args, lambda work: _train(args, work))
 
