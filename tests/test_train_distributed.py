@@ -114,12 +114,14 @@ def test_fsdp_two_processes_shard_and_match_one_process(fsdp, single, tiny):
 
 
 def test_lora_two_processes_run_ddp(base, worker, tmp_path):
-    """LoRA → DDP (auto); the reference is the adapter-off model on both ranks; the merged model is saved."""
-    argv = [*base, "--lora-r", "4", "--checkpoint-every-steps", "0"]
+    """LoRA → DDP (auto); the reference is the adapter-off model on both ranks; the merged model is saved.
+    Checkpoints by time (a tiny interval: after step 1; rank 0's clock decides for both ranks)."""
+    argv = [*base, "--lora-r", "4", "--checkpoint-every-steps", "0", "--checkpoint-every-minutes", "1e-6"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     for out, extra in ((one, []), (two, ["--processes", "2"])):
         proc = worker(*argv, *extra, "--output", out)
         assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "checkpoint 1 stored" in proc.stderr
     assert "DTensor" not in proc.stderr  # DDP keeps whole replicas
     m = manifest(two)
     assert argv_value(m, "--strategy") == "ddp" and m["counts"]["processes"] == 2
