@@ -653,6 +653,8 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
             }
             checkpoints.finish_checkpoint(ckpt_root, step, spa_state)
             print(f"{args.stage}: checkpoint {step} stored in {time.time() - t0:.1f}s", file=sys.stderr)
+        if state.is_local_main_process:  # stored: the scratch volume need not hold it any longer
+            shutil.rmtree(local_dir, ignore_errors=True)
         if world > 1:
             print(f"{args.stage}: rank {state.process_index}: uploaded {uploaded} checkpoint files", file=sys.stderr)
         acc.wait_for_everyone()
