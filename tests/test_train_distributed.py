@@ -134,15 +134,18 @@ def test_killed_rank_fails_the_stage_and_the_rerun_resumes(base, fsdp, worker, t
     """SIGKILL of rank 1 right after checkpoint 1: the launch exits non-zero promptly (no hang); the checkpoint
     holds one model and one optimiser shard per rank; a rerun with 4 processes resumes from it (DCP reshards 2 → 4)
     and ends where the uninterrupted run ended. Resuming it as one unsharded process is one clear error line."""
-    out = str(tmp_path / "train")
+    out, scratch = str(tmp_path / "train"), tmp_path / "scratch"
+    scratch.mkdir()
+    env = {"SPA_SCRATCH_DIR": str(scratch)}
     argv = [*base, "--processes", "2", "--output", out]
     t0 = time.monotonic()
-    killed = worker(*argv, env={"SPA_TRAIN_STOP_AFTER_STEPS": "1", "SPA_TRAIN_STOP_RANK": "1"}, timeout=300)
+    killed = worker(*argv, env={**env, "SPA_TRAIN_STOP_AFTER_STEPS": "1", "SPA_TRAIN_STOP_RANK": "1"}, timeout=300)
     failed_after = time.monotonic() - t0
     assert killed.returncode != 0, killed.stderr[-3000:]
     assert "killing rank 1 after checkpoint 1" in killed.stderr
     assert failed_after < fsdp["wall_s"] + 60  # the survivor was stopped, not left waiting for its peer
     assert not storage.exists(storage.join(out, contract.MANIFEST))
+    assert [p.name.endswith("-node0") for p in scratch.iterdir()] == [True]  # the local files went there
     ckpt = storage.join(out, contract.CHECKPOINT_SUBDIR, "checkpoint-1")
     files = storage.list_files(ckpt)
     assert "_COMPLETE" in files and "spa_state.json" in files
@@ -150,16 +153,17 @@ def test_killed_rank_fails_the_stage_and_the_rerun_resumes(base, fsdp, worker, t
         assert {f for f in files if f.startswith(kind + "/") and f.endswith(".distcp")} == {
             f"{kind}/__0_0.distcp", f"{kind}/__1_0.distcp"}, files
 
-    single = worker(*base, "--output", out)  # 1 process: no FSDP to load the shards into
+    single = worker(*base, "--output", out, env=env)  # 1 process: no FSDP to load the shards into
     assert single.returncode == contract.EXIT_BAD_INPUT
     assert "written with --strategy fsdp" in single.stderr.strip().splitlines()[-1]
 
-    resumed = worker(*base, "--processes", "4", "--output", out)
+    resumed = worker(*base, "--processes", "4", "--output", out, env=env)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "(step 1)" in resumed.stderr and "step 1/" not in resumed.stderr
     assert len(re.findall(r"rank \d: fsdp policy: (\d+)/\1 parameters are DTensor shards", resumed.stderr)) == 4
     assert manifest(out)["counts"]["resumed_from_step"] == 1
     assert manifest(out)["counts"]["processes"] == 4
+    assert list(scratch.iterdir()) == []  # cleaned up
     assert_same_run(fsdp["out"], out, tol=1e-6)
 
 
