@@ -11,12 +11,17 @@ import json
 import math
 import os
 import re
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 from spa_workers import contract, storage
 from spa_workers.data import read_records, write_jsonl
+from workerproc import run_worker
 
 pytestmark = pytest.mark.slow
 
@@ -69,18 +74,18 @@ def assert_same_run(a_dir: str, b_dir: str, tol: float = 5e-5) -> None:
 
 
 @pytest.fixture(scope="module")
-def single(base, worker, tmp_path_factory) -> str:
+def single(base, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("single") / "train")
-    proc = worker(*base, "--output", out)
+    proc = run_worker(*base, "--output", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 @pytest.fixture(scope="module")
-def fsdp(base, worker, tmp_path_factory) -> dict:
+def fsdp(base, tmp_path_factory) -> dict:
     out = str(tmp_path_factory.mktemp("fsdp") / "train")
     t0 = time.monotonic()
-    proc = worker(*base, "--processes", "2", "--output", out)
+    proc = run_worker(*base, "--processes", "2", "--output", out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"out": out, "stderr": proc.stderr, "wall_s": time.monotonic() - t0}
 
@@ -100,6 +105,8 @@ def test_fsdp_two_processes_shard_and_match_one_process(fsdp, single, tiny):
     assert argv_value(m, "--strategy") == "fsdp"
     assert "model/model.safetensors" in m["files"]
     assert not os.path.exists(os.path.join(fsdp["out"], contract.CHECKPOINT_SUBDIR))
+    uploads = dict(re.findall(r"rank (\d): uploaded (\d+) checkpoint files", fsdp["stderr"]))
+    assert uploads.keys() == {"0", "1"} and all(int(n) > 0 for n in uploads.values())  # both ranks uploaded
     assert_same_run(single, fsdp["out"])
     w, sft = weights(fsdp["out"]), load_file(os.path.join(tiny["model"], "model.safetensors"))
     assert any(float((w[k] - sft[k]).abs().max()) > 1e-4 for k in w)  # it trained
@@ -107,12 +114,14 @@ def test_fsdp_two_processes_shard_and_match_one_process(fsdp, single, tiny):
 
 
 def test_lora_two_processes_run_ddp(base, worker, tmp_path):
-    """LoRA → DDP (auto); the reference is the adapter-off model on both ranks; the merged model is saved."""
-    argv = [*base, "--lora-r", "4", "--checkpoint-every-steps", "0"]
+    """LoRA → DDP (auto); the reference is the adapter-off model on both ranks; the merged model is saved.
+    Checkpoints by time (a tiny interval: after step 1; rank 0's clock decides for both ranks)."""
+    argv = [*base, "--lora-r", "4", "--checkpoint-every-steps", "0", "--checkpoint-every-minutes", "1e-6"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     for out, extra in ((one, []), (two, ["--processes", "2"])):
         proc = worker(*argv, *extra, "--output", out)
         assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "checkpoint 1 stored" in proc.stderr
     assert "DTensor" not in proc.stderr  # DDP keeps whole replicas
     m = manifest(two)
     assert argv_value(m, "--strategy") == "ddp" and m["counts"]["processes"] == 2
@@ -123,17 +132,20 @@ def test_lora_two_processes_run_ddp(base, worker, tmp_path):
 
 def test_killed_rank_fails_the_stage_and_the_rerun_resumes(base, fsdp, worker, tmp_path):
     """SIGKILL of rank 1 right after checkpoint 1: the launch exits non-zero promptly (no hang); the checkpoint
-    holds one model and one optimiser shard per rank; a rerun resumes from it and ends where the uninterrupted run
-    ended. Resuming the sharded checkpoint as one unsharded process is one clear error line."""
-    out = str(tmp_path / "train")
+    holds one model and one optimiser shard per rank; a rerun with 4 processes resumes from it (DCP reshards 2 → 4)
+    and ends where the uninterrupted run ended. Resuming it as one unsharded process is one clear error line."""
+    out, scratch = str(tmp_path / "train"), tmp_path / "scratch"
+    scratch.mkdir()
+    env = {"SPA_SCRATCH_DIR": str(scratch)}
     argv = [*base, "--processes", "2", "--output", out]
     t0 = time.monotonic()
-    killed = worker(*argv, env={"SPA_TRAIN_STOP_AFTER_STEPS": "1", "SPA_TRAIN_STOP_RANK": "1"}, timeout=300)
+    killed = worker(*argv, env={**env, "SPA_TRAIN_STOP_AFTER_STEPS": "1", "SPA_TRAIN_STOP_RANK": "1"}, timeout=300)
     failed_after = time.monotonic() - t0
     assert killed.returncode != 0, killed.stderr[-3000:]
     assert "killing rank 1 after checkpoint 1" in killed.stderr
     assert failed_after < fsdp["wall_s"] + 60  # the survivor was stopped, not left waiting for its peer
     assert not storage.exists(storage.join(out, contract.MANIFEST))
+    assert [p.name.endswith("-node0") for p in scratch.iterdir()] == [True]  # the local files went there
     ckpt = storage.join(out, contract.CHECKPOINT_SUBDIR, "checkpoint-1")
     files = storage.list_files(ckpt)
     assert "_COMPLETE" in files and "spa_state.json" in files
@@ -141,13 +153,41 @@ def test_killed_rank_fails_the_stage_and_the_rerun_resumes(base, fsdp, worker, t
         assert {f for f in files if f.startswith(kind + "/") and f.endswith(".distcp")} == {
             f"{kind}/__0_0.distcp", f"{kind}/__1_0.distcp"}, files
 
-    single = worker(*base, "--output", out)  # 1 process: no FSDP to load the shards into
+    single = worker(*base, "--output", out, env=env)  # 1 process: no FSDP to load the shards into
     assert single.returncode == contract.EXIT_BAD_INPUT
     assert "written with --strategy fsdp" in single.stderr.strip().splitlines()[-1]
 
-    resumed = worker(*argv)
+    resumed = worker(*base, "--processes", "4", "--output", out, env=env)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "(step 1)" in resumed.stderr and "step 1/" not in resumed.stderr
-    assert_fsdp_active(resumed.stderr)
+    assert len(re.findall(r"rank \d: fsdp policy: (\d+)/\1 parameters are DTensor shards", resumed.stderr)) == 4
     assert manifest(out)["counts"]["resumed_from_step"] == 1
+    assert manifest(out)["counts"]["processes"] == 4
+    assert list(scratch.iterdir()) == []  # cleaned up
     assert_same_run(fsdp["out"], out, tol=1e-6)
+
+
+def test_two_nodes_meet_at_the_rendezvous_and_train_one_model(base, fsdp, tmp_path):
+    """Two "pods" of one process each (JOB_COMPLETION_INDEX 0 and 1, rendezvous at SPA_RENDEZVOUS_HOST:PORT as a
+    multi-node Job sets them) train one model together: the 2-process run's model, bit for bit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "train")
+    env = {**os.environ, "SPA_RENDEZVOUS_HOST": "127.0.0.1", "SPA_RENDEZVOUS_PORT": str(port)}
+    pods = [
+        subprocess.Popen(
+            [sys.executable, "-m", "spa_workers.cli", *base, "--nodes", "2", "--output", out],
+            env={**env, "JOB_COMPLETION_INDEX": str(index)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parent.parent,
+        )
+        for index in (1, 0)
+    ]
+    errs = [p.communicate(timeout=600)[1] for p in pods]
+    assert [p.returncode for p in pods] == [0, 0], errs[1][-3000:] + errs[0][-3000:]
+    assert "rank 1: fsdp policy" in errs[0] and "rank 0: fsdp policy" in errs[1]  # one rank per pod
+    assert manifest(out)["counts"]["processes"] == 2
+    assert_same_run(fsdp["out"], out, tol=1e-7)

@@ -135,4 +135,50 @@ def test_scratch_dir_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(checkpoints.SCRATCH_ENV, str(tmp_path))
     a, b = checkpoints.scratch_dir("s3://b/run/iter-01/train"), checkpoints.scratch_dir("s3://b/run/iter-02/train")
     assert a.startswith(str(tmp_path)) and a != b
-    assert a == checkpoints.scratch_dir("s3://b/run/iter-01/train")  # the same path on every node
+    assert a == checkpoints.scratch_dir("s3://b/run/iter-01/train")  # the same path for every rank of a node
+    monkeypatch.setenv("GROUP_RANK", "1")
+    assert checkpoints.scratch_dir("s3://b/run/iter-01/train") != a  # another node
+
+
+def test_training_loads_the_policy_in_its_stored_dtype_on_gpu(tiny, tmp_path, monkeypatch):
+    """bf16 stays bf16 on GPU (a 7B policy is 14.5 GB, not 29); CPU runs compute in float32."""
+    import torch
+    from spa_workers.modeling import load_model
+
+    bf16 = str(tmp_path / "bf16")
+    load_model(tiny["model"], dtype="bfloat16").save_pretrained(bf16)
+    assert load_model(bf16, dtype="auto").dtype == torch.float32  # this machine has no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert load_model(bf16, dtype="auto").dtype == torch.bfloat16
+    assert load_model(tiny["model"], dtype="auto").dtype == torch.float32  # stored in float32
+
+
+def test_policy_dtype_keeps_float32_where_adam_updates_the_stored_weights():
+    from spa_workers.train import policy_dtype
+
+    assert policy_dtype(lora=False, strategy="fsdp") == "auto"  # fp32 masters are FSDP's upcast shards
+    assert policy_dtype(lora=False, strategy="deepspeed") == "auto"  # ZeRO-3 keeps fp32 partitions
+    assert policy_dtype(lora=True, strategy="ddp") == "auto"  # the base is frozen
+    assert policy_dtype(lora=False, strategy="ddp") == "float32"
+    assert policy_dtype(lora=False, strategy="none") == "float32"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "{tmp}/no-model"], "no-model: not found (no config.json)"),
+        (["--batch-size", "5"], "--batch-size 5 is not a multiple of 2 processes"),
+        (["--strategy", "megatron"], "--strategy megatron: must be one of"),
+    ],
+)
+def test_bad_multi_process_input_fails_before_the_launch(tiny, tmp_path, extra, message):
+    """One clear line and exit 2 from the single process, not a launcher's generic failure from every rank."""
+    from spa_workers.contract import EXIT_BAD_INPUT
+    from workerproc import run_worker
+
+    argv = ["train", "--model", tiny["model"], "--pairs", tiny["seed"], "--output", str(tmp_path / "out"),
+            "--processes", "2", *(x.replace("{tmp}", str(tmp_path)) for x in extra)]
+    proc = run_worker(*argv)
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert "launching" not in proc.stderr

@@ -31,9 +31,11 @@ SCRATCH_ENV = "SPA_SCRATCH_DIR"
 
 
 def scratch_dir(output: str) -> str:
-    """This node's local scratch dir for a stage: the same path on every node, distinct per stage output."""
+    """This node's local scratch dir for a stage, distinct per stage output and per node (GROUP_RANK, set by
+    torchrun): "nodes" that share one filesystem, as in a local emulation, must not write into each other's."""
     root = os.environ.get(SCRATCH_ENV) or tempfile.gettempdir()
-    return os.path.join(root, "spa-train-" + hashlib.sha256(output.encode()).hexdigest()[:16])
+    key = hashlib.sha256(output.encode()).hexdigest()[:16]
+    return os.path.join(root, f"spa-train-{key}-node{os.environ.get('GROUP_RANK', '0')}")
 
 
 def delete_checkpoint(uri: str) -> None:

@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from spa_workers.contract import StageInputError, TrainArgs
 
-STRATEGIES = ("auto", "fsdp", "deepspeed", "ddp", "none")
+STRATEGIES = ("auto", "fsdp", "deepspeed", "ddp")
 RENDEZVOUS_HOST_ENV = "SPA_RENDEZVOUS_HOST"
 RENDEZVOUS_PORT_ENV = "SPA_RENDEZVOUS_PORT"
 NODE_RANK_ENV = "JOB_COMPLETION_INDEX"
@@ -52,8 +52,6 @@ def resolve_strategy(args: TrainArgs, cuda: bool) -> str:
     strategy = args.strategy
     if strategy == "auto":
         strategy = "ddp" if args.lora_r > 0 else "fsdp"
-    if strategy == "none":
-        raise StageInputError(f"--strategy none: {world_size(args)} processes need fsdp, deepspeed or ddp")
     if strategy in ("fsdp", "deepspeed") and args.lora_r > 0:
         raise StageInputError(f"--strategy {strategy} with --lora-r {args.lora_r}: LoRA training runs with ddp")
     if strategy == "deepspeed" and not cuda:

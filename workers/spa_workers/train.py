@@ -7,14 +7,20 @@
   when `--extrapolation` > 0.
 
 `--pairs` is a gold file (JSONL/Parquet) or a judge stage's output dir (`pairs.jsonl` of every finished
-shard). Outputs under the stage dir: `model/` (a plain HF model; a LoRA adapter is merged first),
-`train_log.jsonl` (one line per optimiser step). Checkpoints go to `<output>/checkpoints/checkpoint-<step>/`
-every `--save-steps` (model, optimizer, scheduler, RNG, trainer state, and `spa_state.json` with the margin
-window and the log so far), a `_COMPLETE` marker written last; a restarted stage resumes from the newest
-complete one. They are deleted once the manifest is written and are never part of it.
+shard). Outputs under the stage dir: `model/` (a plain HF model in the input model's dtype; a LoRA adapter is
+merged first; under FSDP/ZeRO-3 all ranks gather it and rank 0 writes), `train_log.jsonl` (one line per
+optimiser step).
 
-Test hook: with `SPA_TRAIN_STOP_AFTER_STEPS=N` in the environment the process exits abruptly (code 75, no
-cleanup, like a killed pod) right after the first checkpoint at or after step N has been stored.
+`--processes N --nodes M --strategy S`: more than one process in all → the stage re-runs itself under
+`accelerate launch` (launch.py); the optimiser batch is `--batch-size` exactly (micro-batch × accumulation ×
+processes). Checkpoints (checkpoints.py) every `--checkpoint-every-steps` / `--checkpoint-every-minutes`, sharded
+under FSDP, go to `<output>/checkpoints/checkpoint-<step>/` with a `_COMPLETE` marker written last; a restarted
+stage resumes from the newest complete one (FSDP: with any process count). They are deleted once the manifest is
+written and are never part of it.
+
+Test hooks: with `SPA_TRAIN_STOP_AFTER_STEPS=N` every process exits abruptly (code 75, no cleanup, like a killed
+pod) right after the first checkpoint at or after step N has been stored; with `SPA_TRAIN_STOP_RANK=R` as well,
+only rank R dies, by SIGKILL.
 """
 
 from __future__ import annotations
@@ -62,8 +68,12 @@ class Refinement:
 
 def run(args: TrainArgs) -> int:
     if launch.needs_launch(args) and not storage.exists(storage.join(args.output, contract.MANIFEST)):
-        load_training_pairs(args.pairs)  # bad input fails here, in one process, with its own exit code
+        # Bad input fails here, in one process, with its own exit code (the launcher would turn a rank's into 1);
+        # remote models are fetched once, here, for all the ranks of this node.
+        load_training_pairs(args.pairs)
         launch.batch_geometry(args.batch_size, args.per_device_batch_size, launch.world_size(args))
+        for uri in {args.model, args.reference or args.model}:
+            modeling.resolve_model(uri)
         launch.exec_launcher(args)  # does not return
     return runner.run_stage(args, lambda work: _train(args, work))
 
@@ -363,6 +373,14 @@ def _step_callback(trainer, cadence: checkpoints.Cadence):
     return StepLog()
 
 
+def policy_dtype(lora: bool, strategy: str) -> str:
+    """The dtype to load the policy in: as stored (bf16 on GPU, see modeling.load_model) where its stored weights
+    are not what Adam updates — a frozen LoRA base, FSDP (accelerate upcasts the shards to fp32 master weights under
+    bf16 mixed precision), ZeRO-3 (fp32 optimiser partitions) — else float32: DPO's 5e-7 learning rate moves a
+    weight by far less than bf16's resolution, so pure-bf16 updates would vanish."""
+    return "auto" if lora or strategy in ("fsdp", "deepspeed") else "float32"
+
+
 def make_trainer(
     args: TrainArgs,
     rows: list[dict[str, Any]],
@@ -381,10 +399,11 @@ def make_trainer(
     cuda = torch.cuda.is_available()
     per_device, accum = launch.batch_geometry(args.batch_size, args.per_device_batch_size, processes)
     tokenizer = modeling.load_tokenizer(args.model)
-    model = modeling.load_model(args.model, dtype="auto")
+    strategy = launch.active_strategy() if processes > 1 else "none"
+    model = modeling.load_model(args.model, dtype=policy_dtype(args.lora_r > 0, strategy))
     ref_model = None
-    if args.reference and args.reference != args.model:
-        ref_model = modeling.load_model(args.reference, dtype=str(model.dtype).removeprefix("torch."))
+    if args.lora_r == 0:  # frozen: as stored (bf16 on GPU) whatever the policy's dtype; LoRA turns the adapter off
+        ref_model = modeling.load_model(args.reference or args.model, dtype="auto")
     peft_config = None
     if args.lora_r > 0:
         from peft import LoraConfig
@@ -634,6 +653,8 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
             }
             checkpoints.finish_checkpoint(ckpt_root, step, spa_state)
             print(f"{args.stage}: checkpoint {step} stored in {time.time() - t0:.1f}s", file=sys.stderr)
+        if state.is_local_main_process:  # stored: the scratch volume need not hold it any longer
+            shutil.rmtree(local_dir, ignore_errors=True)
         if world > 1:
             print(f"{args.stage}: rank {state.process_index}: uploaded {uploaded} checkpoint files", file=sys.stderr)
         acc.wait_for_everyone()
@@ -730,6 +751,7 @@ __all__ = [
     "Refinement",
     "load_training_pairs",
     "make_trainer",
+    "policy_dtype",
     "run",
     "sharding_report",
     "trainer_class",
