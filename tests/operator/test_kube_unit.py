@@ -153,7 +153,8 @@ async def test_api_client_sends_the_configured_token_and_maps_answers():
         status = answers[request.method].pop(0)
         data = {"data": {"key": base64.b64encode(b"value").decode()},
                 "metadata": {"ownerReferences": [{"uid": "u1", "controller": True}]}} if status == 200 \
-            else {"message": "echo"}
+            else {"message": "echo", "details": {"causes": [
+                {"field": "spec.template.spec.containers[0].image", "message": "echo"}]}}
         return web.json_response(data, status=status)
 
     app = web.Application()
@@ -176,7 +177,9 @@ async def test_api_client_sends_the_configured_token_and_maps_answers():
         with pytest.raises(kube.ApiError) as err:
             await api.create(job)
         assert err.value.status == 422 and "echo" not in str(err.value)
-        assert kube.api_error(err.value) == "API error 422: Unprocessable Entity"
+        # A 422 names the field the API server refused (issue 10, #11), never its message or value.
+        assert kube.api_error(err.value) == \
+            "API error 422: Unprocessable Entity (spec.template.spec.containers[0].image)"
         assert await api.read_secret("ns", "missing") is None
         assert await api.read_secret("ns", "creds") == {"key": "value"}
         assert await api.read_secret("ns", "../../other/secrets/aws") is None
@@ -211,3 +214,20 @@ def test_lean_diff_base_equals_kopfs_own_for_runs_and_is_empty_for_jobs():
     assert "status" not in lean.build(body=kopf.Body(run))
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"}, "spec": {"template": {}}}
     assert lean.build(body=kopf.Body(job)) == {}
+
+
+def test_rotated_credentials_replace_the_client_instead_of_adding_one():
+    """Failure 6: one boto3 client (~12 MiB) per credential set was kept forever, so ~40 rotations of an STS session
+    token outgrew the chart's memory limit. A rotation now replaces its Secret's client; clients are bounded."""
+    from spa_operator.runstore import ClientCache
+
+    cache = ClientCache(limit=2)
+    stores = [cache.store("http://127.0.0.1:9", "us-east-1", {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                                                             "AWS_SESSION_TOKEN": f"token-{i}"}, "creds")
+              for i in range(5)]
+    assert len(cache) == 1
+    assert stores[-1].client is cache.store("http://127.0.0.1:9", "us-east-1", {
+        "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "token-4"}, "creds").client
+    for i in range(3):  # many Secrets: the least recently used clients go
+        cache.store("http://127.0.0.1:9", "us-east-1", None, f"secret-{i}")
+    assert len(cache) == 2
