@@ -28,7 +28,9 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,6 +40,7 @@ from spa_workers.storage import StorageError
 
 from spa_operator import crd, jobs, reconcile
 from spa_operator.kubeapi import ApiError, KubeApi, api_error
+from spa_operator.lease import LeaseElector
 from spa_operator.metrics import Metrics
 from spa_operator.planner import PlannedStage, stage_graph
 from spa_operator.reconcile import JobView, PodView
@@ -73,7 +76,9 @@ class Config:
     pending_timeout_s: float | None = None
     queued_timeout_s: float | None = None  # the same for a Job Kueue has not admitted; None: never
     allowed_images: tuple[str, ...] = ()  # prefixes a run's own worker images must start with; empty: any
-    peering: str | None = None  # kopf peering name: one replica acts at a time; None: standalone
+    # "namespace/name" of a coordination.k8s.io Lease: only the replica holding it acts (see lease.py); None: off.
+    lease: str | None = None
+    identity: str = dataclasses.field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Config:
@@ -88,7 +93,8 @@ class Config:
                   pending_timeout_s=float(env["SPA_PENDING_TIMEOUT_S"]) if env.get("SPA_PENDING_TIMEOUT_S") else None,
                   queued_timeout_s=float(env["SPA_QUEUED_TIMEOUT_S"]) if env.get("SPA_QUEUED_TIMEOUT_S") else None,
                   allowed_images=tuple(i for i in env.get("SPA_ALLOWED_IMAGES", "").split(",") if i.strip()),
-                  peering=env.get("SPA_PEERING") or None)
+                  lease=env.get("SPA_LEASE") or None,
+                  **({"identity": env["POD_NAME"]} if env.get("POD_NAME") else {}))
         return dataclasses.replace(cfg, **overrides)
 
 
@@ -649,12 +655,27 @@ async def run_operator(cfg: Config, stop_flag: Any = None, ready_flag: Any = Non
     kopf cancels every task of the loop when it stops: give it a loop of its own (tests run it in a thread).
     """
     ctl = controller or make_controller(cfg)
-    # Peering: with a peering name, replicas see each other through a KopfPeering object and only the one with the
-    # highest priority acts (the others pause), so two replicas never act on one run.
-    peering: dict[str, Any] = {"standalone": True} if cfg.peering is None else {
-        "peering_name": cfg.peering, "priority": int(os.environ.get("SPA_PEERING_PRIORITY", 0))}
-    await kopf.operator(clusterwide=not cfg.namespaces, namespaces=cfg.namespaces, stop_flag=stop_flag,
-                        ready_flag=ready_flag, memo=kopf.Memo(controller=ctl), **peering)
+    stop = stop_flag if stop_flag is not None else asyncio.Event()
+    elector = None
+    if cfg.lease:
+        namespace, _, name = cfg.lease.partition("/")
+        elector = LeaseElector(ctl.api, namespace, name, cfg.identity)
+        await elector.acquire()
+    operator = asyncio.ensure_future(kopf.operator(
+        clusterwide=not cfg.namespaces, namespaces=cfg.namespaces, standalone=True, stop_flag=stop,
+        ready_flag=ready_flag, memo=kopf.Memo(controller=ctl)))
+    if elector is None:
+        await operator
+        return
+    holder = asyncio.ensure_future(elector.hold())
+    await asyncio.wait({operator, holder}, return_when=asyncio.FIRST_COMPLETED)
+    if not holder.done():
+        holder.cancel()
+        operator.result()
+        return
+    stop.set()  # the Lease is lost: another replica may act now, so this one stops
+    await operator
+    holder.result()  # raises LeaseLost: the process exits non-zero and its pod restarts as a candidate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,6 +122,10 @@ class Emulator(kmock.KubernetesEmulator):
             return None
         old = self.objects[key].raw
         data = copy.deepcopy(request.data)
+        sent_rv = data.get("metadata", {}).get("resourceVersion") if isinstance(data, dict) else None
+        if sent_rv and sent_rv != old.get("metadata", {}).get("resourceVersion"):
+            # A resourceVersion in an update or patch is a precondition, as the API server checks it.
+            raise kmock.KubernetesError(status=409, reason="Conflict", message="the object has been modified")
         if isinstance(data, list):  # JSON patch (kopf uses it for finalizers, with a resourceVersion test)
             for op in data:
                 if op.get("op") == "test" and jsonpointer.resolve_pointer(old, op["path"], None) != op.get("value"):
@@ -147,6 +151,7 @@ def register(emulator: kmock.KubernetesEmulator) -> None:
     emulator.resources[JOBS] = info(kind="Job", namespaced=True, verbs=VERBS, subresources={"status"})
     emulator.resources["v1/events"] = info(kind="Event", namespaced=True, verbs=VERBS)
     emulator.resources["v1/secrets"] = info(kind="Secret", namespaced=True, verbs=VERBS)
+    emulator.resources["coordination.k8s.io/v1/leases"] = info(kind="Lease", namespaced=True, verbs=VERBS)
     emulator.resources["v1/pods"] = info(kind="Pod", namespaced=True, verbs=VERBS, subresources={"status"})
     emulator.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs=VERBS)
 

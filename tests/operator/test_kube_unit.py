@@ -231,3 +231,32 @@ def test_rotated_credentials_replace_the_client_instead_of_adding_one():
     for i in range(3):  # many Secrets: the least recently used clients go
         cache.store("http://127.0.0.1:9", "us-east-1", None, f"secret-{i}")
     assert len(cache) == 2
+
+
+@pytest.mark.asyncio
+async def test_only_the_lease_holder_acts_and_a_silent_holder_is_replaced(cluster):
+    """Two replicas never act on one run: the operator acts only while it holds a Lease. A second candidate waits;
+    when the holder stops renewing, the candidate takes over only after the Lease's duration, and the old holder,
+    unable to renew, gives up (LeaseLost) before that."""
+    import asyncio
+
+    from spa_operator.lease import LeaseElector, LeaseLost
+
+    apis = [kube.make_controller(kube.Config(server=cluster.url, metrics_port=None)).api for _ in range(2)]
+    a, b = (LeaseElector(api, "ns", "spa-operator", who, duration_s=1.5, renew_s=0.3)
+            for api, who in zip(apis, ("a", "b"), strict=True))
+    try:
+        assert await a.try_acquire() and not await b.try_acquire()
+        assert await a.try_acquire()  # renewing its own
+        holding = asyncio.ensure_future(a.hold())
+        await asyncio.sleep(1.0)
+        assert not await b.try_acquire()  # kept renewed
+        holding.cancel()
+        t0 = asyncio.get_running_loop().time()
+        await b.acquire()
+        assert asyncio.get_running_loop().time() - t0 >= 1.2  # not before the Lease ran out
+        with pytest.raises(LeaseLost):
+            await asyncio.wait_for(a.hold(), 5)
+    finally:
+        for api in apis:
+            await api.close()
