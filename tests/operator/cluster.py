@@ -261,6 +261,7 @@ class Harness:
     instant: bool = False  # complete every Job without running anything (benchmark)...
     instant_after: Callable[[], float] | None = None  # ...after this many seconds (default: at once)
     on_instant: Callable[[dict[str, Any]], None] | None = None
+    instant_pods: bool = False  # ...with a pod object each (Running, then Succeeded), as a cluster has
     before_finish: Callable[[dict[str, Any]], Any] | None = None  # awaited before a Job's final status is written
     max_pods: int = 2
     logdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="harness-")))
@@ -402,10 +403,13 @@ class Harness:
             await r.read()
 
     async def _complete_now(self, job: dict[str, Any]) -> None:
+        pod = await self._pod(job, 0, 1, {"phase": "Running"}) if self.instant_pods else None
         if self.instant_after is not None:
             await asyncio.sleep(self.instant_after())
         if self.on_instant:
             self.on_instant(job)
+        if pod is not None:
+            await self._pod_phase(job, pod, "Succeeded")
         await self._finish(job, True, "", "")
 
     async def _finish(self, job: dict[str, Any], ok: bool, reason: str, message: str, failed: int = 0) -> None:
