@@ -152,6 +152,7 @@ def register(emulator: kmock.KubernetesEmulator) -> None:
     emulator.resources["v1/events"] = info(kind="Event", namespaced=True, verbs=VERBS)
     emulator.resources["v1/secrets"] = info(kind="Secret", namespaced=True, verbs=VERBS)
     emulator.resources["coordination.k8s.io/v1/leases"] = info(kind="Lease", namespaced=True, verbs=VERBS)
+    emulator.resources["v1/services"] = info(kind="Service", namespaced=True, verbs=VERBS)
     emulator.resources["v1/pods"] = info(kind="Pod", namespaced=True, verbs=VERBS, subresources={"status"})
     emulator.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs=VERBS)
 
