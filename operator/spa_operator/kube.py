@@ -259,7 +259,7 @@ class Controller:
         status = self._observed_status(rs, body)
         generation = meta.get("generation")
         obs = reconcile.Observed(ns, name, rs.uid, generation, status, time.time(), settings=self.settings)
-        if reconcile._terminal(status):
+        if reconcile.terminal(status):
             return obs
         spec_now = _plain(body.get("spec") or {})
         if status.get("stages"):
@@ -395,7 +395,7 @@ class Controller:
             await self._try(logger, f"resume Job {job}", self.api.patch_job(ns, job, {"spec": {"suspend": False}}))
         for ev in decision.events:
             self._event(body, ev.type, ev.reason, ev.message, rs)
-        if decision.status.get("phase") == reconcile.FAILED and not reconcile._terminal(obs.status):
+        if decision.status.get("phase") == reconcile.FAILED and not reconcile.terminal(obs.status):
             logger.warning(f"run failed: {decision.status.get('message', '')}")
 
     @staticmethod

@@ -32,6 +32,9 @@ SUMMED = (K.PAIRS, K.DROPPED_IDENTICAL, K.DROPPED_EMPTY, K.RESPONSES)
 QUALITY_KEYS = (K.PAIRS, K.REWARD_GAP, K.REFINED_FRACTION, K.LOSS, K.REWARD_ACCURACY, K.HELDOUT_AGREEMENT)
 CONDITION_ORDER = ("Ready", "Progressing", "Failed", "Suspended", "StorageReachable")
 QUEUED = "queued"  # the waiting reason of a Job Kueue has not admitted yet
+# An active Job without any pod this long after its creation: the pod was refused (Pod Security admission, quota).
+NO_POD = "NoPodCreated"
+NO_POD_GRACE_S = 30.0
 
 
 # ------------------------------------------------------------------------------------------------- observations
@@ -229,6 +232,9 @@ def _waiting(obs: Observed, job: JobView, queued: bool) -> tuple[str, float] | N
     """Why the attempt's pods do not run, and since when; None if they run (or none exists yet)."""
     if queued and job.state == "suspended":
         return QUEUED, job.created
+    if job.state == "active" and obs.now - job.created >= NO_POD_GRACE_S and not any(
+            p.job == job.name for p in obs.pods):
+        return NO_POD, job.created
     waiting = [p for p in obs.pods if p.job == job.name and p.live and p.waiting]
     if not waiting:
         return None
@@ -334,7 +340,7 @@ def decide(obs: Observed) -> Decision:
     """What to do about one run, given what was observed."""
     old = obs.status
     phase = old.get("phase")
-    if _terminal(old):
+    if terminal(old):
         status = dict(old)
         if obs.generation is not None:
             status["observedGeneration"] = obs.generation
@@ -442,7 +448,7 @@ def job_name_of(obs: Observed, stage: PlannedStage, attempt: int) -> str:
     return job_name(obs.name, stage.iteration, stage.stage, attempt)
 
 
-def _terminal(status: Mapping[str, Any]) -> bool:
+def terminal(status: Mapping[str, Any]) -> bool:
     failed = next((c for c in status.get("conditions") or [] if c.get("type") == "Failed"), {})
     return status.get("phase") == SUCCEEDED or (status.get("phase") == FAILED and failed.get("reason") != "InvalidSpec")
 
@@ -467,8 +473,9 @@ def _message(running: list[str], waiting: Mapping[str, tuple[str, float]], orpha
     if blocked:
         parts.append(f"waiting: {blocked}")
     if waiting:
-        parts.append("; ".join(f"{k}: {w[0]}" if w[0] == QUEUED else f"{k}: pod waiting: {w[0]}"
-                               for k, w in waiting.items()))
+        parts.append("; ".join(f"{k}: {w[0]}" if w[0] == QUEUED else
+                               f"{k}: no pod created (refused by admission or quota? see the Job's Events)"
+                               if w[0] == NO_POD else f"{k}: pod waiting: {w[0]}" for k, w in waiting.items()))
     rest = [k for k in running if k not in waiting]
     if rest:
         parts.append(f"running {', '.join(rest)}")
@@ -627,6 +634,12 @@ def _requeue(obs: Observed, status: Mapping[str, Any], readings: Mapping[str, _S
             timeout = (obs.settings.queued_timeout_s if r.waiting[0] == QUEUED else obs.settings.pending_timeout_s)
             if timeout is not None:
                 due.append(max(r.waiting[1] + timeout - obs.now, 0.0) + 0.1)
+    for key, r in readings.items():  # a Job still without a pod: look again when that becomes a reason
+        rec = r.record or {}
+        if r.waiting is None and rec.get("state") == RUNNING:
+            job = next((v for v in obs.jobs if v.name == rec.get("job") and v.state == "active"), None)
+            if job is not None and not any(p.job == job.name for p in obs.pods):
+                due.append(max(job.created + NO_POD_GRACE_S - obs.now, 0.0) + 0.1)
     return min(due) if due else None
 
 

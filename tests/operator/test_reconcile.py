@@ -35,7 +35,8 @@ FIRST, SECOND = GRAPH[0], GRAPH[1]
 
 def job(stage: Any, attempt: int, state: str = "active", **kw: Any) -> R.JobView:
     name = f"r-i{stage.iteration:02d}-{stage.stage}-a{attempt}"
-    return R.JobView(name, stage.key, attempt, state, owner_uid=kw.pop("owner_uid", UID), created=NOW - 100, **kw)
+    return R.JobView(name, stage.key, attempt, state, owner_uid=kw.pop("owner_uid", UID),
+                     created=kw.pop("created", NOW - 5), **kw)
 
 
 def record(stage: Any, attempt: int, state: str = R.RUNNING, failures: int = 0, **kw: Any) -> dict[str, Any]:
@@ -147,6 +148,9 @@ PENDING_CASES = [
      True),
     ("running pod: no reason", (dataclasses.replace(POD, waiting=""),), "active", SPEC,
      R.Settings(pending_timeout_s=1), "running iter-00/seed-train", "StagesRunning", False),
+    ("no pod at all (refused by Pod Security admission)", (), "active", SPEC, R.Settings(),
+     "no pod created", "PodsPending", False),
+    ("no pod past the pending timeout", (), "active", SPEC, R.Settings(pending_timeout_s=60), "", "", True),
 ]
 
 
@@ -155,8 +159,8 @@ def test_pending_pods_show_their_reason_and_time_out(case):
     """Failure 5: a pod that never starts shows why in status.message and the Progressing condition at once; past
     the configured timeout its attempt fails with that reason and its Job is deleted (Kueue-queued: "queued")."""
     _, pods, state, run_spec, settings, message, reason, timed_out = case
-    d = R.decide(observed([record(FIRST, 1)], (job(FIRST, 1, state),), pods=pods, spec=run_spec,
-                          settings=settings))
+    d = R.decide(observed([record(FIRST, 1)], (job(FIRST, 1, state, created=NOW - 100),), pods=pods,
+                          spec=run_spec, settings=settings))
     if timed_out:
         assert d.delete_jobs == ("r-i00-seed-train-a1",)
         assert stage_rec(d, FIRST.key)["failures"] == 1
