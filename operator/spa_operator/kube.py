@@ -181,8 +181,8 @@ class RunState:
     # (generation, its run or the spec error, storage root, stage graph): parsed once per generation
     parsed: tuple[int | None, AlignmentRun | None, str, list[PlannedStage], str | None] | None = None
     last_progress: float = 0.0  # monotonic time of the last heartbeat read
-    # The resourceVersion the run had when this operator last patched its status, and the status written: until a
-    # newer version of the run is observed, the written status is the newest one.
+    # The run's resourceVersion after this operator's last status patch, and the status written: until the body
+    # reaches that version, the written status is the newest one.
     written: tuple[str, dict[str, Any]] | None = None
 
 
@@ -248,8 +248,10 @@ class Controller:
         return rs.parsed[1:]
 
     def _observed_status(self, rs: RunState, body: Any) -> dict[str, Any]:
-        rv = body.get("metadata", {}).get("resourceVersion")
-        if rs.written is not None and rs.written[0] == rv:  # our patch is not in the body yet
+        """The run's status as the API server has it: the body's, unless the body predates this operator's last
+        status patch (its watch event is still on the way; another change, such as kopf's finalizer, may have
+        come first), then the status written."""
+        if rs.written is not None and _older(body.get("metadata", {}).get("resourceVersion"), rs.written[0]):
             return rs.written[1]
         return _plain(body.get("status") or {})
 
@@ -413,11 +415,11 @@ class Controller:
             patch = json.loads(self._redact(rs, json.dumps(patch)))
         meta = body.get("metadata", {})
         try:
-            await self.api.patch_status(meta.get("namespace", "default"), meta.get("name", ""), patch)
+            version = await self.api.patch_status(meta.get("namespace", "default"), meta.get("name", ""), patch)
         except Exception as e:
             logger.warning(f"status update failed: {api_error(e)}; will retry")
             raise _RetrySoon from None
-        rs.written = (meta.get("resourceVersion"), {k: v for k, v in {**old, **patch}.items() if v is not None})
+        rs.written = (version, {k: v for k, v in {**old, **patch}.items() if v is not None}) if version else None
 
     def _event(self, body: Any, etype: str, reason: str, message: str, rs: RunState | None) -> None:
         with contextlib.suppress(LookupError):  # outside an operator context (unit use)
@@ -428,6 +430,15 @@ class Controller:
         for secret in rs.secrets if rs else ():
             text = text.replace(secret, "***")
         return text
+
+
+def _older(version: Any, than: str) -> bool:
+    """Whether resourceVersion `version` predates `than`. They are etcd revisions on every API server in use;
+    where one is not a number, only "not the same" is known, and the body is taken as older."""
+    try:
+        return int(version) < int(than)
+    except (TypeError, ValueError):
+        return version != than
 
 
 def _running_stage(status: Mapping[str, Any], by_key: Mapping[str, PlannedStage]) -> PlannedStage | None:
@@ -551,22 +562,21 @@ async def jobs_by_run(body: Any, labels: Any, **_: Any) -> dict[str, JobView]:
 
 
 @kopf.index("", "v1", "pods", **JOB_FILTER)
-async def pods_by_run(body: Any, labels: Any, **_: Any) -> dict[str, PodView]:
-    return {labels.get(jobs.LABEL_RUN_UID, ""): pod_view(body)}
+async def pods_by_run(body: Any, labels: Any, memo: Any, **_: Any) -> dict[str, PodView]:
+    """A pod's state (waiting reason, finished) feeds the decision: index it and wake its run. The wake-up is done
+    here rather than in an on.event handler: a resource with indexes only costs kopf less per event, and pods bring
+    more events than any other resource the operator watches."""
+    uid = labels.get(jobs.LABEL_RUN_UID, "")
+    rs = _ctl(memo).runs.get(uid)
+    if rs is not None:
+        rs.waker.set()
+    return {uid: pod_view(body)}
 
 
 # Async handlers: kopf runs sync ones in threads, and an asyncio.Event set from a thread does not wake the loop.
 @kopf.on.event("batch", "v1", "jobs", **JOB_FILTER)
 async def job_changed(name: str, labels: Any, memo: Any, **_: Any) -> None:
     _ctl(memo).job_event(labels.get(jobs.LABEL_RUN_UID, ""), name)
-
-
-@kopf.on.event("", "v1", "pods", **JOB_FILTER)
-async def pod_changed(labels: Any, memo: Any, **_: Any) -> None:
-    """A pod's state (waiting reason, finished) feeds the decision: wake its run."""
-    rs = _ctl(memo).runs.get(labels.get(jobs.LABEL_RUN_UID, ""))
-    if rs is not None:
-        rs.waker.set()
 
 
 @kopf.on.event(*RUNS)

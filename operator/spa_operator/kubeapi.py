@@ -138,9 +138,12 @@ class KubeApi:
         await self._request("patch", "PATCH", f"/apis/batch/v1/namespaces/{_q(namespace)}/jobs/{_q(name)}", patch,
                             MERGE_PATCH)
 
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        await self._request("patch", "PATCH", f"/apis/{crd.GROUP}/{crd.VERSION}/namespaces/{_q(namespace)}/"
-                                              f"{crd.PLURAL}/{_q(name)}/status", {"status": status}, MERGE_PATCH)
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> str:
+        """Patch a run's status; returns the run's new resourceVersion."""
+        answer = await self._request("patch", "PATCH", f"/apis/{crd.GROUP}/{crd.VERSION}/namespaces/"
+                                                       f"{_q(namespace)}/{crd.PLURAL}/{_q(name)}/status",
+                                     {"status": status}, MERGE_PATCH)
+        return str(((answer or {}).get("metadata") or {}).get("resourceVersion") or "")
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         try:

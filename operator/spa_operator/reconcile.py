@@ -634,7 +634,7 @@ def _requeue(obs: Observed, status: Mapping[str, Any], readings: Mapping[str, _S
             timeout = (obs.settings.queued_timeout_s if r.waiting[0] == QUEUED else obs.settings.pending_timeout_s)
             if timeout is not None:
                 due.append(max(r.waiting[1] + timeout - obs.now, 0.0) + 0.1)
-    for key, r in readings.items():  # a Job still without a pod: look again when that becomes a reason
+    for r in readings.values():  # a Job still without a pod: look again when that becomes a reason
         rec = r.record or {}
         if r.waiting is None and rec.get("state") == RUNNING:
             job = next((v for v in obs.jobs if v.name == rec.get("job") and v.state == "active"), None)

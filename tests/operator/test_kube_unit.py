@@ -260,3 +260,15 @@ async def test_only_the_lease_holder_acts_and_a_silent_holder_is_replaced(cluste
     finally:
         for api in apis:
             await api.close()
+
+
+def test_status_is_read_from_the_body_unless_it_predates_the_last_write():
+    """The status diffed against is the API server's: the body's, or the operator's last write while the body is
+    older than it (kopf's finalizer patch can arrive first: taking that body would re-announce a started stage)."""
+    ctl = kube.Controller.__new__(kube.Controller)
+    rs = kube.RunState("u", written=("7", {"phase": "Running", "message": "written"}))
+    body = {"metadata": {"resourceVersion": "6"}, "status": {}}
+    assert ctl._observed_status(rs, body)["message"] == "written"
+    for newer in ("7", "12"):  # ours, or someone's later edit: the body is the truth
+        body = {"metadata": {"resourceVersion": newer}, "status": {"phase": "Running", "message": "edited"}}
+        assert ctl._observed_status(rs, body)["message"] == "edited"
