@@ -155,10 +155,12 @@ def iso(t: float) -> str:
 
 
 def parse_iso(text: Any) -> float | None:
-    if not isinstance(text, str) or not text:
+    """Unix seconds of an RFC 3339 UTC timestamp (fromisoformat: strptime cost a third of a millisecond per Job
+    event)."""
+    if not isinstance(text, str) or not text.endswith("Z"):
         return None
     try:
-        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
+        return dt.datetime.fromisoformat(text[:-1]).replace(tzinfo=dt.UTC).timestamp()
     except ValueError:
         return None
 
