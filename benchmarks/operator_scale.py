@@ -104,7 +104,7 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
-async def bench(n: int, timeout: float, job_seconds: float | None = None) -> dict[str, Any]:
+async def bench(n: int, timeout: float, job_seconds: float | None = None, pods: bool = False) -> dict[str, Any]:
     """One size: n runs; Jobs complete at once (a burst), or after uniform(0.5, 1.5) x job_seconds (paced)."""
     import random
     import tempfile
@@ -125,7 +125,7 @@ async def bench(n: int, timeout: float, job_seconds: float | None = None) -> dic
 
     async with start_cluster(validate_runs=False) as cluster:
         rng = random.Random(n)
-        harness = Harness(cluster, env={}, instant=True, on_instant=write_manifests,
+        harness = Harness(cluster, env={}, instant=True, on_instant=write_manifests, instant_pods=pods,
                           instant_after=None if job_seconds is None else lambda: rng.uniform(0.5, 1.5) * job_seconds)
 
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "workers")])}
@@ -249,11 +249,13 @@ def main() -> int:
                    help="paced: each Job completes after --job-seconds ± 50%%")
     p.add_argument("--job-seconds", type=float, default=60.0)
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--pods", action="store_true",
+                   help="each Job also gets a pod object (Running, then Succeeded): the pod events a cluster sends")
     p.add_argument("--out", default=str(HERE / "results" / "operator_scale.md"))
     args = p.parse_args()
     results = []
     for n, job_s in [(n, None) for n in args.runs] + [(n, args.job_seconds) for n in args.paced_runs]:
-        r = asyncio.run(bench(n, args.timeout, job_s))
+        r = asyncio.run(bench(n, args.timeout, job_s, args.pods))
         print(json.dumps(r), flush=True)
         results.append(r)
     md = (f"# Operator scale (benchmarks/operator_scale.py)\n\n{time.strftime('%Y-%m-%d %H:%M')}, "

@@ -28,8 +28,10 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,6 +41,7 @@ from spa_workers.storage import StorageError
 
 from spa_operator import crd, jobs, reconcile
 from spa_operator.kubeapi import ApiError, KubeApi, api_error
+from spa_operator.lease import LeaseElector
 from spa_operator.metrics import Metrics
 from spa_operator.planner import PlannedStage, stage_graph
 from spa_operator.reconcile import JobView, PodView
@@ -74,7 +77,9 @@ class Config:
     pending_timeout_s: float | None = None
     queued_timeout_s: float | None = None  # the same for a Job Kueue has not admitted; None: never
     allowed_images: tuple[str, ...] = ()  # prefixes a run's own worker images must start with; empty: any
-    peering: str | None = None  # kopf peering name: one replica acts at a time; None: standalone
+    # "namespace/name" of a coordination.k8s.io Lease: only the replica holding it acts (see lease.py); None: off.
+    lease: str | None = None
+    identity: str = dataclasses.field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Config:
@@ -89,7 +94,8 @@ class Config:
                   pending_timeout_s=float(env["SPA_PENDING_TIMEOUT_S"]) if env.get("SPA_PENDING_TIMEOUT_S") else None,
                   queued_timeout_s=float(env["SPA_QUEUED_TIMEOUT_S"]) if env.get("SPA_QUEUED_TIMEOUT_S") else None,
                   allowed_images=tuple(i for i in env.get("SPA_ALLOWED_IMAGES", "").split(",") if i.strip()),
-                  peering=env.get("SPA_PEERING") or None)
+                  lease=env.get("SPA_LEASE") or None,
+                  **({"identity": env["POD_NAME"]} if env.get("POD_NAME") else {}))
         return dataclasses.replace(cfg, **overrides)
 
 
@@ -117,7 +123,7 @@ def job_view(body: Any) -> JobView:
     elif "Failed" in conds:
         state = "failed"
         cond = conds["Failed"]
-        permanent = cond.get("reason") == "PodFailurePolicy"  # the FailJob rule: exit code 2, bad input
+        permanent = jobs.failed_by_bad_input(cond)  # the exit-code-2 FailJob rule, not a gang's disruption
         reason = f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".strip(": ")
     elif spec.get("suspend"):
         state = "suspended"
@@ -176,8 +182,8 @@ class RunState:
     # (generation, its run or the spec error, storage root, stage graph): parsed once per generation
     parsed: tuple[int | None, AlignmentRun | None, str, list[PlannedStage], str | None] | None = None
     last_progress: float = 0.0  # monotonic time of the last heartbeat read
-    # The resourceVersion the run had when this operator last patched its status, and the status written: until a
-    # newer version of the run is observed, the written status is the newest one.
+    # The run's resourceVersion after this operator's last status patch, and the status written: until the body
+    # reaches that version, the written status is the newest one.
     written: tuple[str, dict[str, Any]] | None = None
 
 
@@ -243,8 +249,10 @@ class Controller:
         return rs.parsed[1:]
 
     def _observed_status(self, rs: RunState, body: Any) -> dict[str, Any]:
-        rv = body.get("metadata", {}).get("resourceVersion")
-        if rs.written is not None and rs.written[0] == rv:  # our patch is not in the body yet
+        """The run's status as the API server has it: the body's, unless the body predates this operator's last
+        status patch (its watch event is still on the way; another change, such as kopf's finalizer, may have
+        come first), then the status written."""
+        if rs.written is not None and _older(body.get("metadata", {}).get("resourceVersion"), rs.written[0]):
             return rs.written[1]
         return _plain(body.get("status") or {})
 
@@ -254,7 +262,7 @@ class Controller:
         status = self._observed_status(rs, body)
         generation = meta.get("generation")
         obs = reconcile.Observed(ns, name, rs.uid, generation, status, time.time(), settings=self.settings)
-        if reconcile._terminal(status):
+        if reconcile.terminal(status):
             return obs
         spec_now = _plain(body.get("spec") or {})
         if status.get("stages"):
@@ -390,7 +398,7 @@ class Controller:
             await self._try(logger, f"resume Job {job}", self.api.patch_job(ns, job, {"spec": {"suspend": False}}))
         for ev in decision.events:
             self._event(body, ev.type, ev.reason, ev.message, rs)
-        if decision.status.get("phase") == reconcile.FAILED and not reconcile._terminal(obs.status):
+        if decision.status.get("phase") == reconcile.FAILED and not reconcile.terminal(obs.status):
             logger.warning(f"run failed: {decision.status.get('message', '')}")
 
     @staticmethod
@@ -408,11 +416,11 @@ class Controller:
             patch = json.loads(self._redact(rs, json.dumps(patch)))
         meta = body.get("metadata", {})
         try:
-            await self.api.patch_status(meta.get("namespace", "default"), meta.get("name", ""), patch)
+            version = await self.api.patch_status(meta.get("namespace", "default"), meta.get("name", ""), patch)
         except Exception as e:
             logger.warning(f"status update failed: {api_error(e)}; will retry")
             raise _RetrySoon from None
-        rs.written = (meta.get("resourceVersion"), {k: v for k, v in {**old, **patch}.items() if v is not None})
+        rs.written = (version, {k: v for k, v in {**old, **patch}.items() if v is not None}) if version else None
 
     def _event(self, body: Any, etype: str, reason: str, message: str, rs: RunState | None) -> None:
         with contextlib.suppress(LookupError):  # outside an operator context (unit use)
@@ -423,6 +431,15 @@ class Controller:
         for secret in rs.secrets if rs else ():
             text = text.replace(secret, "***")
         return text
+
+
+def _older(version: Any, than: str) -> bool:
+    """Whether resourceVersion `version` predates `than`. They are etcd revisions on every API server in use;
+    where one is not a number, only "not the same" is known, and the body is taken as older."""
+    try:
+        return int(version) < int(than)
+    except (TypeError, ValueError):
+        return version != than
 
 
 def _running_stage(status: Mapping[str, Any], by_key: Mapping[str, PlannedStage]) -> PlannedStage | None:
@@ -546,22 +563,21 @@ async def jobs_by_run(body: Any, labels: Any, **_: Any) -> dict[str, JobView]:
 
 
 @kopf.index("", "v1", "pods", **JOB_FILTER)
-async def pods_by_run(body: Any, labels: Any, **_: Any) -> dict[str, PodView]:
-    return {labels.get(jobs.LABEL_RUN_UID, ""): pod_view(body)}
+async def pods_by_run(body: Any, labels: Any, memo: Any, **_: Any) -> dict[str, PodView]:
+    """A pod's state (waiting reason, finished) feeds the decision: index it and wake its run. The wake-up is done
+    here rather than in an on.event handler: a resource with indexes only costs kopf less per event, and pods bring
+    more events than any other resource the operator watches."""
+    uid = labels.get(jobs.LABEL_RUN_UID, "")
+    rs = _ctl(memo).runs.get(uid)
+    if rs is not None:
+        rs.waker.set()
+    return {uid: pod_view(body)}
 
 
 # Async handlers: kopf runs sync ones in threads, and an asyncio.Event set from a thread does not wake the loop.
 @kopf.on.event("batch", "v1", "jobs", **JOB_FILTER)
 async def job_changed(name: str, labels: Any, memo: Any, **_: Any) -> None:
     _ctl(memo).job_event(labels.get(jobs.LABEL_RUN_UID, ""), name)
-
-
-@kopf.on.event("", "v1", "pods", **JOB_FILTER)
-async def pod_changed(labels: Any, memo: Any, **_: Any) -> None:
-    """A pod's state (waiting reason, finished) feeds the decision: wake its run."""
-    rs = _ctl(memo).runs.get(labels.get(jobs.LABEL_RUN_UID, ""))
-    if rs is not None:
-        rs.waker.set()
 
 
 @kopf.on.event(*RUNS)
@@ -658,12 +674,27 @@ async def run_operator(cfg: Config, stop_flag: Any = None, ready_flag: Any = Non
     kopf cancels every task of the loop when it stops: give it a loop of its own (tests run it in a thread).
     """
     ctl = controller or make_controller(cfg)
-    # Peering: with a peering name, replicas see each other through a KopfPeering object and only the one with the
-    # highest priority acts (the others pause), so two replicas never act on one run.
-    peering: dict[str, Any] = {"standalone": True} if cfg.peering is None else {
-        "peering_name": cfg.peering, "priority": int(os.environ.get("SPA_PEERING_PRIORITY", 0))}
-    await kopf.operator(clusterwide=not cfg.namespaces, namespaces=cfg.namespaces, stop_flag=stop_flag,
-                        ready_flag=ready_flag, memo=kopf.Memo(controller=ctl), **peering)
+    stop = stop_flag if stop_flag is not None else asyncio.Event()
+    elector = None
+    if cfg.lease:
+        namespace, _, name = cfg.lease.partition("/")
+        elector = LeaseElector(ctl.api, namespace, name, cfg.identity)
+        await elector.acquire()
+    operator = asyncio.ensure_future(kopf.operator(
+        clusterwide=not cfg.namespaces, namespaces=cfg.namespaces, standalone=True, stop_flag=stop,
+        ready_flag=ready_flag, memo=kopf.Memo(controller=ctl)))
+    if elector is None:
+        await operator
+        return
+    holder = asyncio.ensure_future(elector.hold())
+    await asyncio.wait({operator, holder}, return_when=asyncio.FIRST_COMPLETED)
+    if not holder.done():
+        holder.cancel()
+        operator.result()
+        return
+    stop.set()  # the Lease is lost: another replica may act now, so this one stops
+    await operator
+    holder.result()  # raises LeaseLost: the process exits non-zero and its pod restarts as a candidate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,12 +31,23 @@ def _collection(api_version: str, kind: str, namespace: str) -> str:
 
 
 class ApiError(Exception):
-    """An API request answered with an error status (its body is not kept: it could echo what was sent)."""
+    """An API request answered with an error status. Of its body only the names of the fields the API server
+    objected to are kept (its messages could echo values that were sent, such as credentials)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, fields: tuple[str, ...] = ()) -> None:
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
+        self.fields = fields
+
+
+def _fields(payload: bytes) -> tuple[str, ...]:
+    """The field paths a Status body's details.causes name (a 422 says which field of the object was invalid)."""
+    try:
+        causes = (json.loads(payload).get("details") or {}).get("causes") or []
+    except (ValueError, AttributeError):
+        return ()
+    return tuple(dict.fromkeys(str(c["field"])[:200] for c in causes if isinstance(c, dict) and c.get("field")))
 
 
 class KubeApi:
@@ -89,7 +100,7 @@ class KubeApi:
                                          headers=self._headers(content_type if data else None)) as r:
             payload = await r.read()
             if r.status >= 400:
-                raise ApiError(r.status, r.reason or "")
+                raise ApiError(r.status, r.reason or "", _fields(payload))
             return json.loads(payload) if payload else None
 
     async def close(self) -> None:
@@ -127,9 +138,12 @@ class KubeApi:
         await self._request("patch", "PATCH", f"/apis/batch/v1/namespaces/{_q(namespace)}/jobs/{_q(name)}", patch,
                             MERGE_PATCH)
 
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        await self._request("patch", "PATCH", f"/apis/{crd.GROUP}/{crd.VERSION}/namespaces/{_q(namespace)}/"
-                                              f"{crd.PLURAL}/{_q(name)}/status", {"status": status}, MERGE_PATCH)
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> str:
+        """Patch a run's status; returns the run's new resourceVersion."""
+        answer = await self._request("patch", "PATCH", f"/apis/{crd.GROUP}/{crd.VERSION}/namespaces/"
+                                                       f"{_q(namespace)}/{crd.PLURAL}/{_q(name)}/status",
+                                     {"status": status}, MERGE_PATCH)
+        return str(((answer or {}).get("metadata") or {}).get("resourceVersion") or "")
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         try:
@@ -145,4 +159,6 @@ def api_error(e: Exception) -> str:
     """A one-line API error without response bodies (which could echo what was sent)."""
     status = getattr(e, "status", None)
     reason = getattr(e, "reason", None) or type(e).__name__
-    return f"API error {status}: {reason}" if status else f"API error: {reason}"
+    fields = getattr(e, "fields", ())
+    where = f" ({', '.join(fields)})" if fields else ""
+    return f"API error {status}: {reason}{where}" if status else f"API error: {reason}"

@@ -153,20 +153,24 @@ def test_rbac_least_privilege_and_scope(rendered):
                 assert rule["verbs"] == ["get"]
     (cluster_role,) = by_kind(docs, "ClusterRole")
     cluster_resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
+    # The leader-election Lease: a Role of its own in the operator's namespace.
+    lease_roles = [r for r in by_kind(docs, "Role") if any("leases" in x["resources"] for x in r["rules"])]
+    assert [r["metadata"]["namespace"] for r in lease_roles] == ["spa-system"]
+    run_roles = [r for r in by_kind(docs, "Role") if r not in lease_roles]
+    run_bindings = [b for b in by_kind(docs, "RoleBinding") if not b["metadata"]["name"].endswith("-lease")]
     if name == "all-on-namespaced":
         # Watching listed namespaces: the namespaced rights live in a Role per namespace, not cluster-wide.
-        assert {r["metadata"]["namespace"] for r in by_kind(docs, "Role")} == {"ml", "research"}
-        assert {r["metadata"]["namespace"] for r in by_kind(docs, "RoleBinding")} == {"ml", "research"}
+        assert {r["metadata"]["namespace"] for r in run_roles} == {"ml", "research"}
+        assert {r["metadata"]["namespace"] for r in run_bindings} == {"ml", "research"}
         assert not cluster_resources & {"jobs", "services", "secrets", "alignmentruns"}
-        assert all("services" in {r for rule in role["rules"] for r in rule["resources"]}
-                   for role in by_kind(docs, "Role"))
+        assert all("services" in {r for rule in role["rules"] for r in rule["resources"]} for role in run_roles)
         dep = by_kind(docs, "Deployment")[0]
         assert dep["spec"]["template"]["spec"]["containers"][0]["args"] == ["--namespace=ml", "--namespace=research"]
     else:
-        assert not by_kind(docs, "Role")
+        assert not run_roles
         assert {"jobs", "services", "secrets", "alignmentruns", "alignmentruns/status", "events"} <= cluster_resources
     # Jobs set blockOwnerDeletion on their run: OwnerReferencesPermissionEnforcement needs update on finalizers.
-    for role in (by_kind(docs, "Role") or [cluster_role]):
+    for role in (run_roles or [cluster_role]):
         assert any("alignmentruns/finalizers" in r["resources"] and r["verbs"] == ["update"] for r in role["rules"])
 
 

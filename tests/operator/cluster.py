@@ -128,6 +128,10 @@ class Emulator(kmock.KubernetesEmulator):
             return None
         old = self.objects[key].raw
         data = copy.deepcopy(request.data)
+        sent_rv = data.get("metadata", {}).get("resourceVersion") if isinstance(data, dict) else None
+        if sent_rv and sent_rv != old.get("metadata", {}).get("resourceVersion"):
+            # A resourceVersion in an update or patch is a precondition, as the API server checks it.
+            raise kmock.KubernetesError(status=409, reason="Conflict", message="the object has been modified")
         if isinstance(data, list):  # JSON patch (kopf uses it for finalizers, with a resourceVersion test)
             for op in data:
                 if op.get("op") == "test" and jsonpointer.resolve_pointer(old, op["path"], None) != op.get("value"):
@@ -153,6 +157,7 @@ def register(emulator: kmock.KubernetesEmulator) -> None:
     emulator.resources[JOBS] = info(kind="Job", namespaced=True, verbs=VERBS, subresources={"status"})
     emulator.resources["v1/events"] = info(kind="Event", namespaced=True, verbs=VERBS)
     emulator.resources["v1/secrets"] = info(kind="Secret", namespaced=True, verbs=VERBS)
+    emulator.resources["coordination.k8s.io/v1/leases"] = info(kind="Lease", namespaced=True, verbs=VERBS)
     emulator.resources["v1/services"] = info(kind="Service", namespaced=True, verbs=VERBS)
     emulator.resources["v1/pods"] = info(kind="Pod", namespaced=True, verbs=VERBS, subresources={"status"})
     emulator.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs=VERBS)
@@ -263,6 +268,7 @@ class Harness:
     instant: bool = False  # complete every Job without running anything (benchmark)...
     instant_after: Callable[[], float] | None = None  # ...after this many seconds (default: at once)
     on_instant: Callable[[dict[str, Any]], None] | None = None
+    instant_pods: bool = False  # ...with a pod object each (Running, then Succeeded), as a cluster has
     before_finish: Callable[[dict[str, Any]], Any] | None = None  # awaited before a Job's final status is written
     max_pods: int = 2
     logdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="harness-")))
@@ -404,10 +410,13 @@ class Harness:
             await r.read()
 
     async def _complete_now(self, job: dict[str, Any]) -> None:
+        pod = await self._pod(job, 0, 1, {"phase": "Running"}) if self.instant_pods else None
         if self.instant_after is not None:
             await asyncio.sleep(self.instant_after())
         if self.on_instant:
             self.on_instant(job)
+        if pod is not None:
+            await self._pod_phase(job, pod, "Succeeded")
         await self._finish(job, True, "", "")
 
     async def _finish(self, job: dict[str, Any], ok: bool, reason: str, message: str, failed: int = 0) -> None:

@@ -154,7 +154,8 @@ async def test_api_client_sends_the_configured_token_and_maps_answers():
         status = answers[request.method].pop(0)
         data = {"data": {"key": base64.b64encode(b"value").decode()},
                 "metadata": {"ownerReferences": [{"uid": "u1", "controller": True}]}} if status == 200 \
-            else {"message": "echo"}
+            else {"message": "echo", "details": {"causes": [
+                {"field": "spec.template.spec.containers[0].image", "message": "echo"}]}}
         return web.json_response(data, status=status)
 
     app = web.Application()
@@ -177,7 +178,9 @@ async def test_api_client_sends_the_configured_token_and_maps_answers():
         with pytest.raises(kube.ApiError) as err:
             await api.create(job)
         assert err.value.status == 422 and "echo" not in str(err.value)
-        assert kube.api_error(err.value) == "API error 422: Unprocessable Entity"
+        # A 422 names the field the API server refused (issue 10, #11), never its message or value.
+        assert kube.api_error(err.value) == \
+            "API error 422: Unprocessable Entity (spec.template.spec.containers[0].image)"
         assert await api.read_secret("ns", "missing") is None
         assert await api.read_secret("ns", "creds") == {"key": "value"}
         assert await api.read_secret("ns", "../../other/secrets/aws") is None
@@ -212,3 +215,61 @@ def test_lean_diff_base_equals_kopfs_own_for_runs_and_is_empty_for_jobs():
     assert "status" not in lean.build(body=kopf.Body(run))
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"}, "spec": {"template": {}}}
     assert lean.build(body=kopf.Body(job)) == {}
+
+
+def test_rotated_credentials_replace_the_client_instead_of_adding_one():
+    """Failure 6: one boto3 client (~12 MiB) per credential set was kept forever, so ~40 rotations of an STS session
+    token outgrew the chart's memory limit. A rotation now replaces its Secret's client; clients are bounded."""
+    from spa_operator.runstore import ClientCache
+
+    cache = ClientCache(limit=2)
+    stores = [cache.store("http://127.0.0.1:9", "us-east-1", {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                                                             "AWS_SESSION_TOKEN": f"token-{i}"}, "creds")
+              for i in range(5)]
+    assert len(cache) == 1
+    assert stores[-1].client is cache.store("http://127.0.0.1:9", "us-east-1", {
+        "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "token-4"}, "creds").client
+    for i in range(3):  # many Secrets: the least recently used clients go
+        cache.store("http://127.0.0.1:9", "us-east-1", None, f"secret-{i}")
+    assert len(cache) == 2
+
+
+@pytest.mark.asyncio
+async def test_only_the_lease_holder_acts_and_a_silent_holder_is_replaced(cluster):
+    """Two replicas never act on one run: the operator acts only while it holds a Lease. A second candidate waits;
+    when the holder stops renewing, the candidate takes over only after the Lease's duration, and the old holder,
+    unable to renew, gives up (LeaseLost) before that."""
+    import asyncio
+
+    from spa_operator.lease import LeaseElector, LeaseLost
+
+    apis = [kube.make_controller(kube.Config(server=cluster.url, metrics_port=None)).api for _ in range(2)]
+    a, b = (LeaseElector(api, "ns", "spa-operator", who, duration_s=1.5, renew_s=0.3)
+            for api, who in zip(apis, ("a", "b"), strict=True))
+    try:
+        assert await a.try_acquire() and not await b.try_acquire()
+        assert await a.try_acquire()  # renewing its own
+        holding = asyncio.ensure_future(a.hold())
+        await asyncio.sleep(1.0)
+        assert not await b.try_acquire()  # kept renewed
+        holding.cancel()
+        t0 = asyncio.get_running_loop().time()
+        await b.acquire()
+        assert asyncio.get_running_loop().time() - t0 >= 1.2  # not before the Lease ran out
+        with pytest.raises(LeaseLost):
+            await asyncio.wait_for(a.hold(), 5)
+    finally:
+        for api in apis:
+            await api.close()
+
+
+def test_status_is_read_from_the_body_unless_it_predates_the_last_write():
+    """The status diffed against is the API server's: the body's, or the operator's last write while the body is
+    older than it (kopf's finalizer patch can arrive first: taking that body would re-announce a started stage)."""
+    ctl = kube.Controller.__new__(kube.Controller)
+    rs = kube.RunState("u", written=("7", {"phase": "Running", "message": "written"}))
+    body = {"metadata": {"resourceVersion": "6"}, "status": {}}
+    assert ctl._observed_status(rs, body)["message"] == "written"
+    for newer in ("7", "12"):  # ours, or someone's later edit: the body is the truth
+        body = {"metadata": {"resourceVersion": newer}, "status": {"phase": "Running", "message": "edited"}}
+        assert ctl._observed_status(rs, body)["message"] == "edited"

@@ -30,12 +30,14 @@ def spec(**over: Any) -> Any:
 
 SPEC = spec()
 GRAPH = stage_graph(SPEC, ROOT)
-FIRST, SECOND = GRAPH[0], GRAPH[1]
+FIRST, SECOND = GRAPH[0], GRAPH[1]  # validate, then seed-train
+FIRST_JOB = f"r-i00-{FIRST.stage}-a1"
 
 
 def job(stage: Any, attempt: int, state: str = "active", **kw: Any) -> R.JobView:
     name = f"r-i{stage.iteration:02d}-{stage.stage}-a{attempt}"
-    return R.JobView(name, stage.key, attempt, state, owner_uid=kw.pop("owner_uid", UID), created=NOW - 100, **kw)
+    return R.JobView(name, stage.key, attempt, state, owner_uid=kw.pop("owner_uid", UID),
+                     created=kw.pop("created", NOW - 5), **kw)
 
 
 def record(stage: Any, attempt: int, state: str = R.RUNNING, failures: int = 0, **kw: Any) -> dict[str, Any]:
@@ -127,12 +129,12 @@ def test_blocked_runs_get_a_status_and_a_condition(problem, field, reason):
 
 
 def test_refused_create_fails_the_run_naming_the_reason():
-    d = R.decide(observed(create_refused={FIRST.key: "Job r-i00-seed-train-a1: API error 422: Invalid"}))
+    d = R.decide(observed(create_refused={FIRST.key: f"Job {FIRST_JOB}: API error 422: Invalid"}))
     assert d.status["phase"] == R.FAILED and "422" in d.status["message"]
     assert stage_rec(d, FIRST.key)["state"] == R.FAILED
 
 
-POD = R.PodView("r-i00-seed-train-a1-0", "r-i00-seed-train-a1", FIRST.key, 1, True, "ImagePullBackOff", NOW - 50)
+POD = R.PodView(f"{FIRST_JOB}-0", FIRST_JOB, FIRST.key, 1, True, "ImagePullBackOff", NOW - 50)
 PENDING_CASES = [
     # (name, pods, job state, spec, settings, want message part, want Progressing reason, timed out)
     ("image pull", (POD,), "active", SPEC, R.Settings(), "pod waiting: ImagePullBackOff", "PodsPending", False),
@@ -146,7 +148,10 @@ PENDING_CASES = [
     ("queued past the queued timeout", (), "suspended", spec(queueName="q"), R.Settings(queued_timeout_s=30), "", "",
      True),
     ("running pod: no reason", (dataclasses.replace(POD, waiting=""),), "active", SPEC,
-     R.Settings(pending_timeout_s=1), "running iter-00/seed-train", "StagesRunning", False),
+     R.Settings(pending_timeout_s=1), f"running {FIRST.key}", "StagesRunning", False),
+    ("no pod at all (refused by Pod Security admission)", (), "active", SPEC, R.Settings(),
+     "no pod created", "PodsPending", False),
+    ("no pod past the pending timeout", (), "active", SPEC, R.Settings(pending_timeout_s=60), "", "", True),
 ]
 
 
@@ -155,10 +160,10 @@ def test_pending_pods_show_their_reason_and_time_out(case):
     """Failure 5: a pod that never starts shows why in status.message and the Progressing condition at once; past
     the configured timeout its attempt fails with that reason and its Job is deleted (Kueue-queued: "queued")."""
     _, pods, state, run_spec, settings, message, reason, timed_out = case
-    d = R.decide(observed([record(FIRST, 1)], (job(FIRST, 1, state),), pods=pods, spec=run_spec,
-                          settings=settings))
+    d = R.decide(observed([record(FIRST, 1)], (job(FIRST, 1, state, created=NOW - 100),), pods=pods,
+                          spec=run_spec, settings=settings))
     if timed_out:
-        assert d.delete_jobs == ("r-i00-seed-train-a1",)
+        assert d.delete_jobs == (FIRST_JOB,)
         assert stage_rec(d, FIRST.key)["failures"] == 1
         assert any(e.reason == "StageFailed" and "pending timeout" in e.message for e in d.events), d.events
         if pods:
@@ -176,11 +181,11 @@ def test_next_attempt_waits_for_orphaned_pods_and_deletes_them():
     the same prefix while they do: the orphans are deleted and the next attempt waits."""
     orphan = dataclasses.replace(POD, waiting="")
     stages = [record(FIRST, 1)]
-    d = R.decide(observed(stages, (), pods=(orphan,), seen_jobs=frozenset({"r-i00-seed-train-a1"})))
+    d = R.decide(observed(stages, (), pods=(orphan,), seen_jobs=frozenset({FIRST_JOB})))
     assert not d.create and d.delete_pods == (orphan.name,)
     assert "earlier attempt" in d.status["message"]
     gone = R.decide(observed(stages, (), pods=(dataclasses.replace(orphan, live=False),),
-                             seen_jobs=frozenset({"r-i00-seed-train-a1"})))
+                             seen_jobs=frozenset({FIRST_JOB})))
     assert [(c.stage.key, c.attempt) for c in gone.create] == [(FIRST.key, 2)]
 
 
@@ -188,8 +193,11 @@ def test_failed_run_lists_no_running_stage_and_stops_its_jobs():
     """Failure 9: when a run fails, no stage record still says Running, and Jobs still running are deleted."""
     with_heldout = spec(data={"seed": "s3://d/s.jsonl", "prompts": "s3://d/p.jsonl", "heldout": "s3://d/h.jsonl"})
     graph = stage_graph(with_heldout, ROOT)
-    first, evaluate, generate = graph[0], graph[1], graph[2]
-    stages = [record(first, 1, R.SUCCEEDED), record(evaluate, 2, failures=1), record(generate, 1)]
+    by_key = {s.key: s for s in graph}
+    validate, first = by_key["iter-00/validate"], by_key["iter-00/seed-train"]
+    evaluate, generate = by_key["iter-00/evaluate"], by_key["iter-01/generate"]
+    stages = [record(validate, 1, R.SUCCEEDED), record(first, 1, R.SUCCEEDED), record(evaluate, 2, failures=1),
+              record(generate, 1)]
     jobs = (job(evaluate, 1, "failed"), job(evaluate, 2, "failed"), job(generate, 1, "active"))
     d = R.decide(observed(stages, jobs, graph=graph, spec=with_heldout, manifests={}))
     assert d.status["phase"] == R.FAILED
@@ -202,7 +210,7 @@ def test_status_is_computed_not_remembered():
     stages = [record(FIRST, 1)]
     edited = {"phase": "Succeeded-ish", "stages": stages, "message": "hacked", "progress": 7}
     d = R.decide(observed(stages, (job(FIRST, 1),), status=edited, progress=(FIRST.key, 1.7)))
-    assert d.status["phase"] == R.RUNNING and d.status["message"] == "running iter-00/seed-train"
+    assert d.status["phase"] == R.RUNNING and d.status["message"] == f"running {FIRST.key}"
     assert d.status["progress"] == 1.0
     assert R.merge_patch(edited, d.status)["phase"] == R.RUNNING
 
@@ -222,7 +230,7 @@ def test_events_follow_status_transitions():
     succeeded is one StageStarted Event naming both; nothing new, no Event."""
     d = R.decide(observed([record(FIRST, 1)], (job(FIRST, 1, "succeeded"),), manifests={FIRST.key: manifest()}))
     assert [(e.reason, e.message) for e in d.events] == [
-        ("StageStarted", f"{SECOND.key} attempt 1: Job r-i01-generate-a1 (after {FIRST.key} succeeded)")]
+        ("StageStarted", f"{SECOND.key} attempt 1: Job r-i00-{SECOND.stage}-a1 (after {FIRST.key} succeeded)")]
     again = R.decide(dataclasses.replace(observed([record(FIRST, 1)], (job(FIRST, 1),)),
                                          status={"phase": R.RUNNING, "stages": [record(FIRST, 1)],
                                                  **{k: v for k, v in d.status.items() if k != "stages"}}))
