@@ -47,7 +47,7 @@ async def test_job_succeeding_without_manifest_is_retried_a_bounded_number_of_ti
         assert await finish(cluster, "nomanifest", timeout=30) == "Failed"
         await asyncio.sleep(1.0)  # nothing more is created afterwards
         await op.stop()
-    assert cluster.all_jobs_ever() == ["nomanifest-i00-seed-train-a1", "nomanifest-i00-seed-train-a2"]
+    assert cluster.all_jobs_ever() == ["nomanifest-i00-validate-a1", "nomanifest-i00-validate-a2"]
     run = cluster.run("nomanifest")
     assert "failed 2 times" in run["status"]["message"] and "wrote no manifest" in run["status"]["message"]
 
@@ -57,7 +57,7 @@ async def test_job_of_another_owner_is_not_taken_for_the_runs_own(cluster):
     new run wait forever on the stranger's Job. Now the run says so; and `team.a` and `team-a` no longer share Job
     names."""
     stranger = {"apiVersion": "batch/v1", "kind": "Job",
-                "metadata": {"name": "clash-i00-seed-train-a1", "namespace": "ns",
+                "metadata": {"name": "clash-i00-validate-a1", "namespace": "ns",
                              "ownerReferences": [{"apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun",
                                                   "name": "clash", "uid": "an-older-run", "controller": True}]},
                 "spec": {"suspend": True, "template": {"spec": {"containers": []}}}}
@@ -77,7 +77,7 @@ async def test_job_of_another_owner_is_not_taken_for_the_runs_own(cluster):
         assert await finish(cluster, "team-a", timeout=30) == "Succeeded"
         await op.stop()
     jobs = {n for n in cluster.jobs() if n.startswith("team")}
-    assert len(jobs) == 2, jobs
+    assert len(jobs) == 4, jobs  # validate and seed-train of each run, none shared
 
 
 async def test_storage_client_refusing_the_spec_gets_a_status(cluster):
@@ -134,7 +134,7 @@ async def test_pending_pod_shows_its_reason_and_times_out(cluster, s3_env):
         await wait_for(lambda: "ImagePullBackOff" in cluster.run("stuck")["status"]["message"], 10, "a repair")
         assert await finish(cluster, "stuck", timeout=60) == "Succeeded"
         await op.stop()
-    seed = stages(cluster, "stuck")["iter-00/seed-train"]
+    seed = stages(cluster, "stuck")["iter-00/validate"]
     assert (seed["attempts"], seed["failures"]) == (2, 1)
     failed = [e["message"] for e in cluster.events() if e["reason"] == "StageFailed"]
     assert any("ImagePullBackOff" in m and "pending timeout" in m for m in failed), failed
@@ -164,10 +164,10 @@ async def test_orphaned_pods_stop_before_the_next_attempt(cluster, s3_env):
         await op.start()
         await cluster.create_run(tiny_run("orphan", FAKE, s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"], iterations=0,
                                           heldout=False))
-        await wait_for(lambda: "orphan-i00-seed-train-a1-0-1" in harness._pod_procs, 30, "the first pod to run")
-        status, _ = await cluster.request("DELETE", "/apis/batch/v1/namespaces/ns/jobs/orphan-i00-seed-train-a1")
-        assert status == 200 and cluster.emulator.deletions["orphan-i00-seed-train-a1"] == ""  # orphans its pod
+        await wait_for(lambda: "orphan-i00-validate-a1-0-1" in harness._pod_procs, 30, "the first pod to run")
+        status, _ = await cluster.request("DELETE", "/apis/batch/v1/namespaces/ns/jobs/orphan-i00-validate-a1")
+        assert status == 200 and cluster.emulator.deletions["orphan-i00-validate-a1"] == ""  # orphans its pod
         assert await finish(cluster, "orphan", timeout=60) == "Succeeded"
         await op.stop()
-    assert harness.ended["orphan-i00-seed-train-a1-0-1"] <= harness.created["orphan-i00-seed-train-a2"]
-    assert (stages(cluster, "orphan")["iter-00/seed-train"]["attempts"]) == 2
+    assert harness.ended["orphan-i00-validate-a1-0-1"] <= harness.created["orphan-i00-validate-a2"]
+    assert (stages(cluster, "orphan")["iter-00/validate"]["attempts"]) == 2
