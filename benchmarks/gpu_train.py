@@ -155,8 +155,8 @@ def run_variant(name: str, model_dir: str, data: str, size: Size, processes: int
     args = TrainArgs(model=model_dir, pairs=data, output=output, epochs=1.0, batch_size=size.batch_size,
                      per_device_batch_size=size.micro_batch_size, max_length=size.max_length,
                      max_prompt_length=size.max_prompt_length, learning_rate=1e-6, refinement=True,
-                     extrapolation=0.5, save_steps=0, processes=processes, strategy=strategy,
-                     checkpoint_every_minutes=0)
+                     extrapolation=0.5, checkpoint_every_steps=0, checkpoint_every_minutes=0, processes=processes,
+                     strategy=strategy)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "workers"),
                                                         os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

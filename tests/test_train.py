@@ -91,7 +91,7 @@ def pairs(tmp_path_factory) -> dict[str, str]:
     for i, rows in enumerate((judged[:9], judged[9:])):
         shard = Path(contract.shard_dir(str(judge), i, 2))
         write_jsonl(str(shard / contract.PAIRS_FILE), rows)
-        (shard / contract.MANIFEST).write_text("{}")
+        (shard / contract.MANIFEST).write_text(contract.StageManifest(stage=contract.JUDGE, files={}).to_json())
     return {"gold": str(root / "gold.jsonl"), "judge": str(judge)}
 
 

@@ -40,7 +40,9 @@ def fake_vllm(monkeypatch):
 def test_engine_is_built_with_the_tensor_parallel_size(fake_vllm):
     with vllm_engine.engine("/models/m", max_model_len=64, seed=3, tensor_parallel_size=4) as llm:
         assert fake_vllm.made == [{"model": "/models/m", "dtype": "float32", "enforce_eager": True,
-                                   "max_model_len": 64, "seed": 3, "tensor_parallel_size": 4}]
+                                   "max_model_len": 64, "seed": 3, "tensor_parallel_size": 4,
+                                   # CPU: no chunked prefill (per-request seeds), a step that holds a whole prompt
+                                   "enable_chunked_prefill": False, "max_num_batched_tokens": 2048}]
     assert llm.stopped
     with vllm_engine.engine("/models/m", max_model_len=64):
         assert fake_vllm.made[-1]["tensor_parallel_size"] == 1

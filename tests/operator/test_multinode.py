@@ -28,7 +28,7 @@ def gang_job(tmp_path, nodes: int = 2) -> dict:
                     "iterations": {"count": 1, "promptsPerIteration": 4},
                     "resources": {"seedTrain": {"nodes": nodes, "scratch": "1Gi"}}}}
     spec = parse_run(doc).spec
-    seed = stage_graph(spec, str(tmp_path / "runs"))[0]
+    seed = next(s for s in stage_graph(spec, str(tmp_path / "runs")) if s.stage == "seed-train")
     _service, job = jobs.build_stage_objects(seed, 1, RUN, spec)
     return job
 
