@@ -27,13 +27,16 @@ against the SFT's answer j of the same prompt, a separate fixed-seed sample) by 
 errors with prompts as the units (a prompt's answers correlate). Per SPA iteration: the judge's held-out agreement
 (evaluate stage) and how its own chosen/rejected pairs compare under the gold score.
 
-Why the --full sizes (CONFIG): on 2 cores a DPO step of 8 pairs x ~200 tokens takes ~30-40 s and sampling runs at
-~0.5 answers/s per core at 48 new tokens, so evaluation (5 models x 300 prompts x 2 answers) is about half the
-budget; SPA's iterations (100 + 200 prompts: 600 answers sampled, judged, ~150 pairs trained), DPO on all ~200
-labelled pairs and the SFT sampling of the pool (420 prompts) and held-out set (100) share the other half. 48 new
-tokens and instructions that fit short answers keep truncation rare; LoRA (r 16) at learning rate 5e-5 moves a
-135M model within a few dozen steps. A third iteration (~30 more minutes): `--set spa_iterations=3
---set 'prompts_per_iteration=[100,200,300]' --set pool_prompts=720`.
+Why the --full sizes (CONFIG). On 2 cores a DPO step of 8 pairs x ~200 tokens takes ~35-40 s (issue 13's
+measurement) and sampling is the larger cost: every answer is up to `max_new_tokens` decoding steps of a 135M model.
+The issue's floor for the evaluation (300 prompts x 2 answers per model, 5 models + the SFT opponent: 3,600 answers)
+is about half the budget, so the rest is sized to match it: a pool of 320 prompts (the SFT model answers them twice:
+~140 gold pairs, a 16-prompt seed of ~7 pairs = 5%), 80 held-out prompts, SPA iterations on 100 and 200 prompts
+(600 answers sampled and judged, ~300 pairs trained), DPO on all ~140 pairs for one epoch. 40 new tokens and
+instructions that fit short answers keep truncation down; LoRA (r 16) at learning rate 5e-5 moves a 135M model in a
+few dozen steps. Estimate: ~95 min of one core for sampling, ~60 for training, ~15 for judging and held-out
+evaluation, two conditions at a time: ~90 min. A third iteration (~30 more minutes): `--set spa_iterations=3
+--set 'prompts_per_iteration=[100,200,300]' --set pool_prompts=620`.
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ MODEL = CACHE / "smollm2-135m-instruct"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 CONFIG = {
-    "pool_prompts": 420, "seed_prompts": 20, "seed_max_fraction": 0.05, "heldout_prompts": 100,
-    "eval_prompts": 300, "eval_samples": 2, "temperature": 0.7, "max_new_tokens": 48, "min_observations": 10,
+    "pool_prompts": 320, "seed_prompts": 16, "seed_max_fraction": 0.05, "heldout_prompts": 80,
+    "eval_prompts": 300, "eval_samples": 2, "temperature": 0.7, "max_new_tokens": 40, "min_observations": 10,
     "spa_iterations": 2, "prompts_per_iteration": [100, 200], "responses_per_prompt": 2,
     "iteration_temperature": 0.7, "learning_rate": 5e-5, "beta": 0.1, "batch_size": 8, "seed_epochs": 3,
     "all_epochs": 1, "lora_r": 16, "lora_alpha": 32, "max_length": 192, "max_prompt_length": 128,
@@ -69,8 +72,8 @@ CONFIG = {
 }
 # --quick: every stage and condition on the real model and checker, sizes that only prove the wiring
 QUICK = {
-    "pool_prompts": 8, "seed_prompts": 4, "seed_max_fraction": 1.0, "heldout_prompts": 3, "eval_prompts": 3,
-    "max_new_tokens": 12, "spa_iterations": 1, "prompts_per_iteration": [3], "batch_size": 4, "seed_epochs": 1,
+    "pool_prompts": 8, "seed_prompts": 4, "seed_max_fraction": 1.0, "heldout_prompts": 6, "eval_prompts": 3,
+    "max_new_tokens": 16, "spa_iterations": 1, "prompts_per_iteration": [3], "batch_size": 4, "seed_epochs": 1,
     "lora_r": 4, "lora_alpha": 8,
 }
 SEED = 0
@@ -212,11 +215,10 @@ class Bench(Runs):
         allowed = sorted(ARGS)
         pool = make_prompts(rng, c["pool_prompts"], allowed, taken)
         heldout = make_prompts(rng, c["heldout_prompts"], allowed, taken)
-        self.write_prompts("pool", pool)
-        self.write_prompts("heldout", heldout)
-        temp = c["iteration_temperature"]
-        pool_rows = self.gen(self.sft, "pool", self.data / "gen-pool", 2, 11, temp)
-        held_rows = self.gen(self.sft, "heldout", self.data / "gen-heldout", 2, 13, temp)
+        # the SFT model answers the pool and the held-out prompts in one generate stage (one model load)
+        self.write_prompts("sft-sample", pool + heldout)
+        rows = self.gen(self.sft, "sft-sample", self.data / "gen-sft-sample", 2, 11, c["iteration_temperature"])
+        pool_rows, held_rows = rows[: len(pool)], rows[len(pool):]
         # instructions the SFT model never follows give no signal: drop them and their prompts everywhere
         rates = instruction_rates(pool_rows + held_rows, self.prompts)
         dropped = sorted(i for i, (ok, n) in rates.items() if ok == 0 and n >= c["min_observations"])
@@ -237,22 +239,30 @@ class Bench(Runs):
                              "raise seed_prompts")
         write_jsonl(self.data / "seed_pairs.jsonl", seed_pairs)
         write_jsonl(self.data / "all_pairs.jsonl", all_pairs)
-        write_jsonl(self.data / "heldout_pairs.jsonl", gold_pairs(held_rows, self.prompts))
+        heldout_pairs = gold_pairs(held_rows, self.prompts)
+        if not heldout_pairs:
+            raise SystemExit("real_model: the SFT model's answers to the held-out prompts never differ in gold score; "
+                             "raise heldout_prompts")
+        write_jsonl(self.data / "heldout_pairs.jsonl", heldout_pairs)
         iteration = [{"prompt": prompt_text(r)} for r in pool_rows if prompt_text(r) not in seed_texts]
         write_jsonl(self.data / "iteration_prompts.jsonl", iteration)
         evalp = make_prompts(rng, c["eval_prompts"], keep, taken)
         self.write_prompts("eval", evalp)
         self.info.update({"seed_pairs": len(seed_pairs), "all_pairs": len(all_pairs),
-                          "heldout_pairs": len(read_jsonl(self.data / "heldout_pairs.jsonl")),
+                          "heldout_pairs": len(heldout_pairs),
                           "iteration_prompts": len(iteration), "eval_prompts": len(evalp),
                           "seed_fraction": len(seed_pairs) / max(1, len(all_pairs)),
                           "pool_pairs_differ": len(all_pairs) / max(1, len(pool_rows))})
         if len(iteration) < sum(c["prompts_per_iteration"][: c["spa_iterations"]]):
             raise SystemExit(f"real_model: {len(iteration)} iteration prompts left after dropping {dropped}; "
                              "raise pool_prompts")
-        # the opponent: the SFT model's answers to the evaluation prompts (fixed sampling seed)
-        self.opponent = self.gen(self.sft, "eval", self.data / "gen-sft-opponent", c["eval_samples"], 99,
-                                 c["temperature"])
+        # The SFT model's answers to the evaluation prompts, in one generate stage: the first `eval_samples` of each
+        # prompt are the opponent every model is compared with, the others are the SFT model's own scored answers.
+        k = c["eval_samples"]
+        rows = self.gen(self.sft, "eval", self.data / "gen-sft-eval", 2 * k, 99, c["temperature"])
+        self.opponent = [{**r, "responses": r["responses"][:k]} for r in rows]
+        own = [{**r, "responses": r["responses"][k:]} for r in rows]
+        self.scores[str(self.sft.resolve())] = score(own, self.opponent, self.prompts)
 
     def manifest(self, name: str, iterations: int, seed_file: str, gate: dict | None = None,
                  seed_epochs: float | None = None) -> Path:
