@@ -101,7 +101,9 @@ class Runs:
         t = time.time()
         for stage, source in (copy or {}).items():
             src, dst = self.root(source) / stage, self.root(name) / stage
-            if (src / "_SUCCESS.json").exists() and not dst.exists():
+            # a sharded stage (generate, judge) has its manifests in shard-*/ only
+            done = (src / "_SUCCESS.json").exists() or any(src.glob("shard-*/_SUCCESS.json"))
+            if done and not dst.exists():
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copytree(src, dst)
         sh([sys.executable, "-m", "spa_operator.cli", "run", str(manifest), "--storage", str(self.storage)],

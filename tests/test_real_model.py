@@ -5,6 +5,7 @@ answer: not quality (that is `--full`'s table, benchmarks/results/real-model.md)
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -19,17 +20,16 @@ BENCH = ROOT / "benchmarks"
 SCORES = ("gold", "prompt_strict", "instruction_strict", "win_rate")
 
 
-def _checks_module():
+def _bench_module(name: str):
     sys.path.insert(0, str(BENCH))
     try:
-        import ifeval_prompts
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
-    return ifeval_prompts
 
 
 def test_the_gold_judge_is_ifevals_checker_on_the_prompts_it_wrote():
-    ip = _checks_module()
+    ip = _bench_module("ifeval_prompts")
     import random
 
     p = ip.Prompt("Write about tea. In your entire response, refrain from the use of any commas. Your entire "
@@ -47,7 +47,7 @@ def test_the_gold_judge_is_ifevals_checker_on_the_prompts_it_wrote():
         assert all(ip.INSTRUCTION_CONFLICTS[a].isdisjoint(set(q.instruction_ids) - {a}) for a in q.instruction_ids)
 
 
-def test_quick_runs_every_condition_on_the_real_model_and_checker(tmp_path):
+def test_quick_runs_every_condition_on_the_real_model_and_checker(tmp_path, monkeypatch):
     out = tmp_path / "quick.json"
     proc = subprocess.run([sys.executable, str(BENCH / "real_model.py"), "--quick", "--fresh", "--out", str(out)],
                           capture_output=True, text=True, timeout=1500, cwd=ROOT)
@@ -68,3 +68,12 @@ def test_quick_runs_every_condition_on_the_real_model_and_checker(tmp_path):
                 assert "train" in row, where
     for it in conds["spa"]:  # the judge's pairs of every iteration were compared by the gold checker
         assert conds["spa"][it]["judge_vs_gold"]["pairs"] >= 1
+    # --full's last step, the table and the picture, on these results
+    report = _bench_module("real_model_report")
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "DOCS", tmp_path)
+    report.render(data)
+    md = (tmp_path / "real-model.md").read_text()
+    for label in ("SFT", "DPO on the seed", "DPO on 100% of the labels", "SPA iteration 1"):
+        assert f"| {label} |" in md
+    assert (tmp_path / "real-model.png").stat().st_size > 0
