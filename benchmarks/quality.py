@@ -17,9 +17,8 @@ iterations take the rest of the pool, in order, as unlabelled prompts (`data.pro
 
 Conditions: every one is an AlignmentRun manifest run by `spa run` (iterations.count 0 = DPO only). The seed-train
 stage is identical in every SPA run of a seed, so it runs once (in `dpo-seed`) and its directory is copied into the
-other runs' roots before they start; iteration 1's generate stage is identical in the SPA ablations, and so is its
-judge stage except with the previous model as the judge's reference, so they are copied from `spa` the same way
-(`spa run` skips a stage whose _SUCCESS.json exists).
+other runs' roots before they start; iteration 1's generate and judge stages are identical in the SPA ablations, so
+they are copied from `spa` the same way (`spa run` skips a stage whose _SUCCESS.json exists).
 
 SPA with the gate: the planner's own gate (`spa_operator.planner.gate_verdict`, spec.gate = CONFIG["gate"]) applied
 to each seed's `spa` run. A gated run's stages are the `spa` run's stages up to where the gate stops it (the gate
@@ -398,10 +397,7 @@ def main() -> int:
             for name in ABLATIONS:
                 if name in only:
                     n = CONFIG["ablation_iterations"]
-                    # with the previous model as reference iteration 1's judge differs (π_0, not π_init)
-                    copy = {k: v for k, v in abl_copy.items()
-                            if not (name == "spa-ref-previous" and k == "iter-01/judge")}
-                    sched.add(f"{sd}/{name}", lambda j=jobs[sd], name=name, n=n, copy=copy: j["run"](name, n, copy),
+                    sched.add(f"{sd}/{name}", lambda j=jobs[sd], name=name, n=n: j["run"](name, n, abl_copy),
                               after=(f"{sd}/spa",))
     sched.results()
     elapsed = time.time() - t0
