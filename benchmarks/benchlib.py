@@ -99,16 +99,23 @@ class Runs:
     def spa_run(self, name: str, manifest: Path, copy: dict[str, str] | None = None) -> float:
         """`spa run` the manifest; `copy` maps stage dirs (iter-XX/stage) to the run they are copied from."""
         t = time.time()
-        for stage, source in (copy or {}).items():
+        self.copy_stages(name, copy or {})
+        sh([sys.executable, "-m", "spa_operator.cli", "run", str(manifest), "--storage", str(self.storage)],
+           self.log_of(name))
+        return time.time() - t
+
+    def copy_stages(self, name: str, copy: dict[str, str]) -> list[str]:
+        """Copy finished stage dirs (iter-XX/stage -> the run they come from) into run `name`; the ones copied."""
+        copied = []
+        for stage, source in copy.items():
             src, dst = self.root(source) / stage, self.root(name) / stage
             # a sharded stage (generate, judge) has its manifests in shard-*/ only
             done = (src / "_SUCCESS.json").exists() or any(src.glob("shard-*/_SUCCESS.json"))
             if done and not dst.exists():
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copytree(src, dst)
-        sh([sys.executable, "-m", "spa_operator.cli", "run", str(manifest), "--storage", str(self.storage)],
-           self.log_of(name))
-        return time.time() - t
+                copied.append(stage)
+        return copied
 
     def log_of(self, name: str) -> Path:
         return self.work / "logs" / f"{name}.log"

@@ -77,3 +77,19 @@ def test_quick_runs_every_condition_on_the_real_model_and_checker(tmp_path, monk
     for label in ("SFT", "DPO on the seed", "DPO on 100% of the labels", "SPA iteration 1"):
         assert f"| {label} |" in md
     assert (tmp_path / "real-model.png").stat().st_size > 0
+
+
+def test_finished_stages_are_copied_between_runs_sharded_ones_too(tmp_path):
+    """The benchmarks reuse identical stages across runs (seed-train; SPA's stages in the gated run): a sharded
+    stage's manifests are per shard, and an unfinished stage is never copied."""
+    runs = _bench_module("benchlib").Runs()
+    runs.storage = tmp_path
+    src = runs.root("spa")
+    for d in ("iter-00/seed-train", "iter-01/generate/shard-00000-of-00001", "iter-01/judge/shard-00000-of-00001"):
+        (src / d).mkdir(parents=True)
+        (src / d / "_SUCCESS.json").write_text("{}")
+    (src / "iter-01/train").mkdir(parents=True)  # started, no manifest
+    stages = {s: "spa" for s in ("iter-00/seed-train", "iter-01/generate", "iter-01/judge", "iter-01/train")}
+    assert runs.copy_stages("gated", stages) == ["iter-00/seed-train", "iter-01/generate", "iter-01/judge"]
+    assert (runs.root("gated") / "iter-01/judge/shard-00000-of-00001/_SUCCESS.json").exists()
+    assert not (runs.root("gated") / "iter-01/train").exists()
