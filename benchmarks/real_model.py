@@ -29,13 +29,14 @@ errors with prompts as the units (a prompt's answers correlate). Per SPA iterati
 
 Why the --full sizes (CONFIG). On 2 cores a DPO step of 8 pairs x ~200 tokens takes ~35-40 s (issue 13's
 measurement) and sampling is the larger cost: every answer is up to `max_new_tokens` decoding steps of a 135M model.
-The issue's floor for the evaluation (300 prompts x 2 answers per model, 5 models + the SFT opponent: 3,600 answers)
-is about half the budget, so the rest is sized to match it: a pool of 320 prompts (the SFT model answers them twice:
-~140 gold pairs, a 16-prompt seed of ~7 pairs = 5%), 80 held-out prompts, SPA iterations on 100 and 200 prompts
-(600 answers sampled and judged, ~300 pairs trained), DPO on all ~140 pairs for one epoch. 40 new tokens and
-instructions that fit short answers keep truncation down; LoRA (r 16) at learning rate 5e-5 moves a 135M model in a
-few dozen steps. Estimate: ~95 min of one core for sampling, ~60 for training, ~15 for judging and held-out
-evaluation, two conditions at a time: ~90 min. A third iteration (~30 more minutes): `--set spa_iterations=3
+The issue's floor for the evaluation (300 prompts x 2 answers per model: 4 trained models, the SFT model and its
+opponent answers, 3,600 answers) is about half the budget, so the rest is sized to match it: a pool of 320 prompts
+(the SFT model answers them twice: ~140 gold pairs, a 16-prompt seed of ~7 pairs = 5%), 80 held-out prompts, SPA
+iterations on 100 and 200 prompts (600 answers sampled and judged, ~300 pairs trained), DPO on all ~140 pairs for one
+epoch. 40 new tokens and instructions that fit short answers keep truncation down; LoRA (r 16) at learning rate 5e-5
+moves a 135M model in a few dozen steps. Estimate (not yet timed on a quiet machine; the JSON records each
+condition's wall time): ~95 min of one core for sampling, ~60 for training, ~15 for judging and held-out evaluation,
+two conditions at a time: ~90 min. A third iteration (~30 more minutes): `--set spa_iterations=3
 --set 'prompts_per_iteration=[100,200,300]' --set pool_prompts=620`.
 """
 
