@@ -23,7 +23,7 @@ def rows_of(data: dict) -> list[tuple[str, str, str, dict]]:
     for it, row in sorted(conds.get("spa", {}).items(), key=lambda kv: int(kv[0])):
         out.append((f"spa-{it}", f"SPA iteration {it}", seed_share, row))
     for it, row in conds.get("spa-gate", {}).items():
-        out.append(("spa-gate", f"SPA with the gate (stopped with iteration {it}'s model)", seed_share, row))
+        out.append(("spa-gate", f"SPA with the gate (publishes iteration {it}'s model)", seed_share, row))
     return out
 
 
