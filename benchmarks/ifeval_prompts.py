@@ -25,10 +25,13 @@ TOPICS = [
     "the desert", "a museum", "snow", "a small town", "breakfast", "a dog", "a cat", "the sea breeze", "a river",
     "the internet", "a campfire", "an old photograph", "a thunderstorm", "the city at night", "a road trip",
 ]
+# Tasks a short answer completes: with "a short paragraph", "a poem" or "a diary entry" SmolLM2 ran past 40 new
+# tokens on 78% of its answers, and a cut answer fails "end with ..." or "P.S." whatever it would have done.
 TASKS = [
-    "Write a short paragraph about {t}.", "Describe {t} in two sentences.", "Write a short poem about {t}.",
-    "Give a friend one tip about {t}.", "Write a one-line story about {t}.", "Explain why people like {t}.",
-    "Write a short advertisement for {t}.", "Write a diary entry about {t}, in brief.",
+    "Describe {t} in one sentence.", "Write a one-line story about {t}.", "Give a friend one short tip about {t}.",
+    "Write a one-sentence advertisement for {t}.", "Write a two-line poem about {t}.",
+    "Say in one sentence why people like {t}.", "Name one good thing about {t}, briefly.",
+    "Write a short headline about {t}.",
 ]
 WORDS = ["happy", "green", "light", "simple", "quiet", "warm", "bright", "small", "gentle", "fresh"]
 END_PHRASES = ["Is there anything else I can help with?", "Any other questions?", "That is all."]
