@@ -36,8 +36,8 @@ iterations on 100 and 200 prompts (600 answers sampled and judged, ~300 pairs tr
 epoch. 40 new tokens and instructions that fit short answers keep truncation down; LoRA (r 16) at learning rate 5e-5
 moves a 135M model in a few dozen steps. Estimate (not yet timed on a quiet machine; the JSON records each
 condition's wall time): 5,000 answers sampled in all, ~27 tokens each (a quarter reach the 40-token cap), at
-~10-14 tokens/s measured on one core of this machine while it was shared and about twice that on a quiet core: ~80
-min of one core; ~60 for training, ~15 for judging and held-out evaluation; two stages at a time: ~80-90 min.
+~10-14 tokens/s measured on one core of this machine while it was shared and about twice that on a quiet core: ~95
+min of one core; ~60 for training, ~15 for judging and held-out evaluation; two stages at a time: ~85-90 min.
 A third iteration (~30 more minutes): `--set spa_iterations=3 --set 'prompts_per_iteration=[100,200,300]'
 --set pool_prompts=620`.
 """
