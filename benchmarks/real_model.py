@@ -73,9 +73,11 @@ CONFIG = {
     "all_epochs": 1, "lora_r": 16, "lora_alpha": 32, "max_length": 192, "max_prompt_length": 128,
     "gate": {"metric": "heldoutAgreement", "maxDrop": 0.05},  # the README's recommended setting
 }
-# --quick: every stage and condition on the real model and checker, sizes that only prove the wiring
+# --quick: every stage and condition on the real model and checker, sizes that only prove the wiring. The seed and
+# held-out prompts must yield at least one pair whose answers differ in gold score (about 1 in 2 or 3 here): with
+# 8 and 12 prompts, all-ties has a chance under 1% even where another CPU samples other answers.
 QUICK = {
-    "pool_prompts": 8, "seed_prompts": 4, "seed_max_fraction": 1.0, "heldout_prompts": 6, "eval_prompts": 3,
+    "pool_prompts": 12, "seed_prompts": 8, "seed_max_fraction": 1.0, "heldout_prompts": 12, "eval_prompts": 3,
     "max_new_tokens": 16, "spa_iterations": 1, "prompts_per_iteration": [3], "batch_size": 4, "seed_epochs": 1,
     "lora_r": 4, "lora_alpha": 8,
 }
