@@ -101,18 +101,8 @@ def trained(tiny, pairs, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("stages")
     seed_out, it_out = str(root / "seed"), str(root / "iter1")
-    seed = run_worker(
-        "seed-train",
-        "--model",
-        tiny["model"],
-        "--pairs",
-        pairs["gold"],
-        "--output",
-        seed_out,
-        "--epochs",
-        "2",
-        *COMMON,
-    )
+    seed_argv = ["seed-train", "--model", tiny["model"], "--pairs", pairs["gold"], "--epochs", "2", *COMMON]
+    seed = run_worker(*seed_argv, "--output", seed_out)
     assert seed.returncode == 0, seed.stderr[-3000:]
     train_argv = [
         "train",
@@ -125,7 +115,8 @@ def trained(tiny, pairs, tmp_path_factory) -> dict:
     ]
     it = run_worker(*train_argv, "--output", it_out)
     assert it.returncode == 0, it.stderr[-3000:]
-    return {"seed": seed_out, "iter": it_out, "train_argv": train_argv, "seed_proc": seed, "iter_proc": it}
+    return {"seed": seed_out, "iter": it_out, "seed_argv": seed_argv, "train_argv": train_argv, "seed_proc": seed,
+            "iter_proc": it}
 
 
 # --- (a) one real TRL step
@@ -309,11 +300,7 @@ def test_seed_train_and_train_through_the_cli(trained, tiny):
 def test_second_run_is_a_no_op(trained, worker):
     for stage, stage_dir in (("seed-train", trained["seed"]), ("train", trained["iter"])):
         before = Path(stage_dir, contract.MANIFEST).read_bytes()
-        argv = (
-            trained["train_argv"]
-            if stage == "train"
-            else ["seed-train", "--model", "unused-model-path", "--pairs", "unused.jsonl", *COMMON]
-        )
+        argv = trained["train_argv"] if stage == "train" else trained["seed_argv"]  # the same command again
         proc = worker(*argv, "--output", stage_dir)
         assert proc.returncode == 0, proc.stderr
         assert "already has a manifest" in proc.stderr

@@ -23,8 +23,14 @@ RUN = jobs.RunRef(name="gang", namespace="ns", uid="6f1c0a52-0000-4000-8000-0000
 
 
 def gang_job(tmp_path, nodes: int = 2) -> dict:
+    # Local inputs the stub worker can fingerprint (it reads them, as the real worker does, but trains nothing).
+    (tmp_path / "sft").mkdir(exist_ok=True)
+    (tmp_path / "sft" / "config.json").write_text("{}")
+    for name in ("seed.jsonl", "prompts.jsonl"):
+        (tmp_path / name).write_text("{}\n")
     doc = {"apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun", "metadata": {"name": "gang"},
-           "spec": {"model": {"sft": "s3://m/sft"}, "data": {"seed": "s3://d/s", "prompts": "s3://d/p"},
+           "spec": {"model": {"sft": str(tmp_path / "sft")},
+                    "data": {"seed": str(tmp_path / "seed.jsonl"), "prompts": str(tmp_path / "prompts.jsonl")},
                     "iterations": {"count": 1, "promptsPerIteration": 4},
                     "resources": {"seedTrain": {"nodes": nodes, "scratch": "1Gi"}}}}
     spec = parse_run(doc).spec
