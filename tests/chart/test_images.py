@@ -38,7 +38,7 @@ def pip_extras(path: Path) -> set[str]:
 
 @pytest.mark.parametrize(("dockerfile", "base", "extras", "entrypoint"), [
     ("Dockerfile", "python:", {"operator"}, "spa-operator"),
-    ("Dockerfile.worker", "nvidia/cuda:", {"worker", "vllm"}, "spa-worker"),
+    ("Dockerfile.worker", "nvidia/cuda:", {"worker", "vllm", "deepspeed"}, "spa-worker"),
 ])
 def test_dockerfile_uses_what_exists(dockerfile, base, extras, entrypoint):
     path = ROOT / dockerfile
