@@ -83,6 +83,23 @@ def test_plan_lists_every_stage_with_inputs_and_outputs(tmp_path, tiny):
     assert "spa-worker generate" in proc.stdout and "--slice-end 16" in proc.stdout
 
 
+def test_run_with_two_training_processes(tmp_path, tiny):
+    """`spa run --processes 2`: the train stages launch two processes, sharded (auto: fsdp for full-parameter)."""
+    doc = yaml.safe_load(_write_run(tmp_path, tiny).read_text())
+    doc["spec"]["iterations"] = {"count": 0}
+    run = tmp_path / "run0.yaml"
+    run.write_text(yaml.safe_dump(doc))
+    proc = spa("run", str(run), "--storage", str(tmp_path / "store"), "--processes", "2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    seed = tmp_path / "store" / "ns" / "e2e" / "iter-00" / "seed-train"
+    manifest = contract.StageManifest.from_json((seed / contract.MANIFEST).read_text())
+    assert manifest.counts[contract.ManifestKeys.PROCESSES] == 2
+    assert manifest.counts[contract.ManifestKeys.EFFECTIVE_BATCH] == 8
+    assert manifest.args[manifest.args.index("--strategy") + 1] == "fsdp"
+    log = next((tmp_path / "store" / "ns" / "e2e" / "logs").glob("iter-00-seed-train-a1*.log")).read_text()
+    assert "DTensor shards" in log  # each rank checked that its parameters really are sharded
+
+
 def test_run_on_s3_storage(tmp_path, tiny, s3_env):
     """The whole loop with every artifact in S3 (moto server): models are read back from S3 by URI."""
     run = _write_run(tmp_path, tiny)
