@@ -25,18 +25,17 @@ only rank R dies, by SIGKILL.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from spa_workers import checkpoints, contract, data, launch, modeling, runner, storage
 from spa_workers.contract import ManifestKeys, StageInputError, TrainArgs
+from spa_workers.spa_trainer import Refinement, trainer_class
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -45,25 +44,7 @@ LOG_FILE = "train_log.jsonl"
 STOP_AFTER_ENV = "SPA_TRAIN_STOP_AFTER_STEPS"
 STOP_RANK_ENV = "SPA_TRAIN_STOP_RANK"
 STOP_EXIT_CODE = 75
-# Linear LR warm-up over this fraction of the steps, then cosine decay: the alignment-handbook recipe that the
-# official SPA code trains with.
-LR_WARMUP_RATIO = 0.1
-EXTRAPOLATION_CHUNK_TOKENS = 256  # labelled tokens per float32 log-softmax in the λ path; bounds that copy
-
-
-_NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
 _DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".pq")
-
-
-@dataclass(frozen=True)
-class Refinement:
-    """SPA self-refinement settings (None on the trainer means plain DPO)."""
-
-    low_confidence_fraction: float = 0.1
-    smoothing: float = 0.1
-    warmup_fraction: float = 0.2
-    window: int = 50
-    extrapolation: float = 0.0
 
 
 def run(args: TrainArgs) -> int:
@@ -115,231 +96,6 @@ def training_rows(
 
 
 # --- the trainer ---
-
-
-def _identity(x):
-    """The "head" for logits that are already logits (completion_logps projects hidden states otherwise)."""
-    return x
-
-
-@functools.cache
-def trainer_class():
-    """The DPOTrainer subclass, built lazily: importing TRL costs seconds, and a finished stage needs none."""
-    import torch
-    import torch.nn.functional as F
-    from accelerate.utils import is_peft_model
-    from trl import DPOTrainer
-    from trl.models.utils import disable_gradient_checkpointing
-    from trl.trainer.utils import use_adapter
-
-    from spa_workers.spa_loss import (
-        MarginWindow,
-        completion_logps,
-        dpo_margin,
-        self_refinement_losses,
-        warmup_alpha,
-    )
-
-    class SPATrainer(DPOTrainer):
-        """A DPOTrainer whose training loss is SPA's self-refinement loss (plain sigmoid DPO without it).
-
-        Policy log-probs come from TRL's fused-head forward, reference log-probs from `compute_ref_log_probs`
-        (the same reference handling as TRL: a separate model, or the adapter disabled under PEFT). With λ > 0
-        one no-grad pass of policy and reference backbones yields both the reference log-probs and the
-        extrapolated ones.
-        """
-
-        def __init__(self, *args: Any, refinement: Refinement | None = None, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.refinement = refinement
-            self.window = (
-                MarginWindow(refinement.window, refinement.low_confidence_fraction) if refinement else None
-            )
-            self.step_log: list[dict[str, Any]] = []  # one record per optimiser step, identical on all ranks
-            self._micro: list[dict[str, Any]] = []  # this step's micro-batches
-
-        def create_accelerator_and_postprocess(self) -> None:
-            super().create_accelerator_and_postprocess()
-            if launch.active_strategy() == "fsdp" and launch.under_launcher():
-                _force_fsdp(self.accelerator)
-                self.is_fsdp_enabled = True
-
-        # Warm-up length depends on the step count, which the Trainer knows only here. Floor (not ceil, as
-        # `warmup_steps` ratios do) so that a one-step run still moves the weights.
-        def create_scheduler(self, num_training_steps: int, optimizer=None):
-            self.args.warmup_steps = int(LR_WARMUP_RATIO * num_training_steps)
-            return super().create_scheduler(num_training_steps, optimizer)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs or not model.training:  # evaluation: TRL's own DPO loss
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            completion_mask = inputs["completion_mask"]
-            model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-            model_kwargs["use_cache"] = False
-            if self.aux_loss_enabled:
-                model_kwargs["output_router_logits"] = True
-            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-            seq_len = completion_mask.size(1) - 1
-            chosen, rejected = outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
-
-            lam = self.refinement.extrapolation if self.refinement else 0.0
-            extrapolated = None
-            if lam > 0:
-                ref_lp, ext_lp = self.extrapolated_logps(model, model_kwargs, labels, lam)
-                ref_chosen, ref_rejected = ref_lp.chunk(2, dim=0)
-                ext_chosen, ext_rejected = ext_lp.chunk(2, dim=0)
-                extrapolated = dpo_margin(ext_chosen, ext_rejected, ref_chosen, ref_rejected)
-            elif "ref_chosen_logps" in inputs:
-                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            else:
-                ref = self.ref_model if self.ref_model is not None else self.model
-                ref_chosen, ref_rejected = self.compute_ref_log_probs(ref, inputs)
-            margin = dpo_margin(chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype))
-
-            stats = None
-            if self.refinement:
-                r = self.refinement
-                alpha = warmup_alpha(
-                    self.state.global_step, self.state.max_steps, r.warmup_fraction, r.smoothing
-                )
-                losses, stats = self_refinement_losses(
-                    margin,
-                    extrapolated,
-                    beta=self.beta,
-                    alpha=alpha,
-                    window=self.window,
-                    gather=self.accelerator.gather,
-                )
-            else:
-                losses = -F.logsigmoid(self.beta * margin)
-            loss = losses.mean()
-            if self.aux_loss_enabled:
-                loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._record(losses, margin, stats)
-            return loss
-
-        def extrapolated_logps(self, model, model_kwargs, labels, lam: float):
-            """(reference, extrapolated) summed completion log-probs, per row, without gradient.
-
-            Both forwards go through the prepared (DDP / FSDP / DeepSpeed-wrapped) models: under sharding a
-            submodule or the LM head alone holds only this rank's shard, so only the wrapped forward sees whole
-            weights. That costs the (B, T, V) logits of each model, which the no-grad pass frees right away.
-            """
-            unwrapped = self.accelerator.unwrap_model(model)
-            kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
-            with (
-                torch.no_grad(),
-                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            ):
-                policy_logits = model(**kwargs).logits[:, :-1]
-                if self.ref_model is not None:
-                    ref_logits = self.ref_model(**kwargs).logits[:, :-1]
-                elif is_peft_model(unwrapped):  # the reference is the model with its adapter off (or TRL's "ref")
-                    with use_adapter(
-                        unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None
-                    ):
-                        ref_logits = model(**kwargs).logits[:, :-1]
-                else:
-                    raise RuntimeError(
-                        "λ-extrapolation needs a reference model (precomputed log-probs are not enough)"
-                    )
-                return completion_logps(
-                    policy_logits, ref_logits, _identity, _identity, labels[:, 1:], lam,
-                    chunk_tokens=EXTRAPOLATION_CHUNK_TOKENS,
-                )
-
-        def _record(self, losses, margin, stats) -> None:
-            gather = self.accelerator.gather
-            rec: dict[str, Any] = {"losses": gather(losses.detach().float()).cpu()}
-            if stats is None:
-                rec["margins"] = gather((self.beta * margin).detach().float()).cpu()
-            else:
-                rec.update(
-                    margins=stats.margins,
-                    scores=stats.scores,
-                    low=stats.low_confidence,
-                    threshold=stats.threshold,
-                    window_size=stats.window_size,
-                    alpha=stats.alpha,
-                )
-                thr = torch.tensor([stats.threshold], dtype=torch.float64, device=margin.device)
-                rec["rank_thresholds"] = gather(thr).cpu().tolist()  # proof that all ranks agree
-            self._micro.append(rec)
-            mode = "train"
-            self._metrics[mode]["rewards/accuracies"].append(float((rec["margins"] > 0).float().mean()))
-            self._metrics[mode]["rewards/margins"].append(float(rec["margins"].mean()))
-            if stats is not None:
-                self._metrics[mode]["spa/threshold"].append(stats.threshold)
-                self._metrics[mode]["spa/refined_fraction"].append(stats.refined_fraction)
-
-        def finish_step(self, lr: float | None) -> dict[str, Any]:
-            """Fold this optimiser step's micro-batches into one log record."""
-            micro, self._micro = self._micro, []
-            margins = torch.cat([m["margins"] for m in micro])
-            losses = torch.cat([m["losses"] for m in micro])
-            rec: dict[str, Any] = {
-                "step": self.state.global_step,
-                "epoch": self.state.epoch,
-                "lr": lr,
-                "samples": int(margins.numel()),
-                "loss": float(losses.mean()),
-                "reward_accuracy": float((margins > 0).float().mean()),
-                "margin_mean": float(margins.mean()),
-                "alpha": 0.0,
-                "refined_fraction": 0.0,
-                "threshold": None,
-            }
-            if self.refinement:
-                low = torch.cat([m["low"] for m in micro]).float()
-                refined = sum(float(m["low"].float().sum()) for m in micro if m["alpha"] > 0)
-                last = micro[-1]
-                rec.update(
-                    alpha=last["alpha"],
-                    threshold=last["threshold"],
-                    window_size=last["window_size"],
-                    refined_fraction=refined / max(1, margins.numel()),
-                    low_confidence_fraction=float(low.mean()),
-                    rank_thresholds=last["rank_thresholds"],
-                    thresholds=[m["threshold"] for m in micro],
-                    scores=torch.cat([m["scores"] for m in micro]).tolist(),
-                )
-            rec["margins"] = margins.tolist()
-            self.step_log.append(rec)
-            return rec
-
-        # Hooks the stage sets: `on_prepared()` once the models are wrapped (sharded), `on_step_record(record)`
-        # after each optimiser step, `checkpoint_sink(dir)` after the Trainer wrote a checkpoint locally. The
-        # end-of-training checkpoint is skipped: the stage saves the final model itself right after.
-        on_prepared = None
-        on_step_record = None
-        checkpoint_sink = None
-
-        def _save_checkpoint(self, model, trial):
-            if self.state.global_step >= self.state.max_steps:
-                return
-            super()._save_checkpoint(model, trial)
-            if self.checkpoint_sink is not None:
-                run_dir = self._get_output_dir(trial=trial)
-                self.checkpoint_sink(
-                    os.path.join(run_dir, f"{checkpoints.CHECKPOINT_PREFIX}{self.state.global_step}")
-                )
-
-    return SPATrainer
-
-
-def _force_fsdp(accelerator) -> None:
-    """Make accelerate's (process-wide) state FSDP where accelerate itself would not: on CPU (see launch.py).
-
-    accelerate builds the FSDP plugin from the launcher's FSDP_* environment but drops it when the distributed
-    type is MULTI_CPU; this puts it back, so that `prepare` shards with FSDP2 over gloo.
-    """
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    state = accelerator.state
-    if state.distributed_type == DistributedType.MULTI_CPU:
-        state.distributed_type = DistributedType.FSDP
-        state.fsdp_plugin = FullyShardedDataParallelPlugin()
 
 
 def _step_callback(trainer, cadence: checkpoints.Cadence):
