@@ -52,6 +52,9 @@ __all__ = ["ApiError", "Config", "Controller", "KubeApi", "Metrics", "api_error"
 
 RUNS = (crd.GROUP, crd.VERSION, crd.PLURAL)
 JOB_FILTER = {"labels": {jobs.LABEL_RUN_UID: kopf.PRESENT}}
+# The same filter, applied by the API server (labelSelector on list and watch): without it every Job and pod of the
+# cluster streams to the operator, and kopf drops all but the runs' own after receiving them.
+RUN_OBJECTS_SELECTOR = jobs.LABEL_RUN_UID
 FINALIZER = "spa.dev/finalizer"
 log = logging.getLogger("spa_operator")
 
@@ -541,6 +544,8 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: 
     settings.persistence.diffbase_storage = LeanDiffBaseStorage(prefix="spa.dev", key="last-handled-configuration")
     settings.posting.reporting_component = "spa-operator"
     settings.watching.server_timeout = 300
+    settings.watching.label_selectors["batch", "v1", "jobs"] = RUN_OBJECTS_SELECTOR
+    settings.watching.label_selectors["", "v1", "pods"] = RUN_OBJECTS_SELECTOR
     settings.networking.request_timeout = 60
     if ctl.cfg.metrics_port is not None:
         memo["http"] = await serve_http(ctl, ctl.cfg.metrics_host, ctl.cfg.metrics_port)

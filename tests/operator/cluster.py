@@ -1,7 +1,7 @@
 """A stand-in cluster for the operator tests: kmock's Kubernetes emulator over HTTP, made a little more like an API
-server (uids, resourceVersions, generations, CRD defaulting and validation), plus a harness that plays the Job
-controller and the kubelet: it runs each Job's container command as a local process with the Job's env and writes
-the Job's status, applying the Job's podFailurePolicy as Kubernetes would.
+server (uids, resourceVersions, generations, CRD defaulting and validation, labelSelector on list and watch), plus a
+harness that plays the Job controller and the kubelet: it runs each Job's container command as a local process with
+the Job's env and writes the Job's status, applying the Job's podFailurePolicy as Kubernetes would.
 
 A multi-node stage's Job (an Indexed Job whose pods name a subdomain) is a gang: the harness starts all its pods at
 once, whatever `max_pods` says (they must meet), resolves their `<job>-<index>.<subdomain>` names to 127.0.0.1 as
@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -64,11 +65,18 @@ class Emulator(kmock.KubernetesEmulator):
     _inflight: set[int] = attrs.field(factory=set, init=False)
     # (method, user agent, resource plural, subresource) of every request, for counting writes.
     log: list[tuple[str, str, str, str | None]] = attrs.field(factory=list, init=False)
+    # (user agent, resource plural, "list" or "watch", labelSelector or "") of every collection read.
+    reads: list[tuple[str, str, str, str]] = attrs.field(factory=list, init=False)
+    # (user agent, resource plural, namespace, name) of every object a list or watch sent to a client.
+    served: set[tuple[str, str, str, str]] = attrs.field(factory=set, init=False)
 
     async def _handle(self, request: Any) -> Any:
         plural = request.resource.plural if request.resource is not None else ""
-        self.log.append((request.method.value.upper(), request.headers.get("User-Agent", "") or "", plural or "",
-                         request.subresource))
+        agent = request.headers.get("User-Agent", "") or ""
+        self.log.append((request.method.value.upper(), agent, plural or "", request.subresource))
+        if request.action in (kmock_enums.action.LIST, kmock_enums.action.WATCH):
+            self.reads.append((agent, plural or "", "watch" if request.action == kmock_enums.action.WATCH else "list",
+                               request.params.get("labelSelector", "")))
         # kmock matches each request against every request it has kept (O(n²) over a test): keep only those in
         # flight, which its matching needs; `log` above is the history.
         if request.method.value.upper() == "DELETE" and plural == "jobs" and request.name:
@@ -102,6 +110,41 @@ class Emulator(kmock.KubernetesEmulator):
             return [] if obj is None else [obj]
         return [obj for (res, ns, _), obj in self._objects.items()
                 if res == request.resource and (ns == request.namespace or (not strict and request.namespace is None))]
+
+    async def _serve_list(self, request: Any) -> Any:
+        """kmock's list, filtered by the request's labelSelector as the API server filters it (kmock ignores it)."""
+        match = _selector(request)
+        result = await super()._serve_list(request)
+        result["items"] = [o for o in result["items"] if match(o)]
+        self._note_served(request, result["items"])
+        return result
+
+    async def _serve_watch(self, request: Any) -> Any:
+        """kmock's watch, filtered by the labelSelector as the API server filters it: an object that stops matching
+        is sent as DELETED, one that starts matching as ADDED."""
+        match = _selector(request)
+        matching: set[tuple[str, str]] = set()
+        async for event in super()._serve_watch(request):
+            obj = event.get("object") if isinstance(event, dict) else None
+            if not isinstance(obj, dict):
+                yield event
+                continue
+            key = (obj.get("metadata", {}).get("namespace", ""), obj.get("metadata", {}).get("name", ""))
+            if match(obj):
+                kind = "ADDED" if key not in matching and event.get("type") == "MODIFIED" else event.get("type")
+                (matching.discard if kind == "DELETED" else matching.add)(key)
+                self._note_served(request, [obj])
+                yield {**event, "type": kind}
+            elif key in matching:
+                matching.discard(key)
+                yield {**event, "type": "DELETED"}
+
+    def _note_served(self, request: Any, objs: list[dict[str, Any]]) -> None:
+        agent = request.headers.get("User-Agent", "") or ""
+        plural = request.resource.plural if request.resource is not None else ""
+        for obj in objs:
+            meta = obj.get("metadata", {})
+            self.served.add((agent, plural, meta.get("namespace", ""), meta.get("name", "")))
 
     def _stamp(self, request: Any) -> Any:
         res = str(request.resource.group or "") + "/" + str(request.resource.version) + "/" + \
@@ -148,6 +191,45 @@ class Emulator(kmock.KubernetesEmulator):
                     raise kmock.KubernetesError(status=422, reason="Invalid",
                                                 message="; ".join(f"{p}: {m}" for p, m in errs))
         return data
+
+
+_REQUIREMENT = re.compile(r"\s*(?:(?P<not>!)\s*(?P<nkey>[\w./-]+)"
+                          r"|(?P<key>[\w./-]+)\s*(?:(?P<op>==|=|!=)\s*(?P<value>[\w.-]*)"
+                          r"|\s+(?P<set>in|notin)\s*\((?P<values>[\w.,\s-]*)\))?)\s*")
+
+
+def label_selector(text: str) -> Callable[[dict[str, str]], bool]:
+    """A Kubernetes label selector (`k`, `!k`, `k=v`, `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, joined by
+    commas: all must hold) as a test on a labels dict. Raises ValueError on anything else."""
+    tests: list[Callable[[dict[str, str]], bool]] = []
+    for part in re.split(r",(?![^(]*\))", text) if text.strip() else []:
+        m = _REQUIREMENT.fullmatch(part)
+        if m is None:
+            raise ValueError(f"unable to parse requirement: {part!r}")
+        key, value = m["key"] or m["nkey"], m["value"]
+        values = frozenset(v.strip() for v in (m["values"] or "").split(","))
+        if m["not"]:
+            tests.append(lambda labels, k=key: k not in labels)
+        elif m["op"] in ("=", "=="):
+            tests.append(lambda labels, k=key, v=value: labels.get(k) == v)
+        elif m["op"] == "!=":
+            tests.append(lambda labels, k=key, v=value: labels.get(k) != v)
+        elif m["set"] == "in":
+            tests.append(lambda labels, k=key, vs=values: labels.get(k) in vs)
+        elif m["set"] == "notin":
+            tests.append(lambda labels, k=key, vs=values: labels.get(k) not in vs)
+        else:
+            tests.append(lambda labels, k=key: k in labels)
+    return lambda labels: all(t(labels) for t in tests)
+
+
+def _selector(request: Any) -> Callable[[dict[str, Any]], bool]:
+    """Whether an object matches the request's labelSelector (all do without one); a bad selector is a 400."""
+    try:
+        test = label_selector(request.params.get("labelSelector", ""))
+    except ValueError as e:
+        raise kmock.KubernetesError(status=400, reason="BadRequest", message=str(e)) from None
+    return lambda obj: test(obj.get("metadata", {}).get("labels") or {})
 
 
 def register(emulator: kmock.KubernetesEmulator) -> None:

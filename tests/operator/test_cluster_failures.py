@@ -171,3 +171,35 @@ async def test_orphaned_pods_stop_before_the_next_attempt(cluster, s3_env):
         await op.stop()
     assert harness.ended["orphan-i00-validate-a1-0-1"] <= harness.created["orphan-i00-validate-a2"]
     assert (stages(cluster, "orphan")["iter-00/validate"]["attempts"]) == 2
+
+
+def _other_workload(name: str) -> list[tuple[str, dict[str, Any]]]:
+    """A Job and a pod of something else in the run's namespace (no spa.dev/run-uid label): (path, body) each."""
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": "ns"},
+           "spec": {"suspend": True, "template": {"metadata": {}, "spec": {"containers": []}}}}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{name}-pod", "namespace": "ns"},
+           "spec": {"containers": []}, "status": {"phase": "Running"}}
+    return [("/apis/batch/v1/namespaces/ns/jobs", job), ("/api/v1/namespaces/ns/pods", pod)]
+
+
+async def test_jobs_and_pods_of_other_workloads_never_reach_the_operator(cluster):
+    """Item 11: Jobs and pods were watched with the run-uid filter applied by kopf on receipt, so every Job and pod
+    of the watched namespaces (the cluster, by default) streamed to the operator. Now the API server filters them
+    (labelSelector on list and on watch): other workloads' objects, there before the operator started or created
+    after, are never sent to it; the run's own are."""
+    op = OperatorRunner(cluster.url, ["ns"], store_factory=lambda run, secret: Store(done=True))
+    async with Harness(cluster, {}, instant=True, instant_pods=True):
+        for path, body in _other_workload("other-before"):
+            assert (await cluster.request("POST", path, body))[0] in (200, 201)
+        await op.start()
+        for path, body in _other_workload("other-after"):
+            assert (await cluster.request("POST", path, body))[0] in (200, 201)
+        await cluster.create_run(run_doc("selected"))
+        assert await finish(cluster, "selected", timeout=30) == "Succeeded"
+        await op.stop()
+    reads = {(plural, verb, selector) for agent, plural, verb, selector in cluster.emulator.reads
+             if agent.startswith("kopf") and plural in ("jobs", "pods")}
+    assert reads == {(plural, verb, "spa.dev/run-uid") for plural in ("jobs", "pods") for verb in ("list", "watch")}
+    served = {(plural, name) for agent, plural, _, name in cluster.emulator.served if agent.startswith("kopf")}
+    assert ("jobs", "selected-i00-validate-a1") in served and ("pods", "selected-i00-validate-a1-0-1") in served
+    assert [s for s in served if s[1].startswith("other")] == []
