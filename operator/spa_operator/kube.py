@@ -44,7 +44,7 @@ from spa_operator.kubeapi import ApiError, KubeApi, api_error
 from spa_operator.lease import LeaseElector
 from spa_operator.metrics import Metrics
 from spa_operator.planner import PlannedStage, stage_graph
-from spa_operator.reconcile import JobView, PodView
+from spa_operator.reconcile import JobView, PodView, WorkloadView
 from spa_operator.runstore import ClientCache, RunStore
 from spa_operator.spec import AlignmentRun, SpecError, parse_run
 
@@ -56,6 +56,9 @@ JOB_FILTER = {"labels": {jobs.LABEL_RUN_UID: kopf.PRESENT}}
 # cluster streams to the operator, and kopf drops all but the runs' own after receiving them.
 RUN_OBJECTS_SELECTOR = jobs.LABEL_RUN_UID
 FINALIZER = "spa.dev/finalizer"
+# On a Kueue Workload this operator deactivated for spec.suspend: the run's uid (only those are reactivated on resume;
+# Kueue deactivates Workloads itself, past its requeue limit, and those stay as Kueue left them).
+PAUSED_ANNOTATION = "spa.dev/paused-by-run"
 log = logging.getLogger("spa_operator")
 
 
@@ -161,6 +164,15 @@ def pod_view(body: Any) -> PodView:
     return PodView(meta.get("name", ""), labels.get("job-name", ""), stage_key, _int(labels.get(jobs.LABEL_ATTEMPT)),
                    phase not in ("Succeeded", "Failed") and not meta.get("deletionTimestamp"), waiting,
                    reconcile.parse_iso(meta.get("creationTimestamp")) or 0.0)
+
+
+def workload_view(body: Any, run_uid: str) -> WorkloadView:
+    """A Kueue Workload: the Job that owns it, whether it is active, and whether this run paused it."""
+    meta = body.get("metadata", {})
+    job = next((o.get("name", "") for o in meta.get("ownerReferences") or []
+                if o.get("kind") == "Job" and o.get("controller")), "")
+    return WorkloadView(meta.get("name", ""), job, (body.get("spec") or {}).get("active") is not False,
+                        (meta.get("annotations") or {}).get(PAUSED_ANNOTATION) == run_uid)
 
 
 def _int(text: Any) -> int:
@@ -282,6 +294,14 @@ class Controller:
         pods = tuple(pod_index.get(rs.uid, ())) if pod_index is not None else ()
         obs = dataclasses.replace(obs, graph=graph, spec=run.spec, root=root, jobs=views, pods=pods,
                                   seen_jobs=frozenset(rs.seen_jobs), index_complete=rs.first_pass)
+        if reconcile.workloads_needed(run.spec, status):
+            try:
+                found = [workload_view(w, rs.uid) for w in await self.api.list_workloads(ns)]
+            except Exception as e:  # no Kueue CRD, no RBAC: the status says the Jobs cannot be paused
+                obs = dataclasses.replace(obs, workload_problem=api_error(e))
+            else:
+                names = {v.name for v in views}
+                obs = dataclasses.replace(obs, workloads=tuple(w for w in found if w.job in names))
 
         # Credentials for reading manifests (the Jobs get them from the same Secret by reference).
         secret, secret_problem = None, None
@@ -399,6 +419,12 @@ class Controller:
             await self._try(logger, f"suspend Job {job}", self.api.patch_job(ns, job, {"spec": {"suspend": True}}))
         for job in decision.resume_jobs:
             await self._try(logger, f"resume Job {job}", self.api.patch_job(ns, job, {"spec": {"suspend": False}}))
+        for wl in decision.deactivate_workloads:
+            await self._try(logger, f"pause Kueue Workload {wl}", self.api.patch_workload(
+                ns, wl, {"metadata": {"annotations": {PAUSED_ANNOTATION: rs.uid}}, "spec": {"active": False}}))
+        for wl in decision.activate_workloads:
+            await self._try(logger, f"reactivate Kueue Workload {wl}", self.api.patch_workload(
+                ns, wl, {"metadata": {"annotations": {PAUSED_ANNOTATION: None}}, "spec": {"active": True}}))
         for ev in decision.events:
             self._event(body, ev.type, ev.reason, ev.message, rs)
         if decision.status.get("phase") == reconcile.FAILED and not reconcile.terminal(obs.status):

@@ -19,6 +19,7 @@ from spa_operator import crd
 
 MERGE_PATCH = "application/merge-patch+json"
 PLURALS = {"Job": "jobs", "Service": "services", "Pod": "pods"}
+KUEUE_WORKLOADS = "/apis/kueue.x-k8s.io/v1beta1"
 
 
 def _q(name: str) -> str:
@@ -137,6 +138,15 @@ class KubeApi:
     async def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         await self._request("patch", "PATCH", f"/apis/batch/v1/namespaces/{_q(namespace)}/jobs/{_q(name)}", patch,
                             MERGE_PATCH)
+
+    async def list_workloads(self, namespace: str) -> list[dict[str, Any]]:
+        """The Kueue Workloads of a namespace (v1beta1: served by every Kueue release with spec.active)."""
+        answer = await self._request("list", "GET", f"{KUEUE_WORKLOADS}/namespaces/{_q(namespace)}/workloads")
+        return list((answer or {}).get("items") or [])
+
+    async def patch_workload(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        await self._request("patch", "PATCH", f"{KUEUE_WORKLOADS}/namespaces/{_q(namespace)}/workloads/{_q(name)}",
+                            patch, MERGE_PATCH)
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> str:
         """Patch a run's status; returns the run's new resourceVersion."""

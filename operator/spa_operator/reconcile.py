@@ -38,6 +38,7 @@ QUEUED = "queued"  # the waiting reason of a Job Kueue has not admitted yet
 # An active Job without any pod this long after its creation: the pod was refused (Pod Security admission, quota).
 NO_POD = "NoPodCreated"
 NO_POD_GRACE_S = 30.0
+RESUME_CHECK_S = 2.0  # how soon a resuming run looks again at the Kueue Workloads it reactivated
 
 
 # ------------------------------------------------------------------------------------------------- observations
@@ -73,6 +74,16 @@ class JobView:
 
 
 @dataclasses.dataclass(frozen=True)
+class WorkloadView:
+    """The Kueue Workload of one of the run's Jobs (runs with queueName): Kueue admits the Job through it."""
+
+    name: str
+    job: str  # the Job that owns it
+    active: bool  # spec.active; False: Kueue evicts the Job (suspends it) and does not admit it again
+    paused: bool = False  # deactivated by this operator for spec.suspend (annotation spa.dev/paused)
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """The operator's configuration that decisions depend on."""
 
@@ -104,6 +115,9 @@ class Observed:
     storage_problem: str | None = None
     secret_problem: str | None = None
     progress: tuple[str, float] | None = None  # (stage key, fraction) read from the heartbeat
+    # The Workloads of the run's Jobs, read while a run with queueName is or was suspended (see workloads_needed)
+    workloads: Sequence[WorkloadView] = ()
+    workload_problem: str | None = None  # they could not be read (no Kueue CRD, no RBAC): why
     create_refused: Mapping[str, str] = dataclasses.field(default_factory=dict)  # stage key -> API refusal (422)
     create_blocked: str | None = None  # a create that may work later (403, foreign 409, API down): why
     settings: Settings = Settings()
@@ -144,6 +158,8 @@ class Decision:
     delete_pods: tuple[str, ...] = ()  # pods left behind by a Job deleted without propagation
     suspend_jobs: tuple[str, ...] = ()
     resume_jobs: tuple[str, ...] = ()
+    deactivate_workloads: tuple[str, ...] = ()  # Kueue Workloads to set spec.active=false and mark paused
+    activate_workloads: tuple[str, ...] = ()  # Workloads this operator paused, to set active again
     events: tuple[Event, ...] = ()
     metrics: MetricValues | None = None
     requeue_s: float | None = None  # look again after this long at the latest (None: when something changes)
@@ -306,7 +322,7 @@ def read_stage(obs: Observed, stage: PlannedStage, rec: dict[str, Any] | None, v
         waiting = _waiting(obs, latest, queued)
         timeout = (obs.settings.queued_timeout_s if waiting and waiting[0] == QUEUED
                    else obs.settings.pending_timeout_s)
-        if waiting and timeout is not None and obs.now - waiting[1] >= timeout:
+        if waiting and timeout is not None and obs.now - waiting[1] >= timeout and not obs.spec.suspend:
             what = "queued" if waiting[0] == QUEUED else f"pod waiting: {waiting[0]}"
             _fail_record(rec, failures + 1, f"{what} for {int(obs.now - waiting[1])}s "
                                             f"(pending timeout {int(timeout)}s)")
@@ -417,7 +433,10 @@ def decide(obs: Observed) -> Decision:
     waiting = {k: r.waiting for k, r in readings.items() if r.waiting and k in running}
     suspend_jobs: tuple[str, ...] = ()
     resume_jobs: tuple[str, ...] = ()
+    deactivate: tuple[str, ...] = ()
+    activate: tuple[str, ...] = ()
     active_views = [_latest(views.get(k, [])) for k in running]
+    live_jobs = {v.name for v in active_views if v is not None and v.state in ("active", "suspended")}
     if plan.action is Action.DONE:
         status["phase"] = SUCCEEDED
         status["outputs"] = {"model": plan.final_model}
@@ -427,8 +446,20 @@ def decide(obs: Observed) -> Decision:
     elif spec.suspend:
         status["phase"] = SUSPENDED
         message = "suspended"
-        if not spec.queue_name:  # with Kueue, Kueue owns the Jobs' suspend field: only new stages wait
+        if spec.queue_name:
+            # Kueue owns a queued Job's spec.suspend (it unsuspends the Job again on admission): the Job is paused
+            # through its Workload instead; deactivated, Kueue evicts it (suspends the Job) and keeps it unadmitted.
+            deactivate = tuple(w.name for w in obs.workloads if w.job in live_jobs and w.active)
+            if obs.workload_problem and live_jobs:
+                message = f"suspended; running Jobs cannot be paused: {obs.workload_problem}"
+        else:
             suspend_jobs = tuple(v.name for v in active_views if v is not None and v.state == "active")
+    elif spec.queue_name and any(w.paused and not w.active for w in obs.workloads):
+        # Resuming: the run stays Suspended until every Workload it paused is active again (Kueue then queues and
+        # admits it), so a failed patch is tried again rather than forgotten.
+        status["phase"] = SUSPENDED
+        activate = tuple(w.name for w in obs.workloads if w.paused and not w.active)
+        message = f"resuming: reactivating Kueue Workloads {', '.join(activate)}"
     else:
         status["phase"] = RUNNING if records else PENDING
         if phase == SUSPENDED and not spec.queue_name:
@@ -442,9 +473,18 @@ def decide(obs: Observed) -> Decision:
     status["conditions"] = _conditions(obs, status, waiting, blocked, plan.reason)
     events, outcomes, durations = _transitions(obs, old, status, by_key)
     requeue = _requeue(obs, status, readings)
-    return Decision(status, tuple(create), delete_jobs, tuple(delete_pods), suspend_jobs, resume_jobs, events,
-                    dataclasses.replace(metric_values(status), outcomes=outcomes, durations=durations),
-                    requeue, transition=bool(create) and any(v.finished_at for v in obs.jobs))
+    if activate:  # nothing wakes the run when a Workload changes: look again soon
+        requeue = min(requeue if requeue is not None else RESUME_CHECK_S, RESUME_CHECK_S)
+    return Decision(status, tuple(create), delete_jobs, tuple(delete_pods), suspend_jobs, resume_jobs,
+                    deactivate_workloads=deactivate, activate_workloads=activate, events=events,
+                    metrics=dataclasses.replace(metric_values(status), outcomes=outcomes, durations=durations),
+                    requeue_s=requeue, transition=bool(create) and any(v.finished_at for v in obs.jobs))
+
+
+def workloads_needed(spec: Any, status: Mapping[str, Any]) -> bool:
+    """Whether the decision needs the run's Kueue Workloads: a run with queueName that is, or is resuming from,
+    suspended (the kopf layer reads them only then)."""
+    return bool(spec is not None and spec.queue_name and (spec.suspend or status.get("phase") == SUSPENDED))
 
 
 def job_name_of(obs: Observed, stage: PlannedStage, attempt: int) -> str:

@@ -41,6 +41,7 @@ from kmock._internal import enums as kmock_enums
 
 RUNS = "spa.dev/v1alpha1/alignmentruns"
 JOBS = "batch/v1/jobs"
+WORKLOADS = "kueue.x-k8s.io/v1beta1/workloads"
 HERE = Path(__file__).resolve().parent
 STUB_WORKER = HERE / "stub_worker.py"
 VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
@@ -243,6 +244,7 @@ def register(emulator: kmock.KubernetesEmulator) -> None:
     emulator.resources["v1/services"] = info(kind="Service", namespaced=True, verbs=VERBS)
     emulator.resources["v1/pods"] = info(kind="Pod", namespaced=True, verbs=VERBS, subresources={"status"})
     emulator.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs=VERBS)
+    emulator.resources[WORKLOADS] = info(kind="Workload", namespaced=True, verbs=VERBS)
 
 
 @dataclass
@@ -251,9 +253,9 @@ class Cluster:
     url: str
     session: aiohttp.ClientSession
 
-    async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json"
-                      ) -> tuple[int, Any]:
-        headers = {"Content-Type": content_type, "User-Agent": "test-client"}
+    async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+                      agent: str = "test-client") -> tuple[int, Any]:
+        headers = {"Content-Type": content_type, "User-Agent": agent}
         async with self.session.request(method, self.url + path, data=None if body is None else json.dumps(body),
                                         headers=headers) as r:
             text = await r.text()
@@ -324,6 +326,23 @@ async def start_cluster(validate_runs: bool = True) -> Any:
     register(emulator)
     async with emulator, kmock.Server(emulator) as server, aiohttp.ClientSession() as session:
         yield Cluster(emulator, str(server.url).rstrip("/"), session)
+
+
+async def stream_events(cluster: Cluster, path: str, handle: Callable[[dict[str, Any]], Any]) -> None:
+    """Watch `path` for ever as the harness (a controller of the emulated cluster), reconnecting after errors."""
+    url = cluster.url + path
+    while True:
+        try:
+            async with cluster.session.get(url, headers={"User-Agent": "harness"},
+                                           timeout=aiohttp.ClientTimeout(total=None)) as r:
+                async for line in r.content:
+                    if line.strip():
+                        await handle(json.loads(line))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # reconnect, like a controller would
+            log.warning(f"harness watch error: {e!r}")
+            await asyncio.sleep(0.1)
 
 
 # --------------------------------------------------------------------------------------------- the Job controller
@@ -399,19 +418,7 @@ class Harness:
                     proc.kill()
 
     async def _stream(self, path: str, handle: Callable[[dict[str, Any]], Any]) -> None:
-        url = self.cluster.url + path
-        while True:
-            try:
-                async with self.cluster.session.get(url, headers={"User-Agent": "harness"},
-                                                    timeout=aiohttp.ClientTimeout(total=None)) as r:
-                    async for line in r.content:
-                        if line.strip():
-                            await handle(json.loads(line))
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # reconnect, like a controller would
-                log.warning(f"harness watch error: {e!r}")
-                await asyncio.sleep(0.1)
+        await stream_events(self.cluster, path, handle)
 
     async def _on_event(self, event: dict[str, Any]) -> None:
         job = event.get("object") or {}
@@ -752,3 +759,54 @@ class TcpProxy:
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self.conns -= {writer, up_writer}
+
+
+@dataclass
+class Kueue:
+    """Plays Kueue for Jobs with the kueue.x-k8s.io/queue-name label: one Workload per Job, owned by it and admitted
+    at once (the Job is unsuspended); a Workload set inactive (spec.active: false) evicts its Job (suspends it) and
+    keeps it unadmitted until it is active again. Kueue's own suspend is the Job's; nobody else's is honoured."""
+
+    cluster: Cluster
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    async def __aenter__(self) -> Kueue:
+        self._tasks = [asyncio.create_task(stream_events(self.cluster, "/apis/batch/v1/jobs?watch=true", self._job)),
+                       asyncio.create_task(stream_events(self.cluster, f"/apis/{WORKLOADS}?watch=true",
+                                                         self._workload))]
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    async def _job(self, event: dict[str, Any]) -> None:
+        meta = (event.get("object") or {}).get("metadata", {})
+        queue = (meta.get("labels") or {}).get("kueue.x-k8s.io/queue-name")
+        if event.get("type") != "ADDED" or not queue:
+            return
+        ns = meta["namespace"]
+        workload = {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+                    "metadata": {"name": f"job-{meta['name']}-{meta['uid'][:5]}", "namespace": ns,
+                                 "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                                                      "uid": meta["uid"], "controller": True}]},
+                    "spec": {"active": True, "queueName": queue}}
+        await self.cluster.request("POST", f"/apis/kueue.x-k8s.io/v1beta1/namespaces/{ns}/workloads", workload,
+                                   agent="harness")
+
+    async def _workload(self, event: dict[str, Any]) -> None:
+        """Admit an active Workload's Job (unsuspend it); evict an inactive one's (suspend it)."""
+        workload = event.get("object") or {}
+        meta = workload.get("metadata", {})
+        owner = next((o["name"] for o in meta.get("ownerReferences") or [] if o.get("kind") == "Job"), None)
+        if event.get("type") == "DELETED" or owner is None:
+            return
+        path = f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{owner}"
+        status, job = await self.cluster.request("GET", path, agent="harness")
+        if status != 200 or any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+                                for c in (job.get("status") or {}).get("conditions") or []):
+            return
+        suspend = (workload.get("spec") or {}).get("active") is False
+        if bool(job["spec"].get("suspend")) != suspend:
+            await self.cluster.request("PATCH", path, {"spec": {"suspend": suspend}}, "application/merge-patch+json",
+                                       agent="harness")
