@@ -85,6 +85,8 @@ class Config:
     allowed_images: tuple[str, ...] = ()  # prefixes a run's own worker images must start with; empty: any
     # "namespace/name" of a coordination.k8s.io Lease: only the replica holding it acts (see lease.py); None: off.
     lease: str | None = None
+    lease_duration_s: float = 15.0  # a holder silent this long is replaced
+    lease_renew_s: float = 5.0  # how often the holder renews (and a candidate looks)
     identity: str = dataclasses.field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
 
     @classmethod
@@ -101,6 +103,8 @@ class Config:
                   queued_timeout_s=float(env["SPA_QUEUED_TIMEOUT_S"]) if env.get("SPA_QUEUED_TIMEOUT_S") else None,
                   allowed_images=tuple(i for i in env.get("SPA_ALLOWED_IMAGES", "").split(",") if i.strip()),
                   lease=env.get("SPA_LEASE") or None,
+                  lease_duration_s=float(env.get("SPA_LEASE_DURATION_S") or 15),
+                  lease_renew_s=float(env.get("SPA_LEASE_RENEW_S") or 5),
                   **({"identity": env["POD_NAME"]} if env.get("POD_NAME") else {}))
         return dataclasses.replace(cfg, **overrides)
 
@@ -695,7 +699,7 @@ def make_controller(cfg: Config) -> Controller:
                 raise NoCluster(f"no Kubernetes API to talk to: not in a cluster, and no usable kubeconfig "
                                 f"(KUBECONFIG or ~/.kube/config): {e}") from None
         conf = kubernetes.client.Configuration.get_default_copy()
-    return Controller(cfg, KubeApi(conf))
+    return Controller(cfg, KubeApi(conf, cfg.identity))
 
 
 async def run_operator(cfg: Config, stop_flag: Any = None, ready_flag: Any = None,
@@ -709,7 +713,7 @@ async def run_operator(cfg: Config, stop_flag: Any = None, ready_flag: Any = Non
     elector = None
     if cfg.lease:
         namespace, _, name = cfg.lease.partition("/")
-        elector = LeaseElector(ctl.api, namespace, name, cfg.identity)
+        elector = LeaseElector(ctl.api, namespace, name, cfg.identity, cfg.lease_duration_s, cfg.lease_renew_s)
         await elector.acquire()
     operator = asyncio.ensure_future(kopf.operator(
         clusterwide=not cfg.namespaces, namespaces=cfg.namespaces, standalone=True, stop_flag=stop,

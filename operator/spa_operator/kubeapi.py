@@ -58,8 +58,10 @@ class KubeApi:
     each call). The kubernetes client itself is not used for requests: run in threads it cost ~4x the CPU per call,
     and the threads' GIL hand-offs delayed the event loop that reacts to Job events."""
 
-    def __init__(self, conf: Any) -> None:
+    def __init__(self, conf: Any, identity: str = "") -> None:
         self.conf = conf
+        # The replica in the User-Agent: the API server's audit log tells which operator pod made a request.
+        self.agent = f"spa-operator/{identity}" if identity else "spa-operator"
         self.requests: Counter | None = None
         self._session: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -75,7 +77,7 @@ class KubeApi:
         return ctx
 
     def _headers(self, content_type: str | None) -> dict[str, str]:
-        headers = {"Accept": "application/json", "User-Agent": "spa-operator"}
+        headers = {"Accept": "application/json", "User-Agent": self.agent}
         for auth in self.conf.auth_settings().values():  # refreshes an expiring token first
             if auth.get("in") == "header" and auth.get("value"):
                 headers[auth["key"]] = auth["value"]

@@ -38,6 +38,7 @@ import jsonpointer
 import kmock
 from kmock._internal import dicts as kmock_dicts
 from kmock._internal import enums as kmock_enums
+from kmock._internal import parsing as kmock_parsing
 
 RUNS = "spa.dev/v1alpha1/alignmentruns"
 JOBS = "batch/v1/jobs"
@@ -233,6 +234,18 @@ def _selector(request: Any) -> Callable[[dict[str, Any]], bool]:
     return lambda obj: test(obj.get("metadata", {}).get("labels") or {})
 
 
+def _parse_path(path: str, parse: Callable[[str], Any] = kmock_parsing.parse_path) -> Any:
+    """kmock's path parser, plus the Namespace resource itself: kmock reads `/api/v1/namespaces[/<name>]` (what kopf's
+    namespace scanning lists) as a namespaced path and fails on it."""
+    parts = path.strip("/").split("/")
+    if parts[:2] == ["api", "v1"] and parts[2:3] == ["namespaces"] and len(parts) <= 4:
+        return kmock_parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None)
+    return parse(path)
+
+
+kmock_parsing.parse_path = _parse_path
+
+
 def register(emulator: kmock.KubernetesEmulator) -> None:
     info = kmock.ResourceInfo
     emulator.resources[RUNS] = info(kind="AlignmentRun", namespaced=True, verbs=VERBS, subresources={"status"},
@@ -245,6 +258,8 @@ def register(emulator: kmock.KubernetesEmulator) -> None:
     emulator.resources["v1/pods"] = info(kind="Pod", namespaced=True, verbs=VERBS, subresources={"status"})
     emulator.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs=VERBS)
     emulator.resources[WORKLOADS] = info(kind="Workload", namespaced=True, verbs=VERBS)
+    emulator.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = info(
+        kind="CustomResourceDefinition", namespaced=False, verbs=VERBS)  # kopf's scanning watches them
 
 
 @dataclass
