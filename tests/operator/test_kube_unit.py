@@ -14,7 +14,7 @@ import pytest
 from cluster import Harness, pod_base_env
 from operator_runner import OperatorRunner
 from runs import phase, tiny_run, wait_for
-from spa_operator import kube, reconcile
+from spa_operator import kube, status
 
 
 def test_operator_imports_without_torch():
@@ -42,7 +42,7 @@ def test_job_view_reads_job_conditions():
 
 
 def test_merge_patch_and_spec_difference():
-    assert reconcile.merge_patch({"a": 1, "b": [1], "c": 3}, {"a": 1, "b": [1, 2]}) == {"b": [1, 2], "c": None}
+    assert status.merge_patch({"a": 1, "b": [1], "c": 3}, {"a": 1, "b": [1, 2]}) == {"b": [1, 2], "c": None}
     ignore = {"spec.suspend"}
     assert kube.first_difference({"suspend": False}, {"suspend": True}, "spec", ignore) is None
     assert kube.first_difference({"training": {"beta": 0.1}, "suspend": False},

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from spa_operator import reconcile as R
+from spa_operator import status
 from spa_operator.planner import stage_graph
 from spa_operator.spec import parse_run
 from spa_workers.contract import StageManifest
@@ -212,7 +213,7 @@ def test_status_is_computed_not_remembered():
     d = R.decide(observed(stages, (job(FIRST, 1),), status=edited, progress=(FIRST.key, 1.7)))
     assert d.status["phase"] == R.RUNNING and d.status["message"] == f"running {FIRST.key}"
     assert d.status["progress"] == 1.0
-    assert R.merge_patch(edited, d.status)["phase"] == R.RUNNING
+    assert status.merge_patch(edited, d.status)["phase"] == R.RUNNING
 
 
 def test_finished_runs_export_their_metrics_from_status():
