@@ -11,7 +11,7 @@ import sys
 
 import aiohttp
 import pytest
-from cluster import Harness, pod_base_env
+from cluster import Harness, label_selector, pod_base_env
 from operator_runner import OperatorRunner
 from runs import phase, tiny_run, wait_for
 from spa_operator import kube, status
@@ -39,6 +39,22 @@ def test_job_view_reads_job_conditions():
     flaky = kube.job_view(job({"conditions": [{"type": "Failed", "status": "True",
                                                "reason": "BackoffLimitExceeded"}]}))
     assert (flaky.state, flaky.permanent) == ("failed", False)
+
+
+@pytest.mark.parametrize("selector,labels,matches", [
+    ("spa.dev/run-uid", {"spa.dev/run-uid": "u"}, True), ("spa.dev/run-uid", {}, False),
+    ("!a", {}, True), ("!a", {"a": ""}, False), ("a=x,b==y", {"a": "x", "b": "y"}, True),
+    ("a=x,b==y", {"a": "x"}, False), ("a!=x", {}, True), ("a!=x", {"a": "x"}, False),
+    ("a in (x, y),c", {"a": "y", "c": "1"}, True), ("a in (x,y)", {}, False), ("a notin (x,y)", {"a": "z"}, True),
+    ("a notin (x,y)", {"a": "x"}, False), ("", {}, True)])
+def test_emulator_label_selectors_match_as_the_api_server_does(selector, labels, matches):
+    """The emulator's labelSelector (kmock has none): what the operator's Job and pod watches rely on."""
+    assert label_selector(selector)(labels) is matches
+
+
+def test_emulator_label_selector_refuses_bad_syntax():
+    with pytest.raises(ValueError, match="unable to parse"):
+        label_selector("a b")
 
 
 def test_merge_patch_and_spec_difference():
