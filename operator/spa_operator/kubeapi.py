@@ -142,7 +142,7 @@ class KubeApi:
                             MERGE_PATCH)
 
     async def list_workloads(self, namespace: str) -> list[dict[str, Any]]:
-        """The Kueue Workloads of a namespace (v1beta1: served by every Kueue release with spec.active)."""
+        """The Kueue Workloads of a namespace (API kueue.x-k8s.io/v1beta1; spec.active exists since Kueue 0.6)."""
         answer = await self._request("list", "GET", f"{KUEUE_WORKLOADS}/namespaces/{_q(namespace)}/workloads")
         return list((answer or {}).get("items") or [])
 
