@@ -34,7 +34,7 @@ PAUSED_ANNOTATION = "spa.dev/paused-by-run"
 def job_view(body: Any) -> JobView:
     meta, status, spec = body.get("metadata", {}), body.get("status") or {}, body.get("spec") or {}
     conds = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
-    permanent, reason = False, ""
+    permanent, reason, suspended_since = False, "", 0.0
     if "Complete" in conds:
         state = "succeeded"
     elif "Failed" in conds:
@@ -44,6 +44,7 @@ def job_view(body: Any) -> JobView:
         reason = f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".strip(": ")
     elif spec.get("suspend"):
         state = "suspended"
+        suspended_since = parse_iso((conds.get("Suspended") or {}).get("lastTransitionTime")) or 0.0
     else:
         state = "active"
     labels = meta.get("labels") or {}
@@ -52,7 +53,7 @@ def job_view(body: Any) -> JobView:
     return JobView(meta.get("name", ""), annotations.get(jobs.ANNOTATION_STAGE_KEY, ""),
                    _int(labels.get(jobs.LABEL_ATTEMPT)), state, permanent, reason[:500], owner,
                    parse_iso(meta.get("creationTimestamp")) or 0.0, bool(meta.get("deletionTimestamp")),
-                   time.monotonic() if state in ("succeeded", "failed") else 0.0)
+                   time.monotonic() if state in ("succeeded", "failed") else 0.0, suspended_since)
 
 
 def pod_view(body: Any) -> PodView:

@@ -80,6 +80,7 @@ class JobView:
     created: float = 0.0  # wall clock (Unix s)
     deleting: bool = False  # has a deletionTimestamp: its attempt is over
     finished_at: float = 0.0  # monotonic time the operator first saw it finished (for the latency metric)
+    suspended_since: float = 0.0  # wall clock of its Suspended condition (the last suspend); 0: not known
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,8 +227,8 @@ def _views_by_stage(obs: Observed) -> dict[str, list[JobView]]:
 
 def _waiting(obs: Observed, job: JobView, queued: bool) -> tuple[str, float] | None:
     """Why the attempt's pods do not run, and since when; None if they run (or none exists yet)."""
-    if queued and job.state == "suspended":
-        return QUEUED, job.created
+    if queued and job.state == "suspended":  # queued since created, or since Kueue evicted it (a paused run)
+        return QUEUED, max(job.created, job.suspended_since)
     if job.state == "active" and obs.now - job.created >= NO_POD_GRACE_S and not any(
             p.job == job.name for p in obs.pods):
         return NO_POD, job.created

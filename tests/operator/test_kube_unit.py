@@ -32,6 +32,9 @@ def test_job_view_reads_job_conditions():
     v = kube.job_view(job({}))
     assert (v.state, v.attempt, v.stage_key) == ("active", 3, "iter-01/train")
     assert kube.job_view(job({}, {"suspend": True})).state == "suspended"
+    evicted = kube.job_view(job({"conditions": [{"type": "Suspended", "status": "True",
+                                                 "lastTransitionTime": "2027-01-15T08:00:00Z"}]}, {"suspend": True}))
+    assert evicted.suspended_since == status.parse_iso("2027-01-15T08:00:00Z") > 0
     assert kube.job_view(job({"conditions": [{"type": "Complete", "status": "True"}]})).state == "succeeded"
     bad = kube.job_view(job({"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
                                              "message": "exit code 2"}]}))

@@ -315,6 +315,10 @@ def test_suspended_kueue_run_does_not_time_out_its_evicted_job():
     assert stage_rec(paused, FIRST.key)["state"] == R.RUNNING
     running = R.decide(observed([record(FIRST, 1)], (old,), spec=spec(**KUEUE), settings=settings))
     assert running.delete_jobs == (FIRST_JOB,)  # not paused: the timeout applies
+    # Resumed after a long pause: queued since Kueue evicted the Job (its Suspended condition), not since created.
+    evicted = dataclasses.replace(old, suspended_since=NOW - 10)
+    resumed = R.decide(observed([record(FIRST, 1)], (evicted,), spec=spec(**KUEUE), settings=settings))
+    assert not resumed.delete_jobs and cond(resumed, "Progressing")["reason"] == "Queued"
 
 
 def test_workloads_are_read_only_around_a_kueue_suspend():
