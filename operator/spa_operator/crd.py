@@ -94,9 +94,10 @@ DOCS: dict[str, str] = {
     "priorityClassName": "Priority class of the stage pods.",
     "queueName": "Kueue LocalQueue: Jobs are created suspended with the kueue.x-k8s.io/queue-name label and start "
                  "when Kueue admits them.",
-    "suspend": "Pause the run: no new stage starts and running stage Jobs are suspended (with queueName, Kueue "
-               "owns the Jobs' suspend field: only new stages wait). The only field that may change once the run "
-               "has started.",
+    "suspend": "Pause the run: no new stage starts and running stage Jobs are suspended, their pods stopped (with "
+               "queueName, through the Job's Kueue Workload: it is set inactive, Kueue evicts the Job, and it is "
+               "set active again on resume, then queued). A paused attempt's pods start again on resume; it is "
+               "not counted as a failure. The only field that may change once the run has started.",
     "maxRetriesPerStage": "Failed attempts of one stage retried before the run fails (preemptions do not count; "
                           "bad input, exit code 2, is never retried).",
     "ttlSecondsAfterFinished": "Delete each stage Job this long after it finished (absent: keep them until the run "

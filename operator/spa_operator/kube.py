@@ -1,8 +1,9 @@
 """The Kubernetes executor's kopf wiring: observe a run, ask the decision core, act.
 
-What to do lives in `reconcile.decide` (pure: observations -> actions and the complete new status); the API calls in
-`kubeapi`; the Prometheus metrics in `metrics`. This module only gathers observations (the run, its Jobs and pods
-from kopf indexes, stage manifests and heartbeats from storage, the credentials Secret) and carries out decisions.
+What to do lives in `reconcile.decide` (pure: observations -> actions and the complete new status); how observations
+are gathered (the run, its Jobs and pods from kopf indexes, stage manifests and heartbeats from storage, the
+credentials Secret) in `observe`; the API calls in `kubeapi`; the Prometheus metrics in `metrics`. This module wires
+them to kopf and carries out decisions.
 
 Flow (one reconciler per run, a kopf daemon, so a run is never reconciled twice at once):
 - the daemon starts on create/resume, reconciles, then sleeps until woken or a slow timer fires;
@@ -37,21 +38,33 @@ from typing import Any
 
 import kopf
 from prometheus_client import generate_latest
-from spa_workers.storage import StorageError
 
-from spa_operator import crd, jobs, reconcile
+from spa_operator import crd, jobs, reconcile, status
 from spa_operator.kubeapi import ApiError, KubeApi, api_error
 from spa_operator.lease import LeaseElector
 from spa_operator.metrics import Metrics
-from spa_operator.planner import PlannedStage, stage_graph
+from spa_operator.observe import (
+    PAUSED_ANNOTATION,
+    Observer,
+    RunState,
+    first_difference,
+    job_view,
+    pod_view,
+    run_root,
+    validate_for_cluster,
+)
 from spa_operator.reconcile import JobView, PodView
 from spa_operator.runstore import ClientCache, RunStore
-from spa_operator.spec import AlignmentRun, SpecError, parse_run
+from spa_operator.spec import AlignmentRun
 
-__all__ = ["ApiError", "Config", "Controller", "KubeApi", "Metrics", "api_error", "main", "run_operator"]
+__all__ = ["ApiError", "Config", "Controller", "KubeApi", "Metrics", "RunState", "api_error", "first_difference",
+           "job_view", "main", "pod_view", "run_operator", "run_root", "validate_for_cluster"]
 
 RUNS = (crd.GROUP, crd.VERSION, crd.PLURAL)
 JOB_FILTER = {"labels": {jobs.LABEL_RUN_UID: kopf.PRESENT}}
+# The same filter, applied by the API server (labelSelector on list and watch): without it every Job and pod of the
+# cluster streams to the operator, and kopf drops all but the runs' own after receiving them.
+RUN_OBJECTS_SELECTOR = jobs.LABEL_RUN_UID
 FINALIZER = "spa.dev/finalizer"
 log = logging.getLogger("spa_operator")
 
@@ -79,6 +92,8 @@ class Config:
     allowed_images: tuple[str, ...] = ()  # prefixes a run's own worker images must start with; empty: any
     # "namespace/name" of a coordination.k8s.io Lease: only the replica holding it acts (see lease.py); None: off.
     lease: str | None = None
+    lease_duration_s: float = 15.0  # a holder silent this long is replaced
+    lease_renew_s: float = 5.0  # how often the holder renews (and a candidate looks)
     identity: str = dataclasses.field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
 
     @classmethod
@@ -95,6 +110,8 @@ class Config:
                   queued_timeout_s=float(env["SPA_QUEUED_TIMEOUT_S"]) if env.get("SPA_QUEUED_TIMEOUT_S") else None,
                   allowed_images=tuple(i for i in env.get("SPA_ALLOWED_IMAGES", "").split(",") if i.strip()),
                   lease=env.get("SPA_LEASE") or None,
+                  lease_duration_s=float(env.get("SPA_LEASE_DURATION_S") or 15),
+                  lease_renew_s=float(env.get("SPA_LEASE_RENEW_S") or 5),
                   **({"identity": env["POD_NAME"]} if env.get("POD_NAME") else {}))
         return dataclasses.replace(cfg, **overrides)
 
@@ -114,84 +131,14 @@ def default_storage_from_env(env: Mapping[str, str]) -> dict[str, Any] | None:
     return out
 
 
-def job_view(body: Any) -> JobView:
-    meta, status, spec = body.get("metadata", {}), body.get("status") or {}, body.get("spec") or {}
-    conds = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
-    permanent, reason = False, ""
-    if "Complete" in conds:
-        state = "succeeded"
-    elif "Failed" in conds:
-        state = "failed"
-        cond = conds["Failed"]
-        permanent = jobs.failed_by_bad_input(cond)  # the exit-code-2 FailJob rule, not a gang's disruption
-        reason = f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".strip(": ")
-    elif spec.get("suspend"):
-        state = "suspended"
-    else:
-        state = "active"
-    labels = meta.get("labels") or {}
-    annotations = meta.get("annotations") or {}
-    owner = next((o.get("uid", "") for o in meta.get("ownerReferences") or [] if o.get("controller")), "")
-    return JobView(meta.get("name", ""), annotations.get(jobs.ANNOTATION_STAGE_KEY, ""),
-                   _int(labels.get(jobs.LABEL_ATTEMPT)), state, permanent, reason[:500], owner,
-                   reconcile.parse_iso(meta.get("creationTimestamp")) or 0.0, bool(meta.get("deletionTimestamp")),
-                   time.monotonic() if state in ("succeeded", "failed") else 0.0)
-
-
-def pod_view(body: Any) -> PodView:
-    """A pod of a run's Job: whether it may still run, and why it does not run yet (image pull, scheduling,
-    admission), from its container statuses and its PodScheduled condition."""
-    meta, status = body.get("metadata", {}), body.get("status") or {}
-    labels = meta.get("labels") or {}
-    phase = status.get("phase") or "Pending"
-    waiting = ""
-    for cs in status.get("containerStatuses") or []:
-        reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason", "")
-        if reason and reason not in ("ContainerCreating", "PodInitializing"):
-            waiting = reason
-            break
-    if not waiting and phase == "Pending":
-        sched = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), {})
-        if sched.get("status") == "False":
-            waiting = sched.get("reason") or "Unschedulable"
-    stage_key = (meta.get("annotations") or {}).get(jobs.ANNOTATION_STAGE_KEY, "")
-    return PodView(meta.get("name", ""), labels.get("job-name", ""), stage_key, _int(labels.get(jobs.LABEL_ATTEMPT)),
-                   phase not in ("Succeeded", "Failed") and not meta.get("deletionTimestamp"), waiting,
-                   reconcile.parse_iso(meta.get("creationTimestamp")) or 0.0)
-
-
-def _int(text: Any) -> int:
-    try:
-        return int(text or 0)
-    except ValueError:
-        return 0
-
-
-@dataclasses.dataclass
-class RunState:
-    """What the operator keeps per run between reconciles: caches and watch history, never the run's status."""
-
-    uid: str
-    waker: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-    secrets: tuple[str, ...] = ()  # values to redact from anything written
-    spec_violation: str | None = None  # a field changed after the start
-    seen_jobs: set[str] = dataclasses.field(default_factory=set)  # Jobs seen in a watch event or the index
-    first_pass: bool = True  # the first reconcile after (re)start: the Job index is complete by then
-    generation: int | None = None  # metadata.generation last reconciled
-    started_spec: dict[str, Any] | None = None  # the spec once the run started: only suspend may change
-    # (generation, its run or the spec error, storage root, stage graph): parsed once per generation
-    parsed: tuple[int | None, AlignmentRun | None, str, list[PlannedStage], str | None] | None = None
-    last_progress: float = 0.0  # monotonic time of the last heartbeat read
-    # The run's resourceVersion after this operator's last status patch, and the status written: until the body
-    # reaches that version, the written status is the newest one.
-    written: tuple[str, dict[str, Any]] | None = None
-
 
 class _RetrySoon(Exception):
     """A write failed: the daemon retries after cfg.retry_s."""
 
 
-class Controller:
+class Controller(Observer):
+    """One per operator: observes each run (see `Observer`), asks `reconcile.decide`, and carries it out."""
+
     def __init__(self, cfg: Config, api: KubeApi) -> None:
         self.cfg = cfg
         self.api = api
@@ -214,107 +161,6 @@ class Controller:
         if rs is not None:
             rs.seen_jobs.add(job)
             rs.waker.set()
-
-    def store_for(self, run: AlignmentRun, secret: dict[str, str] | None, secret_name: str | None) -> RunStore:
-        if self.cfg.store_factory is not None:
-            return self.cfg.store_factory(run, secret)
-        st = run.spec.storage
-        return self.clients.store(st.endpoint if st else None, st.region if st else None, secret, secret_name)
-
-    async def _secret(self, ns: str, name: str) -> dict[str, str] | None:
-        """The run's credentials, re-read at most every timer_s (rotation is picked up; no read per event)."""
-        cached = self.secrets.get((ns, name))
-        if cached is not None and time.monotonic() - cached[0] < self.cfg.timer_s:
-            return cached[1]
-        value = await self.api.read_secret(ns, name)
-        if value is not None:  # a missing Secret is looked up again on the next pass
-            self.secrets[(ns, name)] = (time.monotonic(), value)
-        return value
-
-    # -- observing ------------------------------------------------------------------------------------------------
-
-    def _parse(self, rs: RunState, body: Any, ns: str, name: str) -> tuple[AlignmentRun | None, str, list[PlannedStage],
-                                                                            str | None]:
-        """The spec, validated as the CRD would; parsed once per generation (the spec changes only with it)."""
-        generation = body.get("metadata", {}).get("generation")
-        if rs.parsed is None or generation is None or rs.parsed[0] != generation:
-            try:
-                run = validate_for_cluster(body, self.cfg.default_storage)
-            except SpecError as e:
-                rs.parsed = (generation, None, "", [], f"{e.field}: {e.message}")
-            else:
-                assert run.spec.storage is not None
-                root = run_root(run.spec.storage.uri, ns, name, rs.uid)
-                rs.parsed = (generation, run, root, stage_graph(run.spec, root), None)
-        return rs.parsed[1:]
-
-    def _observed_status(self, rs: RunState, body: Any) -> dict[str, Any]:
-        """The run's status as the API server has it: the body's, unless the body predates this operator's last
-        status patch (its watch event is still on the way; another change, such as kopf's finalizer, may have
-        come first), then the status written."""
-        if rs.written is not None and _older(body.get("metadata", {}).get("resourceVersion"), rs.written[0]):
-            return rs.written[1]
-        return _plain(body.get("status") or {})
-
-    async def _observe(self, rs: RunState, body: Any, index: Any, pod_index: Any) -> reconcile.Observed:
-        meta = body.get("metadata", {})
-        ns, name = meta.get("namespace", "default"), meta.get("name", "")
-        status = self._observed_status(rs, body)
-        generation = meta.get("generation")
-        obs = reconcile.Observed(ns, name, rs.uid, generation, status, time.time(), settings=self.settings)
-        if reconcile.terminal(status):
-            return obs
-        spec_now = _plain(body.get("spec") or {})
-        if status.get("stages"):
-            if rs.started_spec is None:
-                rs.started_spec = spec_now
-            field = first_difference(rs.started_spec, spec_now, "spec", ignore={"spec.suspend"})
-            if field:
-                rs.spec_violation = f"{field}: immutable once the run has started (only spec.suspend may change)"
-        run, root, graph, error = self._parse(rs, body, ns, name)
-        if rs.spec_violation or run is None:
-            return dataclasses.replace(obs, spec_violation=rs.spec_violation, spec_error=error)
-        views = tuple(index.get(rs.uid, ())) if index is not None else ()
-        rs.seen_jobs.update(v.name for v in views)
-        pods = tuple(pod_index.get(rs.uid, ())) if pod_index is not None else ()
-        obs = dataclasses.replace(obs, graph=graph, spec=run.spec, root=root, jobs=views, pods=pods,
-                                  seen_jobs=frozenset(rs.seen_jobs), index_complete=rs.first_pass)
-
-        # Credentials for reading manifests (the Jobs get them from the same Secret by reference).
-        secret, secret_problem = None, None
-        ref = run.spec.storage.secret_ref if run.spec.storage else None
-        if ref:
-            try:
-                secret = await self._secret(ns, ref.name)
-            except Exception as e:  # API trouble: try again later
-                secret_problem = api_error(e)
-            else:
-                if secret is None:
-                    secret_problem = f"Secret {ref.name} not found"
-                else:
-                    rs.secrets = tuple(v for v in secret.values() if len(v) >= 4)
-        storage_problem = None
-        manifests: dict[str, Any] = {}
-        progress = None
-        try:
-            store = self.store_for(run, secret, ref.name if ref else None)
-            by_key = {s.key: s for s in graph}
-            for key in reconcile.manifests_to_read(obs):
-                manifests[key] = await asyncio.to_thread(store.manifests, by_key[key].args)
-            current = _running_stage(status, by_key)
-            if current is not None and time.monotonic() - rs.last_progress >= self.cfg.progress_s:
-                rs.last_progress = time.monotonic()
-                frac = await asyncio.to_thread(store.progress, current.args)
-                if frac is not None:
-                    progress = (current.key, frac)
-        except StorageError as e:
-            storage_problem = str(e)
-        except Exception as e:  # e.g. boto3 refusing an endpoint or region: a status condition, not a crash loop
-            storage_problem = f"storage client: {type(e).__name__}: {str(e)[:200]}"
-        if storage_problem:
-            self.metrics.storage_errors.inc()
-        return dataclasses.replace(obs, manifests=manifests, storage_problem=storage_problem,
-                                   secret_problem=secret_problem, progress=progress)
 
     # -- acting ---------------------------------------------------------------------------------------------------
 
@@ -396,6 +242,12 @@ class Controller:
             await self._try(logger, f"suspend Job {job}", self.api.patch_job(ns, job, {"spec": {"suspend": True}}))
         for job in decision.resume_jobs:
             await self._try(logger, f"resume Job {job}", self.api.patch_job(ns, job, {"spec": {"suspend": False}}))
+        for wl in decision.deactivate_workloads:
+            await self._try(logger, f"pause Kueue Workload {wl}", self.api.patch_workload(
+                ns, wl, {"metadata": {"annotations": {PAUSED_ANNOTATION: rs.uid}}, "spec": {"active": False}}))
+        for wl in decision.activate_workloads:
+            await self._try(logger, f"reactivate Kueue Workload {wl}", self.api.patch_workload(
+                ns, wl, {"metadata": {"annotations": {PAUSED_ANNOTATION: None}}, "spec": {"active": True}}))
         for ev in decision.events:
             self._event(body, ev.type, ev.reason, ev.message, rs)
         if decision.status.get("phase") == reconcile.FAILED and not reconcile.terminal(obs.status):
@@ -409,7 +261,7 @@ class Controller:
             logger.warning(f"could not {what}: {api_error(e)}")
 
     async def _write(self, rs: RunState, body: Any, old: dict[str, Any], new: dict[str, Any], logger: Any) -> None:
-        patch = reconcile.merge_patch(old, new)
+        patch = status.merge_patch(old, new)
         if not patch:
             return
         if rs.secrets:
@@ -433,24 +285,6 @@ class Controller:
         return text
 
 
-def _older(version: Any, than: str) -> bool:
-    """Whether resourceVersion `version` predates `than`. They are etcd revisions on every API server in use;
-    where one is not a number, only "not the same" is known, and the body is taken as older."""
-    try:
-        return int(version) < int(than)
-    except (TypeError, ValueError):
-        return version != than
-
-
-def _running_stage(status: Mapping[str, Any], by_key: Mapping[str, PlannedStage]) -> PlannedStage | None:
-    """The stage status names as current, if its record says it runs (its heartbeat is worth reading)."""
-    it, stage = status.get("iteration"), status.get("stage")
-    if not isinstance(it, int) or not stage:
-        return None
-    key = f"iter-{it:02d}/{stage}"
-    rec = next((r for r in status.get("stages") or [] if r.get("name") == key), None)
-    return by_key.get(key) if rec is not None and rec.get("state") == reconcile.RUNNING else None
-
 
 class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
     """kopf's diff base, built only where it is used. kopf builds it for every watch event by deep-copying the whole
@@ -467,55 +301,12 @@ class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
         return super().build(body=kopf.Body({k: v for k, v in body.items() if k != "status"}))
 
 
-def _plain(obj: Any) -> Any:
-    """A deep plain-dict copy (kopf bodies are views)."""
-    if isinstance(obj, dict) or hasattr(obj, "items"):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    return obj
-
 
 def _uid(body: Any) -> str:
     meta = body.get("metadata", {})
     return meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
 
 
-def run_root(storage_uri: str, namespace: str, name: str, uid: str) -> str:
-    """Where a run's stages write: a uid prefix keeps a re-created run of the same name from reusing outputs."""
-    return f"{storage_uri.rstrip('/')}/{namespace}/{name}/{uid.replace('-', '')[:8]}"
-
-
-def validate_for_cluster(body: Any, default_storage: dict[str, Any] | None = None) -> AlignmentRun:
-    """parse_run plus the cluster's rules (S3 only), with the operator's default storage for runs that name none.
-
-    Raises SpecError.
-    """
-    doc = _plain(body)
-    doc.pop("status", None)
-    if default_storage and isinstance(doc.get("spec"), dict) and "storage" not in doc["spec"]:
-        doc["spec"]["storage"] = dict(default_storage)
-    run = parse_run(doc, strict=True)
-    st = run.spec.storage
-    if st is None:
-        raise SpecError("spec.storage", "required: set it in the run, or give the operator a default storage "
-                                        "(SPA_DEFAULT_STORAGE_URI; Helm value storage.uri)")
-    if not st.uri.startswith("s3://"):
-        raise SpecError("spec.storage.uri", "must be s3://bucket/prefix in a cluster")
-    return run
-
-
-def first_difference(old: Any, new: Any, path: str, ignore: frozenset[str] | set[str] = frozenset()) -> str | None:
-    """The manifest path of the first field that differs between two specs (None: equal)."""
-    if path in ignore:
-        return None
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            found = first_difference(old.get(key), new.get(key), f"{path}.{key}", ignore)
-            if found:
-                return found
-        return None
-    return None if old == new else path
 
 
 def _ctl(memo: Any) -> Controller:
@@ -541,6 +332,8 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: 
     settings.persistence.diffbase_storage = LeanDiffBaseStorage(prefix="spa.dev", key="last-handled-configuration")
     settings.posting.reporting_component = "spa-operator"
     settings.watching.server_timeout = 300
+    settings.watching.label_selectors["batch", "v1", "jobs"] = RUN_OBJECTS_SELECTOR
+    settings.watching.label_selectors["", "v1", "pods"] = RUN_OBJECTS_SELECTOR
     settings.networking.request_timeout = 60
     if ctl.cfg.metrics_port is not None:
         memo["http"] = await serve_http(ctl, ctl.cfg.metrics_host, ctl.cfg.metrics_port)
@@ -664,7 +457,7 @@ def make_controller(cfg: Config) -> Controller:
                 raise NoCluster(f"no Kubernetes API to talk to: not in a cluster, and no usable kubeconfig "
                                 f"(KUBECONFIG or ~/.kube/config): {e}") from None
         conf = kubernetes.client.Configuration.get_default_copy()
-    return Controller(cfg, KubeApi(conf))
+    return Controller(cfg, KubeApi(conf, cfg.identity))
 
 
 async def run_operator(cfg: Config, stop_flag: Any = None, ready_flag: Any = None,
@@ -678,7 +471,7 @@ async def run_operator(cfg: Config, stop_flag: Any = None, ready_flag: Any = Non
     elector = None
     if cfg.lease:
         namespace, _, name = cfg.lease.partition("/")
-        elector = LeaseElector(ctl.api, namespace, name, cfg.identity)
+        elector = LeaseElector(ctl.api, namespace, name, cfg.identity, cfg.lease_duration_s, cfg.lease_renew_s)
         await elector.acquire()
     operator = asyncio.ensure_future(kopf.operator(
         clusterwide=not cfg.namespaces, namespaces=cfg.namespaces, standalone=True, stop_flag=stop,

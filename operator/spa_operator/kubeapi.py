@@ -19,6 +19,7 @@ from spa_operator import crd
 
 MERGE_PATCH = "application/merge-patch+json"
 PLURALS = {"Job": "jobs", "Service": "services", "Pod": "pods"}
+KUEUE_WORKLOADS = "/apis/kueue.x-k8s.io/v1beta1"
 
 
 def _q(name: str) -> str:
@@ -57,8 +58,10 @@ class KubeApi:
     each call). The kubernetes client itself is not used for requests: run in threads it cost ~4x the CPU per call,
     and the threads' GIL hand-offs delayed the event loop that reacts to Job events."""
 
-    def __init__(self, conf: Any) -> None:
+    def __init__(self, conf: Any, identity: str = "") -> None:
         self.conf = conf
+        # The replica in the User-Agent: the API server's audit log tells which operator pod made a request.
+        self.agent = f"spa-operator/{identity}" if identity else "spa-operator"
         self.requests: Counter | None = None
         self._session: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -74,7 +77,7 @@ class KubeApi:
         return ctx
 
     def _headers(self, content_type: str | None) -> dict[str, str]:
-        headers = {"Accept": "application/json", "User-Agent": "spa-operator"}
+        headers = {"Accept": "application/json", "User-Agent": self.agent}
         for auth in self.conf.auth_settings().values():  # refreshes an expiring token first
             if auth.get("in") == "header" and auth.get("value"):
                 headers[auth["key"]] = auth["value"]
@@ -137,6 +140,15 @@ class KubeApi:
     async def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         await self._request("patch", "PATCH", f"/apis/batch/v1/namespaces/{_q(namespace)}/jobs/{_q(name)}", patch,
                             MERGE_PATCH)
+
+    async def list_workloads(self, namespace: str) -> list[dict[str, Any]]:
+        """The Kueue Workloads of a namespace (API kueue.x-k8s.io/v1beta1; spec.active exists since Kueue 0.6)."""
+        answer = await self._request("list", "GET", f"{KUEUE_WORKLOADS}/namespaces/{_q(namespace)}/workloads")
+        return list((answer or {}).get("items") or [])
+
+    async def patch_workload(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        await self._request("patch", "PATCH", f"{KUEUE_WORKLOADS}/namespaces/{_q(namespace)}/workloads/{_q(name)}",
+                            patch, MERGE_PATCH)
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> str:
         """Patch a run's status; returns the run's new resourceVersion."""

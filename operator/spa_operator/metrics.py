@@ -9,7 +9,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from spa_workers.contract import ManifestKeys as K
 
-from spa_operator.reconcile import PHASES, MetricValues
+from spa_operator.status import PHASES, MetricValues
 
 # evaluate's win-rate figures: manifest key -> (gauge name, help)
 WIN_RATE_GAUGES = {

@@ -8,13 +8,13 @@ the observations every time; the kopf layer patches the difference to the status
 status field is repaired on the next reconcile.
 
 The stage schedule itself comes from `planner.plan_next_stage`; this module turns the cluster into its
-`StageResult`s and its answer into actions.
+`StageResult`s and its answer into actions. The status's conditions, message and position, the Events of a
+transition and the metric values are computed in `status`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,22 +22,32 @@ from spa_workers import contract
 from spa_workers.contract import ManifestKeys as K
 from spa_workers.contract import StageManifest
 
-from spa_operator.jobs import failed_by_bad_input
 from spa_operator.planner import Action, PlannedStage, StageResult, StageState, plan_next_stage
+from spa_operator.status import (
+    FAILED,
+    NO_POD,
+    PENDING,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    SUSPENDED,
+    Event,
+    MetricValues,
+    conditions,
+    iso,
+    metric_values,
+    position,
+    status_message,
+    terminal,
+    transitions,
+)
 
-PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
-PHASES = (PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED)
 STAGE_METRICS = (K.PAIRS, K.DROPPED_IDENTICAL, K.DROPPED_EMPTY, K.RESPONSES, K.REWARD_GAP, K.CONFIDENCE, K.LOSS,
                  K.REWARD_ACCURACY, K.REFINED_FRACTION, K.HELDOUT_AGREEMENT, K.TOKENS_PER_S, "wall_s",
                  K.WIN_RATE, K.WIN_RATE_SE, K.LC_WIN_RATE, K.LC_WIN_RATE_SE, K.JUDGE_FAILED)
 SUMMED = (K.PAIRS, K.DROPPED_IDENTICAL, K.DROPPED_EMPTY, K.RESPONSES)
-QUALITY_KEYS = (K.PAIRS, K.REWARD_GAP, K.REFINED_FRACTION, K.LOSS, K.REWARD_ACCURACY, K.HELDOUT_AGREEMENT,
-                K.WIN_RATE, K.WIN_RATE_SE, K.LC_WIN_RATE, K.LC_WIN_RATE_SE, K.JUDGE_FAILED)
-CONDITION_ORDER = ("Ready", "Progressing", "Failed", "Suspended", "StorageReachable")
-QUEUED = "queued"  # the waiting reason of a Job Kueue has not admitted yet
-# An active Job without any pod this long after its creation: the pod was refused (Pod Security admission, quota).
-NO_POD = "NoPodCreated"
 NO_POD_GRACE_S = 30.0
+RESUME_CHECK_S = 2.0  # how soon a resuming run looks again at the Kueue Workloads it reactivated
 
 
 # ------------------------------------------------------------------------------------------------- observations
@@ -70,6 +80,17 @@ class JobView:
     created: float = 0.0  # wall clock (Unix s)
     deleting: bool = False  # has a deletionTimestamp: its attempt is over
     finished_at: float = 0.0  # monotonic time the operator first saw it finished (for the latency metric)
+    suspended_since: float = 0.0  # wall clock of its Suspended condition (the last suspend); 0: not known
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadView:
+    """The Kueue Workload of one of the run's Jobs (runs with queueName): Kueue admits the Job through it."""
+
+    name: str
+    job: str  # the Job that owns it
+    active: bool  # spec.active; False: Kueue evicts the Job (suspends it) and does not admit it again
+    paused: bool = False  # deactivated by this operator for spec.suspend (annotation spa.dev/paused)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +125,9 @@ class Observed:
     storage_problem: str | None = None
     secret_problem: str | None = None
     progress: tuple[str, float] | None = None  # (stage key, fraction) read from the heartbeat
+    # The Workloads of the run's Jobs, read while a run with queueName is or was suspended (see workloads_needed)
+    workloads: Sequence[WorkloadView] = ()
+    workload_problem: str | None = None  # they could not be read (no Kueue CRD, no RBAC): why
     create_refused: Mapping[str, str] = dataclasses.field(default_factory=dict)  # stage key -> API refusal (422)
     create_blocked: str | None = None  # a create that may work later (403, foreign 409, API down): why
     settings: Settings = Settings()
@@ -118,23 +142,6 @@ class Create:
     attempt: int
 
 
-@dataclasses.dataclass(frozen=True)
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
-
-
-@dataclasses.dataclass(frozen=True)
-class MetricValues:
-    phase: str
-    iteration: int | None
-    progress: float | None
-    running: Mapping[tuple[str, str], float]  # (iteration, stage) -> start time of each running stage
-    quality: Mapping[tuple[str, str], float]  # (iteration, metric key) -> value, for succeeded stages
-    outcomes: Sequence[tuple[str, str]] = ()  # (stage, outcome) of attempts that finished in this decision
-    durations: Sequence[tuple[str, float]] = ()  # (stage, seconds) of stages that succeeded in this decision
-
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
@@ -144,28 +151,13 @@ class Decision:
     delete_pods: tuple[str, ...] = ()  # pods left behind by a Job deleted without propagation
     suspend_jobs: tuple[str, ...] = ()
     resume_jobs: tuple[str, ...] = ()
+    deactivate_workloads: tuple[str, ...] = ()  # Kueue Workloads to set spec.active=false and mark paused
+    activate_workloads: tuple[str, ...] = ()  # Workloads this operator paused, to set active again
     events: tuple[Event, ...] = ()
     metrics: MetricValues | None = None
     requeue_s: float | None = None  # look again after this long at the latest (None: when something changes)
     transition: bool = False  # a Job was created because another finished (latency metric)
 
-
-# ---------------------------------------------------------------------------------------------------------- time
-
-
-def iso(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_iso(text: Any) -> float | None:
-    """Unix seconds of an RFC 3339 UTC timestamp (fromisoformat: strptime cost a third of a millisecond per Job
-    event)."""
-    if not isinstance(text, str) or not text.endswith("Z"):
-        return None
-    try:
-        return dt.datetime.fromisoformat(text[:-1]).replace(tzinfo=dt.UTC).timestamp()
-    except ValueError:
-        return None
 
 
 # --------------------------------------------------------------------------------------------------------- stages
@@ -235,8 +227,8 @@ def _views_by_stage(obs: Observed) -> dict[str, list[JobView]]:
 
 def _waiting(obs: Observed, job: JobView, queued: bool) -> tuple[str, float] | None:
     """Why the attempt's pods do not run, and since when; None if they run (or none exists yet)."""
-    if queued and job.state == "suspended":
-        return QUEUED, job.created
+    if queued and job.state == "suspended":  # queued since created, or since Kueue evicted it (a paused run)
+        return QUEUED, max(job.created, job.suspended_since)
     if job.state == "active" and obs.now - job.created >= NO_POD_GRACE_S and not any(
             p.job == job.name for p in obs.pods):
         return NO_POD, job.created
@@ -306,7 +298,7 @@ def read_stage(obs: Observed, stage: PlannedStage, rec: dict[str, Any] | None, v
         waiting = _waiting(obs, latest, queued)
         timeout = (obs.settings.queued_timeout_s if waiting and waiting[0] == QUEUED
                    else obs.settings.pending_timeout_s)
-        if waiting and timeout is not None and obs.now - waiting[1] >= timeout:
+        if waiting and timeout is not None and obs.now - waiting[1] >= timeout and not obs.spec.suspend:
             what = "queued" if waiting[0] == QUEUED else f"pod waiting: {waiting[0]}"
             _fail_record(rec, failures + 1, f"{what} for {int(obs.now - waiting[1])}s "
                                             f"(pending timeout {int(timeout)}s)")
@@ -417,7 +409,10 @@ def decide(obs: Observed) -> Decision:
     waiting = {k: r.waiting for k, r in readings.items() if r.waiting and k in running}
     suspend_jobs: tuple[str, ...] = ()
     resume_jobs: tuple[str, ...] = ()
+    deactivate: tuple[str, ...] = ()
+    activate: tuple[str, ...] = ()
     active_views = [_latest(views.get(k, [])) for k in running]
+    live_jobs = {v.name for v in active_views if v is not None and v.state in ("active", "suspended")}
     if plan.action is Action.DONE:
         status["phase"] = SUCCEEDED
         status["outputs"] = {"model": plan.final_model}
@@ -427,24 +422,45 @@ def decide(obs: Observed) -> Decision:
     elif spec.suspend:
         status["phase"] = SUSPENDED
         message = "suspended"
-        if not spec.queue_name:  # with Kueue, Kueue owns the Jobs' suspend field: only new stages wait
+        if spec.queue_name:
+            # Kueue owns a queued Job's spec.suspend (it unsuspends the Job again on admission): the Job is paused
+            # through its Workload instead; deactivated, Kueue evicts it (suspends the Job) and keeps it unadmitted.
+            deactivate = tuple(w.name for w in obs.workloads if w.job in live_jobs and w.active)
+            if obs.workload_problem and live_jobs:
+                message = f"suspended; running Jobs cannot be paused: {obs.workload_problem}"
+        else:
             suspend_jobs = tuple(v.name for v in active_views if v is not None and v.state == "active")
+    elif spec.queue_name and any(w.paused and not w.active for w in obs.workloads):
+        # Resuming: the run stays Suspended until every Workload it paused is active again (Kueue then queues and
+        # admits it), so a failed patch is tried again rather than forgotten.
+        status["phase"] = SUSPENDED
+        activate = tuple(w.name for w in obs.workloads if w.paused and not w.active)
+        message = f"resuming: reactivating Kueue Workloads {', '.join(activate)}"
     else:
         status["phase"] = RUNNING if records else PENDING
         if phase == SUSPENDED and not spec.queue_name:
             resume_jobs = tuple(v.name for v in active_views if v is not None and v.state == "suspended")
-        message = _message(running, waiting, orphans, blocked, plan.reason)
+        message = status_message(running, waiting, orphans, blocked, plan.reason)
     status["stages"] = [records[s.key] for s in obs.graph if s.key in records]
-    _position(obs, status, records, plan.action is Action.DONE)
+    position(obs, status, records, plan.action is Action.DONE)
     status["message"] = message
     if status["phase"] in (RUNNING, SUSPENDED) and "startTime" not in status and records:
         status["startTime"] = iso(obs.now)
-    status["conditions"] = _conditions(obs, status, waiting, blocked, plan.reason)
-    events, outcomes, durations = _transitions(obs, old, status, by_key)
+    status["conditions"] = conditions(obs, status, waiting, blocked, plan.reason)
+    events, outcomes, durations = transitions(obs, old, status, by_key)
     requeue = _requeue(obs, status, readings)
-    return Decision(status, tuple(create), delete_jobs, tuple(delete_pods), suspend_jobs, resume_jobs, events,
-                    dataclasses.replace(metric_values(status), outcomes=outcomes, durations=durations),
-                    requeue, transition=bool(create) and any(v.finished_at for v in obs.jobs))
+    if activate:  # nothing wakes the run when a Workload changes: look again soon
+        requeue = min(requeue if requeue is not None else RESUME_CHECK_S, RESUME_CHECK_S)
+    return Decision(status, tuple(create), delete_jobs, tuple(delete_pods), suspend_jobs, resume_jobs,
+                    deactivate_workloads=deactivate, activate_workloads=activate, events=events,
+                    metrics=dataclasses.replace(metric_values(status), outcomes=outcomes, durations=durations),
+                    requeue_s=requeue, transition=bool(create) and any(v.finished_at for v in obs.jobs))
+
+
+def workloads_needed(spec: Any, status: Mapping[str, Any]) -> bool:
+    """Whether the decision needs the run's Kueue Workloads: a run with queueName that is, or is resuming from,
+    suspended (the kopf layer reads them only then)."""
+    return bool(spec is not None and spec.queue_name and (spec.suspend or status.get("phase") == SUSPENDED))
 
 
 def job_name_of(obs: Observed, stage: PlannedStage, attempt: int) -> str:
@@ -452,10 +468,6 @@ def job_name_of(obs: Observed, stage: PlannedStage, attempt: int) -> str:
 
     return job_name(obs.name, stage.iteration, stage.stage, attempt)
 
-
-def terminal(status: Mapping[str, Any]) -> bool:
-    failed = next((c for c in status.get("conditions") or [] if c.get("type") == "Failed"), {})
-    return status.get("phase") == SUCCEEDED or (status.get("phase") == FAILED and failed.get("reason") != "InvalidSpec")
 
 
 def _image_problem(obs: Observed) -> str | None:
@@ -470,91 +482,7 @@ def _image_problem(obs: Observed) -> str | None:
     return None
 
 
-def _message(running: list[str], waiting: Mapping[str, tuple[str, float]], orphans: list[str], blocked: str | None,
-             reason: str) -> str:
-    parts = []
-    if orphans:
-        parts.append(f"waiting for pods of an earlier attempt of {', '.join(orphans)} to stop")
-    if blocked:
-        parts.append(f"waiting: {blocked}")
-    if waiting:
-        parts.append("; ".join(f"{k}: {w[0]}" if w[0] == QUEUED else
-                               f"{k}: no pod created (refused by admission or quota? see the Job's Events)"
-                               if w[0] == NO_POD else f"{k}: pod waiting: {w[0]}" for k, w in waiting.items()))
-    rest = [k for k in running if k not in waiting]
-    if rest:
-        parts.append(f"running {', '.join(rest)}")
-    return "; ".join(parts) if parts else ("" if reason == "waiting for running stages" else reason)
 
-
-def _position(obs: Observed, status: dict[str, Any], records: Mapping[str, Mapping[str, Any]], done: bool) -> None:
-    """status.iteration/stage/progress: the latest running stage (else the latest started); the last when done."""
-    old = obs.status
-    if done:
-        last = obs.graph[-1] if obs.graph else None
-        if last is not None:
-            status["iteration"], status["stage"] = last.iteration, last.stage
-        return
-    running = [s for s in obs.graph if (records.get(s.key) or {}).get("state") == RUNNING]
-    started = [s for s in obs.graph if s.key in records]
-    current = (running or started or [None])[-1]
-    if current is None:
-        return
-    status["iteration"], status["stage"] = current.iteration, current.stage
-    same = old.get("iteration") == current.iteration and old.get("stage") == current.stage
-    progress = float(old.get("progress", 0.0) or 0.0) if same else 0.0
-    if obs.progress is not None and obs.progress[0] == current.key:
-        progress = obs.progress[1]
-    if (records.get(current.key) or {}).get("state") == SUCCEEDED:
-        progress = 1.0
-    status["progress"] = round(min(max(progress, 0.0), 1.0), 3)  # a heartbeat above 1 must not void the patch
-
-
-def _conditions(obs: Observed, status: Mapping[str, Any], waiting: Mapping[str, tuple[str, float]],
-                blocked: str | None, reason: str, failed: tuple[str, str] | None = None) -> list[dict[str, Any]]:
-    phase = status.get("phase", PENDING)
-    prev = {c.get("type"): c for c in obs.status.get("conditions") or [] if isinstance(c, Mapping)}
-    conds: dict[str, dict[str, Any]] = {}
-
-    def put(ctype: str, ok: bool, why: str, message: str = "") -> None:
-        state = "True" if ok else "False"
-        before = prev.get(ctype) or {}
-        cond = {"type": ctype, "status": state, "reason": why, "message": message[:1000]}
-        if obs.generation is not None:
-            cond["observedGeneration"] = obs.generation
-        cond["lastTransitionTime"] = (before["lastTransitionTime"] if before.get("status") == state
-                                      and before.get("lastTransitionTime") else iso(obs.now))
-        conds[ctype] = cond
-
-    if failed:
-        put("Failed", True, failed[0], failed[1])
-        put("Ready", False, "Failed", failed[1])
-        put("Progressing", False, "Failed", "")
-    else:
-        put("Failed", False, "NotFailed", "")
-        done = phase == SUCCEEDED
-        ready_msg = (status.get("outputs") or {}).get("model", "") + (f" ({reason})" if done and reason else "")
-        put("Ready", done, "Succeeded" if done else phase, ready_msg if done else "")
-        only_waiting = bool(waiting) and len(waiting) == len([r for r in status.get("stages", [])
-                                                               if r.get("state") == RUNNING])
-        if obs.storage_problem:
-            why = "StorageUnreachable"
-        elif obs.secret_problem:
-            why = "SecretUnavailable"
-        elif blocked:
-            why = "JobCreationBlocked"
-        elif only_waiting:
-            why = "Queued" if all(w[0] == QUEUED for w in waiting.values()) else "PodsPending"
-        else:
-            why = "StagesRunning" if phase == RUNNING else phase
-        progressing = phase in (RUNNING, PENDING) and not blocked and not only_waiting
-        put("Progressing", progressing, why, status.get("message", "") if not blocked or why == "JobCreationBlocked"
-            else blocked)
-        put("StorageReachable", obs.storage_problem is None,
-            "StorageUnreachable" if obs.storage_problem else "Reachable", obs.storage_problem or "")
-    suspended = bool(obs.spec is not None and obs.spec.suspend) and not failed
-    put("Suspended", suspended, "Suspended" if suspended else "NotSuspended", "")
-    return [conds[t] for t in CONDITION_ORDER if t in conds]
 
 
 def _failed(obs: Observed, old: dict[str, Any], reason: str, message: str, records: dict[str, dict[str, Any]],
@@ -570,67 +498,14 @@ def _failed(obs: Observed, old: dict[str, Any], reason: str, message: str, recor
         status["stages"] = old["stages"]
     status.update(phase=FAILED, message=message[:1000], observedGeneration=obs.generation)
     status["completionTime"] = old.get("completionTime") or iso(obs.now)
-    status["conditions"] = _conditions(obs, status, {}, None, "", failed=(reason, message[:1000]))
-    events, outcomes, durations = _transitions(obs, obs.status, status, {s.key: s for s in obs.graph})
+    status["conditions"] = conditions(obs, status, {}, None, "", failed=(reason, message[:1000]))
+    events, outcomes, durations = transitions(obs, obs.status, status, {s.key: s for s in obs.graph})
     # Jobs still running when the run fails are stopped: their results can no longer be used.
     views = _views_by_stage(obs)
     active = tuple(v.name for vs in views.values() for v in vs if v.state in ("active", "suspended"))
     return Decision(status, delete_jobs=tuple(dict.fromkeys((*delete_jobs, *active))), events=events,
                     metrics=dataclasses.replace(metric_values(status), outcomes=outcomes, durations=durations))
 
-
-def _transitions(obs: Observed, old: Mapping[str, Any], new: Mapping[str, Any], by_key: Mapping[str, PlannedStage]
-                 ) -> tuple[tuple[Event, ...], tuple[tuple[str, str], ...], tuple[tuple[str, float], ...]]:
-    """Events and counter increments for what changed between the observed status and the new one."""
-    before = {r.get("name"): r for r in old.get("stages") or [] if isinstance(r, Mapping)}
-    events: list[Event] = []
-    outcomes: list[tuple[str, str]] = []
-    durations: list[tuple[str, float]] = []
-    succeeded, started = [], []
-    for rec in new.get("stages") or []:
-        key, prev = rec.get("name"), before.get(rec.get("name")) or {}
-        stage = by_key.get(key)
-        if stage is None:
-            continue
-        state, attempts = rec.get("state"), rec.get("attempts", 0)
-        if state == SUCCEEDED and prev.get("state") != SUCCEEDED:
-            succeeded.append(key)
-            outcomes.append((stage.stage, "succeeded"))
-            t0 = parse_iso(rec.get("startTime"))
-            if t0 is not None:
-                durations.append((stage.stage, max(obs.now - t0, 0.0)))
-        elif int(rec.get("failures", 0) or 0) > int(prev.get("failures", 0) or 0):  # failed (and maybe restarted)
-            reason = rec.get("reason", "")
-            permanent = reason.startswith("Job rejected") or failed_by_bad_input(
-                {"reason": reason.split(":", 1)[0], "message": reason})
-            outcomes.append((stage.stage, "bad-input" if permanent else "failed"))
-            attempt = attempts - 1 if state == RUNNING else attempts
-            events.append(Event("Warning", "StageFailed", f"{key} attempt {attempt}: {rec.get('reason', '')}"))
-        if state == RUNNING and (prev.get("state") != RUNNING or prev.get("attempts") != attempts):
-            started.append(f"{key} attempt {attempts}: Job {rec.get('job', '')}")
-    after = f" (after {', '.join(succeeded)} succeeded)" if succeeded else ""
-    events += [Event("Normal", "StageStarted", s + after) for s in started]
-    if succeeded and not started and new.get("phase") != SUCCEEDED:
-        events.append(Event("Normal", "StageSucceeded", f"{', '.join(succeeded)} succeeded"))
-    phase, was = new.get("phase"), old.get("phase")
-    if phase != was:
-        if phase == SUCCEEDED:
-            events.append(Event("Normal", "RunSucceeded", new.get("message", "")))
-        elif phase == FAILED:
-            failed = next((c for c in new.get("conditions", []) if c["type"] == "Failed"), {})
-            events.append(Event("Warning", failed.get("reason", "Failed"), new.get("message", "")))
-        elif phase == SUSPENDED:
-            events.append(Event("Normal", "Suspended", "no new stage starts; running Jobs are suspended"))
-        elif was == SUSPENDED:
-            events.append(Event("Normal", "Resumed", "the run goes on"))
-    if phase != FAILED:
-        reachable_before = next((c.get("status") for c in old.get("conditions") or []
-                                 if c.get("type") == "StorageReachable"), "True") == "True"
-        if reachable_before and obs.storage_problem:
-            events.append(Event("Warning", "StorageUnreachable", obs.storage_problem))
-        elif not reachable_before and not obs.storage_problem:
-            events.append(Event("Normal", "StorageReachable", "storage answers again"))
-    return tuple(events), tuple(outcomes), tuple(durations)
 
 
 def _requeue(obs: Observed, status: Mapping[str, Any], readings: Mapping[str, _Stage]) -> float | None:
@@ -650,31 +525,4 @@ def _requeue(obs: Observed, status: Mapping[str, Any], readings: Mapping[str, _S
     return min(due) if due else None
 
 
-def metric_values(status: Mapping[str, Any]) -> MetricValues:
-    """The run's gauges, from its status alone: a restarted operator exports finished runs again."""
-    phase = status.get("phase") or PENDING
-    running: dict[tuple[str, str], float] = {}
-    quality: dict[tuple[str, str], float] = {}
-    for rec in status.get("stages") or []:
-        if not isinstance(rec, Mapping):
-            continue
-        it = str(rec.get("iteration", ""))
-        if rec.get("state") == RUNNING and phase in (RUNNING, SUSPENDED):
-            started = parse_iso(rec.get("startTime"))
-            if started:
-                running[(it, str(rec.get("stage", "")))] = started
-        if rec.get("state") == SUCCEEDED:
-            for key, value in (rec.get("metrics") or {}).items():
-                if key in QUALITY_KEYS and not (key == K.PAIRS and rec.get("stage") == contract.SEED_TRAIN):
-                    quality[(it, key)] = float(value)
-    iteration = status.get("iteration")
-    progress = status.get("progress")
-    return MetricValues(phase, iteration if isinstance(iteration, int) else None,
-                        float(progress) if isinstance(progress, int | float) else None, running, quality)
 
-
-def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """A JSON merge patch from old to new at the top level of status (lists and nested dicts are replaced)."""
-    patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
-    patch.update({k: None for k in old if k not in new})
-    return patch

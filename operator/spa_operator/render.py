@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from spa_operator import jobs, kube
+from spa_operator import jobs, observe
 from spa_operator.planner import stage_graph
 from spa_operator.spec import AlignmentRun, load_run
 
@@ -24,7 +24,7 @@ def cluster_run(path: str, storage_uri: str | None = None) -> AlignmentRun:
     doc = load_run(path).model_dump(by_alias=True, exclude_none=True, mode="json")
     if storage_uri:
         doc["spec"]["storage"] = {**doc["spec"].get("storage", {}), "uri": storage_uri}
-    return kube.validate_for_cluster(doc)
+    return observe.validate_for_cluster(doc)
 
 
 def stage_objects(run: AlignmentRun, worker_image: str | None = None,
@@ -33,7 +33,7 @@ def stage_objects(run: AlignmentRun, worker_image: str | None = None,
     meta = run.metadata
     ref = jobs.RunRef(name=meta.name, namespace=meta.namespace, uid=meta.uid or PLACEHOLDER_UID)
     assert run.spec.storage is not None  # cluster_run made sure
-    root = kube.run_root(run.spec.storage.uri, meta.namespace, meta.name, ref.uid)
+    root = observe.run_root(run.spec.storage.uri, meta.namespace, meta.name, ref.uid)
     image = worker_image or jobs.DEFAULT_WORKER_IMAGE
     return [(s.key, jobs.build_stage_objects(s, 1, ref, run.spec, image, service_account))
             for s in stage_graph(run.spec, root)]

@@ -172,6 +172,9 @@ def test_rbac_least_privilege_and_scope(rendered):
     # Jobs set blockOwnerDeletion on their run: OwnerReferencesPermissionEnforcement needs update on finalizers.
     for role in (run_roles or [cluster_role]):
         assert any("alignmentruns/finalizers" in r["resources"] and r["verbs"] == ["update"] for r in role["rules"])
+        # spec.suspend of a run with queueName deactivates its Jobs' Kueue Workloads (and reactivates them).
+        assert any(r["apiGroups"] == ["kueue.x-k8s.io"] and r["resources"] == ["workloads"]
+                   and r["verbs"] == ["get", "list", "patch"] for r in role["rules"])
 
 
 def test_worker_service_account_has_no_binding(rendered):

@@ -1,7 +1,7 @@
 """A stand-in cluster for the operator tests: kmock's Kubernetes emulator over HTTP, made a little more like an API
-server (uids, resourceVersions, generations, CRD defaulting and validation), plus a harness that plays the Job
-controller and the kubelet: it runs each Job's container command as a local process with the Job's env and writes
-the Job's status, applying the Job's podFailurePolicy as Kubernetes would.
+server (uids, resourceVersions, generations, CRD defaulting and validation, labelSelector on list and watch), plus a
+harness that plays the Job controller and the kubelet: it runs each Job's container command as a local process with
+the Job's env and writes the Job's status, applying the Job's podFailurePolicy as Kubernetes would.
 
 A multi-node stage's Job (an Indexed Job whose pods name a subdomain) is a gang: the harness starts all its pods at
 once, whatever `max_pods` says (they must meet), resolves their `<job>-<index>.<subdomain>` names to 127.0.0.1 as
@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -37,9 +38,11 @@ import jsonpointer
 import kmock
 from kmock._internal import dicts as kmock_dicts
 from kmock._internal import enums as kmock_enums
+from kmock._internal import parsing as kmock_parsing
 
 RUNS = "spa.dev/v1alpha1/alignmentruns"
 JOBS = "batch/v1/jobs"
+WORKLOADS = "kueue.x-k8s.io/v1beta1/workloads"
 HERE = Path(__file__).resolve().parent
 STUB_WORKER = HERE / "stub_worker.py"
 VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
@@ -64,11 +67,18 @@ class Emulator(kmock.KubernetesEmulator):
     _inflight: set[int] = attrs.field(factory=set, init=False)
     # (method, user agent, resource plural, subresource) of every request, for counting writes.
     log: list[tuple[str, str, str, str | None]] = attrs.field(factory=list, init=False)
+    # (user agent, resource plural, "list" or "watch", labelSelector or "") of every collection read.
+    reads: list[tuple[str, str, str, str]] = attrs.field(factory=list, init=False)
+    # (user agent, resource plural, namespace, name) of every object a list or watch sent to a client.
+    served: set[tuple[str, str, str, str]] = attrs.field(factory=set, init=False)
 
     async def _handle(self, request: Any) -> Any:
         plural = request.resource.plural if request.resource is not None else ""
-        self.log.append((request.method.value.upper(), request.headers.get("User-Agent", "") or "", plural or "",
-                         request.subresource))
+        agent = request.headers.get("User-Agent", "") or ""
+        self.log.append((request.method.value.upper(), agent, plural or "", request.subresource))
+        if request.action in (kmock_enums.action.LIST, kmock_enums.action.WATCH):
+            self.reads.append((agent, plural or "", "watch" if request.action == kmock_enums.action.WATCH else "list",
+                               request.params.get("labelSelector", "")))
         # kmock matches each request against every request it has kept (O(n²) over a test): keep only those in
         # flight, which its matching needs; `log` above is the history.
         if request.method.value.upper() == "DELETE" and plural == "jobs" and request.name:
@@ -102,6 +112,41 @@ class Emulator(kmock.KubernetesEmulator):
             return [] if obj is None else [obj]
         return [obj for (res, ns, _), obj in self._objects.items()
                 if res == request.resource and (ns == request.namespace or (not strict and request.namespace is None))]
+
+    async def _serve_list(self, request: Any) -> Any:
+        """kmock's list, filtered by the request's labelSelector as the API server filters it (kmock ignores it)."""
+        match = _selector(request)
+        result = await super()._serve_list(request)
+        result["items"] = [o for o in result["items"] if match(o)]
+        self._note_served(request, result["items"])
+        return result
+
+    async def _serve_watch(self, request: Any) -> Any:
+        """kmock's watch, filtered by the labelSelector as the API server filters it: an object that stops matching
+        is sent as DELETED, one that starts matching as ADDED."""
+        match = _selector(request)
+        matching: set[tuple[str, str]] = set()
+        async for event in super()._serve_watch(request):
+            obj = event.get("object") if isinstance(event, dict) else None
+            if not isinstance(obj, dict):
+                yield event
+                continue
+            key = (obj.get("metadata", {}).get("namespace", ""), obj.get("metadata", {}).get("name", ""))
+            if match(obj):
+                kind = "ADDED" if key not in matching and event.get("type") == "MODIFIED" else event.get("type")
+                (matching.discard if kind == "DELETED" else matching.add)(key)
+                self._note_served(request, [obj])
+                yield {**event, "type": kind}
+            elif key in matching:
+                matching.discard(key)
+                yield {**event, "type": "DELETED"}
+
+    def _note_served(self, request: Any, objs: list[dict[str, Any]]) -> None:
+        agent = request.headers.get("User-Agent", "") or ""
+        plural = request.resource.plural if request.resource is not None else ""
+        for obj in objs:
+            meta = obj.get("metadata", {})
+            self.served.add((agent, plural, meta.get("namespace", ""), meta.get("name", "")))
 
     def _stamp(self, request: Any) -> Any:
         res = str(request.resource.group or "") + "/" + str(request.resource.version) + "/" + \
@@ -150,6 +195,57 @@ class Emulator(kmock.KubernetesEmulator):
         return data
 
 
+_REQUIREMENT = re.compile(r"\s*(?:(?P<not>!)\s*(?P<nkey>[\w./-]+)"
+                          r"|(?P<key>[\w./-]+)\s*(?:(?P<op>==|=|!=)\s*(?P<value>[\w.-]*)"
+                          r"|\s+(?P<set>in|notin)\s*\((?P<values>[\w.,\s-]*)\))?)\s*")
+
+
+def label_selector(text: str) -> Callable[[dict[str, str]], bool]:
+    """A Kubernetes label selector (`k`, `!k`, `k=v`, `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, joined by
+    commas: all must hold) as a test on a labels dict. Raises ValueError on anything else."""
+    tests: list[Callable[[dict[str, str]], bool]] = []
+    for part in re.split(r",(?![^(]*\))", text) if text.strip() else []:
+        m = _REQUIREMENT.fullmatch(part)
+        if m is None:
+            raise ValueError(f"unable to parse requirement: {part!r}")
+        key, value = m["key"] or m["nkey"], m["value"]
+        values = frozenset(v.strip() for v in (m["values"] or "").split(","))
+        if m["not"]:
+            tests.append(lambda labels, k=key: k not in labels)
+        elif m["op"] in ("=", "=="):
+            tests.append(lambda labels, k=key, v=value: labels.get(k) == v)
+        elif m["op"] == "!=":
+            tests.append(lambda labels, k=key, v=value: labels.get(k) != v)
+        elif m["set"] == "in":
+            tests.append(lambda labels, k=key, vs=values: labels.get(k) in vs)
+        elif m["set"] == "notin":
+            tests.append(lambda labels, k=key, vs=values: labels.get(k) not in vs)
+        else:
+            tests.append(lambda labels, k=key: k in labels)
+    return lambda labels: all(t(labels) for t in tests)
+
+
+def _selector(request: Any) -> Callable[[dict[str, Any]], bool]:
+    """Whether an object matches the request's labelSelector (all do without one); a bad selector is a 400."""
+    try:
+        test = label_selector(request.params.get("labelSelector", ""))
+    except ValueError as e:
+        raise kmock.KubernetesError(status=400, reason="BadRequest", message=str(e)) from None
+    return lambda obj: test(obj.get("metadata", {}).get("labels") or {})
+
+
+def _parse_path(path: str, parse: Callable[[str], Any] = kmock_parsing.parse_path) -> Any:
+    """kmock's path parser, plus the Namespace resource itself: kmock reads `/api/v1/namespaces[/<name>]` (what kopf's
+    namespace scanning lists) as a namespaced path and fails on it."""
+    parts = path.strip("/").split("/")
+    if parts[:2] == ["api", "v1"] and parts[2:3] == ["namespaces"] and len(parts) <= 4:
+        return kmock_parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None)
+    return parse(path)
+
+
+kmock_parsing.parse_path = _parse_path
+
+
 def register(emulator: kmock.KubernetesEmulator) -> None:
     info = kmock.ResourceInfo
     emulator.resources[RUNS] = info(kind="AlignmentRun", namespaced=True, verbs=VERBS, subresources={"status"},
@@ -161,6 +257,9 @@ def register(emulator: kmock.KubernetesEmulator) -> None:
     emulator.resources["v1/services"] = info(kind="Service", namespaced=True, verbs=VERBS)
     emulator.resources["v1/pods"] = info(kind="Pod", namespaced=True, verbs=VERBS, subresources={"status"})
     emulator.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs=VERBS)
+    emulator.resources[WORKLOADS] = info(kind="Workload", namespaced=True, verbs=VERBS)
+    emulator.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = info(
+        kind="CustomResourceDefinition", namespaced=False, verbs=VERBS)  # kopf's scanning watches them
 
 
 @dataclass
@@ -169,9 +268,9 @@ class Cluster:
     url: str
     session: aiohttp.ClientSession
 
-    async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json"
-                      ) -> tuple[int, Any]:
-        headers = {"Content-Type": content_type, "User-Agent": "test-client"}
+    async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+                      agent: str = "test-client") -> tuple[int, Any]:
+        headers = {"Content-Type": content_type, "User-Agent": agent}
         async with self.session.request(method, self.url + path, data=None if body is None else json.dumps(body),
                                         headers=headers) as r:
             text = await r.text()
@@ -242,6 +341,23 @@ async def start_cluster(validate_runs: bool = True) -> Any:
     register(emulator)
     async with emulator, kmock.Server(emulator) as server, aiohttp.ClientSession() as session:
         yield Cluster(emulator, str(server.url).rstrip("/"), session)
+
+
+async def stream_events(cluster: Cluster, path: str, handle: Callable[[dict[str, Any]], Any]) -> None:
+    """Watch `path` for ever as the harness (a controller of the emulated cluster), reconnecting after errors."""
+    url = cluster.url + path
+    while True:
+        try:
+            async with cluster.session.get(url, headers={"User-Agent": "harness"},
+                                           timeout=aiohttp.ClientTimeout(total=None)) as r:
+                async for line in r.content:
+                    if line.strip():
+                        await handle(json.loads(line))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # reconnect, like a controller would
+            log.warning(f"harness watch error: {e!r}")
+            await asyncio.sleep(0.1)
 
 
 # --------------------------------------------------------------------------------------------- the Job controller
@@ -317,19 +433,7 @@ class Harness:
                     proc.kill()
 
     async def _stream(self, path: str, handle: Callable[[dict[str, Any]], Any]) -> None:
-        url = self.cluster.url + path
-        while True:
-            try:
-                async with self.cluster.session.get(url, headers={"User-Agent": "harness"},
-                                                    timeout=aiohttp.ClientTimeout(total=None)) as r:
-                    async for line in r.content:
-                        if line.strip():
-                            await handle(json.loads(line))
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # reconnect, like a controller would
-                log.warning(f"harness watch error: {e!r}")
-                await asyncio.sleep(0.1)
+        await stream_events(self.cluster, path, handle)
 
     async def _on_event(self, event: dict[str, Any]) -> None:
         job = event.get("object") or {}
@@ -670,3 +774,54 @@ class TcpProxy:
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self.conns -= {writer, up_writer}
+
+
+@dataclass
+class Kueue:
+    """Plays Kueue for Jobs with the kueue.x-k8s.io/queue-name label: one Workload per Job, owned by it and admitted
+    at once (the Job is unsuspended); a Workload set inactive (spec.active: false) evicts its Job (suspends it) and
+    keeps it unadmitted until it is active again. Kueue's own suspend is the Job's; nobody else's is honoured."""
+
+    cluster: Cluster
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    async def __aenter__(self) -> Kueue:
+        self._tasks = [asyncio.create_task(stream_events(self.cluster, "/apis/batch/v1/jobs?watch=true", self._job)),
+                       asyncio.create_task(stream_events(self.cluster, f"/apis/{WORKLOADS}?watch=true",
+                                                         self._workload))]
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    async def _job(self, event: dict[str, Any]) -> None:
+        meta = (event.get("object") or {}).get("metadata", {})
+        queue = (meta.get("labels") or {}).get("kueue.x-k8s.io/queue-name")
+        if event.get("type") != "ADDED" or not queue:
+            return
+        ns = meta["namespace"]
+        workload = {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+                    "metadata": {"name": f"job-{meta['name']}-{meta['uid'][:5]}", "namespace": ns,
+                                 "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                                                      "uid": meta["uid"], "controller": True}]},
+                    "spec": {"active": True, "queueName": queue}}
+        await self.cluster.request("POST", f"/apis/kueue.x-k8s.io/v1beta1/namespaces/{ns}/workloads", workload,
+                                   agent="harness")
+
+    async def _workload(self, event: dict[str, Any]) -> None:
+        """Admit an active Workload's Job (unsuspend it); evict an inactive one's (suspend it)."""
+        workload = event.get("object") or {}
+        meta = workload.get("metadata", {})
+        owner = next((o["name"] for o in meta.get("ownerReferences") or [] if o.get("kind") == "Job"), None)
+        if event.get("type") == "DELETED" or owner is None:
+            return
+        path = f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{owner}"
+        status, job = await self.cluster.request("GET", path, agent="harness")
+        if status != 200 or any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+                                for c in (job.get("status") or {}).get("conditions") or []):
+            return
+        suspend = (workload.get("spec") or {}).get("active") is False
+        if bool(job["spec"].get("suspend")) != suspend:
+            await self.cluster.request("PATCH", path, {"spec": {"suspend": suspend}}, "application/merge-patch+json",
+                                       agent="harness")

@@ -10,7 +10,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from cluster import Harness, pod_base_env
+from cluster import WORKLOADS, Harness, Kueue, pod_base_env
 from operator_runner import OperatorRunner
 from runs import phase, tiny_run, wait_for
 from spa_workers.contract import StageManifest
@@ -171,3 +171,68 @@ async def test_orphaned_pods_stop_before_the_next_attempt(cluster, s3_env):
         await op.stop()
     assert harness.ended["orphan-i00-validate-a1-0-1"] <= harness.created["orphan-i00-validate-a2"]
     assert (stages(cluster, "orphan")["iter-00/validate"]["attempts"]) == 2
+
+
+def _other_workload(name: str) -> list[tuple[str, dict[str, Any]]]:
+    """A Job and a pod of something else in the run's namespace (no spa.dev/run-uid label): (path, body) each."""
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": "ns"},
+           "spec": {"suspend": True, "template": {"metadata": {}, "spec": {"containers": []}}}}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{name}-pod", "namespace": "ns"},
+           "spec": {"containers": []}, "status": {"phase": "Running"}}
+    return [("/apis/batch/v1/namespaces/ns/jobs", job), ("/api/v1/namespaces/ns/pods", pod)]
+
+
+async def test_jobs_and_pods_of_other_workloads_never_reach_the_operator(cluster):
+    """Item 11: Jobs and pods were watched with the run-uid filter applied by kopf on receipt, so every Job and pod
+    of the watched namespaces (the cluster, by default) streamed to the operator. Now the API server filters them
+    (labelSelector on list and on watch): other workloads' objects, there before the operator started or created
+    after, are never sent to it; the run's own are."""
+    op = OperatorRunner(cluster.url, ["ns"], store_factory=lambda run, secret: Store(done=True))
+    async with Harness(cluster, {}, instant=True, instant_pods=True):
+        for path, body in _other_workload("other-before"):
+            assert (await cluster.request("POST", path, body))[0] in (200, 201)
+        await op.start()
+        for path, body in _other_workload("other-after"):
+            assert (await cluster.request("POST", path, body))[0] in (200, 201)
+        await cluster.create_run(run_doc("selected"))
+        assert await finish(cluster, "selected", timeout=30) == "Succeeded"
+        await op.stop()
+    reads = {(plural, verb, selector) for agent, plural, verb, selector in cluster.emulator.reads
+             if agent.startswith("kopf") and plural in ("jobs", "pods")}
+    assert reads == {(plural, verb, "spa.dev/run-uid") for plural in ("jobs", "pods") for verb in ("list", "watch")}
+    served = {(plural, name) for agent, plural, _, name in cluster.emulator.served if agent.startswith("kopf")}
+    assert ("jobs", "selected-i00-validate-a1") in served and ("pods", "selected-i00-validate-a1-0-1") in served
+    assert [s for s in served if s[1].startswith("other")] == []
+
+
+def _workload_of(cluster: Any, job: str) -> dict[str, Any]:
+    return next((obj.raw for (res, _, _), obj in list(cluster.emulator.objects.items())
+                 if res == WORKLOADS and not obj.deleted
+                 and any(o["name"] == job for o in obj.raw["metadata"].get("ownerReferences", []))), {})
+
+
+async def test_suspend_with_kueue_pauses_the_running_job_through_its_workload(cluster):
+    """Item 11: with queueName, spec.suspend left running Jobs running (Kueue owns their suspend field and unsuspends
+    admitted Jobs) although the field's description said it pauses them. Now the Job's Kueue Workload is
+    deactivated (Kueue evicts the Job and does not admit it again) and reactivated on resume; the run then finishes,
+    with no attempt lost or repeated."""
+    op = OperatorRunner(cluster.url, ["ns"], store_factory=lambda run, secret: Store(done=True))
+    first = "queued-i00-validate-a1"
+    async with Harness(cluster, {}, instant=True, instant_after=lambda: 1.5) as harness, Kueue(cluster):
+        await op.start()
+        await cluster.create_run(run_doc("queued", queueName="team-q"))
+        await wait_for(lambda: first in harness.created, 20, "the first Job admitted and running")
+        await cluster.patch_run("queued", {"spec": {"suspend": True}})
+        await wait_for(lambda: cluster.jobs()[first]["spec"].get("suspend") is True, 20, "the Job evicted by Kueue")
+        workload = _workload_of(cluster, first)
+        assert workload["spec"]["active"] is False and "spa.dev/paused-by-run" in workload["metadata"]["annotations"]
+        assert phase(cluster, "queued") == "Suspended"
+        await asyncio.sleep(2.0)  # longer than the Job takes to run: it stays paused
+        assert first not in harness.finished and cluster.jobs()[first]["spec"]["suspend"] is True
+        await cluster.patch_run("queued", {"spec": {"suspend": False}})
+        assert await finish(cluster, "queued", timeout=30) == "Succeeded"
+        await op.stop()
+    assert cluster.all_jobs_ever() == ["queued-i00-seed-train-a1", first]
+    workload = _workload_of(cluster, first)
+    assert workload["spec"]["active"] is True and "spa.dev/paused-by-run" not in workload["metadata"].get(
+        "annotations", {})

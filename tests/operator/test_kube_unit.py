@@ -11,10 +11,10 @@ import sys
 
 import aiohttp
 import pytest
-from cluster import Harness, pod_base_env
+from cluster import Harness, label_selector, pod_base_env
 from operator_runner import OperatorRunner
 from runs import phase, tiny_run, wait_for
-from spa_operator import kube, reconcile
+from spa_operator import kube, status
 
 
 def test_operator_imports_without_torch():
@@ -32,6 +32,9 @@ def test_job_view_reads_job_conditions():
     v = kube.job_view(job({}))
     assert (v.state, v.attempt, v.stage_key) == ("active", 3, "iter-01/train")
     assert kube.job_view(job({}, {"suspend": True})).state == "suspended"
+    evicted = kube.job_view(job({"conditions": [{"type": "Suspended", "status": "True",
+                                                 "lastTransitionTime": "2027-01-15T08:00:00Z"}]}, {"suspend": True}))
+    assert evicted.suspended_since == status.parse_iso("2027-01-15T08:00:00Z") > 0
     assert kube.job_view(job({"conditions": [{"type": "Complete", "status": "True"}]})).state == "succeeded"
     bad = kube.job_view(job({"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
                                              "message": "exit code 2"}]}))
@@ -41,8 +44,24 @@ def test_job_view_reads_job_conditions():
     assert (flaky.state, flaky.permanent) == ("failed", False)
 
 
+@pytest.mark.parametrize("selector,labels,matches", [
+    ("spa.dev/run-uid", {"spa.dev/run-uid": "u"}, True), ("spa.dev/run-uid", {}, False),
+    ("!a", {}, True), ("!a", {"a": ""}, False), ("a=x,b==y", {"a": "x", "b": "y"}, True),
+    ("a=x,b==y", {"a": "x"}, False), ("a!=x", {}, True), ("a!=x", {"a": "x"}, False),
+    ("a in (x, y),c", {"a": "y", "c": "1"}, True), ("a in (x,y)", {}, False), ("a notin (x,y)", {"a": "z"}, True),
+    ("a notin (x,y)", {"a": "x"}, False), ("", {}, True)])
+def test_emulator_label_selectors_match_as_the_api_server_does(selector, labels, matches):
+    """The emulator's labelSelector (kmock has none): what the operator's Job and pod watches rely on."""
+    assert label_selector(selector)(labels) is matches
+
+
+def test_emulator_label_selector_refuses_bad_syntax():
+    with pytest.raises(ValueError, match="unable to parse"):
+        label_selector("a b")
+
+
 def test_merge_patch_and_spec_difference():
-    assert reconcile.merge_patch({"a": 1, "b": [1], "c": 3}, {"a": 1, "b": [1, 2]}) == {"b": [1, 2], "c": None}
+    assert status.merge_patch({"a": 1, "b": [1], "c": 3}, {"a": 1, "b": [1, 2]}) == {"b": [1, 2], "c": None}
     ignore = {"spec.suspend"}
     assert kube.first_difference({"suspend": False}, {"suspend": True}, "spec", ignore) is None
     assert kube.first_difference({"training": {"beta": 0.1}, "suspend": False},

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from spa_operator import reconcile as R
+from spa_operator import status
 from spa_operator.planner import stage_graph
 from spa_operator.spec import parse_run
 from spa_workers.contract import StageManifest
@@ -212,7 +213,7 @@ def test_status_is_computed_not_remembered():
     d = R.decide(observed(stages, (job(FIRST, 1),), status=edited, progress=(FIRST.key, 1.7)))
     assert d.status["phase"] == R.RUNNING and d.status["message"] == f"running {FIRST.key}"
     assert d.status["progress"] == 1.0
-    assert R.merge_patch(edited, d.status)["phase"] == R.RUNNING
+    assert status.merge_patch(edited, d.status)["phase"] == R.RUNNING
 
 
 def test_finished_runs_export_their_metrics_from_status():
@@ -254,3 +255,75 @@ def test_worker_images_outside_the_allow_list_fail_the_run():
     ok = R.decide(observed(spec=spec(image="registry.example.com/spa/worker:1"), settings=settings))
     assert ok.create and ok.status["phase"] != R.FAILED
     assert R.decide(observed(settings=settings)).create
+
+
+KUEUE = {"queueName": "q"}
+WL = "job-r-i00-validate-a1-1a2b3"
+
+
+def workload(active: bool = True, paused: bool = False, job_name: str = FIRST_JOB) -> R.WorkloadView:
+    return R.WorkloadView(WL, job_name, active, paused)
+
+
+# spec.suspend: without Kueue the running Job is suspended itself; with queueName Kueue owns the Job's suspend field
+# (it unsuspends an admitted Job), so the Job's Workload is deactivated instead and reactivated on resume.
+# (spec fields, old phase, Job state, Workloads, workload problem) ->
+#     (phase, suspend_jobs, resume_jobs, deactivate_workloads, activate_workloads, message part)
+SUSPEND = [
+    ("plain: suspend pauses the running Job", {"suspend": True}, R.RUNNING, "active", (), None,
+     (R.SUSPENDED, (FIRST_JOB,), (), (), (), "suspended")),
+    ("plain: Job already suspended: nothing to patch", {"suspend": True}, R.SUSPENDED, "suspended", (), None,
+     (R.SUSPENDED, (), (), (), (), "suspended")),
+    ("plain: resume", {}, R.SUSPENDED, "suspended", (), None, (R.RUNNING, (), (FIRST_JOB,), (), (), "")),
+    ("Kueue: suspend deactivates the running Job's Workload, not the Job", {**KUEUE, "suspend": True}, R.RUNNING,
+     "active", (workload(),), None, (R.SUSPENDED, (), (), (WL,), (), "suspended")),
+    ("Kueue: Workload already paused, Job evicted: nothing to patch", {**KUEUE, "suspend": True}, R.SUSPENDED,
+     "suspended", (workload(False, True),), None, (R.SUSPENDED, (), (), (), (), "suspended")),
+    ("Kueue: a Workload of another Job is left alone", {**KUEUE, "suspend": True}, R.RUNNING, "active",
+     (workload(job_name="other-job"),), None, (R.SUSPENDED, (), (), (), (), "suspended")),
+    ("Kueue: Workloads unreadable (no CRD, no RBAC): the status says so", {**KUEUE, "suspend": True}, R.RUNNING,
+     "active", (), "API error 403: Forbidden", (R.SUSPENDED, (), (), (), (), "cannot be paused: API error 403")),
+    ("Kueue: resume reactivates what the run paused; Suspended until it is active", KUEUE, R.SUSPENDED,
+     "suspended", (workload(False, True),), None, (R.SUSPENDED, (), (), (), (WL,), "resuming")),
+    ("Kueue: resumed, Workload active again: Running (queued until Kueue admits)", KUEUE, R.SUSPENDED,
+     "suspended", (workload(True),), None, (R.RUNNING, (), (), (), (), "queued")),
+    ("Kueue: a Workload Kueue deactivated itself (requeue limit) is not reactivated", KUEUE, R.SUSPENDED,
+     "suspended", (workload(False, False),), None, (R.RUNNING, (), (), (), (), "queued")),
+]
+
+
+@pytest.mark.parametrize("name,fields,old_phase,state,workloads,problem,want", SUSPEND, ids=[c[0] for c in SUSPEND])
+def test_suspend_with_and_without_kueue(name, fields, old_phase, state, workloads, problem, want):
+    d = R.decide(observed([record(FIRST, 1)], (job(FIRST, 1, state),), spec=spec(**fields),
+                          status={"phase": old_phase, "stages": [record(FIRST, 1)]}, workloads=workloads,
+                          workload_problem=problem))
+    phase, suspend, resume, deactivate, activate, message = want
+    assert (d.status["phase"], d.suspend_jobs, d.resume_jobs, d.deactivate_workloads, d.activate_workloads) == \
+        (phase, suspend, resume, deactivate, activate)
+    assert message in d.status["message"] and not d.create and not d.delete_jobs
+    if activate:
+        assert d.requeue_s is not None and d.requeue_s <= R.RESUME_CHECK_S  # nothing else wakes the run
+
+
+def test_suspended_kueue_run_does_not_time_out_its_evicted_job():
+    """A paused run's Job, evicted by Kueue (suspended), waits for the resume, not for the queued timeout."""
+    old = job(FIRST, 1, "suspended", created=NOW - 3600)
+    settings = R.Settings(queued_timeout_s=60)
+    paused = R.decide(observed([record(FIRST, 1)], (old,), spec=spec(**KUEUE, suspend=True), settings=settings,
+                               workloads=(workload(False, True),)))
+    assert paused.status["phase"] == R.SUSPENDED and not paused.delete_jobs
+    assert stage_rec(paused, FIRST.key)["state"] == R.RUNNING
+    running = R.decide(observed([record(FIRST, 1)], (old,), spec=spec(**KUEUE), settings=settings))
+    assert running.delete_jobs == (FIRST_JOB,)  # not paused: the timeout applies
+    # Resumed after a long pause: queued since Kueue evicted the Job (its Suspended condition), not since created.
+    evicted = dataclasses.replace(old, suspended_since=NOW - 10)
+    resumed = R.decide(observed([record(FIRST, 1)], (evicted,), spec=spec(**KUEUE), settings=settings))
+    assert not resumed.delete_jobs and cond(resumed, "Progressing")["reason"] == "Queued"
+
+
+def test_workloads_are_read_only_around_a_kueue_suspend():
+    """The kopf layer lists Workloads only for a run with queueName that is suspended or resuming."""
+    assert R.workloads_needed(spec(**KUEUE, suspend=True), {"phase": R.RUNNING})
+    assert R.workloads_needed(spec(**KUEUE), {"phase": R.SUSPENDED})
+    assert not R.workloads_needed(spec(**KUEUE), {"phase": R.RUNNING})
+    assert not R.workloads_needed(spec(suspend=True), {"phase": R.SUSPENDED})

@@ -101,6 +101,11 @@ default account unless a run names one (a missing account would block the pods).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+# Kueue Workloads of a run's Jobs (runs with queueName): spec.suspend deactivates them (Kueue then evicts the Job)
+# and resume reactivates them. Without Kueue installed these rights are unused.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "patch"]
 # The S3 credentials a run references (read by the operator to reach storage; never written anywhere).
 - apiGroups: [""]
   resources: ["secrets"]

@@ -1,0 +1,299 @@
+"""What the operator observes about a run, for the decision core (`reconcile.decide`): views of its Jobs, pods and
+Kueue Workloads (from kopf's indexes and the API), its spec validated as the cluster does, its status as the API server
+has it, the credentials Secret, the stage manifests and heartbeat in storage. `kube.Controller` gathers them through
+the `Observer` methods below; nothing here writes anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from spa_workers.storage import StorageError
+
+from spa_operator import jobs, reconcile
+from spa_operator.kubeapi import KubeApi, api_error
+from spa_operator.metrics import Metrics
+from spa_operator.planner import PlannedStage, stage_graph
+from spa_operator.reconcile import JobView, PodView, WorkloadView
+from spa_operator.runstore import ClientCache, RunStore
+from spa_operator.spec import AlignmentRun, SpecError, parse_run
+from spa_operator.status import parse_iso
+
+if TYPE_CHECKING:
+    from spa_operator.kube import Config
+
+# On a Kueue Workload this operator deactivated for spec.suspend: the run's uid (only those are reactivated on resume;
+# Kueue deactivates Workloads itself, past its requeue limit, and those stay as Kueue left them).
+PAUSED_ANNOTATION = "spa.dev/paused-by-run"
+
+
+def job_view(body: Any) -> JobView:
+    meta, status, spec = body.get("metadata", {}), body.get("status") or {}, body.get("spec") or {}
+    conds = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    permanent, reason, suspended_since = False, "", 0.0
+    if "Complete" in conds:
+        state = "succeeded"
+    elif "Failed" in conds:
+        state = "failed"
+        cond = conds["Failed"]
+        permanent = jobs.failed_by_bad_input(cond)  # the exit-code-2 FailJob rule, not a gang's disruption
+        reason = f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".strip(": ")
+    elif spec.get("suspend"):
+        state = "suspended"
+        suspended_since = parse_iso((conds.get("Suspended") or {}).get("lastTransitionTime")) or 0.0
+    else:
+        state = "active"
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    owner = next((o.get("uid", "") for o in meta.get("ownerReferences") or [] if o.get("controller")), "")
+    return JobView(meta.get("name", ""), annotations.get(jobs.ANNOTATION_STAGE_KEY, ""),
+                   _int(labels.get(jobs.LABEL_ATTEMPT)), state, permanent, reason[:500], owner,
+                   parse_iso(meta.get("creationTimestamp")) or 0.0, bool(meta.get("deletionTimestamp")),
+                   time.monotonic() if state in ("succeeded", "failed") else 0.0, suspended_since)
+
+
+def pod_view(body: Any) -> PodView:
+    """A pod of a run's Job: whether it may still run, and why it does not run yet (image pull, scheduling,
+    admission), from its container statuses and its PodScheduled condition."""
+    meta, status = body.get("metadata", {}), body.get("status") or {}
+    labels = meta.get("labels") or {}
+    phase = status.get("phase") or "Pending"
+    waiting = ""
+    for cs in status.get("containerStatuses") or []:
+        reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason", "")
+        if reason and reason not in ("ContainerCreating", "PodInitializing"):
+            waiting = reason
+            break
+    if not waiting and phase == "Pending":
+        sched = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), {})
+        if sched.get("status") == "False":
+            waiting = sched.get("reason") or "Unschedulable"
+    stage_key = (meta.get("annotations") or {}).get(jobs.ANNOTATION_STAGE_KEY, "")
+    return PodView(meta.get("name", ""), labels.get("job-name", ""), stage_key, _int(labels.get(jobs.LABEL_ATTEMPT)),
+                   phase not in ("Succeeded", "Failed") and not meta.get("deletionTimestamp"), waiting,
+                   parse_iso(meta.get("creationTimestamp")) or 0.0)
+
+
+def workload_view(body: Any, run_uid: str) -> WorkloadView:
+    """A Kueue Workload: the Job that owns it, whether it is active, and whether this run paused it."""
+    meta = body.get("metadata", {})
+    job = next((o.get("name", "") for o in meta.get("ownerReferences") or []
+                if o.get("kind") == "Job" and o.get("controller")), "")
+    return WorkloadView(meta.get("name", ""), job, (body.get("spec") or {}).get("active") is not False,
+                        (meta.get("annotations") or {}).get(PAUSED_ANNOTATION) == run_uid)
+
+
+def _int(text: Any) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
+
+
+@dataclasses.dataclass
+class RunState:
+    """What the operator keeps per run between reconciles: caches and watch history, never the run's status."""
+
+    uid: str
+    waker: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    secrets: tuple[str, ...] = ()  # values to redact from anything written
+    spec_violation: str | None = None  # a field changed after the start
+    seen_jobs: set[str] = dataclasses.field(default_factory=set)  # Jobs seen in a watch event or the index
+    first_pass: bool = True  # the first reconcile after (re)start: the Job index is complete by then
+    generation: int | None = None  # metadata.generation last reconciled
+    started_spec: dict[str, Any] | None = None  # the spec once the run started: only suspend may change
+    # (generation, its run or the spec error, storage root, stage graph): parsed once per generation
+    parsed: tuple[int | None, AlignmentRun | None, str, list[PlannedStage], str | None] | None = None
+    last_progress: float = 0.0  # monotonic time of the last heartbeat read
+    # The run's resourceVersion after this operator's last status patch, and the status written: until the body
+    # reaches that version, the written status is the newest one.
+    written: tuple[str, dict[str, Any]] | None = None
+
+
+class Observer:
+    """The observing half of `kube.Controller`: everything `reconcile.decide` needs about one run."""
+
+    cfg: Config
+    api: KubeApi
+    metrics: Metrics
+    secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]]
+    clients: ClientCache
+    settings: reconcile.Settings
+
+    def store_for(self, run: AlignmentRun, secret: dict[str, str] | None, secret_name: str | None) -> RunStore:
+        if self.cfg.store_factory is not None:
+            return self.cfg.store_factory(run, secret)
+        st = run.spec.storage
+        return self.clients.store(st.endpoint if st else None, st.region if st else None, secret, secret_name)
+
+    async def _secret(self, ns: str, name: str) -> dict[str, str] | None:
+        """The run's credentials, re-read at most every timer_s (rotation is picked up; no read per event)."""
+        cached = self.secrets.get((ns, name))
+        if cached is not None and time.monotonic() - cached[0] < self.cfg.timer_s:
+            return cached[1]
+        value = await self.api.read_secret(ns, name)
+        if value is not None:  # a missing Secret is looked up again on the next pass
+            self.secrets[(ns, name)] = (time.monotonic(), value)
+        return value
+
+    # -- observing ------------------------------------------------------------------------------------------------
+
+    def _parse(self, rs: RunState, body: Any, ns: str, name: str) -> tuple[AlignmentRun | None, str, list[PlannedStage],
+                                                                            str | None]:
+        """The spec, validated as the CRD would; parsed once per generation (the spec changes only with it)."""
+        generation = body.get("metadata", {}).get("generation")
+        if rs.parsed is None or generation is None or rs.parsed[0] != generation:
+            try:
+                run = validate_for_cluster(body, self.cfg.default_storage)
+            except SpecError as e:
+                rs.parsed = (generation, None, "", [], f"{e.field}: {e.message}")
+            else:
+                assert run.spec.storage is not None
+                root = run_root(run.spec.storage.uri, ns, name, rs.uid)
+                rs.parsed = (generation, run, root, stage_graph(run.spec, root), None)
+        return rs.parsed[1:]
+
+    def _observed_status(self, rs: RunState, body: Any) -> dict[str, Any]:
+        """The run's status as the API server has it: the body's, unless the body predates this operator's last
+        status patch (its watch event is still on the way; another change, such as kopf's finalizer, may have
+        come first), then the status written."""
+        if rs.written is not None and _older(body.get("metadata", {}).get("resourceVersion"), rs.written[0]):
+            return rs.written[1]
+        return _plain(body.get("status") or {})
+
+    async def _observe(self, rs: RunState, body: Any, index: Any, pod_index: Any) -> reconcile.Observed:
+        meta = body.get("metadata", {})
+        ns, name = meta.get("namespace", "default"), meta.get("name", "")
+        status = self._observed_status(rs, body)
+        generation = meta.get("generation")
+        obs = reconcile.Observed(ns, name, rs.uid, generation, status, time.time(), settings=self.settings)
+        if reconcile.terminal(status):
+            return obs
+        spec_now = _plain(body.get("spec") or {})
+        if status.get("stages"):
+            if rs.started_spec is None:
+                rs.started_spec = spec_now
+            field = first_difference(rs.started_spec, spec_now, "spec", ignore={"spec.suspend"})
+            if field:
+                rs.spec_violation = f"{field}: immutable once the run has started (only spec.suspend may change)"
+        run, root, graph, error = self._parse(rs, body, ns, name)
+        if rs.spec_violation or run is None:
+            return dataclasses.replace(obs, spec_violation=rs.spec_violation, spec_error=error)
+        views = tuple(index.get(rs.uid, ())) if index is not None else ()
+        rs.seen_jobs.update(v.name for v in views)
+        pods = tuple(pod_index.get(rs.uid, ())) if pod_index is not None else ()
+        obs = dataclasses.replace(obs, graph=graph, spec=run.spec, root=root, jobs=views, pods=pods,
+                                  seen_jobs=frozenset(rs.seen_jobs), index_complete=rs.first_pass)
+        if reconcile.workloads_needed(run.spec, status):
+            try:
+                found = [workload_view(w, rs.uid) for w in await self.api.list_workloads(ns)]
+            except Exception as e:  # no Kueue CRD, no RBAC: the status says the Jobs cannot be paused
+                obs = dataclasses.replace(obs, workload_problem=api_error(e))
+            else:
+                names = {v.name for v in views}
+                obs = dataclasses.replace(obs, workloads=tuple(w for w in found if w.job in names))
+
+        # Credentials for reading manifests (the Jobs get them from the same Secret by reference).
+        secret, secret_problem = None, None
+        ref = run.spec.storage.secret_ref if run.spec.storage else None
+        if ref:
+            try:
+                secret = await self._secret(ns, ref.name)
+            except Exception as e:  # API trouble: try again later
+                secret_problem = api_error(e)
+            else:
+                if secret is None:
+                    secret_problem = f"Secret {ref.name} not found"
+                else:
+                    rs.secrets = tuple(v for v in secret.values() if len(v) >= 4)
+        storage_problem = None
+        manifests: dict[str, Any] = {}
+        progress = None
+        try:
+            store = self.store_for(run, secret, ref.name if ref else None)
+            by_key = {s.key: s for s in graph}
+            for key in reconcile.manifests_to_read(obs):
+                manifests[key] = await asyncio.to_thread(store.manifests, by_key[key].args)
+            current = _running_stage(status, by_key)
+            if current is not None and time.monotonic() - rs.last_progress >= self.cfg.progress_s:
+                rs.last_progress = time.monotonic()
+                frac = await asyncio.to_thread(store.progress, current.args)
+                if frac is not None:
+                    progress = (current.key, frac)
+        except StorageError as e:
+            storage_problem = str(e)
+        except Exception as e:  # e.g. boto3 refusing an endpoint or region: a status condition, not a crash loop
+            storage_problem = f"storage client: {type(e).__name__}: {str(e)[:200]}"
+        if storage_problem:
+            self.metrics.storage_errors.inc()
+        return dataclasses.replace(obs, manifests=manifests, storage_problem=storage_problem,
+                                   secret_problem=secret_problem, progress=progress)
+
+
+def _older(version: Any, than: str) -> bool:
+    """Whether resourceVersion `version` predates `than`. They are etcd revisions on every API server in use;
+    where one is not a number, only "not the same" is known, and the body is taken as older."""
+    try:
+        return int(version) < int(than)
+    except (TypeError, ValueError):
+        return version != than
+
+
+def _running_stage(status: Mapping[str, Any], by_key: Mapping[str, PlannedStage]) -> PlannedStage | None:
+    """The stage status names as current, if its record says it runs (its heartbeat is worth reading)."""
+    it, stage = status.get("iteration"), status.get("stage")
+    if not isinstance(it, int) or not stage:
+        return None
+    key = f"iter-{it:02d}/{stage}"
+    rec = next((r for r in status.get("stages") or [] if r.get("name") == key), None)
+    return by_key.get(key) if rec is not None and rec.get("state") == reconcile.RUNNING else None
+
+
+def _plain(obj: Any) -> Any:
+    """A deep plain-dict copy (kopf bodies are views)."""
+    if isinstance(obj, dict) or hasattr(obj, "items"):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def run_root(storage_uri: str, namespace: str, name: str, uid: str) -> str:
+    """Where a run's stages write: a uid prefix keeps a re-created run of the same name from reusing outputs."""
+    return f"{storage_uri.rstrip('/')}/{namespace}/{name}/{uid.replace('-', '')[:8]}"
+
+
+def validate_for_cluster(body: Any, default_storage: dict[str, Any] | None = None) -> AlignmentRun:
+    """parse_run plus the cluster's rules (S3 only), with the operator's default storage for runs that name none.
+
+    Raises SpecError.
+    """
+    doc = _plain(body)
+    doc.pop("status", None)
+    if default_storage and isinstance(doc.get("spec"), dict) and "storage" not in doc["spec"]:
+        doc["spec"]["storage"] = dict(default_storage)
+    run = parse_run(doc, strict=True)
+    st = run.spec.storage
+    if st is None:
+        raise SpecError("spec.storage", "required: set it in the run, or give the operator a default storage "
+                                        "(SPA_DEFAULT_STORAGE_URI; Helm value storage.uri)")
+    if not st.uri.startswith("s3://"):
+        raise SpecError("spec.storage.uri", "must be s3://bucket/prefix in a cluster")
+    return run
+
+
+def first_difference(old: Any, new: Any, path: str, ignore: frozenset[str] | set[str] = frozenset()) -> str | None:
+    """The manifest path of the first field that differs between two specs (None: equal)."""
+    if path in ignore:
+        return None
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            found = first_difference(old.get(key), new.get(key), f"{path}.{key}", ignore)
+            if found:
+                return found
+        return None
+    return None if old == new else path
