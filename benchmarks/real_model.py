@@ -364,10 +364,12 @@ def run_conditions(b: Bench, gate: dict | None) -> tuple[dict, dict]:
     sched = Scheduler(2)
     sched.add("eval-answers", b.answer_eval)
     sched.add("dpo-seed", lambda: run("dpo-seed", b.manifest("dpo-seed", 0, "seed_pairs.jsonl")))
-    sched.add("dpo-all", lambda: run("dpo-all", b.manifest("dpo-all", 0, "all_pairs.jsonl",
-                                                           seed_epochs=c["all_epochs"])))
     sched.add("spa", lambda: run("spa", b.manifest("spa", n_iter, "seed_pairs.jsonl"), spa_copy),
               after=("dpo-seed",))
+    # not a data dependency: DPO on 100% runs beside SPA, not beside DPO on the seed, which SPA waits for (where
+    # other work shares the cores, a second training beside it would slow the longest chain down)
+    sched.add("dpo-all", lambda: run("dpo-all", b.manifest("dpo-all", 0, "all_pairs.jsonl",
+                                                           seed_epochs=c["all_epochs"])), after=("dpo-seed",))
     sched.add("sft", lambda: results.__setitem__("sft", {0: b.score_model("sft", b.sft)}), after=("eval-answers",))
     scorings = [("dpo-seed", 0), ("dpo-all", 0)] + [("spa", i) for i in range(1, n_iter + 1)]
     for name, i in scorings:
