@@ -63,7 +63,9 @@ def generate(policy: Path, prompts: Path, out: Path, n: int, seed: int, temperat
 
 
 class Scheduler:
-    """Jobs with dependencies, at most `workers` at a time (independent conditions two at a time)."""
+    """Jobs with dependencies, at most `workers` at a time. A job is handed to a worker only once its dependencies
+    have finished, so a waiting job never holds a worker (and a core) that a ready one could use; ready jobs start
+    in the order they became ready, and a job whose dependency failed fails with that error."""
 
     def __init__(self, workers: int) -> None:
         self.pool = ThreadPoolExecutor(workers)
@@ -72,14 +74,29 @@ class Scheduler:
 
     def add(self, key: str, fn: Callable[[], object], after: tuple[str, ...] = ()) -> None:
         deps = [self.futures[a] for a in after]
+        done: Future = Future()
+        self.futures[key] = done
+        waiting = [len(deps)]
 
-        def job():
-            for d in deps:
-                d.result()
-            return fn()
+        def job() -> None:
+            try:
+                for d in deps:
+                    d.result()
+                done.set_result(fn())
+            except Exception as e:
+                done.set_exception(e)
 
-        # a job waiting on its dependencies holds a worker: submit in dependency order, so it never starves
-        self.futures[key] = self.pool.submit(job)
+        def dep_finished(_: Future) -> None:
+            with self.lock:
+                waiting[0] -= 1
+                ready = waiting[0] == 0
+            if ready:
+                self.pool.submit(job)
+
+        if not deps:
+            self.pool.submit(job)
+        for d in deps:
+            d.add_done_callback(dep_finished)
 
     def results(self) -> dict[str, object]:
         return {k: f.result() for k, f in self.futures.items()}

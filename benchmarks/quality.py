@@ -221,9 +221,12 @@ class Seed(Runs):
             write_jsonl(d / "heldout_pairs.jsonl", gold_pairs(held))
             self.info["all_pairs"] = len(all_pairs)
             self.info["heldout_pairs"] = len(read_jsonl(d / "heldout_pairs.jsonl"))
-        # the opponent: the SFT model's answers to the evaluation prompts (fixed sampling seed)
-        self.opponent = generate(self.sft, d / "eval_prompts.jsonl", d / "eval-sft-opponent",
-                                 c["eval_samples"], 99)
+
+    def answer_opponent(self) -> None:
+        """The opponent: the SFT model's answers to the evaluation prompts (fixed sampling seed). Only scoring needs
+        them, so this runs beside the first conditions, not before them."""
+        self.opponent = generate(self.sft, self.data / "eval_prompts.jsonl", self.data / "eval-sft-opponent",
+                                 CONFIG["eval_samples"], 99)
 
     # -- manifests
 
@@ -303,8 +306,15 @@ CONDITIONS: dict[str, tuple[int, str, dict]] = {
 ABLATIONS = ("spa-no-refinement", "spa-lambda-0", "spa-ref-previous")
 
 
-def run_seed_jobs(s: Seed, full: bool) -> dict:
-    """Run a seed's conditions and score them: {condition: {iteration: metrics}}."""
+def condition_iterations(name: str, iters: int) -> list[int]:
+    """The iterations of a condition (run with at most `iters` SPA iterations) whose models are scored."""
+    return list(range(1 if name.startswith("spa") else 0, min(CONDITIONS[name][0], iters) + 1))
+
+
+def run_seed_jobs(s: Seed) -> dict:
+    """A seed's conditions, run ("run") and scored per iteration ("score"): separate jobs, so a scoring (sampling
+    the evaluation answers) runs beside the next condition instead of before it. Every process is seeded and
+    single-threaded: the order changes no figure. {condition: {iteration: metrics}} in "results"."""
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
 
@@ -317,16 +327,16 @@ def run_seed_jobs(s: Seed, full: bool) -> dict:
         n_iter = min(n_iter, iters)
         timings[name] = s.spa_run(name, s.manifest(name, n_iter, seed_file, **over), copy)
         log(f"seed {s.seed}: {name} ran in {timings[name]:.0f}s")
-        results[name] = {}
-        first = 1 if name.startswith("spa") else 0
-        for i in range(first, n_iter + 1):
-            results[name][i] = {**s.score(f"{name}-{i}", s.model_of(name, i)), **s.manifests_of(name, i)}
-            if i:
-                results[name][i]["judge_vs_gold"] = s.judge_vs_gold(name, i)
-        if name == "dpo-seed" and (s.root(name) / "iter-00/evaluate/_SUCCESS.json").exists():
-            results[name][0]["evaluate"] = s.manifests_of(name, 0).get("evaluate")
 
-    return {"results": results, "timings": timings, "run": run_condition}
+    def score_condition(name: str, i: int) -> None:
+        row = {**s.score(f"{name}-{i}", s.model_of(name, i)), **s.manifests_of(name, i)}
+        if i:
+            row["judge_vs_gold"] = s.judge_vs_gold(name, i)
+        if name == "dpo-seed" and (s.root(name) / "iter-00/evaluate/_SUCCESS.json").exists():
+            row["evaluate"] = s.manifests_of(name, 0).get("evaluate")
+        results.setdefault(name, {})[i] = row
+
+    return {"results": results, "timings": timings, "run": run_condition, "score": score_condition}
 
 
 def main() -> int:
@@ -375,35 +385,49 @@ def main() -> int:
     with ThreadPoolExecutor(2) as ex:
         list(ex.map(lambda s: s.prepare(args.full), states.values()))
     log(f"data ready ({time.time() - t0:.0f}s)")
-    # 3. conditions, two at a time
+    # 3. conditions, two at a time; each scoring job after its run and the seed's opponent answers
     sched = Scheduler(2)
-    jobs = {sd: run_seed_jobs(s, args.full) for sd, s in states.items()}
+    jobs = {sd: run_seed_jobs(s) for sd, s in states.items()}
     sft_scores: dict[int, dict] = {}
     only = set(args.only.split(",")) if args.only else set(CONDITIONS)
     seed_copy = {"iter-00/seed-train": "dpo-seed", "iter-00/evaluate": "dpo-seed"}
     abl_copy = {**seed_copy, "iter-01/generate": "spa", "iter-01/judge": "spa"}
-    for sd in states:  # DPO on the seed first: every SPA run of the seed reuses its seed-train stage
-        sched.add(f"{sd}/dpo-seed", lambda j=jobs[sd]: j["run"]("dpo-seed", 0, {}))
+    scoring: list[tuple[int, str, int]] = []  # (seed, condition, iters): added after every run
+
+    def condition(sd: int, name: str, iters: int, copy: dict[str, str], after: tuple[str, ...] = ()) -> None:
+        sched.add(f"{sd}/{name}", lambda j=jobs[sd]: j["run"](name, iters, copy), after=after)
+        scoring.append((sd, name, iters))
+
+    for sd, s in states.items():  # DPO on the seed first: every SPA run of the seed reuses its seed-train stage
+        condition(sd, "dpo-seed", 0, {})
+        sched.add(f"{sd}/opponent", s.answer_opponent)
     for sd, s in states.items():
         if args.full:
-            sched.add(f"{sd}/sft", lambda s=s, sd=sd: sft_scores.__setitem__(sd, s.score("sft", s.sft)))
-        iters = SPA_ITERS if args.full else 2
-        sched.add(f"{sd}/spa", lambda j=jobs[sd], n=iters: j["run"]("spa", n, seed_copy), after=(f"{sd}/dpo-seed",))
+            sched.add(f"{sd}/sft", lambda s=s, sd=sd: sft_scores.__setitem__(sd, s.score("sft", s.sft)),
+                      after=(f"{sd}/opponent",))
+        condition(sd, "spa", SPA_ITERS if args.full else 2, seed_copy, after=(f"{sd}/dpo-seed",))
     if args.full:
         for sd in states:
             if "dpo-all" in only:
-                sched.add(f"{sd}/dpo-all", lambda j=jobs[sd]: j["run"]("dpo-all", 0, {}))
+                condition(sd, "dpo-all", 0, {})
         for sd in states:
             for name in ABLATIONS:
                 if name in only:
-                    n = CONFIG["ablation_iterations"]
-                    sched.add(f"{sd}/{name}", lambda j=jobs[sd], name=name, n=n: j["run"](name, n, abl_copy),
-                              after=(f"{sd}/spa",))
+                    condition(sd, name, CONFIG["ablation_iterations"], abl_copy, after=(f"{sd}/spa",))
+    for sd, name, iters in scoring:
+        for i in condition_iterations(name, iters):
+            sched.add(f"{sd}/{name}/{i}", lambda j=jobs[sd], name=name, i=i: j["score"](name, i),
+                      after=(f"{sd}/{name}", f"{sd}/opponent"))
     sched.results()
     elapsed = time.time() - t0
+
+    def conditions(sd: int) -> dict:  # in CONDITIONS and iteration order, whatever order the scorings finished in
+        done = jobs[sd]["results"]
+        return {name: dict(sorted(done[name].items())) for name in CONDITIONS if name in done}
+
     out = {"mode": mode_name, "config": CONFIG, "seeds": seeds, "elapsed_s": elapsed,
-           "per_seed": {str(sd): {"info": states[sd].info, "sft": sft_scores.get(sd),
-                                  "conditions": jobs[sd]["results"], "timings": jobs[sd]["timings"]}
+           "per_seed": {str(sd): {"info": states[sd].info, "sft": sft_scores.get(sd), "conditions": conditions(sd),
+                                  "timings": jobs[sd]["timings"]}
                         for sd in seeds}}
     log(f"{mode_name} done in {elapsed:.0f}s")
     if args.full and args.tag:

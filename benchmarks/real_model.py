@@ -262,10 +262,13 @@ class Bench(Runs):
         if len(iteration) < sum(c["prompts_per_iteration"][: c["spa_iterations"]]):
             raise SystemExit(f"real_model: {len(iteration)} iteration prompts left after dropping {dropped}; "
                              "raise pool_prompts")
-        # The SFT model's answers to the evaluation prompts, in one generate stage: the first `eval_samples` of each
-        # prompt are the opponent every model is compared with, the others are the SFT model's own scored answers.
-        k = c["eval_samples"]
-        rows = self.gen(self.sft, "eval", self.data / "gen-sft-eval", 2 * k, 99, c["temperature"])
+
+    def answer_eval(self) -> None:
+        """The SFT model's answers to the evaluation prompts, in one generate stage: the first `eval_samples` of each
+        prompt are the opponent every model is compared with, the others are the SFT model's own scored answers.
+        Only scoring needs them: this runs beside the first conditions, not before them."""
+        k = CONFIG["eval_samples"]
+        rows = self.gen(self.sft, "eval", self.data / "gen-sft-eval", 2 * k, 99, CONFIG["temperature"])
         self.opponent = [{**r, "responses": r["responses"][:k]} for r in rows]
         own = [{**r, "responses": r["responses"][k:]} for r in rows]
         self.scores[str(self.sft.resolve())] = score(own, self.opponent, self.prompts)
@@ -324,53 +327,59 @@ class Bench(Runs):
 
 
 def run_conditions(b: Bench, gate: dict | None) -> tuple[dict, dict]:
-    """Run every condition (two at a time) and score its models: ({condition: {iteration: metrics}}, timings)."""
+    """Run every condition and score its models, two jobs at a time: ({condition: {iteration: metrics}}, timings).
+    A condition's scoring (sampling its evaluation answers) is a job of its own, so it runs beside the next
+    condition instead of before it; every stage is seeded and single-threaded, so the order changes no figure."""
     c = CONFIG
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
     n_iter = c["spa_iterations"]
 
-    def scored(name: str, iteration: int) -> dict:
+    def run(name: str, manifest: Path, copy: dict[str, str] | None = None) -> None:
+        timings[name] = b.spa_run(name, manifest, copy)
+        log(f"{name} ran in {timings[name]:.0f}s")
+
+    def scored(name: str, iteration: int) -> None:
         row = {**b.score_model(f"{name}-{iteration}", b.model_of(name, iteration)), **b.manifests_of(name, iteration)}
         if iteration:
             row["judge_vs_gold"] = b.judge_vs_gold(name, iteration)
-        return row
-
-    def dpo(name: str, seed_file: str, epochs: float | None = None) -> None:
-        timings[name] = b.spa_run(name, b.manifest(name, 0, seed_file, seed_epochs=epochs))
-        results[name] = {0: scored(name, 0)}
-        log(f"{name} ran in {timings[name]:.0f}s")
-
-    def spa() -> None:
-        copy = {"iter-00/seed-train": "dpo-seed", "iter-00/evaluate": "dpo-seed"}
-        timings["spa"] = b.spa_run("spa", b.manifest("spa", n_iter, "seed_pairs.jsonl"), copy)
-        results["spa"] = {i: scored("spa", i) for i in range(1, n_iter + 1)}
-        log(f"spa ran in {timings['spa']:.0f}s")
+        results.setdefault(name, {})[iteration] = row
 
     def spa_gate() -> None:
         # every stage of the gated run is SPA's (the gate only decides where to stop): copy them, then let
         # `spa run` with spec.gate plan the run and name its final model
         stages = {str(d.relative_to(b.root("spa"))): "spa" for d in b.root("spa").glob("iter-*/*") if d.is_dir()}
-        timings["spa-gate"] = b.spa_run("spa-gate", b.manifest("spa-gate", n_iter, "seed_pairs.jsonl", gate), stages)
+        run("spa-gate", b.manifest("spa-gate", n_iter, "seed_pairs.jsonl", gate), stages)
         final = b.final_model("spa-gate")
         iteration = next((i for i in range(n_iter + 1) if b.model_of("spa-gate", i) == final), None)
         if iteration is None:
             raise RuntimeError(f"spa-gate: final model {final} is none of its iterations' models")
-        # the same weights as SPA's (or DPO on the seed's) model of that iteration: its scores are reused
+        # the same weights as SPA's (or DPO on the seed's) model of that iteration: its scores are reused (this job
+        # runs after their scoring, so the memo has them)
         source = b.model_of("spa" if iteration else "dpo-seed", iteration)
         results["spa-gate"] = {iteration: {**b.score_model(f"spa-{iteration}", source),
                                            **b.manifests_of("spa-gate", iteration), "final": True}}
         log(f"spa-gate publishes iteration {iteration}'s model")
 
+    spa_copy = {"iter-00/seed-train": "dpo-seed", "iter-00/evaluate": "dpo-seed"}
     sched = Scheduler(2)
-    sched.add("dpo-seed", lambda: dpo("dpo-seed", "seed_pairs.jsonl"))
-    sched.add("sft", lambda: results.__setitem__("sft", {0: b.score_model("sft", b.sft)}))
-    sched.add("spa", spa, after=("dpo-seed",))
-    sched.add("dpo-all", lambda: dpo("dpo-all", "all_pairs.jsonl", c["all_epochs"]))
+    sched.add("eval-answers", b.answer_eval)
+    sched.add("dpo-seed", lambda: run("dpo-seed", b.manifest("dpo-seed", 0, "seed_pairs.jsonl")))
+    sched.add("spa", lambda: run("spa", b.manifest("spa", n_iter, "seed_pairs.jsonl"), spa_copy),
+              after=("dpo-seed",))
+    # not a data dependency: DPO on 100% runs beside SPA, not beside DPO on the seed, which SPA waits for (where
+    # other work shares the cores, a second training beside it would slow the longest chain down)
+    sched.add("dpo-all", lambda: run("dpo-all", b.manifest("dpo-all", 0, "all_pairs.jsonl",
+                                                           seed_epochs=c["all_epochs"])), after=("dpo-seed",))
+    sched.add("sft", lambda: results.__setitem__("sft", {0: b.score_model("sft", b.sft)}), after=("eval-answers",))
+    scorings = [("dpo-seed", 0), ("dpo-all", 0)] + [("spa", i) for i in range(1, n_iter + 1)]
+    for name, i in scorings:
+        sched.add(f"{name}/{i}", lambda name=name, i=i: scored(name, i), after=(name, "eval-answers"))
     if gate:
-        sched.add("spa-gate", spa_gate, after=("spa",))
+        sched.add("spa-gate", spa_gate, after=("spa", *(f"{name}/{i}" for name, i in scorings)))
     sched.results()
-    return results, timings
+    order = ("sft", "dpo-seed", "dpo-all", "spa", "spa-gate")  # whatever order the scorings finished in
+    return {name: dict(sorted(results[name].items())) for name in order if name in results}, timings
 
 
 def main() -> int:

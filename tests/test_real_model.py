@@ -9,6 +9,7 @@ import importlib
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,23 @@ def test_finished_stages_are_copied_between_runs_sharded_ones_too(tmp_path):
     assert runs.copy_stages("gated", stages) == ["iter-00/seed-train", "iter-01/generate", "iter-01/judge"]
     assert (runs.root("gated") / "iter-01/judge/shard-00000-of-00001/_SUCCESS.json").exists()
     assert not (runs.root("gated") / "iter-01/train").exists()
+
+
+def test_scheduler_starts_a_job_only_when_its_dependencies_finished():
+    """The benchmarks' scheduler: a job waiting on another holds no worker (one worker runs the job that is ready
+    before the one that waited), and a failed dependency fails the jobs after it with its error."""
+    sched = _bench_module("benchlib").Scheduler(1)
+    order: list[str] = []
+    release = threading.Event()
+    sched.add("first", lambda: (release.wait(60), order.append("first")))
+    sched.add("after-first", lambda: order.append("after-first"), after=("first",))
+    sched.add("ready", lambda: order.append("ready"))
+    release.set()
+    sched.results()
+    assert order == ["first", "ready", "after-first"]
+    sched.add("fails", lambda: 1 / 0)
+    sched.add("after-fails", lambda: order.append("after-fails"), after=("fails",))
+    with pytest.raises(ZeroDivisionError):
+        sched.results()
+    assert isinstance(sched.futures["after-fails"].exception(timeout=60), ZeroDivisionError)
+    assert "after-fails" not in order
