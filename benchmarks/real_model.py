@@ -351,7 +351,7 @@ def run_conditions(b: Bench, gate: dict | None) -> tuple[dict, dict]:
         stages = {str(d.relative_to(b.root("spa"))): "spa" for d in b.root("spa").glob("iter-*/*") if d.is_dir()}
         run("spa-gate", b.manifest("spa-gate", n_iter, "seed_pairs.jsonl", gate), stages)
         final = b.final_model("spa-gate")
-        iteration = next((i for i in range(n_iter + 1) if b.model_of("spa-gate", i) == final), None)
+        iteration = next((i for i in range(n_iter + 1) if b.model_of("spa-gate", i).resolve() == final.resolve()), None)
         if iteration is None:
             raise RuntimeError(f"spa-gate: final model {final} is none of its iterations' models")
         # the same weights as SPA's (or DPO on the seed's) model of that iteration: its scores are reused (this job
