@@ -3,6 +3,7 @@ patches, and the Job-event latency on the emulator."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import socket
@@ -14,7 +15,7 @@ import pytest
 from cluster import Harness, label_selector, pod_base_env
 from operator_runner import OperatorRunner
 from runs import phase, tiny_run, wait_for
-from spa_operator import kube, status
+from spa_operator import kube, reconcile, status
 
 
 def test_operator_imports_without_torch():
@@ -300,3 +301,44 @@ def test_status_is_read_from_the_body_unless_it_predates_the_last_write():
     for newer in ("7", "12"):  # ours, or someone's later edit: the body is the truth
         body = {"metadata": {"resourceVersion": newer}, "status": {"phase": "Running", "message": "edited"}}
         assert ctl._observed_status(rs, body)["message"] == "edited"
+
+
+def test_a_view_the_last_reconcile_saw_is_not_a_change():
+    """The wake-up filter: a Job or pod view equal to what the last reconcile saw (or to the Job it created) is no
+    change; when the operator first saw a Job finished does not count; anything the decision reads does."""
+    rs = kube.RunState("u")
+    job = reconcile.JobView("j", "iter-00/validate", 1, "active", created=100.0)
+    pod = reconcile.PodView("j-0", "j", "iter-00/validate", 1, True)
+    assert rs.changed(job) and rs.changed(pod)  # never seen
+    rs.saw([job, pod])
+    assert not rs.changed(job) and not rs.changed(pod)
+    done = dataclasses.replace(job, state="succeeded", finished_at=5.0)
+    assert rs.changed(done) and rs.changed(dataclasses.replace(pod, waiting="ImagePullBackOff"))
+    rs.saw([dataclasses.replace(done, finished_at=7.0)])
+    assert not rs.changed(done)
+
+
+@pytest.mark.asyncio
+async def test_events_that_change_nothing_decided_wake_no_reconcile(cluster, monkeypatch):
+    """Operator CPU per transition (issue 10, Measure): every Job and pod event woke a full reconcile (the decision,
+    storage reads). Most events of a cluster change nothing the decision reads: the Job's active and ready counts,
+    its pod going from ContainerCreating to Running, the ADDED event of a Job the reconciler itself created. Those
+    now wake none: about 3 reconciles per Job instead of 7. The run's writes are the same."""
+    from test_cluster_failures import Store, run_doc
+
+    decisions: list[str] = []
+    decide = reconcile.decide
+    monkeypatch.setattr(reconcile, "decide", lambda obs: decisions.append(obs.name) or decide(obs))
+    op = OperatorRunner(cluster.url, ["ns"], timer_s=60.0, progress_s=60.0,
+                        store_factory=lambda run, secret: Store(done=True))
+    async with Harness(cluster, {}, instant=True, instant_pods=True):
+        await op.start()
+        await cluster.create_run(run_doc("quiet", iterations=1))
+        await wait_for(lambda: phase(cluster, "quiet") == "Succeeded", 60, "Succeeded")
+        await op.stop()
+    jobs = cluster.all_jobs_ever()
+    assert len(jobs) == 5, jobs
+    writes = sorted(f"{m} {plural}{'/' + sub if sub else ''}" for m, plural, sub in cluster.writes())
+    assert writes.count("POST jobs") == 5 and writes.count("PATCH alignmentruns/status") == 6, writes
+    # per Job: its pod's ADDED and Succeeded events and the Job's Complete event; one more to start the run
+    assert len(decisions) <= 3 * len(jobs) + 3, len(decisions)
