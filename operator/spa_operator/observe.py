@@ -115,8 +115,10 @@ class RunState:
     # Each Job and pod as the last reconcile saw it (its `unstamped` view; Jobs it created, as the API server
     # returned them): a watch event that shows nothing new to the decision wakes no reconcile.
     observed: dict[tuple[str, str], JobView | PodView] = dataclasses.field(default_factory=dict)
-    # The generation whose spec was last compared with the spec the run started with (the spec changes only with
-    # the generation).
+    # (generation, its spec as a plain dict); the spec before any stage started; the generation whose spec was
+    # last compared with the spec the run started with (the spec changes only with the generation).
+    spec: tuple[int | None, dict[str, Any]] | None = None
+    unstarted_spec: dict[str, Any] | None = None
     compared_generation: int | None = None
 
     def changed(self, view: JobView | PodView) -> bool:
@@ -196,11 +198,14 @@ class Observer:
         obs = reconcile.Observed(ns, name, rs.uid, generation, status, time.time(), settings=self.settings)
         if reconcile.terminal(status):
             return obs
-        if status.get("stages") and (rs.started_spec is None or generation is None
-                                     or generation != rs.compared_generation):
-            spec_now = _plain(body.get("spec") or {})
-            if rs.started_spec is None:
-                rs.started_spec = spec_now
+        if rs.spec is None or generation is None or rs.spec[0] != generation:  # the spec changes only with it
+            rs.spec = (generation, _plain(body.get("spec") or {}))
+        spec_now = rs.spec[1]
+        if not status.get("stages"):
+            rs.unstarted_spec = spec_now  # what a reconcile that starts the first stage decides with
+        elif rs.started_spec is None or rs.compared_generation != generation or generation is None:
+            if rs.started_spec is None:  # the first stage started with the spec the reconcile before this one saw
+                rs.started_spec = spec_now if rs.unstarted_spec is None else rs.unstarted_spec
             field = first_difference(rs.started_spec, spec_now, "spec", ignore={"spec.suspend"})
             if field:
                 rs.spec_violation = f"{field}: immutable once the run has started (only spec.suspend may change)"

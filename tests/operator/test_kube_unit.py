@@ -12,7 +12,7 @@ import sys
 
 import aiohttp
 import pytest
-from cluster import Harness, label_selector, pod_base_env
+from cluster import Harness, label_selector, pod_base_env, start_cluster
 from operator_runner import OperatorRunner
 from runs import phase, tiny_run, wait_for
 from spa_operator import kube, reconcile, status
@@ -153,6 +153,32 @@ async def test_job_created_and_deleted_between_two_reconciles_is_retried(cluster
     seed = {s["name"]: s for s in cluster.run("race")["status"]["stages"]}["iter-00/validate"]
     assert (seed["attempts"], seed["failures"], seed["job"]) == (2, 1, "race-i00-validate-a2"), seed
     assert "race-i00-validate-a2" in cluster.jobs()
+
+
+@pytest.mark.asyncio
+async def test_spec_edited_right_after_the_first_stage_started_fails_the_run():
+    """The spec a run started with is the one the reconcile that created its first Job saw. It was taken from the
+    first reconcile that saw a started stage, so an edit landing between the two (the API server's transition rule
+    off) became the "started" spec and was never refused. Driven through the real reconciler against the emulator;
+    the edit comes before any other reconcile, as when the Job's own ADDED event wakes none."""
+    async with start_cluster(validate_runs=False) as cluster:
+        doc = tiny_run("edited", {"model": "/m", "seed": "/s", "prompts": "/p"}, "bucket", "http://127.0.0.1:9",
+                       iterations=1, heldout=False)
+        _, run = await cluster.create_run(doc)
+        ctl = kube.make_controller(kube.Config(namespaces=["ns"], server=cluster.url, metrics_port=None,
+                                               store_factory=lambda run, secret: NoManifests()))
+        uid = run["metadata"]["uid"]
+        rs = ctl.runs.setdefault(uid, kube.RunState(uid))
+        logger = logging.getLogger("test")
+        try:
+            await ctl.reconcile(rs, cluster.run("edited"), {}, logger)
+            assert cluster.run("edited")["status"]["stages"]
+            assert (await cluster.patch_run("edited", {"spec": {"training": {"beta": 0.3}}}))[0] == 200
+            await ctl.reconcile(rs, cluster.run("edited"), {}, logger)
+        finally:
+            await ctl.api.close()
+        failed = next(c for c in cluster.run("edited")["status"]["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "SpecImmutable" and failed["message"].startswith("spec.training.beta:"), failed
 
 
 @pytest.mark.asyncio
