@@ -33,8 +33,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests" / "operator"))
 
-STAGES_PER_RUN = 4
-METRICS_PORT = 18089  # seed-train + 1 iteration of generate, judge, train
+STAGES_PER_RUN = 5  # validate, seed-train, and 1 iteration of generate, judge, train
+METRICS_PORT = 18089
 
 
 class DirStore:
@@ -62,7 +62,7 @@ class DirStore:
         return None
 
 
-def operator_main(server: str, store: str) -> None:
+def operator_main(server: str, store: str, profile: str | None = None) -> None:
     import logging
 
     from spa_operator import kube
@@ -72,14 +72,47 @@ def operator_main(server: str, store: str) -> None:
         logging.getLogger("spa_operator").setLevel(logging.DEBUG)
     cfg = kube.Config(namespaces=["bench"], server=server, scanning=False, metrics_port=METRICS_PORT, timer_s=300,
                       progress_s=3600, retry_s=5, store_factory=lambda run, secret: DirStore(store))
-    if os.environ.get("SPA_BENCH_PROFILE"):
+    if profile:
         import cProfile
 
         with cProfile.Profile() as prof:
             asyncio.run(kube.run_operator(cfg))
-        prof.dump_stats(os.environ["SPA_BENCH_PROFILE"])
+        prof.dump_stats(profile)
     else:
         asyncio.run(kube.run_operator(cfg))
+
+
+# Call counts that say how the operator's work divides per transition: plain functions called once per step
+# (cProfile counts a coroutine once per resume; manifests are read in threads, which it does not see).
+PROFILE_COUNTS = {"watch events through kopf": ("processing.py", ("_detect_causes",)),
+                  "index handler calls": ("spa_operator/kube.py", ("jobs_by_run", "pods_by_run")),
+                  "reconciles (decisions)": ("reconcile.py", ("decide",)),
+                  "Jobs created": ("jobs.py", ("build_stage_objects",)),
+                  "status patches computed": ("status.py", ("merge_patch",)),
+                  "Events posted": ("posting.py", ("event",))}
+
+
+def profile_report(path: str, transitions: int, top: int = 25) -> str:
+    """The operator's profile: calls per transition of the steps above, then the functions that cost the most.
+
+    cProfile measures wall time per call: on a loaded machine a function's time includes waits for the CPU, so
+    compare shares and call counts, not absolute times, between runs."""
+    import io
+    import pstats
+
+    stats = pstats.Stats(path)
+    calls: dict[str, int] = {}
+    for (file, _, func), (_, ncalls, *_) in stats.stats.items():  # type: ignore[attr-defined]
+        for what, (suffix, names) in PROFILE_COUNTS.items():
+            if func in names and file.endswith(suffix):
+                calls[what] = calls.get(what, 0) + ncalls
+    out = io.StringIO()
+    out.write("per transition: " + ", ".join(f"{what} {calls.get(what, 0) / transitions:.2f}"
+                                             for what in PROFILE_COUNTS) + "\n")
+    stats.stream = out  # type: ignore[attr-defined]
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(r"spa_operator|kopf/_core/(reactor|engines)", top)
+    return out.getvalue()
 
 
 def run_doc(i: int) -> dict[str, Any]:
@@ -104,7 +137,8 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
-async def bench(n: int, timeout: float, job_seconds: float | None = None, pods: bool = False) -> dict[str, Any]:
+async def bench(n: int, timeout: float, job_seconds: float | None = None, pods: bool = False,
+                profile: str | None = None) -> dict[str, Any]:
     """One size: n runs; Jobs complete at once (a burst), or after uniform(0.5, 1.5) x job_seconds (paced)."""
     import random
     import tempfile
@@ -129,7 +163,8 @@ async def bench(n: int, timeout: float, job_seconds: float | None = None, pods: 
                           instant_after=None if job_seconds is None else lambda: rng.uniform(0.5, 1.5) * job_seconds)
 
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "workers")])}
-        proc = subprocess.Popen([sys.executable, __file__, "--operator", cluster.url, store], env=env)
+        proc = subprocess.Popen([sys.executable, __file__, "--operator", cluster.url, store, *([profile] if profile
+                                                                                              else [])], env=env)
         try:
             async with harness:
                 await asyncio.sleep(3.0)  # operator start-up
@@ -181,6 +216,8 @@ async def bench(n: int, timeout: float, job_seconds: float | None = None, pods: 
             key = f"{method} {plural}{'/' + sub if sub else ''}"
             kinds[key] = kinds.get(key, 0) + 1
         jobs = sum(1 for (res, _, _) in cluster.emulator.objects if res == "batch/v1/jobs")
+        watch_events = {plural: count for (agent, plural), count in sorted(cluster.emulator.watch_events.items())
+                        if agent.startswith("kopf")}
     transitions = n * STAGES_PER_RUN  # every Job's completion is one transition (the last one ends the run)
     # Job finished (the harness's Complete write returned) -> the run's next Job seen on the harness's watch.
     chains: dict[str, list[str]] = {}
@@ -196,6 +233,7 @@ async def bench(n: int, timeout: float, job_seconds: float | None = None, pods: 
             "max_ms": round(max(lat) * 1000, 1) if lat else float("nan"), "samples": len(lat),
             "writes": len(writes), "writes_per_transition": round(len(writes) / transitions, 2),
             "write_kinds": kinds,
+            "watch_events_per_transition": {k: round(v / transitions, 2) for k, v in watch_events.items()},
             "operator_mean_ms": round(1000 * op_metrics.get("spa_transition_seconds_sum", float("nan"))
                                       / max(op_metrics.get("spa_transition_seconds_count", 0), 1), 1),
             "operator_cpu_ms_per_transition": round(1000 * cpu / transitions, 1),
@@ -230,7 +268,7 @@ READING = """How to read it:
   transition; each transition is 3-4 watch events through kopf (about 1 ms each) plus a reconcile, a Job create, a
   status patch and an Event, so one kopf process cannot drain such a burst in a second.
 - "after T s" is paced: Jobs finish T s ± 50% after they are created, so transitions arrive at about
-  runs x 4 / (4 T) per second, below the operator's throughput; then the latency is the reaction time itself. Real
+  runs / T per second, below the operator's throughput; then the latency is the reaction time itself. Real
   stages last minutes to hours: on a cluster transitions arrive far slower than in either row.
 - "inside the operator" is the spa_transition_seconds histogram: from the operator's Job index first showing the
   Job finished to the next Job created. The rest of the end-to-end latency is the emulator and the watch stream.
@@ -241,7 +279,7 @@ READING = """How to read it:
 
 def main() -> int:
     if len(sys.argv) >= 2 and sys.argv[1] == "--operator":
-        operator_main(sys.argv[2], sys.argv[3])
+        operator_main(*sys.argv[2:5])
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, nargs="*", default=[100, 300, 1000], help="burst: Jobs complete at once")
@@ -250,19 +288,27 @@ def main() -> int:
     p.add_argument("--job-seconds", type=float, default=60.0)
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--pods", action="store_true",
-                   help="each Job also gets a pod object (Running, then Succeeded): the pod events a cluster sends")
+                   help="each Job also gets a pod object, and the Job and pod statuses go through the steps a "
+                        "cluster writes (pod Pending, Running, Succeeded; Job active, ready, Complete)")
     p.add_argument("--out", default=str(HERE / "results" / "operator_scale.md"))
+    p.add_argument("--profile", metavar="FILE",
+                   help="run the operator under cProfile, write its stats to FILE[.N] (one per size) and print the "
+                        "calls per transition and the top functions (the CPU figures then include cProfile's cost)")
     args = p.parse_args()
     results = []
-    for n, job_s in [(n, None) for n in args.runs] + [(n, args.job_seconds) for n in args.paced_runs]:
-        r = asyncio.run(bench(n, args.timeout, job_s, args.pods))
+    sizes = [(n, None) for n in args.runs] + [(n, args.job_seconds) for n in args.paced_runs]
+    for i, (n, job_s) in enumerate(sizes):
+        profile = None if not args.profile else args.profile if len(sizes) == 1 else f"{args.profile}.{i}"
+        r = asyncio.run(bench(n, args.timeout, job_s, args.pods, profile))
         print(json.dumps(r), flush=True)
+        if profile:
+            print(profile_report(profile, n * STAGES_PER_RUN), flush=True)
         results.append(r)
     md = (f"# Operator scale (benchmarks/operator_scale.py)\n\n{time.strftime('%Y-%m-%d %H:%M')}, "
           f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at the end), Python "
           f"{platform.python_version()}; emulator + harness in one process, the operator in another; each run is "
-          f"seed-train + 1 iteration ({STAGES_PER_RUN} Jobs); manifests are read from a local folder standing in for "
-          f"S3.\n\n`python benchmarks/operator_scale.py {' '.join(sys.argv[1:])}`\n\n" + table(results))
+          f"validate, seed-train + 1 iteration ({STAGES_PER_RUN} Jobs); manifests are read from a local folder "
+          f"standing in for S3.\n\n`python benchmarks/operator_scale.py {' '.join(sys.argv[1:])}`\n\n" + table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(md)
     print(md)

@@ -152,15 +152,18 @@ class Controller(Observer):
 
     # -- wiring ---------------------------------------------------------------------------------------------------
 
-    def job_event(self, uid: str, job: str) -> None:
-        """A Job of run `uid` changed: remember it was seen and wake the run's reconciler.
+    def job_event(self, uid: str, job: str, view: JobView | None) -> None:
+        """A Job of run `uid` changed (view None: it was deleted): remember it was seen and wake the run's
+        reconciler, unless the decision would see nothing new (most Job events of a cluster: active pod counts,
+        ready counts, start time; the ADDED event of a Job the reconciler created itself).
 
         Seen here, not in the reconciler: a Job created and deleted between two reconciles would otherwise never be
         known to have existed, and its stage would wait for it forever."""
         rs = self.runs.get(uid)
         if rs is not None:
             rs.seen_jobs.add(job)
-            rs.waker.set()
+            if view is None or rs.changed(view):
+                rs.waker.set()
 
     # -- acting ---------------------------------------------------------------------------------------------------
 
@@ -212,7 +215,7 @@ class Controller(Observer):
             for obj in objects:
                 what = f"{obj['kind']} {obj['metadata']['name']}"
                 try:
-                    owner = await self.api.create(obj)
+                    created, owner = await self.api.create(obj)
                 except ApiError as e:
                     if e.status == 403:
                         return refused, (f"creating {what} is forbidden ({api_error(e)}): the operator needs "
@@ -229,6 +232,8 @@ class Controller(Observer):
                 if owner is not None and owner != rs.uid:
                     return refused, (f"{what} already exists and belongs to another owner (uid {owner or 'none'}); "
                                      f"it must be deleted before this run can go on")
+                if created is not None and obj["kind"] == "Job":  # its ADDED event then brings nothing new
+                    rs.saw([job_view(created)])
         return refused, None
 
     async def _act(self, rs: RunState, body: Any, obs: reconcile.Observed, decision: reconcile.Decision,
@@ -288,17 +293,15 @@ class Controller(Observer):
 
 class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
     """kopf's diff base, built only where it is used. kopf builds it for every watch event by deep-copying the whole
-    object, which was the largest cost per event: a run's status holds every stage record, a Job's spec its pod.
+    object (and deep-copies that again to strip its progress annotations), which was the largest cost per event.
 
-    Only runs have daemons (kopf resets a daemon's idle timer on a change of the diff base); the operator has no
-    on.create/update handlers, and Jobs need no diff at all. A run's diff base is built without status."""
+    kopf uses it for on.create/update/field handlers (the operator has none) and to reset the idle timer of daemons
+    declared with `idle=` (the run daemon is not): no diff is needed, so every essence is empty."""
 
     def build(self, *, body: Any, extra_fields: Any = None) -> Any:
-        if extra_fields:  # a handler watching a status field needs it kept
+        if extra_fields:  # a handler watching a field needs it kept
             return super().build(body=body, extra_fields=extra_fields)
-        if body.get("kind") != crd.KIND:
-            return kopf.BodyEssence()
-        return super().build(body=kopf.Body({k: v for k, v in body.items() if k != "status"}))
+        return kopf.BodyEssence()
 
 
 
@@ -361,16 +364,21 @@ async def pods_by_run(body: Any, labels: Any, memo: Any, **_: Any) -> dict[str, 
     here rather than in an on.event handler: a resource with indexes only costs kopf less per event, and pods bring
     more events than any other resource the operator watches."""
     uid = labels.get(jobs.LABEL_RUN_UID, "")
+    view = pod_view(body)
     rs = _ctl(memo).runs.get(uid)
-    if rs is not None:
+    if rs is not None and rs.changed(view):  # most pod events (scheduled, IPs, readiness) change nothing decided
         rs.waker.set()
-    return {uid: pod_view(body)}
+    return {uid: view}
 
 
 # Async handlers: kopf runs sync ones in threads, and an asyncio.Event set from a thread does not wake the loop.
 @kopf.on.event("batch", "v1", "jobs", **JOB_FILTER)
-async def job_changed(name: str, labels: Any, memo: Any, **_: Any) -> None:
-    _ctl(memo).job_event(labels.get(jobs.LABEL_RUN_UID, ""), name)
+async def job_changed(name: str, labels: Any, memo: Any, jobs_by_run: Any, **kwargs: Any) -> None:
+    """Called after the index took the event (index handlers see no deletions: their entry just goes)."""
+    uid = labels.get(jobs.LABEL_RUN_UID, "")
+    view = None if kwargs["type"] == "DELETED" else next((v for v in jobs_by_run.get(uid, ()) if v.name == name),
+                                                         None)
+    _ctl(memo).job_event(uid, name, view)
 
 
 @kopf.on.event(*RUNS)

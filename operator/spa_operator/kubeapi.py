@@ -11,7 +11,7 @@ import base64
 import json
 import ssl
 import urllib.parse
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import Counter
 
@@ -49,6 +49,13 @@ def _fields(payload: bytes) -> tuple[str, ...]:
     except (ValueError, AttributeError):
         return ()
     return tuple(dict.fromkeys(str(c["field"])[:200] for c in causes if isinstance(c, dict) and c.get("field")))
+
+
+class Created(NamedTuple):
+    """What `KubeApi.create` found: the object created, or (409) the controlling owner's uid of the one that exists."""
+
+    obj: dict[str, Any] | None
+    owner: str | None
 
 
 class KubeApi:
@@ -111,20 +118,20 @@ class KubeApi:
             await self._session.close()
         self._session = None
 
-    async def create(self, body: dict[str, Any]) -> str | None:
-        """Create a Job or Service. None: created; on 409 (it exists), the uid of its controlling owner ("" if it
-        has none), so the caller can tell its own object (a previous operator made it) from a stranger's."""
+    async def create(self, body: dict[str, Any]) -> Created:
+        """Create a Job or Service: the object as the API server stored it; on 409 (it exists), the uid of its
+        controlling owner ("" if it has none), so the caller can tell its own object (a previous operator made it)
+        from a stranger's."""
         meta = body["metadata"]
         path = _collection(body["apiVersion"], body["kind"], meta["namespace"])
         try:
-            await self._request("create", "POST", path, body)
-            return None
+            return Created(await self._request("create", "POST", path, body) or {}, None)
         except ApiError as e:
             if e.status != 409:
                 raise
         existing = await self._request("get", "GET", f"{path}/{_q(meta['name'])}")
         owners = (existing or {}).get("metadata", {}).get("ownerReferences") or []
-        return next((o.get("uid", "") for o in owners if o.get("controller")), "")
+        return Created(None, next((o.get("uid", "") for o in owners if o.get("controller")), ""))
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         """Delete with its dependents (pods): without a propagation policy a Job's pods are orphaned and keep

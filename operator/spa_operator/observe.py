@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from spa_workers.storage import StorageError
@@ -112,6 +112,30 @@ class RunState:
     # The run's resourceVersion after this operator's last status patch, and the status written: until the body
     # reaches that version, the written status is the newest one.
     written: tuple[str, dict[str, Any]] | None = None
+    # Each Job and pod as the last reconcile saw it (its `unstamped` view; Jobs it created, as the API server
+    # returned them): a watch event that shows nothing new to the decision wakes no reconcile.
+    observed: dict[tuple[str, str], JobView | PodView] = dataclasses.field(default_factory=dict)
+    # (generation, its spec as a plain dict); the spec before any stage started; the generation whose spec was
+    # last compared with the spec the run started with (the spec changes only with the generation).
+    spec: tuple[int | None, dict[str, Any]] | None = None
+    unstarted_spec: dict[str, Any] | None = None
+    compared_generation: int | None = None
+
+    def changed(self, view: JobView | PodView) -> bool:
+        """Whether a watch event's view of a Job or pod differs from what the last reconcile saw."""
+        return self.observed.get(_key(view)) != unstamped(view)
+
+    def saw(self, views: Iterable[JobView | PodView]) -> None:
+        self.observed.update((_key(v), unstamped(v)) for v in views)
+
+
+def unstamped(view: JobView | PodView) -> JobView | PodView:
+    """The view less what only the operator's clock adds (when it first saw a Job finished)."""
+    return dataclasses.replace(view, finished_at=0.0) if isinstance(view, JobView) and view.finished_at else view
+
+
+def _key(view: JobView | PodView) -> tuple[str, str]:
+    return ("job" if isinstance(view, JobView) else "pod", view.name)
 
 
 class Observer:
@@ -168,24 +192,32 @@ class Observer:
     async def _observe(self, rs: RunState, body: Any, index: Any, pod_index: Any) -> reconcile.Observed:
         meta = body.get("metadata", {})
         ns, name = meta.get("namespace", "default"), meta.get("name", "")
+        rs.observed.clear()  # an early return below leaves it empty: every event wakes the run
         status = self._observed_status(rs, body)
         generation = meta.get("generation")
         obs = reconcile.Observed(ns, name, rs.uid, generation, status, time.time(), settings=self.settings)
         if reconcile.terminal(status):
             return obs
-        spec_now = _plain(body.get("spec") or {})
-        if status.get("stages"):
-            if rs.started_spec is None:
-                rs.started_spec = spec_now
+        if rs.spec is None or generation is None or rs.spec[0] != generation:  # the spec changes only with it
+            rs.spec = (generation, _plain(body.get("spec") or {}))
+        spec_now = rs.spec[1]
+        if not status.get("stages"):
+            rs.unstarted_spec = spec_now  # what a reconcile that starts the first stage decides with
+        elif rs.started_spec is None or rs.compared_generation != generation or generation is None:
+            if rs.started_spec is None:  # the first stage started with the spec the reconcile before this one saw
+                rs.started_spec = spec_now if rs.unstarted_spec is None else rs.unstarted_spec
             field = first_difference(rs.started_spec, spec_now, "spec", ignore={"spec.suspend"})
             if field:
                 rs.spec_violation = f"{field}: immutable once the run has started (only spec.suspend may change)"
+            rs.compared_generation = generation
         run, root, graph, error = self._parse(rs, body, ns, name)
         if rs.spec_violation or run is None:
             return dataclasses.replace(obs, spec_violation=rs.spec_violation, spec_error=error)
         views = tuple(index.get(rs.uid, ())) if index is not None else ()
         rs.seen_jobs.update(v.name for v in views)
         pods = tuple(pod_index.get(rs.uid, ())) if pod_index is not None else ()
+        rs.saw(views)
+        rs.saw(pods)
         obs = dataclasses.replace(obs, graph=graph, spec=run.spec, root=root, jobs=views, pods=pods,
                                   seen_jobs=frozenset(rs.seen_jobs), index_complete=rs.first_pass)
         if reconcile.workloads_needed(run.spec, status):

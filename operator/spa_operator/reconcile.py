@@ -373,7 +373,7 @@ def decide(obs: Observed) -> Decision:
     if image_problem:
         return _failed(obs, dict(old), "ImageNotAllowed", image_problem, records)
 
-    plan = plan_next_stage(spec, obs.root, results)
+    plan = plan_next_stage(spec, obs.root, results, obs.graph or None)
     status: dict[str, Any] = {k: v for k, v in old.items() if k in ("startTime",)}
     status.update(storagePrefix=obs.root, observedGeneration=obs.generation)
     if plan.action is Action.FAILED:
@@ -449,6 +449,8 @@ def decide(obs: Observed) -> Decision:
     status["conditions"] = conditions(obs, status, waiting, blocked, plan.reason)
     events, outcomes, durations = transitions(obs, old, status, by_key)
     requeue = _requeue(obs, status, readings)
+    if create:  # its Job's ADDED event wakes no reconcile (nothing new): look for its pod when that is due
+        requeue = min(requeue if requeue is not None else NO_POD_GRACE_S + 0.1, NO_POD_GRACE_S + 0.1)
     if activate:  # nothing wakes the run when a Workload changes: look again soon
         requeue = min(requeue if requeue is not None else RESUME_CHECK_S, RESUME_CHECK_S)
     return Decision(status, tuple(create), delete_jobs, tuple(delete_pods), suspend_jobs, resume_jobs,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import copy
 import datetime as dt
@@ -71,6 +72,8 @@ class Emulator(kmock.KubernetesEmulator):
     reads: list[tuple[str, str, str, str]] = attrs.field(factory=list, init=False)
     # (user agent, resource plural, namespace, name) of every object a list or watch sent to a client.
     served: set[tuple[str, str, str, str]] = attrs.field(factory=set, init=False)
+    # (user agent, resource plural) -> watch events sent (the operator's kopf pays for each one; benchmarks count them)
+    watch_events: collections.Counter[tuple[str, str]] = attrs.field(factory=collections.Counter, init=False)
 
     async def _handle(self, request: Any) -> Any:
         plural = request.resource.plural if request.resource is not None else ""
@@ -126,6 +129,7 @@ class Emulator(kmock.KubernetesEmulator):
         is sent as DELETED, one that starts matching as ADDED."""
         match = _selector(request)
         matching: set[tuple[str, str]] = set()
+        sent = (request.headers.get("User-Agent", "") or "", request.resource.plural if request.resource else "")
         async for event in super()._serve_watch(request):
             obj = event.get("object") if isinstance(event, dict) else None
             if not isinstance(obj, dict):
@@ -136,9 +140,11 @@ class Emulator(kmock.KubernetesEmulator):
                 kind = "ADDED" if key not in matching and event.get("type") == "MODIFIED" else event.get("type")
                 (matching.discard if kind == "DELETED" else matching.add)(key)
                 self._note_served(request, [obj])
+                self.watch_events[sent] += 1
                 yield {**event, "type": kind}
             elif key in matching:
                 matching.discard(key)
+                self.watch_events[sent] += 1
                 yield {**event, "type": "DELETED"}
 
     def _note_served(self, request: Any, objs: list[dict[str, Any]]) -> None:
@@ -384,7 +390,9 @@ class Harness:
     instant: bool = False  # complete every Job without running anything (benchmark)...
     instant_after: Callable[[], float] | None = None  # ...after this many seconds (default: at once)
     on_instant: Callable[[dict[str, Any]], None] | None = None
-    instant_pods: bool = False  # ...with a pod object each (Running, then Succeeded), as a cluster has
+    # ...with a pod object each, and the status writes a cluster makes on the way: the pod Pending while its
+    # container is created, then Running; the Job's active and ready counts; then the pod Succeeded.
+    instant_pods: bool = False
     before_finish: Callable[[dict[str, Any]], Any] | None = None  # awaited before a Job's final status is written
     max_pods: int = 2
     logdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="harness-")))
@@ -514,7 +522,16 @@ class Harness:
             await r.read()
 
     async def _complete_now(self, job: dict[str, Any]) -> None:
-        pod = await self._pod(job, 0, 1, {"phase": "Running"}) if self.instant_pods else None
+        pod = None
+        if self.instant_pods:
+            pod = await self._pod(job, 0, 1, {"phase": "Pending", "containerStatuses": [
+                {"name": "worker", "ready": False, "state": {"waiting": {"reason": "ContainerCreating"}}}]})
+            await self._write(job, {"active": 1, "ready": 0, "startTime": now_iso()})
+            await self._api("PATCH", f"/api/v1/namespaces/{job['metadata']['namespace']}/pods/{pod}/status",
+                            {"status": {"phase": "Running", "containerStatuses": [
+                                {"name": "worker", "ready": True, "state": {"running": {"startedAt": now_iso()}}}]}},
+                            "application/merge-patch+json")
+            await self._write(job, {"ready": 1})
         if self.instant_after is not None:
             await asyncio.sleep(self.instant_after())
         if self.on_instant:

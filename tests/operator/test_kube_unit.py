@@ -3,6 +3,7 @@ patches, and the Job-event latency on the emulator."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import socket
@@ -11,10 +12,10 @@ import sys
 
 import aiohttp
 import pytest
-from cluster import Harness, label_selector, pod_base_env
+from cluster import Harness, label_selector, pod_base_env, start_cluster
 from operator_runner import OperatorRunner
 from runs import phase, tiny_run, wait_for
-from spa_operator import kube, status
+from spa_operator import kube, reconcile, status
 
 
 def test_operator_imports_without_torch():
@@ -142,7 +143,9 @@ async def test_job_created_and_deleted_between_two_reconciles_is_retried(cluster
         await ctl.reconcile(rs, cluster.run("race"), {}, logger)
         job = cluster.jobs()["race-i00-validate-a1"]
         # The watch delivered the Job's events (ADDED, then DELETED); the empty index below is what kopf leaves.
-        await kube.job_changed(name=job["metadata"]["name"], labels=job["metadata"]["labels"], memo=memo)
+        for event in ("ADDED", "DELETED"):
+            await kube.job_changed(type=event, name=job["metadata"]["name"], labels=job["metadata"]["labels"],
+                                   memo=memo, jobs_by_run={})
         assert rs.waker.is_set()
         await ctl.reconcile(rs, cluster.run("race"), {}, logger)
     finally:
@@ -150,6 +153,32 @@ async def test_job_created_and_deleted_between_two_reconciles_is_retried(cluster
     seed = {s["name"]: s for s in cluster.run("race")["status"]["stages"]}["iter-00/validate"]
     assert (seed["attempts"], seed["failures"], seed["job"]) == (2, 1, "race-i00-validate-a2"), seed
     assert "race-i00-validate-a2" in cluster.jobs()
+
+
+@pytest.mark.asyncio
+async def test_spec_edited_right_after_the_first_stage_started_fails_the_run():
+    """The spec a run started with is the one the reconcile that created its first Job saw. It was taken from the
+    first reconcile that saw a started stage, so an edit landing between the two (the API server's transition rule
+    off) became the "started" spec and was never refused. Driven through the real reconciler against the emulator;
+    the edit comes before any other reconcile, as when the Job's own ADDED event wakes none."""
+    async with start_cluster(validate_runs=False) as cluster:
+        doc = tiny_run("edited", {"model": "/m", "seed": "/s", "prompts": "/p"}, "bucket", "http://127.0.0.1:9",
+                       iterations=1, heldout=False)
+        _, run = await cluster.create_run(doc)
+        ctl = kube.make_controller(kube.Config(namespaces=["ns"], server=cluster.url, metrics_port=None,
+                                               store_factory=lambda run, secret: NoManifests()))
+        uid = run["metadata"]["uid"]
+        rs = ctl.runs.setdefault(uid, kube.RunState(uid))
+        logger = logging.getLogger("test")
+        try:
+            await ctl.reconcile(rs, cluster.run("edited"), {}, logger)
+            assert cluster.run("edited")["status"]["stages"]
+            assert (await cluster.patch_run("edited", {"spec": {"training": {"beta": 0.3}}}))[0] == 200
+            await ctl.reconcile(rs, cluster.run("edited"), {}, logger)
+        finally:
+            await ctl.api.close()
+        failed = next(c for c in cluster.run("edited")["status"]["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "SpecImmutable" and failed["message"].startswith("spec.training.beta:"), failed
 
 
 @pytest.mark.asyncio
@@ -192,8 +221,9 @@ async def test_api_client_sends_the_configured_token_and_maps_answers():
     api = kube.KubeApi(conf)
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": "ns"}}
     try:
-        assert await api.create(job) is None
-        assert await api.create(job) == "u1"  # exists: owned by the run with uid u1
+        created = await api.create(job)
+        assert created.obj is not None and created.owner is None  # the object as stored (here the server's body)
+        assert await api.create(job) == (None, "u1")  # exists: owned by the run with uid u1
         with pytest.raises(kube.ApiError) as err:
             await api.create(job)
         assert err.value.status == 422 and "echo" not in str(err.value)
@@ -217,9 +247,10 @@ async def test_api_client_sends_the_configured_token_and_maps_answers():
     assert seen[-1][3] == "application/merge-patch+json" and seen[-1][4] == b'{"status": {"phase": "Running"}}'
 
 
-def test_lean_diff_base_equals_kopfs_own_for_runs_and_is_empty_for_jobs():
-    """The operator's diff-base storage skips kopf's deep copy of status (runs) and of whole Jobs; for a run it must
-    build exactly the essence kopf's own storage builds."""
+def test_lean_diff_base_is_empty_and_nothing_registered_needs_one():
+    """kopf builds a diff base for every watch event by deep-copying the object (twice): the operator's storage builds
+    none, which holds only while no handler reads a diff: no on.create/update/field handler, no daemon or timer with
+    `idle=` (kopf resets its idle clock on a diff). A handler that names fields still gets kopf's own essence."""
     import kopf
 
     run = {"apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun",
@@ -229,11 +260,15 @@ def test_lean_diff_base_equals_kopfs_own_for_runs_and_is_empty_for_jobs():
            "status": {"phase": "Running", "stages": [{"name": "iter-00/seed-train", "state": "Succeeded"}]}}
     lean = kube.LeanDiffBaseStorage(prefix="spa.dev", key="last-handled-configuration")
     stock = kopf.AnnotationsDiffBaseStorage(prefix="spa.dev", key="last-handled-configuration")
-    assert lean.build(body=kopf.Body(run)) == stock.build(body=kopf.Body(run))
-    assert lean.build(body=kopf.Body(run))["spec"] == run["spec"]
-    assert "status" not in lean.build(body=kopf.Body(run))
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"}, "spec": {"template": {}}}
-    assert lean.build(body=kopf.Body(job)) == {}
+    assert lean.build(body=kopf.Body(run)) == {} and lean.build(body=kopf.Body(job)) == {}
+    fields = [("status", "phase")]
+    assert lean.build(body=kopf.Body(run), extra_fields=fields) == stock.build(body=kopf.Body(run),
+                                                                               extra_fields=fields)
+    registry = kopf.get_default_registry()
+    assert not registry._changing.get_all_handlers()
+    assert registry._spawning.get_all_handlers()  # the run daemon: registered, so the check below means something
+    assert all(getattr(h, "idle", None) is None for h in registry._spawning.get_all_handlers())
 
 
 def test_rotated_credentials_replace_the_client_instead_of_adding_one():
@@ -292,3 +327,44 @@ def test_status_is_read_from_the_body_unless_it_predates_the_last_write():
     for newer in ("7", "12"):  # ours, or someone's later edit: the body is the truth
         body = {"metadata": {"resourceVersion": newer}, "status": {"phase": "Running", "message": "edited"}}
         assert ctl._observed_status(rs, body)["message"] == "edited"
+
+
+def test_a_view_the_last_reconcile_saw_is_not_a_change():
+    """The wake-up filter: a Job or pod view equal to what the last reconcile saw (or to the Job it created) is no
+    change; when the operator first saw a Job finished does not count; anything the decision reads does."""
+    rs = kube.RunState("u")
+    job = reconcile.JobView("j", "iter-00/validate", 1, "active", created=100.0)
+    pod = reconcile.PodView("j-0", "j", "iter-00/validate", 1, True)
+    assert rs.changed(job) and rs.changed(pod)  # never seen
+    rs.saw([job, pod])
+    assert not rs.changed(job) and not rs.changed(pod)
+    done = dataclasses.replace(job, state="succeeded", finished_at=5.0)
+    assert rs.changed(done) and rs.changed(dataclasses.replace(pod, waiting="ImagePullBackOff"))
+    rs.saw([dataclasses.replace(done, finished_at=7.0)])
+    assert not rs.changed(done)
+
+
+@pytest.mark.asyncio
+async def test_events_that_change_nothing_decided_wake_no_reconcile(cluster, monkeypatch):
+    """Operator CPU per transition (issue 10, Measure): every Job and pod event woke a full reconcile (the decision,
+    storage reads). Most events of a cluster change nothing the decision reads: the Job's active and ready counts,
+    its pod going from ContainerCreating to Running, the ADDED event of a Job the reconciler itself created. Those
+    now wake none: about 3 reconciles per Job instead of 7. The run's writes are the same."""
+    from test_cluster_failures import Store, run_doc
+
+    decisions: list[str] = []
+    decide = reconcile.decide
+    monkeypatch.setattr(reconcile, "decide", lambda obs: decisions.append(obs.name) or decide(obs))
+    op = OperatorRunner(cluster.url, ["ns"], timer_s=60.0, progress_s=60.0,
+                        store_factory=lambda run, secret: Store(done=True))
+    async with Harness(cluster, {}, instant=True, instant_pods=True):
+        await op.start()
+        await cluster.create_run(run_doc("quiet", iterations=1))
+        await wait_for(lambda: phase(cluster, "quiet") == "Succeeded", 60, "Succeeded")
+        await op.stop()
+    jobs = cluster.all_jobs_ever()
+    assert len(jobs) == 5, jobs
+    writes = sorted(f"{m} {plural}{'/' + sub if sub else ''}" for m, plural, sub in cluster.writes())
+    assert writes.count("POST jobs") == 5 and writes.count("PATCH alignmentruns/status") == 6, writes
+    # per Job: its pod's ADDED and Succeeded events and the Job's Complete event; one more to start the run
+    assert len(decisions) <= 3 * len(jobs) + 3, len(decisions)
