@@ -29,17 +29,16 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import sys
 import time
-import uuid
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
 from prometheus_client import generate_latest
 
 from spa_operator import crd, jobs, reconcile, status
+from spa_operator.config import Config
+from spa_operator.core_types import Decision, JobView, Observed, PodView, Settings
 from spa_operator.kubeapi import ApiError, KubeApi, api_error
 from spa_operator.lease import LeaseElector
 from spa_operator.metrics import Metrics
@@ -53,9 +52,7 @@ from spa_operator.observe import (
     run_root,
     validate_for_cluster,
 )
-from spa_operator.reconcile import JobView, PodView
-from spa_operator.runstore import ClientCache, RunStore
-from spa_operator.spec import AlignmentRun
+from spa_operator.runstore import ClientCache
 
 __all__ = ["ApiError", "Config", "Controller", "KubeApi", "Metrics", "RunState", "api_error", "first_difference",
            "job_view", "main", "pod_view", "run_operator", "run_root", "validate_for_cluster"]
@@ -67,69 +64,6 @@ JOB_FILTER = {"labels": {jobs.LABEL_RUN_UID: kopf.PRESENT}}
 RUN_OBJECTS_SELECTOR = jobs.LABEL_RUN_UID
 FINALIZER = "spa.dev/finalizer"
 log = logging.getLogger("spa_operator")
-
-
-@dataclasses.dataclass
-class Config:
-    namespaces: list[str] = dataclasses.field(default_factory=list)  # empty: cluster-wide
-    server: str | None = None  # API server URL without auth (tests); None: in-cluster or kubeconfig
-    timer_s: float = 60.0  # safety net: reconcile each run at least this often
-    progress_s: float = 15.0  # how often the running stage's heartbeat is read into status.progress
-    retry_s: float = 10.0  # after a storage or API error
-    worker_image: str = jobs.DEFAULT_WORKER_IMAGE
-    worker_service_account: str | None = None  # for runs whose spec names none (the Helm chart's worker account)
-    worker_metrics_port: int | None = None  # workers serve live metrics on this port; None: off
-    # spec.storage for runs that name none (the Helm chart's `storage` values): uri, endpoint, region, secretRef.
-    default_storage: dict[str, Any] | None = None
-    metrics_port: int | None = 8080  # serves /metrics and /healthz; None: off
-    metrics_host: str = "0.0.0.0"
-    scanning: bool = True  # kopf's namespace/CRD scanning (off against API emulators)
-    # Tests and benchmarks may replace storage access; (run, secret values) -> RunStore.
-    store_factory: Callable[[AlignmentRun, dict[str, str] | None], RunStore] | None = None
-    # A pod waiting this long (ImagePullBackOff, Unschedulable...) fails its attempt; None: never.
-    pending_timeout_s: float | None = None
-    queued_timeout_s: float | None = None  # the same for a Job Kueue has not admitted; None: never
-    allowed_images: tuple[str, ...] = ()  # prefixes a run's own worker images must start with; empty: any
-    # "namespace/name" of a coordination.k8s.io Lease: only the replica holding it acts (see lease.py); None: off.
-    lease: str | None = None
-    lease_duration_s: float = 15.0  # a holder silent this long is replaced
-    lease_renew_s: float = 5.0  # how often the holder renews (and a candidate looks)
-    identity: str = dataclasses.field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> Config:
-        env = os.environ
-        cfg = cls(timer_s=float(env.get("SPA_OPERATOR_TIMER_S", 60)),
-                  progress_s=float(env.get("SPA_OPERATOR_PROGRESS_S", 15)),
-                  retry_s=float(env.get("SPA_OPERATOR_RETRY_S", 10)),
-                  worker_image=env.get("SPA_WORKER_IMAGE", jobs.DEFAULT_WORKER_IMAGE),
-                  worker_service_account=env.get("SPA_WORKER_SERVICE_ACCOUNT") or None,
-                  worker_metrics_port=int(env.get("SPA_WORKER_METRICS_PORT") or 0) or None,
-                  default_storage=default_storage_from_env(env),
-                  pending_timeout_s=float(env["SPA_PENDING_TIMEOUT_S"]) if env.get("SPA_PENDING_TIMEOUT_S") else None,
-                  queued_timeout_s=float(env["SPA_QUEUED_TIMEOUT_S"]) if env.get("SPA_QUEUED_TIMEOUT_S") else None,
-                  allowed_images=tuple(i for i in env.get("SPA_ALLOWED_IMAGES", "").split(",") if i.strip()),
-                  lease=env.get("SPA_LEASE") or None,
-                  lease_duration_s=float(env.get("SPA_LEASE_DURATION_S") or 15),
-                  lease_renew_s=float(env.get("SPA_LEASE_RENEW_S") or 5),
-                  **({"identity": env["POD_NAME"]} if env.get("POD_NAME") else {}))
-        return dataclasses.replace(cfg, **overrides)
-
-
-def default_storage_from_env(env: Mapping[str, str]) -> dict[str, Any] | None:
-    """spec.storage for runs without one, from SPA_DEFAULT_STORAGE_{URI,ENDPOINT,REGION,SECRET}; None if no URI."""
-    uri = env.get("SPA_DEFAULT_STORAGE_URI")
-    if not uri:
-        return None
-    out: dict[str, Any] = {"uri": uri}
-    if env.get("SPA_DEFAULT_STORAGE_ENDPOINT"):
-        out["endpoint"] = env["SPA_DEFAULT_STORAGE_ENDPOINT"]
-    if env.get("SPA_DEFAULT_STORAGE_REGION"):
-        out["region"] = env["SPA_DEFAULT_STORAGE_REGION"]
-    if env.get("SPA_DEFAULT_STORAGE_SECRET"):
-        out["secretRef"] = {"name": env["SPA_DEFAULT_STORAGE_SECRET"]}
-    return out
-
 
 
 class _RetrySoon(Exception):
@@ -147,7 +81,7 @@ class Controller(Observer):
         self.runs: dict[str, RunState] = {}
         self.secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = {}
         self.clients = ClientCache()
-        self.settings = reconcile.Settings(cfg.pending_timeout_s, cfg.queued_timeout_s, tuple(cfg.allowed_images))
+        self.settings = Settings(cfg.pending_timeout_s, cfg.queued_timeout_s, tuple(cfg.allowed_images))
         self.healthy = False
 
     # -- wiring ---------------------------------------------------------------------------------------------------
@@ -201,7 +135,7 @@ class Controller(Observer):
             delays.append(self.cfg.timer_s)
         return min(delays)
 
-    async def _create(self, rs: RunState, body: Any, obs: reconcile.Observed, decision: reconcile.Decision,
+    async def _create(self, rs: RunState, body: Any, obs: Observed, decision: Decision,
                       logger: Any) -> tuple[dict[str, str], str | None]:
         """Create every object of each stage attempt to start, in order. Returns (stage key -> why the API refused
         it for good, why creating must wait), from the answers."""
@@ -236,7 +170,7 @@ class Controller(Observer):
                     rs.saw([job_view(created)])
         return refused, None
 
-    async def _act(self, rs: RunState, body: Any, obs: reconcile.Observed, decision: reconcile.Decision,
+    async def _act(self, rs: RunState, body: Any, obs: Observed, decision: Decision,
                    logger: Any) -> None:
         ns = obs.namespace
         for pod in decision.delete_pods:

@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING, Any
 from spa_workers.storage import StorageError
 
 from spa_operator import jobs, reconcile
+from spa_operator.core_types import JobView, Observed, PodView, Settings, WorkloadView
 from spa_operator.kubeapi import KubeApi, api_error
 from spa_operator.metrics import Metrics
 from spa_operator.planner import PlannedStage, stage_graph
-from spa_operator.reconcile import JobView, PodView, WorkloadView
 from spa_operator.runstore import ClientCache, RunStore
 from spa_operator.spec import AlignmentRun, SpecError, parse_run
 from spa_operator.status import parse_iso
 
 if TYPE_CHECKING:
-    from spa_operator.kube import Config
+    from spa_operator.config import Config
 
 # On a Kueue Workload this operator deactivated for spec.suspend: the run's uid (only those are reactivated on resume;
 # Kueue deactivates Workloads itself, past its requeue limit, and those stay as Kueue left them).
@@ -146,7 +146,7 @@ class Observer:
     metrics: Metrics
     secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]]
     clients: ClientCache
-    settings: reconcile.Settings
+    settings: Settings
 
     def store_for(self, run: AlignmentRun, secret: dict[str, str] | None, secret_name: str | None) -> RunStore:
         if self.cfg.store_factory is not None:
@@ -189,13 +189,13 @@ class Observer:
             return rs.written[1]
         return _plain(body.get("status") or {})
 
-    async def _observe(self, rs: RunState, body: Any, index: Any, pod_index: Any) -> reconcile.Observed:
+    async def _observe(self, rs: RunState, body: Any, index: Any, pod_index: Any) -> Observed:
         meta = body.get("metadata", {})
         ns, name = meta.get("namespace", "default"), meta.get("name", "")
         rs.observed.clear()  # an early return below leaves it empty: every event wakes the run
         status = self._observed_status(rs, body)
         generation = meta.get("generation")
-        obs = reconcile.Observed(ns, name, rs.uid, generation, status, time.time(), settings=self.settings)
+        obs = Observed(ns, name, rs.uid, generation, status, time.time(), settings=self.settings)
         if reconcile.terminal(status):
             return obs
         if rs.spec is None or generation is None or rs.spec[0] != generation:  # the spec changes only with it

@@ -17,7 +17,7 @@ from spa_operator.jobs import failed_by_bad_input
 from spa_operator.planner import PlannedStage
 
 if TYPE_CHECKING:
-    from spa_operator.reconcile import Observed
+    from spa_operator.core_types import Observed
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 PHASES = (PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED)

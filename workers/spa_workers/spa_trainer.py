@@ -1,17 +1,20 @@
 """SPA's DPOTrainer subclass: the self-refinement loss on TRL's DPO (DESIGN §3, `spa_loss`), shard-safe.
 
-Built lazily (`trainer_class`): importing TRL costs seconds, and a finished stage needs none. The stage around it
-(inputs, launch, checkpoints, saving) is train.py.
+Built lazily (`trainer_class`): importing TRL costs seconds, and a finished stage needs none. `make_trainer` builds a
+ready one from the stage's arguments (DPOConfig, LoRA, reference model, the per-step callback). The stage around it
+(inputs, launch, resuming, saving) is train.py.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
-from spa_workers import checkpoints, launch
+from spa_workers import checkpoints, launch, modeling
+from spa_workers.contract import TrainArgs
 
 # Linear LR warm-up over this fraction of the steps, then cosine decay: the alignment-handbook recipe that the
 # official SPA code trains with.
@@ -256,3 +259,123 @@ def _force_fsdp(accelerator) -> None:
     if state.distributed_type == DistributedType.MULTI_CPU:
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = FullyShardedDataParallelPlugin()
+
+
+# --- the trainer ---
+
+
+def _step_callback(trainer, cadence: checkpoints.Cadence):
+    """Closes each optimiser step's log record (with the learning rate that step used) and asks for a
+    checkpoint when the cadence says so (rank 0's clock decides, so that every rank saves together)."""
+    from accelerate.utils import broadcast_object_list
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        lr: float | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if trainer.on_prepared is not None:
+                trainer.on_prepared()
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            self.lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            rec = trainer.finish_step(self.lr)
+            if trainer.on_step_record is not None:
+                trainer.on_step_record(rec)
+            if cadence.enabled and state.global_step < state.max_steps:
+                due = cadence.due(state.global_step)
+                if trainer.accelerator.num_processes > 1:
+                    due = broadcast_object_list([due], from_process=0)[0]
+                if due:
+                    control.should_save = True
+                    cadence.taken()
+
+    return StepLog()
+
+
+def policy_dtype(lora: bool, strategy: str) -> str:
+    """The dtype to load the policy in: as stored (bf16 on GPU, see modeling.load_model) where its stored weights
+    are not what Adam updates — a frozen LoRA base, FSDP (accelerate upcasts the shards to fp32 master weights under
+    bf16 mixed precision), ZeRO-3 (fp32 optimiser partitions) — else float32: DPO's 5e-7 learning rate moves a
+    weight by far less than bf16's resolution, so pure-bf16 updates would vanish."""
+    return "auto" if lora or strategy in ("fsdp", "deepspeed") else "float32"
+
+
+def make_trainer(
+    args: TrainArgs,
+    rows: list[dict[str, Any]],
+    output_dir: str,
+    *,
+    refinement: Refinement | None,
+    processes: int = 1,
+    max_steps: int = -1,
+):
+    """A ready SPATrainer for `args` on `rows` (TRL conversational pairs); checkpoints go to `output_dir`
+    locally, on the cadence of `args.checkpoint_every_steps` / `args.checkpoint_every_minutes`."""
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    cuda = torch.cuda.is_available()
+    per_device, accum = launch.batch_geometry(args.batch_size, args.per_device_batch_size, processes)
+    tokenizer = modeling.load_tokenizer(args.model)
+    strategy = launch.active_strategy() if processes > 1 else "none"
+    model = modeling.load_model(args.model, dtype=policy_dtype(args.lora_r > 0, strategy))
+    ref_model = None
+    if args.lora_r == 0:  # frozen: as stored (bf16 on GPU) whatever the policy's dtype; LoRA turns the adapter off
+        ref_model = modeling.load_model(args.reference or args.model, dtype="auto")
+    peft_config = None
+    if args.lora_r > 0:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+    quiet = not sys.stderr.isatty()
+    config = DPOConfig(
+        output_dir=output_dir,
+        seed=args.seed,
+        data_seed=args.seed,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accum,
+        num_train_epochs=args.epochs,
+        max_steps=max_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        beta=args.beta,
+        loss_type=["sigmoid"],
+        max_length=args.max_length,
+        use_cpu=not cuda,
+        bf16=cuda,
+        gradient_checkpointing=cuda,  # CPU runs are tiny: no need to trade speed
+        save_strategy="no",  # the cadence callback asks for checkpoints
+        save_total_limit=1,
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=quiet,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient: no extra graph walk
+        ddp_timeout=launch.collective_timeout_s(),
+    )
+    trainer = trainer_class()(
+        model=model,
+        ref_model=ref_model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        refinement=refinement,
+    )
+    cadence = checkpoints.Cadence(args.checkpoint_every_steps, args.checkpoint_every_minutes)
+    trainer.add_callback(_step_callback(trainer, cadence))
+    if quiet:  # the step log line replaces the Trainer's per-step dict printing
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
