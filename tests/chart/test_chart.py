@@ -31,7 +31,7 @@ from chartlib import (
     tool,
     write_rule_file,
 )
-from spa_operator import kube
+from spa_operator import config, kube
 
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]  # the oldest supported (Chart kubeVersion) and newest
 RENDERINGS = {"defaults": [], "all-on": ALL_ON, "all-on-namespaced": ALL_ON_NAMESPACED}
@@ -316,7 +316,7 @@ def test_storage_defaults_from_values_reach_the_operator():
     assert "SPA_DEFAULT_STORAGE_URI" not in operator_env()
     env = operator_env("--set", "storage.uri=s3://team/spa", "--set", "storage.endpoint=http://minio:9000",
                        "--set", "storage.region=eu-west-1", "--set", "storage.secretName=s3-creds")
-    assert kube.default_storage_from_env(env) == {"uri": "s3://team/spa", "endpoint": "http://minio:9000",
+    assert config.default_storage_from_env(env) == {"uri": "s3://team/spa", "endpoint": "http://minio:9000",
                                                   "region": "eu-west-1", "secretRef": {"name": "s3-creds"}}
     bad = run(tool("helm"), "template", "spa", str(CHART), "--set", "storage.uri=/mnt/runs")
     assert bad.returncode != 0 and "storage" in bad.stderr

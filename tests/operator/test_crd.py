@@ -10,7 +10,7 @@ from typing import Any
 import crdcheck
 import pytest
 import yaml
-from spa_operator import crd, kube
+from spa_operator import config, crd
 from spa_operator.kube import validate_for_cluster
 from spa_operator.spec import SpecError, parse_run
 
@@ -183,7 +183,7 @@ def test_storage_comes_from_the_run_or_the_operators_default():
     with pytest.raises(SpecError) as exc:
         validate_for_cluster(doc)
     assert exc.value.field == "spec.storage" and "default storage" in exc.value.message
-    default = kube.default_storage_from_env({"SPA_DEFAULT_STORAGE_URI": "s3://team-bucket/spa",
+    default = config.default_storage_from_env({"SPA_DEFAULT_STORAGE_URI": "s3://team-bucket/spa",
                                              "SPA_DEFAULT_STORAGE_ENDPOINT": "http://minio:9000",
                                              "SPA_DEFAULT_STORAGE_SECRET": "s3-creds"})
     st = validate_for_cluster(doc, default).spec.storage
@@ -193,7 +193,7 @@ def test_storage_comes_from_the_run_or_the_operators_default():
     with pytest.raises(SpecError) as exc:  # a default is held to the same rules
         validate_for_cluster(doc, {"uri": "/mnt/runs"})
     assert exc.value.field == "spec.storage.uri"
-    assert kube.default_storage_from_env({}) is None
+    assert config.default_storage_from_env({}) is None
 
 
 def test_enough_invalid_cases():
