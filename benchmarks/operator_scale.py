@@ -217,7 +217,7 @@ async def bench(n: int, timeout: float, job_seconds: float | None = None, pods: 
             kinds[key] = kinds.get(key, 0) + 1
         jobs = sum(1 for (res, _, _) in cluster.emulator.objects if res == "batch/v1/jobs")
         watch_events = {plural: count for (agent, plural), count in sorted(cluster.emulator.watch_events.items())
-                        if agent.startswith("kopf")}
+                        if agent.startswith(("kopf", "spa-operator"))}
     transitions = n * STAGES_PER_RUN  # every Job's completion is one transition (the last one ends the run)
     # Job finished (the harness's Complete write returned) -> the run's next Job seen on the harness's watch.
     chains: dict[str, list[str]] = {}

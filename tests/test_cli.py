@@ -163,6 +163,16 @@ def test_operator_without_a_cluster_is_one_line(tmp_path):
                            "kubeconfig (KUBECONFIG or ~/.kube/config)")
 
 
+def test_operator_refuses_a_namespace_pattern_naming_the_flag(tmp_path):
+    """The operator lists and watches Jobs and pods in each --namespace by name: a pattern (which kopf would have
+    matched for runs only) is refused before anything starts, naming the flag."""
+    proc = subprocess.run([sys.executable, "-m", "spa_operator.kube", "--namespace", "ml", "-n", "ml-*"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr)[-1] == ("spa-operator: error: --namespace 'ml-*': not a namespace name "
+                                            "(lowercase letters, digits and '-'; no patterns)")
+
+
 def test_report_honours_the_storage_endpoint_in_the_spec(tmp_path, tiny, s3_env, monkeypatch):
     """Issue 11.2: `spec.storage.endpoint` was ignored by the CLI itself (only SPA_S3_ENDPOINT worked)."""
     run = write_run(tmp_path, tiny)

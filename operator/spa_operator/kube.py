@@ -7,9 +7,9 @@ them to kopf and carries out decisions.
 
 Flow (one reconciler per run, a kopf daemon, so a run is never reconciled twice at once):
 - the daemon starts on create/resume, reconciles, then sleeps until woken or a slow timer fires;
-- Job and pod watches (`@kopf.on.event` + kopf indexes by run uid) wake the run's daemon on every change, so the
-  next Job exists within milliseconds of the previous one finishing, and a pod stuck in ImagePullBackOff shows in
-  the status within one reconcile;
+- the operator's own Job and pod watches (`informer`, indexes of their views by run uid) wake the run's daemon when
+  what it decides on changed, so the next Job exists within milliseconds of the previous one finishing, and a pod
+  stuck in ImagePullBackOff shows in the status within one reconcile;
 - a new spec generation wakes it too; a change other than `suspend` after the start (which the CRD already forbids)
   fails the run with SpecImmutable.
 The new status is diffed against the status the API server has (not against the operator's memory), so edits by
@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -39,6 +39,7 @@ from prometheus_client import generate_latest
 from spa_operator import crd, jobs, reconcile, status
 from spa_operator.config import Config
 from spa_operator.core_types import Decision, JobView, Observed, PodView, Settings
+from spa_operator.informer import Informer
 from spa_operator.kubeapi import ApiError, KubeApi, api_error
 from spa_operator.lease import LeaseElector
 from spa_operator.metrics import Metrics
@@ -58,10 +59,11 @@ __all__ = ["ApiError", "Config", "Controller", "KubeApi", "Metrics", "RunState",
            "job_view", "main", "pod_view", "run_operator", "run_root", "validate_for_cluster"]
 
 RUNS = (crd.GROUP, crd.VERSION, crd.PLURAL)
-JOB_FILTER = {"labels": {jobs.LABEL_RUN_UID: kopf.PRESENT}}
-# The same filter, applied by the API server (labelSelector on list and watch): without it every Job and pod of the
-# cluster streams to the operator, and kopf drops all but the runs' own after receiving them.
+# Jobs and pods are listed and watched with this labelSelector, applied by the API server: other workloads' objects
+# never reach the operator.
 RUN_OBJECTS_SELECTOR = jobs.LABEL_RUN_UID
+COMPONENT = "spa-operator"
+NAMESPACE = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 FINALIZER = "spa.dev/finalizer"
 log = logging.getLogger("spa_operator")
 
@@ -83,8 +85,37 @@ class Controller(Observer):
         self.clients = ClientCache()
         self.settings = Settings(cfg.pending_timeout_s, cfg.queued_timeout_s, tuple(cfg.allowed_images))
         self.healthy = False
+        self.jobs: Informer[JobView] | None = None
+        self.pods: Informer[PodView] | None = None
 
     # -- wiring ---------------------------------------------------------------------------------------------------
+
+    def watch(self) -> list[asyncio.Task[None]]:
+        """Start the Job and pod watches (on the running loop); reconcilers read their indexes once synced."""
+        self.jobs = Informer(self.api, "/apis/batch/v1/jobs", RUN_OBJECTS_SELECTOR, job_view, self.job_event,
+                             self.cfg.namespaces, retry_s=self.cfg.retry_s)
+        self.pods = Informer(self.api, "/api/v1/pods", RUN_OBJECTS_SELECTOR, pod_view, self.pod_event,
+                             self.cfg.namespaces, retry_s=self.cfg.retry_s)
+        return [asyncio.ensure_future(self.jobs.run()), asyncio.ensure_future(self.pods.run())]
+
+    async def synced(self) -> None:
+        for informer in (self.jobs, self.pods):
+            if informer is not None:
+                await informer.synced()
+
+    def pod_event(self, uid: str, pod: str, view: PodView | None) -> None:
+        """A pod of run `uid` changed: wake the run's reconciler if the decision would see something new (most pod
+        events, scheduling, IPs, readiness, change nothing decided). A pod that goes away while it may still run
+        (an orphan's deletion the retry waits for) wakes it too."""
+        rs = self.runs.get(uid)
+        if rs is None:
+            return
+        if view is None:
+            last = rs.observed.get(("pod", pod))
+            if isinstance(last, PodView) and last.live:
+                rs.waker.set()
+        elif rs.changed(view):
+            rs.waker.set()
 
     def job_event(self, uid: str, job: str, view: JobView | None) -> None:
         """A Job of run `uid` changed (view None: it was deleted): remember it was seen and wake the run's
@@ -120,6 +151,8 @@ class Controller(Observer):
                 self.metrics.transition.observe(max(time.monotonic() - max(finished), 0.0))
         await self._act(rs, body, obs, decision, logger)
         await self._write(rs, body, obs.status, decision.status, logger)
+        for ev in decision.events:
+            await self._event(body, ev.type, ev.reason, ev.message, rs, logger)
         rs.first_pass = False
         if decision.metrics is not None:
             self.metrics.export(obs.namespace, obs.name, decision.metrics)
@@ -187,8 +220,6 @@ class Controller(Observer):
         for wl in decision.activate_workloads:
             await self._try(logger, f"reactivate Kueue Workload {wl}", self.api.patch_workload(
                 ns, wl, {"metadata": {"annotations": {PAUSED_ANNOTATION: None}}, "spec": {"active": True}}))
-        for ev in decision.events:
-            self._event(body, ev.type, ev.reason, ev.message, rs)
         if decision.status.get("phase") == reconcile.FAILED and not reconcile.terminal(obs.status):
             logger.warning(f"run failed: {decision.status.get('message', '')}")
 
@@ -213,9 +244,14 @@ class Controller(Observer):
             raise _RetrySoon from None
         rs.written = (version, {k: v for k, v in {**old, **patch}.items() if v is not None}) if version else None
 
-    def _event(self, body: Any, etype: str, reason: str, message: str, rs: RunState | None) -> None:
-        with contextlib.suppress(LookupError):  # outside an operator context (unit use)
-            kopf.event(body, type=etype, reason=reason, message=self._redact(rs, message)[:1000])
+    async def _event(self, body: Any, etype: str, reason: str, message: str, rs: RunState | None,
+                     logger: Any) -> None:
+        meta = body.get("metadata", {})
+        involved = {"apiVersion": body.get("apiVersion", f"{crd.GROUP}/{crd.VERSION}"),
+                    "kind": body.get("kind", crd.KIND), "name": meta.get("name", ""),
+                    "namespace": meta.get("namespace", "default"), "uid": meta.get("uid", "")}
+        await self._try(logger, f"post Event {reason}", self.api.post_event(
+            involved, etype, reason, self._redact(rs, message)[:1000], COMPONENT))
 
     @staticmethod
     def _redact(rs: RunState | None, text: str) -> str:
@@ -263,14 +299,12 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: 
     ctl = _ctl(memo)
     settings.scanning.disabled = not ctl.cfg.scanning
     # kopf's own handler logs stay logs; transitions are posted as Events explicitly.
-    settings.posting.level = logging.WARNING
+    settings.posting.level = logging.WARNING  # kopf's own handler logs stay logs; the operator posts Events itself
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="spa.dev")
     settings.persistence.diffbase_storage = LeanDiffBaseStorage(prefix="spa.dev", key="last-handled-configuration")
     settings.posting.reporting_component = "spa-operator"
     settings.watching.server_timeout = 300
-    settings.watching.label_selectors["batch", "v1", "jobs"] = RUN_OBJECTS_SELECTOR
-    settings.watching.label_selectors["", "v1", "pods"] = RUN_OBJECTS_SELECTOR
     settings.networking.request_timeout = 60
     if ctl.cfg.metrics_port is not None:
         memo["http"] = await serve_http(ctl, ctl.cfg.metrics_host, ctl.cfg.metrics_port)
@@ -284,35 +318,6 @@ async def cleanup(memo: Any, **_: Any) -> None:
     runner = memo.get("http") if hasattr(memo, "get") else None
     if runner is not None:
         await runner.cleanup()
-    await ctl.api.close()
-
-
-@kopf.index("batch", "v1", "jobs", **JOB_FILTER)
-async def jobs_by_run(body: Any, labels: Any, **_: Any) -> dict[str, JobView]:
-    return {labels.get(jobs.LABEL_RUN_UID, ""): job_view(body)}
-
-
-@kopf.index("", "v1", "pods", **JOB_FILTER)
-async def pods_by_run(body: Any, labels: Any, memo: Any, **_: Any) -> dict[str, PodView]:
-    """A pod's state (waiting reason, finished) feeds the decision: index it and wake its run. The wake-up is done
-    here rather than in an on.event handler: a resource with indexes only costs kopf less per event, and pods bring
-    more events than any other resource the operator watches."""
-    uid = labels.get(jobs.LABEL_RUN_UID, "")
-    view = pod_view(body)
-    rs = _ctl(memo).runs.get(uid)
-    if rs is not None and rs.changed(view):  # most pod events (scheduled, IPs, readiness) change nothing decided
-        rs.waker.set()
-    return {uid: view}
-
-
-# Async handlers: kopf runs sync ones in threads, and an asyncio.Event set from a thread does not wake the loop.
-@kopf.on.event("batch", "v1", "jobs", **JOB_FILTER)
-async def job_changed(name: str, labels: Any, memo: Any, jobs_by_run: Any, **kwargs: Any) -> None:
-    """Called after the index took the event (index handlers see no deletions: their entry just goes)."""
-    uid = labels.get(jobs.LABEL_RUN_UID, "")
-    view = None if kwargs["type"] == "DELETED" else next((v for v in jobs_by_run.get(uid, ()) if v.name == name),
-                                                         None)
-    _ctl(memo).job_event(uid, name, view)
 
 
 @kopf.on.event(*RUNS)
@@ -328,18 +333,18 @@ async def run_changed(body: Any, memo: Any, **_: Any) -> None:
 
 
 @kopf.daemon(*RUNS, cancellation_timeout=5.0)
-async def run_daemon(body: Any, stopped: Any, memo: Any, logger: Any, jobs_by_run: Any, pods_by_run: Any,
-                     **_: Any) -> None:
+async def run_daemon(body: Any, stopped: Any, memo: Any, logger: Any, **_: Any) -> None:
     ctl = _ctl(memo)
     uid = _uid(body)
     rs = ctl.runs.setdefault(uid, RunState(uid))
     meta = body.get("metadata", {})
     try:
+        await ctl.synced()  # the first reconcile must see every Job of the run
         while not stopped:
             rs.waker.clear()
             t0 = time.monotonic()
             try:
-                delay = await ctl.reconcile(rs, body, jobs_by_run, logger, pods_by_run)
+                delay = await ctl.reconcile(rs, body, ctl.jobs, logger, ctl.pods)
                 log.debug(f"{meta.get('name')}: reconciled in {1000 * (time.monotonic() - t0):.1f} ms")
             except _RetrySoon:
                 delay = ctl.cfg.retry_s
@@ -415,6 +420,17 @@ async def run_operator(cfg: Config, stop_flag: Any = None, ready_flag: Any = Non
         namespace, _, name = cfg.lease.partition("/")
         elector = LeaseElector(ctl.api, namespace, name, cfg.identity, cfg.lease_duration_s, cfg.lease_renew_s)
         await elector.acquire()
+    watches = ctl.watch()
+    try:
+        await _operate(ctl, cfg, stop, ready_flag, elector)
+    finally:
+        for task in watches:
+            task.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
+        await ctl.api.close()
+
+
+async def _operate(ctl: Controller, cfg: Config, stop: Any, ready_flag: Any, elector: LeaseElector | None) -> None:
     operator = asyncio.ensure_future(kopf.operator(
         clusterwide=not cfg.namespaces, namespaces=cfg.namespaces, standalone=True, stop_flag=stop,
         ready_flag=ready_flag, memo=kopf.Memo(controller=ctl)))
@@ -441,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-image", default=os.environ.get("SPA_WORKER_IMAGE", jobs.DEFAULT_WORKER_IMAGE))
     p.add_argument("--verbose", "-v", action="store_true")
     args = p.parse_args(argv)
+    for ns in args.namespace:  # the operator lists and watches each one by name: no patterns
+        if not re.fullmatch(NAMESPACE, ns):
+            p.error(f"--namespace {ns!r}: not a namespace name (lowercase letters, digits and '-'; no patterns)")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # kopf logs every handled Job event at INFO; transitions are Events and metrics

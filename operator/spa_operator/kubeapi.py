@@ -1,4 +1,4 @@
-"""The few API calls the operator makes itself (kopf does the watching), with aiohttp on the operator's loop.
+"""The API calls the operator makes itself (kopf watches the runs), with aiohttp on the operator's loop.
 
 Every name in a request path is quoted: a name from a run's spec (a Secret's) must not reach another path
 (`../../other/secrets/aws`).
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import json
 import ssl
 import urllib.parse
+from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
 from prometheus_client import Counter
@@ -59,7 +61,7 @@ class Created(NamedTuple):
 
 
 class KubeApi:
-    """The few API calls the operator makes itself (kopf does the watching), with aiohttp on the operator's loop.
+    """The API calls the operator makes itself (kopf watches the runs), with aiohttp on the operator's loop.
 
     Credentials come from a kubernetes-client Configuration (in-cluster or kubeconfig; its token refresh hook runs on
     each call). The kubernetes client itself is not used for requests: run in threads it cost ~4x the CPU per call,
@@ -94,24 +96,74 @@ class KubeApi:
             headers["Content-Type"] = content_type
         return headers
 
-    async def _request(self, verb: str, method: str, path: str, body: Any = None,
-                       content_type: str = "application/json") -> Any:
+    def _client(self) -> Any:
         import aiohttp
 
-        if self.requests is not None:
-            self.requests.labels(verb).inc()
         loop = asyncio.get_running_loop()
         if self._session is None or self._loop is not loop:  # one session per loop (tests restart operators)
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=32),
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=64),
                                                   timeout=aiohttp.ClientTimeout(total=60))
             self._loop = loop
+        return self._session
+
+    async def _request(self, verb: str, method: str, path: str, body: Any = None,
+                       content_type: str = "application/json", params: dict[str, str] | None = None) -> Any:
+        if self.requests is not None:
+            self.requests.labels(verb).inc()
         data = None if body is None else json.dumps(body)
-        async with self._session.request(method, self.conf.host.rstrip("/") + path, data=data,
-                                         headers=self._headers(content_type if data else None)) as r:
+        async with self._client().request(method, self.conf.host.rstrip("/") + path, data=data, params=params,
+                                          headers=self._headers(content_type if data else None)) as r:
             payload = await r.read()
             if r.status >= 400:
                 raise ApiError(r.status, r.reason or "", _fields(payload))
             return json.loads(payload) if payload else None
+
+    @staticmethod
+    def quote(name: str) -> str:
+        return _q(name)
+
+    async def list_objects(self, path: str, selector: str) -> tuple[list[dict[str, Any]], str]:
+        """The objects of a collection that carry label `selector`, and the list's resourceVersion."""
+        answer = await self._request("list", "GET", path, params={"labelSelector": selector}) or {}
+        return list(answer.get("items") or []), str((answer.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def watch(self, path: str, selector: str, version: str,
+                    timeout_s: int) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """(type, object) of each watch event after `version`, until the API server ends the stream (timeout_s)."""
+        import aiohttp
+
+        if self.requests is not None:
+            self.requests.labels("watch").inc()
+        params = {"watch": "true", "labelSelector": selector, "allowWatchBookmarks": "true",
+                  "timeoutSeconds": str(timeout_s)}
+        if version:
+            params["resourceVersion"] = version
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_s + 30)
+        async with self._client().get(self.conf.host.rstrip("/") + path, params=params, timeout=timeout,
+                                      headers=self._headers(None)) as r:
+            if r.status >= 400:
+                raise ApiError(r.status, r.reason or "", _fields(await r.read()))
+            pending = b""
+            async for chunk in r.content.iter_any():  # one JSON document per line; a line may span chunks
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        event = json.loads(line)
+                        yield str(event.get("type") or ""), event.get("object") or {}
+
+    async def post_event(self, involved: dict[str, Any], etype: str, reason: str, message: str,
+                         component: str) -> None:
+        """A core/v1 Event about `involved` (an object reference: apiVersion, kind, name, namespace, uid)."""
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        namespace = involved.get("namespace") or "default"
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"namespace": namespace, "generateName": f"{involved.get('name', 'spa')}."},
+                "type": etype, "reason": reason, "message": message, "action": reason,
+                "involvedObject": involved, "source": {"component": component},
+                "reportingComponent": component, "reportingInstance": self.agent.partition("/")[2] or component,
+                "firstTimestamp": now, "lastTimestamp": now, "count": 1}
+        await self._request("create", "POST", f"/api/v1/namespaces/{_q(namespace)}/events", body)
 
     async def close(self) -> None:
         if self._session is not None and self._loop is asyncio.get_running_loop():

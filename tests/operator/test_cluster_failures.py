@@ -158,8 +158,8 @@ async def test_finished_run_is_exported_again_after_a_restart(cluster):
 async def test_orphaned_pods_stop_before_the_next_attempt(cluster, s3_env):
     """Failure 10: a Job deleted without a propagation policy (the API's default for Jobs) leaves its pod running,
     and the retry wrote to the same prefix alongside it. Now the operator deletes the orphan and starts the next
-    attempt only once it has stopped."""
-    op = OperatorRunner(cluster.url, ["ns"])
+    attempt only once it has stopped: the orphan's deletion wakes the run (the slow timer cannot be what moves it)."""
+    op = OperatorRunner(cluster.url, ["ns"], timer_s=60.0)
     async with Harness(cluster, pod_base_env(S3_KEYS), stub=True, stub_seconds=6.0) as harness:
         await op.start()
         await cluster.create_run(tiny_run("orphan", FAKE, s3_env["BUCKET"], s3_env["SPA_S3_ENDPOINT"], iterations=0,
@@ -170,6 +170,7 @@ async def test_orphaned_pods_stop_before_the_next_attempt(cluster, s3_env):
         assert await finish(cluster, "orphan", timeout=60) == "Succeeded"
         await op.stop()
     assert harness.ended["orphan-i00-validate-a1-0-1"] <= harness.created["orphan-i00-validate-a2"]
+    assert harness.created["orphan-i00-validate-a2"] - harness.ended["orphan-i00-validate-a1-0-1"] < 3.0
     assert (stages(cluster, "orphan")["iter-00/validate"]["attempts"]) == 2
 
 
@@ -198,9 +199,10 @@ async def test_jobs_and_pods_of_other_workloads_never_reach_the_operator(cluster
         assert await finish(cluster, "selected", timeout=30) == "Succeeded"
         await op.stop()
     reads = {(plural, verb, selector) for agent, plural, verb, selector in cluster.emulator.reads
-             if agent.startswith("kopf") and plural in ("jobs", "pods")}
+             if agent.startswith("spa-operator") and plural in ("jobs", "pods")}
     assert reads == {(plural, verb, "spa.dev/run-uid") for plural in ("jobs", "pods") for verb in ("list", "watch")}
-    served = {(plural, name) for agent, plural, _, name in cluster.emulator.served if agent.startswith("kopf")}
+    served = {(plural, name) for agent, plural, _, name in cluster.emulator.served
+              if agent.startswith("spa-operator")}
     assert ("jobs", "selected-i00-validate-a1") in served and ("pods", "selected-i00-validate-a1-0-1") in served
     assert [s for s in served if s[1].startswith("other")] == []
 

@@ -3,6 +3,7 @@ patches, and the Job-event latency on the emulator."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import logging
@@ -128,27 +129,32 @@ class NoManifests:
 async def test_job_created_and_deleted_between_two_reconciles_is_retried(cluster):
     """The race behind a flaky hand-deletion test: a Job's ADDED and DELETED events both arrive before its run's
     reconciler looks again, so the Job index never showed it. The watch saw it: the stage counts a failed attempt
-    and starts the next one, rather than waiting for a Job that no longer exists. Driven through the real Job-event
-    handler and reconciler, with the emulator as the API server."""
+    and starts the next one, rather than waiting for a Job that no longer exists. Driven through the operator's own
+    Job watch (list + watch against the emulator) and the real reconciler."""
     doc = tiny_run("race", {"model": "/m", "seed": "/s", "prompts": "/p"}, "bucket", "http://127.0.0.1:9",
                    iterations=1, heldout=False)
     _, run = await cluster.create_run(doc)
     ctl = kube.make_controller(kube.Config(namespaces=["ns"], server=cluster.url, metrics_port=None,
                                            store_factory=lambda run, secret: NoManifests()))
-    memo = {"controller": ctl}
     uid = run["metadata"]["uid"]
     rs = ctl.runs.setdefault(uid, kube.RunState(uid))
     logger = logging.getLogger("test")
+    watches = ctl.watch()
     try:
-        await ctl.reconcile(rs, cluster.run("race"), {}, logger)
-        job = cluster.jobs()["race-i00-validate-a1"]
-        # The watch delivered the Job's events (ADDED, then DELETED); the empty index below is what kopf leaves.
-        for event in ("ADDED", "DELETED"):
-            await kube.job_changed(type=event, name=job["metadata"]["name"], labels=job["metadata"]["labels"],
-                                   memo=memo, jobs_by_run={})
-        assert rs.waker.is_set()
-        await ctl.reconcile(rs, cluster.run("race"), {}, logger)
+        await asyncio.wait_for(ctl.synced(), 10)
+        await ctl.reconcile(rs, cluster.run("race"), ctl.jobs, logger, ctl.pods)
+        assert not rs.waker.is_set()
+        job = "race-i00-validate-a1"
+        await wait_for(lambda: ctl.jobs.get(uid), 10, "the Job in the operator's index")
+        assert not rs.waker.is_set()  # its ADDED event showed nothing the reconcile did not know
+        assert (await cluster.request("DELETE", f"/apis/batch/v1/namespaces/ns/jobs/{job}"))[0] == 200
+        await wait_for(lambda: not ctl.jobs.get(uid), 10, "the Job gone from the index")
+        assert rs.waker.is_set() and job in rs.seen_jobs
+        await ctl.reconcile(rs, cluster.run("race"), ctl.jobs, logger, ctl.pods)
     finally:
+        for task in watches:
+            task.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
         await ctl.api.close()
     seed = {s["name"]: s for s in cluster.run("race")["status"]["stages"]}["iter-00/validate"]
     assert (seed["attempts"], seed["failures"], seed["job"]) == (2, 1, "race-i00-validate-a2"), seed
