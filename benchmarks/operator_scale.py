@@ -6,7 +6,7 @@ the operator reads through a RunStore; S3 latency is not part of what is measure
 
 Measured:
 - Job finished (harness wrote Complete) -> next Job of the run created (harness sees it on its watch): p50, p99, max;
-- API writes by the operator per transition (Jobs created, status patches, Events, kopf's own patches);
+- API writes by the operator per transition (Jobs created, status patches, Events, kopf's finalizer patch);
 - operator RSS (peak), wall time for all runs to reach Succeeded.
 
     python benchmarks/operator_scale.py --runs 100 300 1000
@@ -84,12 +84,12 @@ def operator_main(server: str, store: str, profile: str | None = None) -> None:
 
 # Call counts that say how the operator's work divides per transition: plain functions called once per step
 # (cProfile counts a coroutine once per resume; manifests are read in threads, which it does not see).
-PROFILE_COUNTS = {"watch events through kopf": ("processing.py", ("_detect_causes",)),
-                  "index handler calls": ("spa_operator/kube.py", ("jobs_by_run", "pods_by_run")),
+PROFILE_COUNTS = {"run watch events through kopf": ("processing.py", ("_detect_causes",)),
+                  "Job and pod watch events (informer)": ("spa_operator/informer.py", ("_apply",)),
                   "reconciles (decisions)": ("reconcile.py", ("decide",)),
                   "Jobs created": ("jobs.py", ("build_stage_objects",)),
                   "status patches computed": ("status.py", ("merge_patch",)),
-                  "Events posted": ("posting.py", ("event",))}
+                  "Events posted": ("spa_operator/kubeapi.py", ("post_event",))}
 
 
 def profile_report(path: str, transitions: int, top: int = 25) -> str:
@@ -265,8 +265,10 @@ READING = """How to read it:
   times and the latency is queueing, p99 ≈ N / throughput. Throughput is bound by CPU: the operator's CPU per
   transition plus the emulator's (kmock and the harness, in Python, serve every write and watch event) on a 2-core
   machine. A p99 of 1 s for a 1000-run burst needs about 1000 transitions/s, i.e. under 1 ms of operator CPU per
-  transition; each transition is 3-4 watch events through kopf (about 1 ms each) plus a reconcile, a Job create, a
-  status patch and an Event, so one kopf process cannot drain such a burst in a second.
+  transition; each transition is 1.6 run watch events through kopf (about 1 ms each: its own status patches come
+  back), 2 Job watch events (4 and 3 pod events with --pods) through the operator's own informer, a reconcile, a Job
+  create, a status patch and an Event. Here the emulator (about 2x the operator's CPU per transition) is the
+  bottleneck of a burst, so its p99 measures the emulator more than the operator.
 - "after T s" is paced: Jobs finish T s ± 50% after they are created, so transitions arrive at about
   runs / T per second, below the operator's throughput; then the latency is the reaction time itself. Real
   stages last minutes to hours: on a cluster transitions arrive far slower than in either row.
