@@ -157,6 +157,8 @@ class Controller(Observer):
         if decision.metrics is not None:
             self.metrics.export(obs.namespace, obs.name, decision.metrics)
         phase = decision.status.get("phase")
+        if reconcile.terminal(decision.status):  # a run failed for an invalid spec may still be fixed: keep it
+            rs.finished()
         if phase in (reconcile.SUCCEEDED, reconcile.FAILED):
             return None
         delays = [d for d in (decision.requeue_s,) if d is not None]

@@ -121,6 +121,14 @@ class RunState:
     unstarted_spec: dict[str, Any] | None = None
     compared_generation: int | None = None
 
+    def finished(self) -> None:
+        """The run ended: drop what only deciding needs (its parsed spec and stage graph, spec copies, the views last
+        seen: ~8 KiB a run), as a run found finished after a restart never holds them. A finished run's reconcile
+        reads only its status (`_observe` returns before the spec)."""
+        self.parsed = self.spec = self.started_spec = self.unstarted_spec = None
+        self.observed.clear()
+        self.seen_jobs.clear()
+
     def changed(self, view: JobView | PodView) -> bool:
         """Whether a watch event's view of a Job or pod differs from what the last reconcile saw."""
         return self.observed.get(_key(view)) != unstamped(view)

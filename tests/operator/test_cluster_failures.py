@@ -7,6 +7,7 @@ few seconds; the pod-level ones (pending pods, orphaned pods) run the stub worke
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -238,3 +239,28 @@ async def test_suspend_with_kueue_pauses_the_running_job_through_its_workload(cl
     workload = _workload_of(cluster, first)
     assert workload["spec"]["active"] is True and "spa.dev/paused-by-run" not in workload["metadata"].get(
         "annotations", {})
+
+
+async def test_a_finished_run_keeps_no_decision_state_and_stays_finished(cluster, caplog):
+    """A finished run's reconciler drops what only deciding needs (parsed spec, stage graph, spec copies, views), as
+    a run found finished after a restart never holds it: ~8 KiB a run, 1000 finished runs hold none. Its Jobs' later
+    events (the garbage collector deleting one) wake it, and it stays as it was: no Job, status write or Event."""
+    caplog.set_level(logging.DEBUG, logger="spa_operator")
+    op = OperatorRunner(cluster.url, ["ns"], store_factory=lambda run, secret: Store(done=True))
+    async with Harness(cluster, {}, instant=True, instant_pods=True):
+        ctl = await op.start()
+        _, run = await cluster.create_run(run_doc("done"))
+        assert await finish(cluster, "done", timeout=30) == "Succeeded"
+        rs = ctl.runs[run["metadata"]["uid"]]
+        await wait_for(lambda: rs.parsed is None, 10, "the finished run's decision state dropped")
+        assert (rs.spec, rs.started_spec, rs.observed, rs.seen_jobs) == (None, None, {}, set())
+        await asyncio.sleep(0.5)
+        reconciles = sum("done: reconciled in" in r.getMessage() for r in caplog.records)
+        writes, status, jobs = len(cluster.writes()), cluster.run("done")["status"], sorted(cluster.jobs())
+        assert (await cluster.request("DELETE", f"/apis/batch/v1/namespaces/ns/jobs/{jobs[0]}"))[0] == 200
+        await wait_for(lambda: sum("done: reconciled in" in r.getMessage() for r in caplog.records) > reconciles,
+                       10, "the deletion to wake the finished run")
+        await asyncio.sleep(0.5)
+        assert cluster.writes()[writes:] == [] and cluster.run("done")["status"] == status
+        assert sorted(cluster.jobs()) == jobs[1:] and rs.parsed is None
+        await op.stop()
