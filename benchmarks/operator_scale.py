@@ -89,7 +89,7 @@ PROFILE_COUNTS = {"run watch events through kopf": ("processing.py", ("_detect_c
                   "reconciles (decisions)": ("reconcile.py", ("decide",)),
                   "Jobs created": ("jobs.py", ("build_stage_objects",)),
                   "status patches computed": ("status.py", ("merge_patch",)),
-                  "Events posted": ("spa_operator/kubeapi.py", ("post_event",))}
+                  "Events posted": ("spa_operator/kubeapi.py", ("event_body",))}
 
 
 def profile_report(path: str, transitions: int, top: int = 25) -> str:

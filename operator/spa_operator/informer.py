@@ -18,23 +18,23 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-from spa_operator.kubeapi import ApiError, KubeApi, api_error
+from spa_operator.kubeapi import ApiError, KubeApi, api_error, collection_path
 
 V = TypeVar("V")
 log = logging.getLogger("spa_operator")
 
 
 class Informer(Generic[V]):
-    """One kind of object (`collection`: "/apis/batch/v1/jobs" or "/api/v1/pods"), in the given namespaces (all
-    when none), carrying label `label`: each object's view by the uid its label names.
+    """One kind of object (apiVersion and kind: batch/v1 Job, v1 Pod), in the given namespaces (all when none),
+    carrying label `label`: each object's view by the uid its label names.
 
     `on_change(uid, name, view)` is called after the index took an event (view None: the object is gone)."""
 
-    def __init__(self, api: KubeApi, collection: str, label: str, view: Callable[[dict[str, Any]], V],
+    def __init__(self, api: KubeApi, api_version: str, kind: str, label: str, view: Callable[[dict[str, Any]], V],
                  on_change: Callable[[str, str, V | None], None], namespaces: Sequence[str] = (),
                  server_timeout_s: int = 300, retry_s: float = 1.0) -> None:
         self.api = api
-        self.collection = collection
+        self.api_version, self.kind = api_version, kind
         self.label = label
         self.view = view
         self.on_change = on_change
@@ -65,14 +65,8 @@ class Informer(Generic[V]):
     async def run(self) -> None:
         await asyncio.gather(*(self._follow(scope) for scope in self.scopes))
 
-    def _path(self, namespace: str | None) -> str:
-        if namespace is None:
-            return self.collection
-        base, _, plural = self.collection.rpartition("/")
-        return f"{base}/namespaces/{KubeApi.quote(namespace)}/{plural}"
-
     async def _follow(self, namespace: str | None) -> None:
-        path = self._path(namespace)
+        path = collection_path(self.api_version, self.kind, namespace)
         version: str | None = None
         while True:
             try:
@@ -81,19 +75,20 @@ class Informer(Generic[V]):
                     self._relisted(namespace, items)
                     self._synced[namespace].set()
                 async for kind, obj in self.api.watch(path, self.label, version, self.server_timeout_s):
-                    if kind == "ERROR":
-                        if obj.get("code") == 410:  # the version is too old: list again
-                            version = None
-                            break
+                    if kind == "ERROR":  # a Status object, sent in the stream
                         raise ApiError(int(obj.get("code") or 500), str(obj.get("reason") or "watch error"))
                     version = (obj.get("metadata") or {}).get("resourceVersion") or version
                     if kind != "BOOKMARK":
                         self._apply(kind, obj)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # the API server went away or refused: resume after a pause
-                if isinstance(e, ApiError) and e.status == 410:
+            except ApiError as e:
+                if e.status == 410:  # the version is too old (routine after a long watch): list again, now
                     version = None
+                    continue
+                log.warning(f"watching {path} failed: {api_error(e)}; will retry")
+                await asyncio.sleep(self.retry_s)
+            except Exception as e:  # the API server went away: resume from the same version after a pause
                 log.warning(f"watching {path} failed: {api_error(e)}; will retry")
                 await asyncio.sleep(self.retry_s)
 

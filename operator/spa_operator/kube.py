@@ -92,9 +92,9 @@ class Controller(Observer):
 
     def watch(self) -> list[asyncio.Task[None]]:
         """Start the Job and pod watches (on the running loop); reconcilers read their indexes once synced."""
-        self.jobs = Informer(self.api, "/apis/batch/v1/jobs", RUN_OBJECTS_SELECTOR, job_view, self.job_event,
+        self.jobs = Informer(self.api, "batch/v1", "Job", RUN_OBJECTS_SELECTOR, job_view, self.job_event,
                              self.cfg.namespaces, retry_s=self.cfg.retry_s)
-        self.pods = Informer(self.api, "/api/v1/pods", RUN_OBJECTS_SELECTOR, pod_view, self.pod_event,
+        self.pods = Informer(self.api, "v1", "Pod", RUN_OBJECTS_SELECTOR, pod_view, self.pod_event,
                              self.cfg.namespaces, retry_s=self.cfg.retry_s)
         return [asyncio.ensure_future(self.jobs.run()), asyncio.ensure_future(self.pods.run())]
 
@@ -300,12 +300,12 @@ def login(memo: Any, logger: Any, settings: Any, **kwargs: Any) -> kopf.Connecti
 async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -> None:
     ctl = _ctl(memo)
     settings.scanning.disabled = not ctl.cfg.scanning
-    # kopf's own handler logs stay logs; transitions are posted as Events explicitly.
-    settings.posting.level = logging.WARNING  # kopf's own handler logs stay logs; the operator posts Events itself
+    # kopf posts only its own handler warnings as Events; the operator posts the transitions' Events itself.
+    settings.posting.level = logging.WARNING
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="spa.dev")
     settings.persistence.diffbase_storage = LeanDiffBaseStorage(prefix="spa.dev", key="last-handled-configuration")
-    settings.posting.reporting_component = "spa-operator"
+    settings.posting.reporting_component = COMPONENT
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     if ctl.cfg.metrics_port is not None:

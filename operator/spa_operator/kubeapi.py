@@ -20,7 +20,7 @@ from prometheus_client import Counter
 from spa_operator import crd
 
 MERGE_PATCH = "application/merge-patch+json"
-PLURALS = {"Job": "jobs", "Service": "services", "Pod": "pods"}
+PLURALS = {"Job": "jobs", "Service": "services", "Pod": "pods", "Event": "events"}
 KUEUE_WORKLOADS = "/apis/kueue.x-k8s.io/v1beta1"
 
 
@@ -28,9 +28,22 @@ def _q(name: str) -> str:
     return urllib.parse.quote(name, safe="")
 
 
-def _collection(api_version: str, kind: str, namespace: str) -> str:
+def collection_path(api_version: str, kind: str, namespace: str | None) -> str:
+    """The path of a collection in one namespace, or across all of them (namespace None)."""
     base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    return f"{base}/namespaces/{_q(namespace)}/{PLURALS[kind]}"
+    return f"{base}/{PLURALS[kind]}" if namespace is None else f"{base}/namespaces/{_q(namespace)}/{PLURALS[kind]}"
+
+
+def event_body(involved: dict[str, Any], etype: str, reason: str, message: str, component: str,
+               instance: str) -> dict[str, Any]:
+    """A core/v1 Event about `involved` (an object reference: apiVersion, kind, name, namespace, uid)."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"apiVersion": "v1", "kind": "Event",
+            "metadata": {"namespace": involved.get("namespace") or "default",
+                         "generateName": f"{involved.get('name') or 'spa'}."},
+            "type": etype, "reason": reason, "message": message, "action": reason, "involvedObject": involved,
+            "source": {"component": component}, "reportingComponent": component, "reportingInstance": instance,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1}
 
 
 class ApiError(Exception):
@@ -96,6 +109,9 @@ class KubeApi:
             headers["Content-Type"] = content_type
         return headers
 
+    def _url(self, path: str) -> str:
+        return self.conf.host.rstrip("/") + path
+
     def _client(self) -> Any:
         import aiohttp
 
@@ -111,16 +127,12 @@ class KubeApi:
         if self.requests is not None:
             self.requests.labels(verb).inc()
         data = None if body is None else json.dumps(body)
-        async with self._client().request(method, self.conf.host.rstrip("/") + path, data=data, params=params,
+        async with self._client().request(method, self._url(path), data=data, params=params,
                                           headers=self._headers(content_type if data else None)) as r:
             payload = await r.read()
             if r.status >= 400:
                 raise ApiError(r.status, r.reason or "", _fields(payload))
             return json.loads(payload) if payload else None
-
-    @staticmethod
-    def quote(name: str) -> str:
-        return _q(name)
 
     async def list_objects(self, path: str, selector: str) -> tuple[list[dict[str, Any]], str]:
         """The objects of a collection that carry label `selector`, and the list's resourceVersion."""
@@ -139,7 +151,7 @@ class KubeApi:
         if version:
             params["resourceVersion"] = version
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_s + 30)
-        async with self._client().get(self.conf.host.rstrip("/") + path, params=params, timeout=timeout,
+        async with self._client().get(self._url(path), params=params, timeout=timeout,
                                       headers=self._headers(None)) as r:
             if r.status >= 400:
                 raise ApiError(r.status, r.reason or "", _fields(await r.read()))
@@ -154,16 +166,8 @@ class KubeApi:
 
     async def post_event(self, involved: dict[str, Any], etype: str, reason: str, message: str,
                          component: str) -> None:
-        """A core/v1 Event about `involved` (an object reference: apiVersion, kind, name, namespace, uid)."""
-        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        namespace = involved.get("namespace") or "default"
-        body = {"apiVersion": "v1", "kind": "Event",
-                "metadata": {"namespace": namespace, "generateName": f"{involved.get('name', 'spa')}."},
-                "type": etype, "reason": reason, "message": message, "action": reason,
-                "involvedObject": involved, "source": {"component": component},
-                "reportingComponent": component, "reportingInstance": self.agent.partition("/")[2] or component,
-                "firstTimestamp": now, "lastTimestamp": now, "count": 1}
-        await self._request("create", "POST", f"/api/v1/namespaces/{_q(namespace)}/events", body)
+        body = event_body(involved, etype, reason, message, component, self.agent.partition("/")[2] or component)
+        await self._request("create", "POST", collection_path("v1", "Event", body["metadata"]["namespace"]), body)
 
     async def close(self) -> None:
         if self._session is not None and self._loop is asyncio.get_running_loop():
@@ -175,7 +179,7 @@ class KubeApi:
         controlling owner ("" if it has none), so the caller can tell its own object (a previous operator made it)
         from a stranger's."""
         meta = body["metadata"]
-        path = _collection(body["apiVersion"], body["kind"], meta["namespace"])
+        path = collection_path(body["apiVersion"], body["kind"], meta["namespace"])
         try:
             return Created(await self._request("create", "POST", path, body) or {}, None)
         except ApiError as e:
@@ -188,7 +192,7 @@ class KubeApi:
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         """Delete with its dependents (pods): without a propagation policy a Job's pods are orphaned and keep
         running. Foreground: the Job stays visible (with a deletionTimestamp) until its pods are gone."""
-        path = f"{_collection(api_version, kind, namespace)}/{_q(name)}"
+        path = f"{collection_path(api_version, kind, namespace)}/{_q(name)}"
         try:
             await self._request("delete", "DELETE", path, {"kind": "DeleteOptions", "apiVersion": "v1",
                                                            "propagationPolicy": "Foreground"})

@@ -90,7 +90,7 @@ async def test_watch_resumes_relists_on_410_and_reports_deletions_missed_meanwhi
     server.put(job("c", "run-2", 3))
     changes: list[tuple[str, str, str | None]] = []
     api = KubeApi(kubernetes.client.Configuration(host=server.url))
-    informer = Informer(api, "/apis/batch/v1/jobs", LABEL, lambda o: o["status"]["state"],
+    informer = Informer(api, "batch/v1", "Job", LABEL, lambda o: o["status"]["state"],
                         lambda uid, name, view: changes.append((uid, name, view)), ["ns"], retry_s=0.05)
     # First watch: a changes, d appears, c goes, a bookmark; the stream then ends. Second: the version is too old
     # (410 as an ERROR event). Meanwhile b was deleted and e created: the relist must report b gone.
@@ -133,7 +133,7 @@ async def test_a_refused_watch_is_retried_and_an_expired_version_answered_with_h
     await server.start()
     server.put(job("a", "run-1", 1))
     api = KubeApi(kubernetes.client.Configuration(host=server.url))
-    informer = Informer(api, "/apis/batch/v1/jobs", LABEL, lambda o: o["status"]["state"], lambda *_: None, ["ns"],
+    informer = Informer(api, "batch/v1", "Job", LABEL, lambda o: o["status"]["state"], lambda *_: None, ["ns"],
                         retry_s=0.05)
     server.script = [503, 410, []]
     task = asyncio.ensure_future(informer.run())
