@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -43,6 +44,36 @@ STAGES = (VALIDATE, SEED_TRAIN, GENERATE, JUDGE, TRAIN, EVALUATE)
 
 class StageInputError(Exception):
     """Bad input a user must fix; the worker prints it as one line and exits 2."""
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """JSON for everything a manifest, heartbeat, report or status carries. Non-finite numbers are refused: Python
+    would write the bare tokens NaN/Infinity, which are not JSON, and a Kubernetes API server (Go's decoder) answers
+    them with 400, so one NaN copied into a status would freeze the run's status for good."""
+    return json.dumps(obj, allow_nan=False, **kwargs)
+
+
+def non_finite(values: Any, path: str = "") -> list[str]:
+    """Where `values` (numbers, or dicts/lists of them) holds a NaN or an infinity: "loss=nan", "a.b[2]=inf"."""
+    if isinstance(values, bool):
+        return []
+    if isinstance(values, float):
+        return [] if math.isfinite(values) else [f"{path or 'value'}={values}"]
+    if isinstance(values, dict):
+        return [bad for k, v in values.items() for bad in non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(values, list | tuple):
+        return [bad for i, v in enumerate(values) for bad in non_finite(v, f"{path}[{i}]")]
+    return []
+
+
+def require_finite(values: Any, what: str) -> None:
+    """A stage's numbers must be finite: a NaN or infinite loss, reward or margin means a diverged or corrupt model
+    (bad input, exit 2), never a result to publish."""
+    bad = non_finite(values)
+    if bad:
+        raise StageInputError(f"{what}: non-finite {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}: the model "
+                              "diverged or an input is corrupt (try a lower learning rate or check the model); "
+                              "nothing was published")
 
 
 def shard_dir(output: str, shard_index: int, shard_count: int) -> str:
@@ -294,15 +325,24 @@ class StageManifest:
     # What determines the outputs (see `fingerprint`); "" in manifests written before fingerprints existed.
     fingerprint: str = ""
     fingerprint_of: dict[str, Any] = field(default_factory=dict)
+    # What the stage spent (`Ledger` keys only, each >= 0); the names of entries that are estimates, not counts.
+    ledger: dict[str, float] = field(default_factory=dict)
+    ledger_estimated: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        return dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> StageManifest:
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        manifest = cls(**{k: v for k, v in data.items() if k in known})
+        # A manifest written before the finite-numbers rule may hold NaN: readers (the operator's status, reports,
+        # metrics) must never pass it on, so such figures are dropped here, where every reader gets its manifests.
+        for section in (manifest.counts, manifest.metrics, manifest.timings, manifest.ledger):
+            for key in [k for k, v in section.items() if non_finite(v)]:
+                del section[key]
+        return manifest
 
 
 def read_manifest(stage_dir: str) -> StageManifest | None:
@@ -382,8 +422,9 @@ class Heartbeat:
         frac = min(done / self.total, 1.0)
         eta = (self.total - done) / rate if rate > 0 else None
         payload = {"fraction": frac, "done": done, "total": self.total, "unit": self.unit,
-                   "rate_per_s": rate, "eta_s": eta, "elapsed_s": elapsed, "time": time.time(), **extra}
-        storage.write_text(storage.join(self.output, PROGRESS), json.dumps(payload))
+                   "rate_per_s": rate, "eta_s": eta, "elapsed_s": elapsed, "time": time.time(),
+                   **{k: v for k, v in extra.items() if not non_finite(v)}}  # a live figure may be NaN mid-step
+        storage.write_text(storage.join(self.output, PROGRESS), dumps(payload))
 
 
 # Names of the counts / metrics each stage puts in its manifest. The CLI's summary table, the operator's status and
@@ -431,3 +472,37 @@ class ManifestKeys:
     EFFECTIVE_BATCH = "effective_batch_size"
     PROCESSES = "processes"
     RESUMED_FROM_STEP = "resumed_from_step"
+
+
+class Ledger:
+    """What a stage spent, counted by the stage into its manifest's `ledger` and summed per iteration and per run by
+    the planner's readers. Only these keys are allowed (the manifest and the status that copies it stay bounded)."""
+
+    GOLD_LABELS = "gold_labels"  # gold (human-labelled) pairs read: seed and held-out sets
+    PROMPTS = "prompts"  # prompts answered
+    ANSWERS_GENERATED = "answers_generated"
+    TOKENS_GENERATED = "tokens_generated"
+    PAIRS_JUDGED = "pairs_judged"  # pairs the judge produced
+    TOKENS_SCORED = "tokens_scored"  # prompt+answer tokens through the judge's (or evaluation's) forward passes
+    PAIRS_TRAINED = "pairs_trained"  # pair-epochs: pairs seen by training, each epoch counted
+    TOKENS_TRAINED = "tokens_trained"  # prompt+answer tokens of the pairs trained on, each epoch counted
+    ACCELERATOR_SECONDS = "accelerator_seconds"  # requested GPUs x wall time of the stage's pods
+    CPU_SECONDS = "cpu_seconds"  # CPU time the stage's processes used (requested CPUs x wall time on a cluster)
+    BYTES_READ = "bytes_read"  # from storage (models and data downloaded, inputs read)
+    BYTES_WRITTEN = "bytes_written"  # to storage (the published outputs)
+    JUDGE_CALLS = "judge_calls"  # requests to the win-rate judge endpoint
+    JUDGE_PROMPT_TOKENS = "judge_prompt_tokens"
+    JUDGE_COMPLETION_TOKENS = "judge_completion_tokens"
+
+    KEYS: ClassVar[tuple[str, ...]] = (
+        GOLD_LABELS, PROMPTS, ANSWERS_GENERATED, TOKENS_GENERATED, PAIRS_JUDGED, TOKENS_SCORED, PAIRS_TRAINED,
+        TOKENS_TRAINED, ACCELERATOR_SECONDS, CPU_SECONDS, BYTES_READ, BYTES_WRITTEN, JUDGE_CALLS,
+        JUDGE_PROMPT_TOKENS, JUDGE_COMPLETION_TOKENS)
+
+
+def check_ledger(ledger: dict[str, float], what: str) -> None:
+    """A ledger holds known keys only, each a finite number >= 0 (a bug otherwise: the stage's own counting)."""
+    unknown = sorted(set(ledger) - set(Ledger.KEYS))
+    negative = sorted(k for k, v in ledger.items() if isinstance(v, int | float) and v < 0)
+    if unknown or negative:
+        raise ValueError(f"{what}: ledger entries {unknown or negative} are {'unknown' if unknown else 'negative'}")

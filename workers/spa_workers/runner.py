@@ -31,10 +31,18 @@ class StageWork:
     counts: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    ledger: dict[str, float] = field(default_factory=dict)  # what the stage spent (`contract.Ledger` keys)
+    ledger_estimated: set[str] = field(default_factory=set)  # ledger keys that are estimates, not counts
     is_main: bool = True  # False on the non-main ranks of a multi-process run: their `dir` is not published
     # Run (by the main process) after the manifest is written, e.g. to delete training checkpoints.
     after_manifest: list[Callable[[], None]] = field(default_factory=list)
     _heartbeat: contract.Heartbeat | None = None
+
+    def spend(self, key: str, amount: float, estimated: bool = False) -> None:
+        """Add to the stage's ledger (see `contract.Ledger`); `estimated` marks the entry as not counted."""
+        self.ledger[key] = self.ledger.get(key, 0) + amount
+        if estimated:
+            self.ledger_estimated.add(key)
 
     def progress(self, done: int, total: int, unit: str = "items", force: bool = False, **extra: float) -> None:
         if not self.is_main:
@@ -134,6 +142,11 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
         body(work)
         if dist is not None:
             dist.wait_for_everyone()
+        # Finite numbers only, checked before anything is published: a NaN loss or reward is a diverged model,
+        # not a result (and no reader could pass it on: a Kubernetes API server refuses NaN in a status).
+        contract.require_finite({"counts": work.counts, "metrics": work.metrics, "timings": work.timings,
+                                 "ledger": work.ledger}, f"{args.stage}: {out}")
+        contract.check_ledger(work.ledger, f"{args.stage}: {out}")
         files = {}
         for rel in storage.list_files(workdir):
             files[rel] = contract.file_digest(os.path.join(workdir, rel))
@@ -146,7 +159,8 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
         work.timings["wall_s"] = time.time() - t0
         manifest = StageManifest(stage=args.stage, files=files, counts=work.counts, metrics=work.metrics,
                                  timings=work.timings, args=args.to_argv(), versions=contract.versions(),
-                                 fingerprint=fp, fingerprint_of=of)
+                                 fingerprint=fp, fingerprint_of=of, ledger=work.ledger,
+                                 ledger_estimated=sorted(work.ledger_estimated))
         storage.write_text(storage.join(out, contract.MANIFEST), manifest.to_json())
         for hook in work.after_manifest:
             try:

@@ -8,13 +8,14 @@ ready one from the stage's arguments (DPOConfig, LoRA, reference model, the per-
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from spa_workers import checkpoints, launch, modeling
-from spa_workers.contract import TrainArgs
+from spa_workers.contract import StageInputError, TrainArgs
 
 # Linear LR warm-up over this fraction of the steps, then cosine decay: the alignment-handbook recipe that the
 # official SPA code trains with.
@@ -224,6 +225,14 @@ def trainer_class():
                     scores=torch.cat([m["scores"] for m in micro]).tolist(),
                 )
             rec["margins"] = margins.tolist()
+            # A diverged step ends the stage now (exit 2, naming the step), not after hours of training on NaN
+            # weights; every rank sees the same gathered figures, so all stop together.
+            if not (math.isfinite(rec["loss"]) and math.isfinite(rec["margin_mean"])):
+                raise StageInputError(
+                    f"the DPO loss is {rec['loss']} (mean margin "
+                    f"{rec['margin_mean']}) at optimizer step {rec['step']}: training diverged; lower the learning "
+                    "rate or check the model and pairs"
+                )
             self.step_log.append(rec)
             return rec
 
