@@ -1,6 +1,8 @@
-"""The decision core's inputs and output: what was observed about one run (`Observed`, with its Job, pod and
-Workload views and the operator `Settings` decisions depend on) and what to do (`Decision`). Plain frozen data;
-`reconcile.decide` maps one to the other and `observe` builds the views from the API objects."""
+"""The decision core's vocabulary: what was observed about one run (`Observed`, with its Job, pod and Workload views
+and the operator `Settings` decisions depend on), what the decision concluded (`Outcome`), and what to do
+(`Decision`, with the `Event`s and `MetricValues` of the new status). Plain frozen data, importing nothing of the
+operator but the planner: `reconcile.decide` maps observations to an outcome and actions, `status.render` turns the
+outcome into the new status in one pass, `observe` builds the views from the API objects."""
 
 from __future__ import annotations
 
@@ -11,7 +13,12 @@ from typing import Any
 from spa_workers.contract import StageManifest
 
 from spa_operator.planner import PlannedStage
-from spa_operator.status import Event, MetricValues
+
+PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
+PHASES = (PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED)
+QUEUED = "queued"  # the waiting reason of a Job Kueue has not admitted yet
+# An active Job without any pod this long after its creation: the pod was refused (Pod Security admission, quota).
+NO_POD = "NoPodCreated"
 
 # ------------------------------------------------------------------------------------------------- observations
 
@@ -24,9 +31,10 @@ class PodView:
     job: str
     stage_key: str
     attempt: int
-    live: bool  # not Succeeded/Failed: it may still write to storage
+    live: bool  # not Succeeded/Failed (terminating ones included): it may still write to storage
     waiting: str = ""  # why it does not run: a container waiting reason or the PodScheduled reason; "" if running
     since: float = 0.0  # wall clock (Unix s) the pod was created
+    terminating: bool = False  # has a deletionTimestamp: deleted, but its containers may still run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +105,43 @@ class Observed:
 
 
 # ------------------------------------------------------------------------------------------------------ decisions
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What `reconcile.decide` concluded about a run, before any status is written: `status.render` derives the
+    complete new status, its Events and its metric values from it (and from the observed status) in one pass."""
+
+    phase: str
+    # stage key -> the stage's new status record, for the stages started so far; None: the observed ones stay
+    records: Mapping[str, Mapping[str, Any]] | None = None
+    keep: bool = False  # a finished run: its status stays as observed
+    failure: tuple[str, str] | None = None  # (Failed condition reason, message) of a failed run
+    final_model: str | None = None  # the model a succeeded run published
+    reason: str = ""  # the planner's word: why the run ended, or what it waits for
+    waiting: Mapping[str, tuple[str, float]] = dataclasses.field(default_factory=dict)  # stage -> (why, since)
+    orphans: Sequence[str] = ()  # stages whose next attempt waits for pods of an earlier one to stop
+    blocked: str | None = None  # why no Job can be created now (API refusal, storage, Secret)
+    note: str | None = None  # the message of a suspended or resuming run
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricValues:
+    phase: str
+    iteration: int | None
+    progress: float | None
+    running: Mapping[tuple[str, str], float]  # (iteration, stage) -> start time of each running stage
+    quality: Mapping[tuple[str, str], float]  # (iteration, metric key) -> value, for succeeded stages
+    outcomes: Sequence[tuple[str, str]] = ()  # (stage, outcome) of attempts that finished in this decision
+    durations: Sequence[tuple[str, float]] = ()  # (stage, seconds) of stages that succeeded in this decision
+
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The operator's Prometheus metrics. Values come from the decision core (`reconcile.MetricValues`), which derives
+"""The operator's Prometheus metrics. Values come from the decision core (`core_types.MetricValues`), which derives
 them from a run's status alone, so a restarted operator exports finished runs again (their alerts do not resolve)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from spa_workers.contract import ManifestKeys as K
 
-from spa_operator.status import PHASES, MetricValues
+from spa_operator.core_types import PHASES, MetricValues
 
 # evaluate's win-rate figures: manifest key -> (gauge name, help)
 WIN_RATE_GAUGES = {

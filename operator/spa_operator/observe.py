@@ -73,9 +73,11 @@ def pod_view(body: Any) -> PodView:
         if sched.get("status") == "False":
             waiting = sched.get("reason") or "Unschedulable"
     stage_key = (meta.get("annotations") or {}).get(jobs.ANNOTATION_STAGE_KEY, "")
+    # A pod with a deletionTimestamp is still live until its phase says it ended: on a node cut off from the API
+    # server its containers run on (and write to storage) for as long as the node is away.
     return PodView(meta.get("name", ""), labels.get("job-name", ""), stage_key, _int(labels.get(jobs.LABEL_ATTEMPT)),
-                   phase not in ("Succeeded", "Failed") and not meta.get("deletionTimestamp"), waiting,
-                   parse_iso(meta.get("creationTimestamp")) or 0.0)
+                   phase not in ("Succeeded", "Failed"), waiting, parse_iso(meta.get("creationTimestamp")) or 0.0,
+                   bool(meta.get("deletionTimestamp")))
 
 
 def workload_view(body: Any, run_uid: str) -> WorkloadView:

@@ -8,13 +8,15 @@ the observations every time; the kopf layer patches the difference to the status
 status field is repaired on the next reconcile.
 
 The stage schedule itself comes from `planner.plan_next_stage`; this module turns the cluster into its
-`StageResult`s and its answer into actions. The status's conditions, message and position, the Events of a
-transition and the metric values are computed in `status`.
+`StageResult`s and its answer into actions and an `Outcome` (the run's phase, its stage records, what it waits for).
+Deciding comes first; `status.render` then derives the status, its conditions, message and position, the Events of
+the transition and the metric values from the outcome, once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,9 +24,8 @@ from spa_workers import contract
 from spa_workers.contract import ManifestKeys as K
 from spa_workers.contract import StageManifest
 
-from spa_operator.core_types import Create, Decision, JobView, Observed, PodView, Settings, WorkloadView
-from spa_operator.planner import Action, PlannedStage, StageResult, StageState, plan_next_stage
-from spa_operator.status import (
+from spa_operator import status as rendering
+from spa_operator.core_types import (
     FAILED,
     NO_POD,
     PENDING,
@@ -32,18 +33,23 @@ from spa_operator.status import (
     RUNNING,
     SUCCEEDED,
     SUSPENDED,
-    conditions,
-    iso,
-    metric_values,
-    position,
-    status_message,
-    terminal,
-    transitions,
+    Create,
+    Decision,
+    JobView,
+    Observed,
+    Outcome,
+    PodView,
+    Settings,
+    WorkloadView,
 )
+from spa_operator.jobs import images_of, job_name
+from spa_operator.planner import Action, PlannedStage, StageResult, StageState, plan_next_stage
+from spa_operator.status import iso, terminal
 
 # The core's face: `decide` and the data it maps (defined in core_types).
-__all__ = ["Create", "Decision", "JobView", "Observed", "PodView", "Settings", "WorkloadView", "decide",
-           "job_name_of", "manifests_to_read", "workloads_needed"]
+__all__ = ["FAILED", "PENDING", "RUNNING", "SUCCEEDED", "SUSPENDED", "Create", "Decision", "JobView", "Observed",
+           "PodView", "Settings", "WorkloadView", "decide", "iso", "job_name_of", "manifests_to_read", "terminal",
+           "workloads_needed"]
 
 STAGE_METRICS = (K.PAIRS, K.DROPPED_IDENTICAL, K.DROPPED_EMPTY, K.RESPONSES, K.REWARD_GAP, K.CONFIDENCE, K.LOSS,
                  K.REWARD_ACCURACY, K.REFINED_FRACTION, K.HELDOUT_AGREEMENT, K.TOKENS_PER_S, "wall_s",
@@ -65,13 +71,14 @@ def stage_outputs(stage: PlannedStage) -> dict[str, str]:
 
 def compact_metrics(manifests: Sequence[StageManifest]) -> dict[str, float]:
     """The stage's headline numbers over its shards: counts add up, the wall time is the slowest shard's, rates and
-    means are the last shard's (compact, not exact)."""
+    means are the last shard's (compact, not exact). A non-finite figure is left out: the API server refuses a
+    status holding one (400), which would freeze the run's status."""
     out: dict[str, float] = {}
     for m in manifests:
         merged = {**m.counts, **m.metrics, "wall_s": m.timings.get("wall_s", 0.0)}
         for k in STAGE_METRICS:
             v = merged.get(k)
-            if isinstance(v, int | float) and not isinstance(v, bool):
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
                 out[k] = out.get(k, 0) + v if k in SUMMED else max(out.get(k, v), v) if k == "wall_s" else v
     return {k: round(float(v), 6) for k, v in out.items()}
 
@@ -227,20 +234,17 @@ def _succeed(obs: Observed, stage: PlannedStage, rec: dict[str, Any], manifests:
 
 
 def decide(obs: Observed) -> Decision:
-    """What to do about one run, given what was observed."""
+    """What to do about one run, given what was observed: the actions and the outcome, then the status rendered
+    from the outcome."""
     old = obs.status
-    phase = old.get("phase")
     if terminal(old):
-        status = dict(old)
-        if obs.generation is not None:
-            status["observedGeneration"] = obs.generation
-        return Decision(status, metrics=metric_values(status))
+        return _decision(obs, Outcome(str(old.get("phase")), keep=True))
     if obs.spec_violation:
-        return _failed(obs, dict(old), "SpecImmutable", obs.spec_violation, _records(obs))
+        return _failed(obs, "SpecImmutable", obs.spec_violation, _records(obs))
     if obs.spec_error is not None or obs.spec is None:
-        if phase == FAILED and old.get("observedGeneration") == obs.generation:
-            return Decision(dict(old), metrics=metric_values(old))
-        return _failed(obs, dict(old), "InvalidSpec", obs.spec_error or "invalid spec", {})
+        if old.get("phase") == FAILED and old.get("observedGeneration") == obs.generation:
+            return _decision(obs, Outcome(FAILED, keep=True))
+        return _failed(obs, "InvalidSpec", obs.spec_error or "invalid spec", {})
     spec = obs.spec
     by_key = {s.key: s for s in obs.graph}
     views = _views_by_stage(obs)
@@ -264,13 +268,11 @@ def decide(obs: Observed) -> Decision:
     delete_jobs = tuple(r.timed_out for r in readings.values() if r.timed_out)
     image_problem = _image_problem(obs)
     if image_problem:
-        return _failed(obs, dict(old), "ImageNotAllowed", image_problem, records)
+        return _failed(obs, "ImageNotAllowed", image_problem, records)
 
     plan = plan_next_stage(spec, obs.root, results, obs.graph or None)
-    status: dict[str, Any] = {k: v for k, v in old.items() if k in ("startTime",)}
-    status.update(storagePrefix=obs.root, observedGeneration=obs.generation)
     if plan.action is Action.FAILED:
-        return _failed(obs, dict(old), "StageFailed", plan.reason, records, delete_jobs=delete_jobs,
+        return _failed(obs, "StageFailed", plan.reason, records, delete_jobs=delete_jobs,
                        failed_stage=plan.failed_stage)
 
     create: list[Create] = []
@@ -280,11 +282,13 @@ def decide(obs: Observed) -> Decision:
     if plan.action is Action.START and not spec.suspend:
         for todo in plan.start:
             # Two attempts of a stage never run at once: pods of an earlier attempt (a Job deleted without
-            # propagation leaves them running) must be gone before the next one starts.
+            # propagation leaves them running; a terminating pod may still write) must be gone before the next one
+            # starts.
             left = [p for p in obs.pods if p.stage_key == todo.stage.key and p.live and p.attempt < todo.attempt]
             if left:
                 orphans.append(todo.stage.key)
-                delete_pods += [p.name for p in left if not any(v.name == p.job for v in obs.jobs)]
+                delete_pods += [p.name for p in left if not p.terminating
+                                and not any(v.name == p.job for v in obs.jobs)]
                 continue
             if blocked:
                 continue
@@ -306,50 +310,46 @@ def decide(obs: Observed) -> Decision:
     activate: tuple[str, ...] = ()
     active_views = [_latest(views.get(k, [])) for k in running]
     live_jobs = {v.name for v in active_views if v is not None and v.state in ("active", "suspended")}
+    note = None
     if plan.action is Action.DONE:
-        status["phase"] = SUCCEEDED
-        status["outputs"] = {"model": plan.final_model}
-        status["progress"] = 1.0
-        status["completionTime"] = old.get("completionTime") or iso(obs.now)
-        message = f"final model: {plan.final_model}" + (f" ({plan.reason})" if plan.reason else "")
+        phase = SUCCEEDED
     elif spec.suspend:
-        status["phase"] = SUSPENDED
-        message = "suspended"
+        phase, note = SUSPENDED, "suspended"
         if spec.queue_name:
             # Kueue owns a queued Job's spec.suspend (it unsuspends the Job again on admission): the Job is paused
             # through its Workload instead; deactivated, Kueue evicts it (suspends the Job) and keeps it unadmitted.
             deactivate = tuple(w.name for w in obs.workloads if w.job in live_jobs and w.active)
             if obs.workload_problem and live_jobs:
-                message = f"suspended; running Jobs cannot be paused: {obs.workload_problem}"
+                note = f"suspended; running Jobs cannot be paused: {obs.workload_problem}"
         else:
             suspend_jobs = tuple(v.name for v in active_views if v is not None and v.state == "active")
     elif spec.queue_name and any(w.paused and not w.active for w in obs.workloads):
         # Resuming: the run stays Suspended until every Workload it paused is active again (Kueue then queues and
         # admits it), so a failed patch is tried again rather than forgotten.
-        status["phase"] = SUSPENDED
+        phase = SUSPENDED
         activate = tuple(w.name for w in obs.workloads if w.paused and not w.active)
-        message = f"resuming: reactivating Kueue Workloads {', '.join(activate)}"
+        note = f"resuming: reactivating Kueue Workloads {', '.join(activate)}"
     else:
-        status["phase"] = RUNNING if records else PENDING
-        if phase == SUSPENDED and not spec.queue_name:
+        phase = RUNNING if records else PENDING
+        if old.get("phase") == SUSPENDED and not spec.queue_name:
             resume_jobs = tuple(v.name for v in active_views if v is not None and v.state == "suspended")
-        message = status_message(running, waiting, orphans, blocked, plan.reason)
-    status["stages"] = [records[s.key] for s in obs.graph if s.key in records]
-    position(obs, status, records, plan.action is Action.DONE)
-    status["message"] = message
-    if status["phase"] in (RUNNING, SUSPENDED) and "startTime" not in status and records:
-        status["startTime"] = iso(obs.now)
-    status["conditions"] = conditions(obs, status, waiting, blocked, plan.reason)
-    events, outcomes, durations = transitions(obs, old, status, by_key)
-    requeue = _requeue(obs, status, readings)
+    outcome = Outcome(phase, records, final_model=plan.final_model if plan.action is Action.DONE else None,
+                      reason=plan.reason, waiting=waiting, orphans=tuple(orphans), blocked=blocked, note=note)
+    requeue = _requeue(obs, readings)
     if create:  # its Job's ADDED event wakes no reconcile (nothing new): look for its pod when that is due
         requeue = min(requeue if requeue is not None else NO_POD_GRACE_S + 0.1, NO_POD_GRACE_S + 0.1)
     if activate:  # nothing wakes the run when a Workload changes: look again soon
         requeue = min(requeue if requeue is not None else RESUME_CHECK_S, RESUME_CHECK_S)
-    return Decision(status, tuple(create), delete_jobs, tuple(delete_pods), suspend_jobs, resume_jobs,
-                    deactivate_workloads=deactivate, activate_workloads=activate, events=events,
-                    metrics=dataclasses.replace(metric_values(status), outcomes=outcomes, durations=durations),
-                    requeue_s=requeue, transition=bool(create) and any(v.finished_at for v in obs.jobs))
+    return _decision(obs, outcome, create=tuple(create), delete_jobs=delete_jobs, delete_pods=tuple(delete_pods),
+                     suspend_jobs=suspend_jobs, resume_jobs=resume_jobs, deactivate_workloads=deactivate,
+                     activate_workloads=activate, requeue_s=requeue,
+                     transition=bool(create) and any(v.finished_at for v in obs.jobs))
+
+
+def _decision(obs: Observed, outcome: Outcome, **actions: Any) -> Decision:
+    """The actions decided, with the status (its Events and metric values) rendered from the outcome."""
+    status, events, metrics = rendering.render(obs, outcome)
+    return Decision(status, events=events, metrics=metrics, **actions)
 
 
 def workloads_needed(spec: Any, status: Mapping[str, Any]) -> bool:
@@ -359,51 +359,32 @@ def workloads_needed(spec: Any, status: Mapping[str, Any]) -> bool:
 
 
 def job_name_of(obs: Observed, stage: PlannedStage, attempt: int) -> str:
-    from spa_operator.jobs import job_name  # jobs imports the planner; the name rule lives with the Job
-
     return job_name(obs.name, stage.iteration, stage.stage, attempt)
-
 
 
 def _image_problem(obs: Observed) -> str | None:
     allowed = obs.settings.allowed_images
     if not allowed or obs.spec is None:
         return None
-    from spa_operator.jobs import images_of  # jobs imports the planner
-
     for field, image in images_of(obs.spec):
         if not any(image.startswith(prefix) for prefix in allowed):
             return f"{field}: image {image} is not allowed here (allowed: {', '.join(allowed)})"
     return None
 
 
-
-
-
-def _failed(obs: Observed, old: dict[str, Any], reason: str, message: str, records: dict[str, dict[str, Any]],
+def _failed(obs: Observed, reason: str, message: str, records: dict[str, dict[str, Any]],
             delete_jobs: tuple[str, ...] = (), failed_stage: str | None = None) -> Decision:
-    status = {k: v for k, v in old.items() if k in ("startTime", "storagePrefix", "iteration", "stage", "progress",
-                                                    "completionTime")}
-    if records:
-        for key, rec in records.items():  # a failed run lists no stage as running
-            if rec.get("state") == RUNNING:
-                rec.update(state=FAILED, reason="the run failed" if key != failed_stage else rec.get("reason", ""))
-        status["stages"] = [records[s.key] for s in obs.graph if s.key in records]
-    elif "stages" in old:
-        status["stages"] = old["stages"]
-    status.update(phase=FAILED, message=message[:1000], observedGeneration=obs.generation)
-    status["completionTime"] = old.get("completionTime") or iso(obs.now)
-    status["conditions"] = conditions(obs, status, {}, None, "", failed=(reason, message[:1000]))
-    events, outcomes, durations = transitions(obs, obs.status, status, {s.key: s for s in obs.graph})
+    for key, rec in records.items():  # a failed run lists no stage as running
+        if rec.get("state") == RUNNING:
+            rec.update(state=FAILED, reason="the run failed" if key != failed_stage else rec.get("reason", ""))
     # Jobs still running when the run fails are stopped: their results can no longer be used.
     views = _views_by_stage(obs)
     active = tuple(v.name for vs in views.values() for v in vs if v.state in ("active", "suspended"))
-    return Decision(status, delete_jobs=tuple(dict.fromkeys((*delete_jobs, *active))), events=events,
-                    metrics=dataclasses.replace(metric_values(status), outcomes=outcomes, durations=durations))
+    return _decision(obs, Outcome(FAILED, records or None, failure=(reason, message)),
+                     delete_jobs=tuple(dict.fromkeys((*delete_jobs, *active))))
 
 
-
-def _requeue(obs: Observed, status: Mapping[str, Any], readings: Mapping[str, _Stage]) -> float | None:
+def _requeue(obs: Observed, readings: Mapping[str, _Stage]) -> float | None:
     """When to look again unprompted: a pending timeout to check, or None (the kopf layer's timers apply)."""
     due = []
     for r in readings.values():
@@ -418,6 +399,3 @@ def _requeue(obs: Observed, status: Mapping[str, Any], readings: Mapping[str, _S
             if job is not None and not any(p.job == job.name for p in obs.pods):
                 due.append(max(job.created + NO_POD_GRACE_S - obs.now, 0.0) + 0.1)
     return min(due) if due else None
-
-
-

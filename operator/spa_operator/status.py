@@ -1,50 +1,91 @@
-"""A run's status as the decision core writes it: phases, conditions, the message, the current position, the Events
-of each transition between two statuses, and the metric values a status implies. Pure: `reconcile.decide` calls
-these with what it observed and decided.
+"""A run's status, rendered from what the decision concluded (`core_types.Outcome`) in one pass: phase, stage
+records, position, message, conditions, the Events of the transition from the observed status, and the metric values
+the new status implies. Pure: `reconcile.decide` decides first, then calls `render` once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from spa_workers import contract
 from spa_workers.contract import ManifestKeys as K
 
+from spa_operator.core_types import (
+    FAILED,
+    NO_POD,
+    PENDING,
+    PHASES,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    SUSPENDED,
+    Event,
+    MetricValues,
+    Observed,
+    Outcome,
+)
 from spa_operator.jobs import failed_by_bad_input
 from spa_operator.planner import PlannedStage
 
-if TYPE_CHECKING:
-    from spa_operator.core_types import Observed
+__all__ = ["FAILED", "PENDING", "PHASES", "RUNNING", "SUCCEEDED", "SUSPENDED", "Rendered", "iso", "merge_patch",
+           "metric_values", "parse_iso", "render", "terminal"]
 
-PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
-PHASES = (PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED)
 QUALITY_KEYS = (K.PAIRS, K.REWARD_GAP, K.REFINED_FRACTION, K.LOSS, K.REWARD_ACCURACY, K.HELDOUT_AGREEMENT,
                 K.WIN_RATE, K.WIN_RATE_SE, K.LC_WIN_RATE, K.LC_WIN_RATE_SE, K.JUDGE_FAILED)
 CONDITION_ORDER = ("Ready", "Progressing", "Failed", "Suspended", "StorageReachable")
-QUEUED = "queued"  # the waiting reason of a Job Kueue has not admitted yet
-# An active Job without any pod this long after its creation: the pod was refused (Pod Security admission, quota).
-NO_POD = "NoPodCreated"
+# Fields a failed run's status keeps from the observed one.
+KEPT_WHEN_FAILED = ("startTime", "storagePrefix", "iteration", "stage", "progress", "completionTime")
 
 
-@dataclasses.dataclass(frozen=True)
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
+class Rendered(NamedTuple):
+    status: dict[str, Any]
+    events: tuple[Event, ...]
+    metrics: MetricValues
 
 
-@dataclasses.dataclass(frozen=True)
-class MetricValues:
-    phase: str
-    iteration: int | None
-    progress: float | None
-    running: Mapping[tuple[str, str], float]  # (iteration, stage) -> start time of each running stage
-    quality: Mapping[tuple[str, str], float]  # (iteration, metric key) -> value, for succeeded stages
-    outcomes: Sequence[tuple[str, str]] = ()  # (stage, outcome) of attempts that finished in this decision
-    durations: Sequence[tuple[str, float]] = ()  # (stage, seconds) of stages that succeeded in this decision
+def render(obs: Observed, outcome: Outcome) -> Rendered:
+    """The run's complete new status from the decision's outcome, with the Events and metric values of the change."""
+    old = obs.status
+    if outcome.keep:
+        status = dict(old)
+        if obs.generation is not None:
+            status["observedGeneration"] = obs.generation
+        return Rendered(status, (), metric_values(status))
+    by_key = {s.key: s for s in obs.graph}
+    records = outcome.records or {}
+    if outcome.failure is not None:
+        status = {k: v for k, v in old.items() if k in KEPT_WHEN_FAILED}
+        if outcome.records:
+            status["stages"] = [dict(records[s.key]) for s in obs.graph if s.key in records]
+        elif "stages" in old:
+            status["stages"] = old["stages"]
+        reason, message = outcome.failure[0], outcome.failure[1][:1000]
+        status.update(phase=FAILED, message=message, observedGeneration=obs.generation)
+        status["completionTime"] = old.get("completionTime") or iso(obs.now)
+        status["conditions"] = _conditions(obs, status, outcome, failed=(reason, message))
+    else:
+        status = {k: v for k, v in old.items() if k in ("startTime",)}
+        status.update(storagePrefix=obs.root, observedGeneration=obs.generation, phase=outcome.phase)
+        done = outcome.phase == SUCCEEDED
+        if done:
+            status["outputs"] = {"model": outcome.final_model}
+            status["progress"] = 1.0
+            status["completionTime"] = old.get("completionTime") or iso(obs.now)
+        status["stages"] = [dict(records[s.key]) for s in obs.graph if s.key in records]
+        _position(obs, status, records, done)
+        status["message"] = _message(outcome, records, by_key)
+        if outcome.phase in (RUNNING, SUSPENDED) and "startTime" not in status and records:
+            status["startTime"] = iso(obs.now)
+        status["conditions"] = _conditions(obs, status, outcome)
+    events, outcomes, durations = _transitions(obs, old, status, by_key)
+    return Rendered(status, events, dataclasses.replace(metric_values(status), outcomes=outcomes, durations=durations))
+
+
+# ---------------------------------------------------------------------------------------------- reading a status
 
 
 def iso(t: float) -> str:
@@ -67,24 +108,29 @@ def terminal(status: Mapping[str, Any]) -> bool:
     return status.get("phase") == SUCCEEDED or (status.get("phase") == FAILED and failed.get("reason") != "InvalidSpec")
 
 
-def status_message(running: list[str], waiting: Mapping[str, tuple[str, float]], orphans: list[str],
-                   blocked: str | None, reason: str) -> str:
+def _message(outcome: Outcome, records: Mapping[str, Mapping[str, Any]], by_key: Mapping[str, PlannedStage]) -> str:
+    if outcome.phase == SUCCEEDED:
+        return f"final model: {outcome.final_model}" + (f" ({outcome.reason})" if outcome.reason else "")
+    if outcome.note is not None:
+        return outcome.note
     parts = []
-    if orphans:
-        parts.append(f"waiting for pods of an earlier attempt of {', '.join(orphans)} to stop")
-    if blocked:
-        parts.append(f"waiting: {blocked}")
+    if outcome.orphans:
+        parts.append(f"waiting for pods of an earlier attempt of {', '.join(outcome.orphans)} to stop")
+    if outcome.blocked:
+        parts.append(f"waiting: {outcome.blocked}")
+    waiting = outcome.waiting
     if waiting:
         parts.append("; ".join(f"{k}: {w[0]}" if w[0] == QUEUED else
                                f"{k}: no pod created (refused by admission or quota? see the Job's Events)"
                                if w[0] == NO_POD else f"{k}: pod waiting: {w[0]}" for k, w in waiting.items()))
-    rest = [k for k in running if k not in waiting]
+    rest = [k for k in by_key if (records.get(k) or {}).get("state") == RUNNING and k not in waiting]
     if rest:
         parts.append(f"running {', '.join(rest)}")
+    reason = outcome.reason
     return "; ".join(parts) if parts else ("" if reason == "waiting for running stages" else reason)
 
 
-def position(obs: Observed, status: dict[str, Any], records: Mapping[str, Mapping[str, Any]], done: bool) -> None:
+def _position(obs: Observed, status: dict[str, Any], records: Mapping[str, Mapping[str, Any]], done: bool) -> None:
     """status.iteration/stage/progress: the latest running stage (else the latest started); the last when done."""
     old = obs.status
     if done:
@@ -100,16 +146,17 @@ def position(obs: Observed, status: dict[str, Any], records: Mapping[str, Mappin
     status["iteration"], status["stage"] = current.iteration, current.stage
     same = old.get("iteration") == current.iteration and old.get("stage") == current.stage
     progress = float(old.get("progress", 0.0) or 0.0) if same else 0.0
-    if obs.progress is not None and obs.progress[0] == current.key:
-        progress = obs.progress[1]
+    if obs.progress is not None and obs.progress[0] == current.key and math.isfinite(obs.progress[1]):
+        progress = obs.progress[1]  # a NaN heartbeat must not reach the status: the API server refuses it
     if (records.get(current.key) or {}).get("state") == SUCCEEDED:
         progress = 1.0
     status["progress"] = round(min(max(progress, 0.0), 1.0), 3)  # a heartbeat above 1 must not void the patch
 
 
-def conditions(obs: Observed, status: Mapping[str, Any], waiting: Mapping[str, tuple[str, float]],
-               blocked: str | None, reason: str, failed: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+def _conditions(obs: Observed, status: Mapping[str, Any], outcome: Outcome,
+                failed: tuple[str, str] | None = None) -> list[dict[str, Any]]:
     phase = status.get("phase", PENDING)
+    waiting, blocked, reason = outcome.waiting, outcome.blocked, outcome.reason
     prev = {c.get("type"): c for c in obs.status.get("conditions") or [] if isinstance(c, Mapping)}
     conds: dict[str, dict[str, Any]] = {}
 
@@ -154,7 +201,7 @@ def conditions(obs: Observed, status: Mapping[str, Any], waiting: Mapping[str, t
     return [conds[t] for t in CONDITION_ORDER if t in conds]
 
 
-def transitions(obs: Observed, old: Mapping[str, Any], new: Mapping[str, Any], by_key: Mapping[str, PlannedStage]
+def _transitions(obs: Observed, old: Mapping[str, Any], new: Mapping[str, Any], by_key: Mapping[str, PlannedStage]
                  ) -> tuple[tuple[Event, ...], tuple[tuple[str, str], ...], tuple[tuple[str, float], ...]]:
     """Events and counter increments for what changed between the observed status and the new one."""
     before = {r.get("name"): r for r in old.get("stages") or [] if isinstance(r, Mapping)}

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import kubernetes_validate
 from prometheus_client import generate_latest
-from spa_operator import jobs, kube, reconcile
+from spa_operator import jobs, kube
+from spa_operator.status import metric_values
 
 
 def _series(metrics: kube.Metrics, name: str) -> dict[tuple, float]:
@@ -15,7 +16,7 @@ def _series(metrics: kube.Metrics, name: str) -> dict[tuple, float]:
 
 def test_running_stage_gauge_follows_status():
     m = kube.Metrics()
-    export = lambda st: m.export("ns", "r", reconcile.metric_values(st))  # noqa: E731
+    export = lambda st: m.export("ns", "r", metric_values(st))  # noqa: E731
     status = {"phase": "Running", "iteration": 1, "stage": "judge", "progress": 0.5, "stages": [
         {"name": "iter-01/generate", "iteration": 1, "stage": "generate", "state": "Succeeded",
          "startTime": "2026-01-01T00:00:00Z"},
