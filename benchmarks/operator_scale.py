@@ -7,10 +7,16 @@ the operator reads through a RunStore; S3 latency is not part of what is measure
 Measured:
 - Job finished (harness wrote Complete) -> next Job of the run created (harness sees it on its watch): p50, p99, max;
 - API writes by the operator per transition (Jobs created, status patches, Events, kopf's finalizer patch);
-- operator RSS (peak), wall time for all runs to reach Succeeded.
+- operator RSS (peak), wall time for all runs to reach Succeeded;
+- with --namespaces N, runs spread over N watched namespaces, and the latency of the operator's Job creates (its
+  `KubeApi.create` calls, waits for a pooled connection included) while all their watches are open.
 
     python benchmarks/operator_scale.py --runs 100 300 1000
 writes benchmarks/results/operator_scale.md (and prints the table).
+
+    python benchmarks/operator_scale.py --ab /tmp/old --namespaces 100 --pods --runs --paced-runs 1000 --pairs 2
+runs the operator of another checkout (PYTHONPATH=<dir>/operator:<dir>/workers) and this one alternately on the same
+emulator and harness (this tree's), and writes benchmarks/results/operator_scale-ab-ns<N>.md and .jsonl.
 """
 
 from __future__ import annotations
@@ -62,7 +68,13 @@ class DirStore:
         return None
 
 
-def operator_main(server: str, store: str, profile: str | None = None) -> None:
+def namespaces_of(count: int) -> list[str]:
+    return ["bench"] if count <= 1 else [f"bench-{i:03d}" for i in range(count)]
+
+
+def operator_main(server: str, store: str, namespaces: str, creates_log: str, profile: str | None = None) -> None:
+    """The operator process (run under either tree: only what both trees have is used). Its Job creates are timed
+    (a wrapper around KubeApi.create: benchmark instrumentation) and written to `creates_log` when it stops."""
     import logging
 
     from spa_operator import kube
@@ -70,16 +82,31 @@ def operator_main(server: str, store: str, profile: str | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(relativeCreated)d %(name)s %(message)s")
     if os.environ.get("SPA_BENCH_DEBUG"):
         logging.getLogger("spa_operator").setLevel(logging.DEBUG)
-    cfg = kube.Config(namespaces=["bench"], server=server, scanning=False, metrics_port=METRICS_PORT, timer_s=300,
-                      progress_s=3600, retry_s=5, store_factory=lambda run, secret: DirStore(store))
-    if profile:
-        import cProfile
+    timings: list[float] = []
+    create = kube.KubeApi.create
 
-        with cProfile.Profile() as prof:
+    async def timed_create(self: Any, body: dict[str, Any]) -> Any:
+        t0 = time.monotonic()
+        try:
+            return await create(self, body)
+        finally:
+            if body.get("kind") == "Job":
+                timings.append(time.monotonic() - t0)
+
+    kube.KubeApi.create = timed_create  # type: ignore[method-assign]
+    cfg = kube.Config(namespaces=namespaces.split(","), server=server, scanning=False, metrics_port=METRICS_PORT,
+                      timer_s=300, progress_s=3600, retry_s=5, store_factory=lambda run, secret: DirStore(store))
+    try:
+        if profile:
+            import cProfile
+
+            with cProfile.Profile() as prof:
+                asyncio.run(kube.run_operator(cfg))
+            prof.dump_stats(profile)
+        else:
             asyncio.run(kube.run_operator(cfg))
-        prof.dump_stats(profile)
-    else:
-        asyncio.run(kube.run_operator(cfg))
+    finally:
+        Path(creates_log).write_text(json.dumps(timings))
 
 
 # Call counts that say how the operator's work divides per transition: plain functions called once per step
@@ -115,9 +142,9 @@ def profile_report(path: str, transitions: int, top: int = 25) -> str:
     return out.getvalue()
 
 
-def run_doc(i: int) -> dict[str, Any]:
+def run_doc(i: int, namespaces: list[str]) -> dict[str, Any]:
     return {"apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun",
-            "metadata": {"name": f"run-{i:05d}", "namespace": "bench"},
+            "metadata": {"name": f"run-{i:05d}", "namespace": namespaces[i % len(namespaces)]},
             "spec": {"model": {"sft": "s3://models/sft"},
                      "data": {"seed": "s3://data/seed.jsonl", "prompts": "s3://data/p.jsonl"},
                      "iterations": {"count": 1, "promptsPerIteration": 100},
@@ -138,8 +165,9 @@ def rss_kib(pid: int) -> tuple[int, int]:
 
 
 async def bench(n: int, timeout: float, job_seconds: float | None = None, pods: bool = False,
-                profile: str | None = None) -> dict[str, Any]:
-    """One size: n runs; Jobs complete at once (a burst), or after uniform(0.5, 1.5) x job_seconds (paced)."""
+                profile: str | None = None, namespaces: int = 1, tree: str | None = None) -> dict[str, Any]:
+    """One size: n runs; Jobs complete at once (a burst), or after uniform(0.5, 1.5) x job_seconds (paced); over
+    `namespaces` watched namespaces; the operator of checkout `tree` (default: this one)."""
     import random
     import tempfile
 
@@ -162,16 +190,23 @@ async def bench(n: int, timeout: float, job_seconds: float | None = None, pods: 
         harness = Harness(cluster, env={}, instant=True, on_instant=write_manifests, instant_pods=pods,
                           instant_after=None if job_seconds is None else lambda: rng.uniform(0.5, 1.5) * job_seconds)
 
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "workers")])}
-        proc = subprocess.Popen([sys.executable, __file__, "--operator", cluster.url, store, *([profile] if profile
-                                                                                              else [])], env=env)
+        names = namespaces_of(namespaces)
+        for ns in names:
+            await cluster.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                                 "metadata": {"name": ns}})
+        where = Path(tree) if tree else ROOT
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(where / "operator"), str(where / "workers")])}
+        creates_log = os.path.join(store, "creates.json")
+        proc = subprocess.Popen([sys.executable, __file__, "--operator", cluster.url, store, ",".join(names),
+                                 creates_log, *([profile] if profile else [])], env=env)
         try:
             async with harness:
-                await asyncio.sleep(3.0)  # operator start-up
+                await asyncio.sleep(3.0 + namespaces / 20)  # operator start-up (its lists and watches)
                 cpu0, emu_cpu0 = cpu_seconds(proc.pid), cpu_seconds(os.getpid())
                 t0 = time.monotonic()
                 for start in range(0, n, 50):
-                    await asyncio.gather(*(cluster.create_run(run_doc(i)) for i in range(start, min(n, start + 50))))
+                    await asyncio.gather(*(cluster.create_run(run_doc(i, names))
+                                           for i in range(start, min(n, start + 50))))
                 created = time.monotonic() - t0
 
                 def succeeded() -> int:
@@ -209,6 +244,10 @@ async def bench(n: int, timeout: float, job_seconds: float | None = None, pods: 
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        try:
+            creates = sorted(json.loads(Path(creates_log).read_text()))
+        except (OSError, ValueError):
+            creates = []
 
         writes = cluster.writes()
         kinds: dict[str, int] = {}
@@ -226,7 +265,10 @@ async def bench(n: int, timeout: float, job_seconds: float | None = None, pods: 
     lat = sorted(harness.created[b] - harness.finished[a] for chain in chains.values()
                  for a, b in itertools.pairwise(chain) if a in harness.finished)
     q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) >= 2 else [float("nan")] * 99
-    return {"runs": n, "job_s": job_seconds, "succeeded": done, "jobs": jobs, "wall_s": round(wall, 1),
+    cq = statistics.quantiles(creates, n=100, method="inclusive") if len(creates) >= 2 else [float("nan")] * 99
+    return {"runs": n, "job_s": job_seconds, "namespaces": namespaces, "pods": pods, "succeeded": done, "jobs": jobs,
+            "wall_s": round(wall, 1), "job_creates": len(creates),
+            "create_p50_ms": round(cq[49] * 1000, 1), "create_p99_ms": round(cq[98] * 1000, 1),
             "create_s": round(created, 1), "transitions_per_s": round(transitions / wall, 1),
             "emulator_cpu_ms_per_transition": round(1000 * emu_cpu / transitions, 1),
             "p50_ms": round(q[49] * 1000, 1), "p99_ms": round(q[98] * 1000, 1),
@@ -236,7 +278,7 @@ async def bench(n: int, timeout: float, job_seconds: float | None = None, pods: 
             "watch_events_per_transition": {k: round(v / transitions, 2) for k, v in watch_events.items()},
             "operator_mean_ms": round(1000 * op_metrics.get("spa_transition_seconds_sum", float("nan"))
                                       / max(op_metrics.get("spa_transition_seconds_count", 0), 1), 1),
-            "operator_cpu_ms_per_transition": round(1000 * cpu / transitions, 1),
+            "operator_cpu_ms_per_transition": round(1000 * cpu / transitions, 2),
             "rss_mib": round(rss_now / 1024, 1), "rss_peak_mib": round(rss_peak / 1024, 1)}
 
 
@@ -281,7 +323,7 @@ READING = """How to read it:
 
 def main() -> int:
     if len(sys.argv) >= 2 and sys.argv[1] == "--operator":
-        operator_main(*sys.argv[2:5])
+        operator_main(*sys.argv[2:7])
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, nargs="*", default=[100, 300, 1000], help="burst: Jobs complete at once")
@@ -293,15 +335,22 @@ def main() -> int:
                    help="each Job also gets a pod object, and the Job and pod statuses go through the steps a "
                         "cluster writes (pod Pending, Running, Succeeded; Job active, ready, Complete)")
     p.add_argument("--out", default=str(HERE / "results" / "operator_scale.md"))
+    p.add_argument("--namespaces", type=int, default=1, help="spread the runs over this many watched namespaces")
+    p.add_argument("--ab", metavar="DIR", help="alternate the operator of checkout DIR (old) and this one (new), "
+                                               "--pairs times per size, and write operator_scale-ab.md/.jsonl")
+    p.add_argument("--pairs", type=int, default=1)
+    p.add_argument("--old-timeout", type=float, help="--timeout for the old operator (default: --timeout)")
     p.add_argument("--profile", metavar="FILE",
                    help="run the operator under cProfile, write its stats to FILE[.N] (one per size) and print the "
                         "calls per transition and the top functions (the CPU figures then include cProfile's cost)")
     args = p.parse_args()
     results = []
     sizes = [(n, None) for n in args.runs] + [(n, args.job_seconds) for n in args.paced_runs]
+    if args.ab:
+        return ab(args, sizes)
     for i, (n, job_s) in enumerate(sizes):
         profile = None if not args.profile else args.profile if len(sizes) == 1 else f"{args.profile}.{i}"
-        r = asyncio.run(bench(n, args.timeout, job_s, args.pods, profile))
+        r = asyncio.run(bench(n, args.timeout, job_s, args.pods, profile, args.namespaces))
         print(json.dumps(r), flush=True)
         if profile:
             print(profile_report(profile, n * STAGES_PER_RUN), flush=True)
@@ -313,6 +362,46 @@ def main() -> int:
           f"standing in for S3.\n\n`python benchmarks/operator_scale.py {' '.join(sys.argv[1:])}`\n\n" + table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(md)
+    print(md)
+    return 0
+
+
+AB_COLUMNS = (("succeeded", "runs Succeeded"), ("wall_s", "in (s)"),
+              ("operator_cpu_ms_per_transition", "operator CPU / transition (ms)"),
+              ("writes_per_transition", "writes / transition"), ("rss_peak_mib", "RSS peak (MiB)"),
+              ("p50_ms", "finished → next Job p50 (ms)"), ("p99_ms", "p99 (ms)"),
+              ("job_creates", "Job creates answered"), ("create_p50_ms", "Job create p50 (ms)"),
+              ("create_p99_ms", "Job create p99 (ms)"))
+
+
+def ab(args: argparse.Namespace, sizes: list[tuple[int, float | None]]) -> int:
+    """Old and new alternately (old first in odd pairs, new first in even ones), on one machine in one session."""
+    rows = []
+    out = HERE / "results" / f"operator_scale-ab-ns{args.namespaces}.jsonl"
+    for n, job_s in sizes:
+        for pair in range(args.pairs):
+            order = [("old", args.ab), ("new", None)]
+            for label, tree in order if pair % 2 == 0 else order[::-1]:
+                load = os.getloadavg()[0]
+                timeout = args.old_timeout if label == "old" and args.old_timeout else args.timeout
+                r = asyncio.run(bench(n, timeout, job_s, args.pods, None, args.namespaces, tree))
+                r.update(tree=label, pair=pair + 1, load_before=round(load, 1), load_after=round(os.getloadavg()[0], 1),
+                         at=time.strftime("%H:%M"))
+                print(json.dumps(r), flush=True)
+                with out.open("a") as fh:
+                    fh.write(json.dumps(r) + "\n")
+                rows.append(r)
+    head = "| pair | tree | at | load 1-min before → after | " + " | ".join(h for _, h in AB_COLUMNS) + " |\n"
+    head += "| --- " * (4 + len(AB_COLUMNS)) + "|\n"
+    body = "".join(f"| {r['pair']} | {r['tree']} | {r['at']} | {r['load_before']} → {r['load_after']} | "
+                   + " | ".join(str(r[k]) for k, _ in AB_COLUMNS) + " |\n" for r in rows)
+    md = (f"# Operator scale, old vs new (benchmarks/operator_scale.py --ab)\n\n{time.strftime('%Y-%m-%d')}, "
+          f"{os.cpu_count()} CPUs shared with other work (the load averages are in the table), Python "
+          f"{platform.python_version()}; old = the operator of `{args.ab}`, new = this tree; the same emulator, "
+          f"harness and script for both; {args.namespaces} watched namespaces, "
+          f"{'with' if args.pods else 'without'} pods.\n\n"
+          f"`python benchmarks/operator_scale.py {' '.join(sys.argv[1:])}`\n\n" + head + body)
+    (HERE / "results" / f"operator_scale-ab-ns{args.namespaces}.md").write_text(md)
     print(md)
     return 0
 

@@ -38,8 +38,19 @@ class Config:
     # "namespace/name" of a coordination.k8s.io Lease: only the replica holding it acts (see lease.py); None: off.
     lease: str | None = None
     lease_duration_s: float = 15.0  # a holder silent this long is replaced
-    lease_renew_s: float = 5.0  # how often the holder renews (and a candidate looks)
+    lease_renew_s: float = 2.0  # how often the holder renews (and a candidate looks): client-go's RetryPeriod
+    # A holder whose renewal is not confirmed this long after the last one stops acting (client-go's RenewDeadline,
+    # shorter than the duration: it stops before another replica may take over); None: two thirds of the duration.
+    lease_renew_deadline_s: float | None = None
+    # The operator's Job and pod watches: the server ends each after watch_timeout_s (then it is resumed), and one
+    # silent for watch_idle_s (not even a bookmark, which kube-apiserver sends every minute) is taken for dead.
+    watch_timeout_s: int = 300
+    watch_idle_s: float = 70.0
     identity: str = dataclasses.field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
+
+    @property
+    def renew_deadline_s(self) -> float:
+        return self.lease_renew_deadline_s or self.lease_duration_s * 2 / 3
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Config:
@@ -56,7 +67,11 @@ class Config:
                   allowed_images=tuple(i for i in env.get("SPA_ALLOWED_IMAGES", "").split(",") if i.strip()),
                   lease=env.get("SPA_LEASE") or None,
                   lease_duration_s=float(env.get("SPA_LEASE_DURATION_S") or 15),
-                  lease_renew_s=float(env.get("SPA_LEASE_RENEW_S") or 5),
+                  lease_renew_s=float(env.get("SPA_LEASE_RENEW_S") or 2),
+                  lease_renew_deadline_s=float(env["SPA_LEASE_RENEW_DEADLINE_S"])
+                  if env.get("SPA_LEASE_RENEW_DEADLINE_S") else None,
+                  watch_timeout_s=int(env.get("SPA_WATCH_TIMEOUT_S") or 300),
+                  watch_idle_s=float(env.get("SPA_WATCH_IDLE_S") or 70),
                   **({"identity": env["POD_NAME"]} if env.get("POD_NAME") else {}))
         return dataclasses.replace(cfg, **overrides)
 

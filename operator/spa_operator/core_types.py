@@ -101,6 +101,8 @@ class Observed:
     workload_problem: str | None = None  # they could not be read (no Kueue CRD, no RBAC): why
     create_refused: Mapping[str, str] = dataclasses.field(default_factory=dict)  # stage key -> API refusal (422)
     create_blocked: str | None = None  # a create that may work later (403, foreign 409, API down): why
+    # the Progressing reason it gives: Forbidden (RBAC), QuotaExceeded, AdmissionDenied, or JobCreationBlocked
+    create_blocked_reason: str = "JobCreationBlocked"
     settings: Settings = Settings()
 
 

@@ -331,6 +331,9 @@ def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRun
             {"action": "FailJob" if gang else "Ignore",
              "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]},
+        # A replacement pod starts only once the one it replaces has ended (phase Failed), never while it is merely
+        # terminating: on a node cut off from the API server that pod may still run and write to the same prefix.
+        "podReplacementPolicy": "Failed",
         "template": {"metadata": {"labels": pod_labels, "annotations": dict(annotations)}, "spec": pod_spec},
     }
     if gang:

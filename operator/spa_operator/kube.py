@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -40,7 +40,7 @@ from spa_operator import crd, jobs, reconcile, status
 from spa_operator.config import Config
 from spa_operator.core_types import Decision, JobView, Observed, PodView, Settings
 from spa_operator.informer import Informer
-from spa_operator.kubeapi import ApiError, KubeApi, api_error
+from spa_operator.kubeapi import ADMISSION, QUOTA, ApiError, KubeApi, api_error, forbidden_kind
 from spa_operator.lease import LeaseElector
 from spa_operator.metrics import Metrics
 from spa_operator.observe import (
@@ -69,7 +69,14 @@ log = logging.getLogger("spa_operator")
 
 
 class _RetrySoon(Exception):
-    """A write failed: the daemon retries after cfg.retry_s."""
+    """A write failed: the daemon retries after `delay` seconds (None: cfg.retry_s)."""
+
+    def __init__(self, delay: float | None = None) -> None:
+        super().__init__()
+        self.delay = delay
+
+
+MAX_BACKOFF_S = 300.0  # the longest wait between two tries of a create the API server refused (403)
 
 
 class Controller(Observer):
@@ -80,11 +87,14 @@ class Controller(Observer):
         self.api = api
         self.metrics = Metrics()
         api.requests = self.metrics.api_requests
+        api.latency = self.metrics.api_latency
         self.runs: dict[str, RunState] = {}
         self.secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = {}
         self.clients = ClientCache()
         self.settings = Settings(cfg.pending_timeout_s, cfg.queued_timeout_s, tuple(cfg.allowed_images))
-        self.healthy = False
+        self.healthy = False  # the process serves and works (liveness)
+        self.leading = True  # False while a replica waits for the Lease
+        self.elector: LeaseElector | None = None
         self.jobs: Informer[JobView] | None = None
         self.pods: Informer[PodView] | None = None
 
@@ -92,10 +102,11 @@ class Controller(Observer):
 
     def watch(self) -> list[asyncio.Task[None]]:
         """Start the Job and pod watches (on the running loop); reconcilers read their indexes once synced."""
+        timing = dict(server_timeout_s=self.cfg.watch_timeout_s, idle_s=self.cfg.watch_idle_s, retry_s=self.cfg.retry_s)
         self.jobs = Informer(self.api, "batch/v1", "Job", RUN_OBJECTS_SELECTOR, job_view, self.job_event,
-                             self.cfg.namespaces, retry_s=self.cfg.retry_s)
+                             self.cfg.namespaces, **timing)
         self.pods = Informer(self.api, "v1", "Pod", RUN_OBJECTS_SELECTOR, pod_view, self.pod_event,
-                             self.cfg.namespaces, retry_s=self.cfg.retry_s)
+                             self.cfg.namespaces, **timing)
         return [asyncio.ensure_future(self.jobs.run()), asyncio.ensure_future(self.pods.run())]
 
     async def synced(self) -> None:
@@ -103,12 +114,26 @@ class Controller(Observer):
             if informer is not None:
                 await informer.synced()
 
-    def pod_event(self, uid: str, pod: str, view: PodView | None) -> None:
+    def not_ready(self) -> str | None:
+        """Why this replica does not serve runs yet (None: it does): it waits for the Lease, is starting, or one of
+        its Job or pod watches has not listed its namespace yet (a run there would wait for it)."""
+        if not self.leading:
+            return "waiting for the Lease"
+        if not self.healthy or self.jobs is None or self.pods is None:
+            return "starting"
+        for informer in (self.jobs, self.pods):
+            waiting = informer.unsynced()
+            if waiting:
+                return (f"{informer.kind} watch not listed yet in {len(waiting)} of {len(informer.scopes)} "
+                        f"namespace(s)")
+        return None
+
+    def pod_event(self, uid: str, namespace: str, pod: str, view: PodView | None) -> None:
         """A pod of run `uid` changed: wake the run's reconciler if the decision would see something new (most pod
         events, scheduling, IPs, readiness, change nothing decided). A pod that goes away while it may still run
         (an orphan's deletion the retry waits for) wakes it too."""
         rs = self.runs.get(uid)
-        if rs is None:
+        if rs is None or rs.namespace != namespace:  # a run's pods are in its own namespace (a copied label is not)
             return
         if view is None:
             last = rs.observed.get(("pod", pod))
@@ -117,7 +142,7 @@ class Controller(Observer):
         elif rs.changed(view):
             rs.waker.set()
 
-    def job_event(self, uid: str, job: str, view: JobView | None) -> None:
+    def job_event(self, uid: str, namespace: str, job: str, view: JobView | None) -> None:
         """A Job of run `uid` changed (view None: it was deleted): remember it was seen and wake the run's
         reconciler, unless the decision would see nothing new (most Job events of a cluster: active pod counts,
         ready counts, start time; the ADDED event of a Job the reconciler created itself).
@@ -125,7 +150,7 @@ class Controller(Observer):
         Seen here, not in the reconciler: a Job created and deleted between two reconciles would otherwise never be
         known to have existed, and its stage would wait for it forever."""
         rs = self.runs.get(uid)
-        if rs is not None:
+        if rs is not None and rs.namespace == namespace:
             rs.seen_jobs.add(job)
             if view is None or rs.changed(view):
                 rs.waker.set()
@@ -139,18 +164,20 @@ class Controller(Observer):
         if meta.get("deletionTimestamp"):
             return None
         rs.generation = meta.get("generation")
+        rs.namespace = meta.get("namespace", "")
         obs = await self._observe(rs, body, index, pod_index)
         decision = reconcile.decide(obs)
         refused, blocked = await self._create(rs, body, obs, decision, logger)
         if refused or blocked:  # decide again knowing what the API server refused; nothing else is created
-            obs = dataclasses.replace(obs, create_refused=refused, create_blocked=blocked)
+            obs = dataclasses.replace(obs, create_refused=refused, create_blocked=blocked and blocked[0],
+                                      create_blocked_reason=blocked[1] if blocked else "JobCreationBlocked")
             decision = dataclasses.replace(reconcile.decide(obs), create=())
         elif decision.transition:
             finished = [v.finished_at for v in obs.jobs if v.finished_at]
             if finished:
                 self.metrics.transition.observe(max(time.monotonic() - max(finished), 0.0))
         await self._act(rs, body, obs, decision, logger)
-        await self._write(rs, body, obs.status, decision.status, logger)
+        await self._write(rs, body, obs, decision.status, logger)
         for ev in decision.events:
             await self._event(body, ev.type, ev.reason, ev.message, rs, logger)
         rs.first_pass = False
@@ -162,7 +189,9 @@ class Controller(Observer):
         if phase in (reconcile.SUCCEEDED, reconcile.FAILED):
             return None
         delays = [d for d in (decision.requeue_s,) if d is not None]
-        if obs.storage_problem or obs.secret_problem or blocked:
+        if rs.denied is not None and blocked == rs.denied:
+            delays.append(max(rs.denied_until - time.monotonic(), 0.0))
+        elif obs.storage_problem or obs.secret_problem or blocked:
             delays.append(self.cfg.retry_s)
         elif any(r.get("state") == reconcile.RUNNING for r in decision.status.get("stages", [])):
             delays.append(min(self.cfg.timer_s, self.cfg.progress_s))
@@ -171,10 +200,18 @@ class Controller(Observer):
         return min(delays)
 
     async def _create(self, rs: RunState, body: Any, obs: Observed, decision: Decision,
-                      logger: Any) -> tuple[dict[str, str], str | None]:
+                      logger: Any) -> tuple[dict[str, str], tuple[str, str] | None]:
         """Create every object of each stage attempt to start, in order. Returns (stage key -> why the API refused
-        it for good, why creating must wait), from the answers."""
+        it for good, (why creating must wait, its condition reason)), from the answers.
+
+        A create the API server refused with 403 is not tried again before its backoff ran out (doubling from
+        retry_s up to MAX_BACKOFF_S): events of the run's other objects wake the reconciler often, and each would
+        otherwise send the refused request again."""
         refused: dict[str, str] = {}
+        if not decision.create:
+            return refused, None
+        if rs.denied is not None and time.monotonic() < rs.denied_until:
+            return refused, rs.denied
         ref = jobs.RunRef(name=obs.name, namespace=obs.namespace, uid=rs.uid,
                           api_version=body.get("apiVersion", f"{crd.GROUP}/{crd.VERSION}"),
                           kind=body.get("kind", crd.KIND))
@@ -187,23 +224,41 @@ class Controller(Observer):
                     created, owner = await self.api.create(obj)
                 except ApiError as e:
                     if e.status == 403:
-                        return refused, (f"creating {what} is forbidden ({api_error(e)}): the operator needs "
-                                         f"create on {obj['kind'].lower()}s and update on alignmentruns/finalizers "
-                                         f"(ownerReferences with blockOwnerDeletion); see the chart's RBAC")
+                        return refused, self._denied(rs, obj, what, e, logger)
                     if 400 <= e.status < 500 and e.status not in (401, 408, 409, 429):
                         refused[todo.stage.key] = f"{what}: {api_error(e)}"
                         break
                     logger.warning(f"creating {what} failed: {api_error(e)}; will retry")
-                    return refused, f"creating {what} failed: {api_error(e)}"
+                    return refused, (f"creating {what} failed: {api_error(e)}", "JobCreationBlocked")
                 except Exception as e:  # the API server is unreachable
                     logger.warning(f"creating {what} failed: {type(e).__name__}; will retry")
-                    return refused, f"creating {what} failed: {type(e).__name__}"
+                    return refused, (f"creating {what} failed: {type(e).__name__}", "JobCreationBlocked")
+                rs.denied, rs.denials = None, 0
                 if owner is not None and owner != rs.uid:
                     return refused, (f"{what} already exists and belongs to another owner (uid {owner or 'none'}); "
-                                     f"it must be deleted before this run can go on")
+                                     f"it must be deleted before this run can go on", "JobCreationBlocked")
                 if created is not None and obj["kind"] == "Job":  # its ADDED event then brings nothing new
                     rs.saw([job_view(created)])
         return refused, None
+
+    def _denied(self, rs: RunState, obj: dict[str, Any], what: str, e: ApiError,
+                logger: Any) -> tuple[str, str]:
+        """A 403 on create, told apart by who refused it, with the refusal's own message (redacted where written)."""
+        kind = forbidden_kind(e)
+        said = e.message or api_error(e)
+        if kind == QUOTA:
+            blocked = (f"creating {what} is refused by a ResourceQuota ({said}); tried again as quota frees up",
+                       "QuotaExceeded")
+        elif kind == ADMISSION:
+            blocked = (f"creating {what} was denied by admission ({said})", "AdmissionDenied")
+        else:
+            blocked = (f"creating {what} is forbidden ({said}): the operator needs create on "
+                       f"{obj['kind'].lower()}s and update on alignmentruns/finalizers (ownerReferences with "
+                       f"blockOwnerDeletion); see the chart's RBAC", "Forbidden")
+        backoff = min(self.cfg.retry_s * 2 ** rs.denials, MAX_BACKOFF_S)
+        rs.denied, rs.denials, rs.denied_until = blocked, rs.denials + 1, time.monotonic() + backoff
+        logger.warning(f"creating {what} refused ({kind}, {api_error(e)}); trying again in {backoff:g}s")
+        return blocked
 
     async def _act(self, rs: RunState, body: Any, obs: Observed, decision: Decision,
                    logger: Any) -> None:
@@ -232,15 +287,29 @@ class Controller(Observer):
         except Exception as e:  # the next reconcile decides again
             logger.warning(f"could not {what}: {api_error(e)}")
 
-    async def _write(self, rs: RunState, body: Any, old: dict[str, Any], new: dict[str, Any], logger: Any) -> None:
+    async def _write(self, rs: RunState, body: Any, obs: Observed, new: dict[str, Any], logger: Any) -> None:
+        """Patch the status to `new`, only if the run is still at the resourceVersion it was observed at. On 409 the
+        run is read again and decided at once: someone else wrote in between (kopf's finalizer, a user, or a
+        replica that took the Lease over), and a status decided from the older view must not overwrite theirs."""
+        old = obs.status
         patch = status.merge_patch(old, new)
         if not patch:
             return
-        if rs.secrets:
-            patch = json.loads(self._redact(rs, json.dumps(patch)))
+        patch = status.redacted(patch, rs.secrets)  # only inside strings: numbers and the shape stay intact
         meta = body.get("metadata", {})
+        ns, name = meta.get("namespace", "default"), meta.get("name", "")
         try:
-            version = await self.api.patch_status(meta.get("namespace", "default"), meta.get("name", ""), patch)
+            version = await self.api.patch_status(ns, name, patch, rs.basis)
+        except ApiError as e:
+            if e.status == 409:
+                logger.info("status changed since it was read; reading the run again")
+                with contextlib.suppress(Exception):
+                    fresh = await self.api.read_run(ns, name)
+                    rs.written = (str(fresh.get("metadata", {}).get("resourceVersion") or ""),
+                                  dict(fresh.get("status") or {}))
+                raise _RetrySoon(0.0) from None
+            logger.warning(f"status update failed: {api_error(e)}; will retry")
+            raise _RetrySoon from None
         except Exception as e:
             logger.warning(f"status update failed: {api_error(e)}; will retry")
             raise _RetrySoon from None
@@ -252,15 +321,9 @@ class Controller(Observer):
         involved = {"apiVersion": body.get("apiVersion", f"{crd.GROUP}/{crd.VERSION}"),
                     "kind": body.get("kind", crd.KIND), "name": meta.get("name", ""),
                     "namespace": meta.get("namespace", "default"), "uid": meta.get("uid", "")}
-        await self._try(logger, f"post Event {reason}", self.api.post_event(
-            involved, etype, reason, self._redact(rs, message)[:1000], COMPONENT))
-
-    @staticmethod
-    def _redact(rs: RunState | None, text: str) -> str:
-        for secret in rs.secrets if rs else ():
-            text = text.replace(secret, "***")
-        return text
-
+        message = status.redacted(message, rs.secrets if rs else ())[:1000]
+        await self._try(logger, f"post Event {reason}", self.api.post_event(involved, etype, reason, message,
+                                                                              COMPONENT))
 
 
 class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
@@ -306,20 +369,23 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: 
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="spa.dev")
     settings.persistence.diffbase_storage = LeanDiffBaseStorage(prefix="spa.dev", key="last-handled-configuration")
     settings.posting.reporting_component = COMPONENT
-    settings.watching.server_timeout = 300
+    # The run watches end and resume like the operator's own (the same timeout and inactivity limit: a silent stream
+    # is dead, bookmarks arriving every minute).
+    settings.watching.server_timeout = ctl.cfg.watch_timeout_s
+    settings.watching.inactivity_timeout = ctl.cfg.watch_idle_s
     settings.networking.request_timeout = 60
-    if ctl.cfg.metrics_port is not None:
-        memo["http"] = await serve_http(ctl, ctl.cfg.metrics_host, ctl.cfg.metrics_port)
     ctl.healthy = True
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
+    """The operator is stopping (SIGTERM, the stop flag): no write goes out from here on, and a Lease held is
+    released now, not after kopf has waited up to 5 s for its leftover tasks: the next replica takes over at once."""
     ctl = _ctl(memo)
-    ctl.healthy = False
-    runner = memo.get("http") if hasattr(memo, "get") else None
-    if runner is not None:
-        await runner.cleanup()
+    ctl.api.fenced = True
+    if ctl.elector is not None and ctl.leading:
+        ctl.leading = False
+        await ctl.elector.release()
 
 
 @kopf.on.event(*RUNS)
@@ -338,18 +404,26 @@ async def run_changed(body: Any, memo: Any, **_: Any) -> None:
 async def run_daemon(body: Any, stopped: Any, memo: Any, logger: Any, **_: Any) -> None:
     ctl = _ctl(memo)
     uid = _uid(body)
-    rs = ctl.runs.setdefault(uid, RunState(uid))
     meta = body.get("metadata", {})
+    rs = ctl.runs.setdefault(uid, RunState(uid, meta.get("namespace", "")))
     try:
         await ctl.synced()  # the first reconcile must see every Job of the run
+        # kopf adds its finalizer with a patch of its own as a new run first shows up. The first status patch waits
+        # for it (milliseconds; the run's event wakes this daemon): its resourceVersion precondition would fail
+        # otherwise, and cost a read and a second decision.
+        give_up = time.monotonic() + 2.0
+        while FINALIZER not in (meta.get("finalizers") or []) and time.monotonic() < give_up and not stopped:
+            rs.waker.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rs.waker.wait(), 0.2)
         while not stopped:
             rs.waker.clear()
             t0 = time.monotonic()
             try:
                 delay = await ctl.reconcile(rs, body, ctl.jobs, logger, ctl.pods)
                 log.debug(f"{meta.get('name')}: reconciled in {1000 * (time.monotonic() - t0):.1f} ms")
-            except _RetrySoon:
-                delay = ctl.cfg.retry_s
+            except _RetrySoon as e:
+                delay = ctl.cfg.retry_s if e.delay is None else e.delay
             except Exception as e:  # never crash-loop: log it, look again later
                 logger.exception(f"reconcile failed: {type(e).__name__}")
                 delay = ctl.cfg.retry_s
@@ -376,11 +450,18 @@ async def serve_http(ctl: Controller, host: str, port: int) -> Any:
         return web.Response(body=generate_latest(ctl.metrics.registry), content_type="text/plain")
 
     async def healthz(_: web.Request) -> web.Response:
+        """Liveness: the process runs (a replica waiting for the Lease is alive too)."""
         return web.Response(status=200 if ctl.healthy else 503, text="ok" if ctl.healthy else "starting")
+
+    async def readyz(_: web.Request) -> web.Response:
+        """Readiness: this replica acts on runs (it leads) and every watch has listed its namespace."""
+        why = ctl.not_ready()
+        return web.Response(status=503 if why else 200, text=why or "ok")
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
@@ -411,24 +492,38 @@ def make_controller(cfg: Config) -> Controller:
 
 async def run_operator(cfg: Config, stop_flag: Any = None, ready_flag: Any = None,
                        controller: Controller | None = None) -> None:
-    """Run the operator in the current event loop until stop_flag (an asyncio or threading Event) is set.
+    """Run the operator in the current event loop until stop_flag (an asyncio or threading Event) is set, or (in
+    the main thread) SIGTERM/SIGINT, on which a Lease held is released for the next replica.
 
     kopf cancels every task of the loop when it stops: give it a loop of its own (tests run it in a thread).
     """
     ctl = controller or make_controller(cfg)
     stop = stop_flag if stop_flag is not None else asyncio.Event()
+    http = await serve_http(ctl, cfg.metrics_host, cfg.metrics_port) if cfg.metrics_port is not None else None
+    ctl.healthy = True  # alive from here on, ready once it leads and its watches listed (/readyz)
     elector = None
-    if cfg.lease:
-        namespace, _, name = cfg.lease.partition("/")
-        elector = LeaseElector(ctl.api, namespace, name, cfg.identity, cfg.lease_duration_s, cfg.lease_renew_s)
-        await elector.acquire()
-    watches = ctl.watch()
     try:
-        await _operate(ctl, cfg, stop, ready_flag, elector)
+        if cfg.lease:
+            namespace, _, name = cfg.lease.partition("/")
+            elector = ctl.elector = LeaseElector(ctl.api, namespace, name, cfg.identity, cfg.lease_duration_s,
+                                                 cfg.lease_renew_s, cfg.renew_deadline_s)
+            ctl.leading = False
+            await elector.acquire()
+            ctl.leading = True
+        watches = ctl.watch()
+        try:
+            await _operate(ctl, cfg, stop, ready_flag, elector)
+        finally:
+            for task in watches:
+                task.cancel()
+            await asyncio.gather(*watches, return_exceptions=True)
+            if elector is not None and ctl.leading:  # stopped while leading, before kopf's cleanup: hand over
+                ctl.api.fenced = True
+                await elector.release()
     finally:
-        for task in watches:
-            task.cancel()
-        await asyncio.gather(*watches, return_exceptions=True)
+        ctl.healthy = False
+        if http is not None:
+            await http.cleanup()
         await ctl.api.close()
 
 
@@ -441,11 +536,16 @@ async def _operate(ctl: Controller, cfg: Config, stop: Any, ready_flag: Any, ele
         return
     holder = asyncio.ensure_future(elector.hold())
     await asyncio.wait({operator, holder}, return_when=asyncio.FIRST_COMPLETED)
-    if not holder.done():
+    if not holder.done() or holder.exception() is None:  # stopped, or released by the cleanup on the way out
         holder.cancel()
-        operator.result()
+        await operator
         return
-    stop.set()  # the Lease is lost: another replica may act now, so this one stops
+    # The Lease is lost (or its renewal was not confirmed in time): another replica may act now. Every write is
+    # refused from this instant, before kopf has stopped the reconcilers.
+    ctl.api.fenced = True
+    ctl.leading = False
+    log.error(f"stopping: {holder.exception() or 'the Lease is lost'}")
+    stop.set()
     await operator
     holder.result()  # raises LeaseLost: the process exits non-zero and its pod restarts as a candidate
 

@@ -1,21 +1,30 @@
 """The API calls the operator makes itself (kopf watches the runs), with aiohttp on the operator's loop.
 
 Every name in a request path is quoted: a name from a run's spec (a Secret's) must not reach another path
-(`../../other/secrets/aws`).
+(`../../other/secrets/aws`). Every body is written with `contract.dumps` (no NaN/Infinity: the API server refuses
+them with 400).
+
+Three connection pools, so that no kind of request waits for another's connections: long-lived watches (and the
+lists that start them: one pair per watched namespace and kind, any number), the reconcilers' reads and writes, and
+the Lease (whose renewal must never queue behind anything). A 429 (API Priority and Fairness) is retried after the
+server's Retry-After, as client-go does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import json
 import ssl
+import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
+from spa_workers import contract
 
 from spa_operator import crd
 
@@ -46,24 +55,67 @@ def event_body(involved: dict[str, Any], etype: str, reason: str, message: str, 
             "firstTimestamp": now, "lastTimestamp": now, "count": 1}
 
 
-class ApiError(Exception):
-    """An API request answered with an error status. Of its body only the names of the fields the API server
-    objected to are kept (its messages could echo values that were sent, such as credentials)."""
+# Pools (see the module's docstring) and their connection limits; 0 is no limit.
+WATCH, API, LEASE = "watch", "api", "lease"
+POOL_LIMITS = {WATCH: 0, API: 64, LEASE: 2}
+RETRIES_429 = 5  # a request throttled more often than this fails (the caller decides again later)
+MAX_RETRY_AFTER_S = 10.0
 
-    def __init__(self, status: int, reason: str, fields: tuple[str, ...] = ()) -> None:
+
+class Fenced(Exception):
+    """A write after this replica lost its Lease: refused before it is sent (another replica may act now)."""
+
+
+class ApiError(Exception):
+    """An API request answered with an error status. `str()` (what logs show) holds only the status, its reason and
+    the names of the fields the API server objected to: its message could echo values that were sent. The message
+    itself (`message`) is kept for the run's status and Events, which redact the run's secret values first."""
+
+    def __init__(self, status: int, reason: str, fields: tuple[str, ...] = (), message: str = "",
+                 status_reason: str = "", retry_after: float | None = None) -> None:
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
         self.fields = fields
+        self.message = message[:1000]
+        self.status_reason = status_reason  # the Status object's reason (Forbidden, Conflict...), "" if none
+        self.retry_after = retry_after
 
 
-def _fields(payload: bytes) -> tuple[str, ...]:
-    """The field paths a Status body's details.causes name (a 422 says which field of the object was invalid)."""
+def _error(status: int, http_reason: str, payload: bytes, headers: Any) -> ApiError:
+    """An ApiError from an error answer: a Status object (most errors) or plain text (APF's 429)."""
     try:
-        causes = (json.loads(payload).get("details") or {}).get("causes") or []
-    except (ValueError, AttributeError):
-        return ()
-    return tuple(dict.fromkeys(str(c["field"])[:200] for c in causes if isinstance(c, dict) and c.get("field")))
+        body = json.loads(payload)
+    except ValueError:
+        body = None
+    fields: tuple[str, ...] = ()
+    message, status_reason = "", ""
+    if isinstance(body, dict):
+        causes = (body.get("details") or {}).get("causes") or [] if isinstance(body.get("details"), dict) else []
+        fields = tuple(dict.fromkeys(str(c["field"])[:200] for c in causes if isinstance(c, dict) and c.get("field")))
+        message, status_reason = str(body.get("message") or ""), str(body.get("reason") or "")
+    elif payload:
+        message = payload.decode(errors="replace").strip()
+    retry_after = None
+    with contextlib.suppress(ValueError, TypeError):
+        retry_after = float(headers.get("Retry-After"))
+    return ApiError(status, http_reason, fields, message, status_reason, retry_after)
+
+
+# Kinds of 403: who refused, told apart by the API server's own message (the Status reason is Forbidden for all).
+RBAC, QUOTA, ADMISSION = "rbac", "quota", "admission"
+
+
+def forbidden_kind(e: ApiError) -> str:
+    """Who refused a 403: RBAC (the authorizer: `User "x" cannot create resource "jobs" ...`), a ResourceQuota
+    (`... is forbidden: exceeded quota: ...`), or admission (a webhook: `admission webhook "x" denied the request:
+    ...`, a ValidatingAdmissionPolicy, or another admission plugin such as LimitRanger or NamespaceLifecycle)."""
+    text = e.message
+    if "exceeded quota" in text or "status unknown for quota" in text:
+        return QUOTA
+    if ("User " in text and " cannot " in text) or "cannot set blockOwnerDeletion" in text:
+        return RBAC  # the authorizer, or OwnerReferencesPermissionEnforcement (a missing finalizers permission)
+    return ADMISSION
 
 
 class Created(NamedTuple):
@@ -85,8 +137,10 @@ class KubeApi:
         # The replica in the User-Agent: the API server's audit log tells which operator pod made a request.
         self.agent = f"spa-operator/{identity}" if identity else "spa-operator"
         self.requests: Counter | None = None
-        self._session: Any = None
+        self.latency: Histogram | None = None  # seconds per request by verb, connection waits included
+        self._sessions: dict[str, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.fenced = False  # set the moment the Lease is lost: from then on only reads and the Lease go out
 
     def _ssl(self) -> Any:
         if not self.conf.host.startswith("https:"):
@@ -112,36 +166,64 @@ class KubeApi:
     def _url(self, path: str) -> str:
         return self.conf.host.rstrip("/") + path
 
-    def _client(self) -> Any:
+    def _client(self, pool: str = API) -> Any:
         import aiohttp
 
         loop = asyncio.get_running_loop()
-        if self._session is None or self._loop is not loop:  # one session per loop (tests restart operators)
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=64),
-                                                  timeout=aiohttp.ClientTimeout(total=60))
-            self._loop = loop
-        return self._session
+        if self._loop is not loop:  # one set of sessions per loop (tests restart operators)
+            self._sessions, self._loop = {}, loop
+        session = self._sessions.get(pool)
+        if session is None:
+            session = self._sessions[pool] = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=POOL_LIMITS[pool]),
+                timeout=aiohttp.ClientTimeout(total=60))
+        return session
 
     async def _request(self, verb: str, method: str, path: str, body: Any = None,
-                       content_type: str = "application/json", params: dict[str, str] | None = None) -> Any:
-        if self.requests is not None:
-            self.requests.labels(verb).inc()
-        data = None if body is None else json.dumps(body)
-        async with self._client().request(method, self._url(path), data=data, params=params,
-                                          headers=self._headers(content_type if data else None)) as r:
-            payload = await r.read()
-            if r.status >= 400:
-                raise ApiError(r.status, r.reason or "", _fields(payload))
-            return json.loads(payload) if payload else None
+                       content_type: str = "application/json", params: dict[str, str] | None = None,
+                       pool: str = API, timeout_s: float | None = None) -> Any:
+        """One API call; a 429 is tried again after its Retry-After (at most RETRIES_429 times)."""
+        import aiohttp
 
-    async def list_objects(self, path: str, selector: str) -> tuple[list[dict[str, Any]], str]:
-        """The objects of a collection that carry label `selector`, and the list's resourceVersion."""
-        answer = await self._request("list", "GET", path, params={"labelSelector": selector}) or {}
+        if self.fenced and method != "GET" and pool != LEASE:
+            raise Fenced(f"{verb} {path}: this replica no longer holds the Lease")
+        data = None if body is None else contract.dumps(body)
+        timeout = None if timeout_s is None else aiohttp.ClientTimeout(total=timeout_s)
+        for attempt in range(RETRIES_429 + 1):
+            if self.requests is not None:
+                self.requests.labels(verb).inc()
+            t0 = time.monotonic()
+            async with self._client(pool).request(method, self._url(path), data=data, params=params, timeout=timeout,
+                                                  headers=self._headers(content_type if data else None)) as r:
+                payload = await r.read()
+                if self.latency is not None:
+                    self.latency.labels(verb).observe(time.monotonic() - t0)
+                if r.status < 400:
+                    return json.loads(payload) if payload else None
+                error = _error(r.status, r.reason or "", payload, r.headers)
+            if error.status != 429 or attempt == RETRIES_429:
+                raise error
+            await asyncio.sleep(min(error.retry_after or 1.0, MAX_RETRY_AFTER_S))
+        raise AssertionError("unreachable")
+
+    async def list_objects(self, path: str, selector: str, version: str = "0") -> tuple[list[dict[str, Any]], str]:
+        """The objects of a collection that carry label `selector`, and the list's resourceVersion.
+
+        `version` "0" (an informer's first list, as client-go's reflector does) lets the API server answer from its
+        watch cache instead of a quorum read from etcd; "" asks for the most recent state (after a 410, when the
+        cache may be older than what was already seen)."""
+        params = {"labelSelector": selector, "resourceVersion": version} if version else {"labelSelector": selector}
+        answer = await self._request("list", "GET", path, params=params, pool=WATCH) or {}
         return list(answer.get("items") or []), str((answer.get("metadata") or {}).get("resourceVersion") or "")
 
-    async def watch(self, path: str, selector: str, version: str,
-                    timeout_s: int) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        """(type, object) of each watch event after `version`, until the API server ends the stream (timeout_s)."""
+    async def watch(self, path: str, selector: str, version: str, timeout_s: int,
+                    idle_s: float) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """(type, object) of each watch event after `version`, until the API server ends the stream (timeout_s).
+
+        A stream silent for `idle_s` raises TimeoutError: a connection that died without closing (a NAT or proxy
+        dropping it) would otherwise look like a quiet watch until the server's timeout, or for ever. With bookmarks
+        asked for, kube-apiserver sends one every minute even when nothing changes, so a silence longer than that
+        means the stream is gone."""
         import aiohttp
 
         if self.requests is not None:
@@ -150,11 +232,11 @@ class KubeApi:
                   "timeoutSeconds": str(timeout_s)}
         if version:
             params["resourceVersion"] = version
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_s + 30)
-        async with self._client().get(self._url(path), params=params, timeout=timeout,
-                                      headers=self._headers(None)) as r:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=idle_s)
+        async with self._client(WATCH).get(self._url(path), params=params, timeout=timeout,
+                                           headers=self._headers(None)) as r:
             if r.status >= 400:
-                raise ApiError(r.status, r.reason or "", _fields(await r.read()))
+                raise _error(r.status, r.reason or "", await r.read(), r.headers)
             pending = b""
             async for chunk in r.content.iter_any():  # one JSON document per line; a line may span chunks
                 pending += chunk
@@ -170,9 +252,10 @@ class KubeApi:
         await self._request("create", "POST", collection_path("v1", "Event", body["metadata"]["namespace"]), body)
 
     async def close(self) -> None:
-        if self._session is not None and self._loop is asyncio.get_running_loop():
-            await self._session.close()
-        self._session = None
+        if self._loop is asyncio.get_running_loop():
+            for session in self._sessions.values():
+                await session.close()
+        self._sessions = {}
 
     async def create(self, body: dict[str, Any]) -> Created:
         """Create a Job or Service: the object as the API server stored it; on 409 (it exists), the uid of its
@@ -213,12 +296,21 @@ class KubeApi:
         await self._request("patch", "PATCH", f"{KUEUE_WORKLOADS}/namespaces/{_q(namespace)}/workloads/{_q(name)}",
                             patch, MERGE_PATCH)
 
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> str:
-        """Patch a run's status; returns the run's new resourceVersion."""
-        answer = await self._request("patch", "PATCH", f"/apis/{crd.GROUP}/{crd.VERSION}/namespaces/"
-                                                       f"{_q(namespace)}/{crd.PLURAL}/{_q(name)}/status",
-                                     {"status": status}, MERGE_PATCH)
+    def _run_path(self, namespace: str, name: str) -> str:
+        return f"/apis/{crd.GROUP}/{crd.VERSION}/namespaces/{_q(namespace)}/{crd.PLURAL}/{_q(name)}"
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any], version: str | None = None) -> str:
+        """Patch a run's status; returns the run's new resourceVersion. With `version`, only if the run is still at
+        that resourceVersion (409 Conflict otherwise): a status decided from an older view of the run, by a replica
+        that lost its Lease meanwhile say, never overwrites a newer one."""
+        body: dict[str, Any] = {"status": status}
+        if version:
+            body["metadata"] = {"resourceVersion": version}
+        answer = await self._request("patch", "PATCH", f"{self._run_path(namespace, name)}/status", body, MERGE_PATCH)
         return str(((answer or {}).get("metadata") or {}).get("resourceVersion") or "")
+
+    async def read_run(self, namespace: str, name: str) -> dict[str, Any]:
+        return await self._request("get", "GET", self._run_path(namespace, name)) or {}
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         try:

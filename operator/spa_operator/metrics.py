@@ -40,6 +40,10 @@ class Metrics:
         self.storage_errors = Counter("spa_storage_errors_total", "Storage reads that failed", registry=r)
         self.api_requests = Counter("spa_operator_api_requests_total", "API requests made by the reconciler",
                                     ["verb"], registry=r)
+        # Waits for a pooled connection included: a create that queued behind watches would show here.
+        self.api_latency = Histogram("spa_operator_api_request_seconds", "API request latency (answer read)",
+                                     ["verb"], registry=r,
+                                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         it = [*run, "iteration"]
         self.quality = {
             K.PAIRS: Gauge("spa_iteration_pairs_judged", "Pairs the judge kept", it, registry=r),

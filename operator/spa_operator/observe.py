@@ -101,6 +101,7 @@ class RunState:
     """What the operator keeps per run between reconciles: caches and watch history, never the run's status."""
 
     uid: str
+    namespace: str = ""
     waker: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     secrets: tuple[str, ...] = ()  # values to redact from anything written
     spec_violation: str | None = None  # a field changed after the start
@@ -114,6 +115,11 @@ class RunState:
     # The run's resourceVersion after this operator's last status patch, and the status written: until the body
     # reaches that version, the written status is the newest one.
     written: tuple[str, dict[str, Any]] | None = None
+    basis: str | None = None  # the resourceVersion of the status the last decision started from (its precondition)
+    # The last 403 on create (why, condition reason), how many in a row, and when creating may be tried again.
+    denied: tuple[str, str] | None = None
+    denials: int = 0
+    denied_until: float = 0.0
     # Each Job and pod as the last reconcile saw it (its `unstamped` view; Jobs it created, as the API server
     # returned them): a watch event that shows nothing new to the decision wakes no reconcile.
     observed: dict[tuple[str, str], JobView | PodView] = dataclasses.field(default_factory=dict)
@@ -194,9 +200,13 @@ class Observer:
     def _observed_status(self, rs: RunState, body: Any) -> dict[str, Any]:
         """The run's status as the API server has it: the body's, unless the body predates this operator's last
         status patch (its watch event is still on the way; another change, such as kopf's finalizer, may have
-        come first), then the status written."""
-        if rs.written is not None and _older(body.get("metadata", {}).get("resourceVersion"), rs.written[0]):
+        come first), then the status written. Its resourceVersion is kept (`rs.basis`): the status patch that
+        follows applies only if the run is still at it."""
+        version = body.get("metadata", {}).get("resourceVersion")
+        if rs.written is not None and _older(version, rs.written[0]):
+            rs.basis = rs.written[0]
             return rs.written[1]
+        rs.basis = str(version) if version else None
         return _plain(body.get("status") or {})
 
     async def _observe(self, rs: RunState, body: Any, index: Any, pod_index: Any) -> Observed:
@@ -223,9 +233,9 @@ class Observer:
         run, root, graph, error = self._parse(rs, body, ns, name)
         if rs.spec_violation or run is None:
             return dataclasses.replace(obs, spec_violation=rs.spec_violation, spec_error=error)
-        views = tuple(index.get(rs.uid, ())) if index is not None else ()
+        views = tuple(index.get(rs.uid, ns)) if index is not None else ()
         rs.seen_jobs.update(v.name for v in views)
-        pods = tuple(pod_index.get(rs.uid, ())) if pod_index is not None else ()
+        pods = tuple(pod_index.get(rs.uid, ns)) if pod_index is not None else ()
         rs.saw(views)
         rs.saw(pods)
         obs = dataclasses.replace(obs, graph=graph, spec=run.spec, root=root, jobs=views, pods=pods,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from spa_workers import contract
@@ -32,11 +32,14 @@ from spa_operator.jobs import failed_by_bad_input
 from spa_operator.planner import PlannedStage
 
 __all__ = ["FAILED", "PENDING", "PHASES", "RUNNING", "SUCCEEDED", "SUSPENDED", "Rendered", "iso", "merge_patch",
-           "metric_values", "parse_iso", "render", "terminal"]
+           "metric_values", "parse_iso", "redacted", "render", "terminal"]
 
 QUALITY_KEYS = (K.PAIRS, K.REWARD_GAP, K.REFINED_FRACTION, K.LOSS, K.REWARD_ACCURACY, K.HELDOUT_AGREEMENT,
                 K.WIN_RATE, K.WIN_RATE_SE, K.LC_WIN_RATE, K.LC_WIN_RATE_SE, K.JUDGE_FAILED)
 CONDITION_ORDER = ("Ready", "Progressing", "Failed", "Suspended", "StorageReachable")
+# Progressing reasons of a run whose Jobs the API server refused (kubeapi.forbidden_kind tells them apart): each
+# change of refusal is a Warning Event with the refusal's own message.
+DENIED = ("Forbidden", "QuotaExceeded", "AdmissionDenied")
 # Fields a failed run's status keeps from the observed one.
 KEPT_WHEN_FAILED = ("startTime", "storagePrefix", "iteration", "stage", "progress", "completionTime")
 
@@ -186,14 +189,14 @@ def _conditions(obs: Observed, status: Mapping[str, Any], outcome: Outcome,
         elif obs.secret_problem:
             why = "SecretUnavailable"
         elif blocked:
-            why = "JobCreationBlocked"
+            why = obs.create_blocked_reason
         elif only_waiting:
             why = "Queued" if all(w[0] == QUEUED for w in waiting.values()) else "PodsPending"
         else:
             why = "StagesRunning" if phase == RUNNING else phase
         progressing = phase in (RUNNING, PENDING) and not blocked and not only_waiting
-        put("Progressing", progressing, why, status.get("message", "") if not blocked or why == "JobCreationBlocked"
-            else blocked)
+        put("Progressing", progressing, why, status.get("message", "")
+            if not blocked or why == obs.create_blocked_reason else blocked)
         put("StorageReachable", obs.storage_problem is None,
             "StorageUnreachable" if obs.storage_problem else "Reachable", obs.storage_problem or "")
     suspended = bool(obs.spec is not None and obs.spec.suspend) and not failed
@@ -245,6 +248,11 @@ def _transitions(obs: Observed, old: Mapping[str, Any], new: Mapping[str, Any], 
             events.append(Event("Normal", "Suspended", "no new stage starts; running Jobs are suspended"))
         elif was == SUSPENDED:
             events.append(Event("Normal", "Resumed", "the run goes on"))
+    progressing = _condition(new, "Progressing")
+    if progressing.get("reason") in DENIED and obs.create_blocked:
+        before = _condition(old, "Progressing")
+        if (before.get("reason"), before.get("message")) != (progressing.get("reason"), progressing.get("message")):
+            events.append(Event("Warning", str(progressing["reason"]), obs.create_blocked))
     if phase != FAILED:
         reachable_before = next((c.get("status") for c in old.get("conditions") or []
                                  if c.get("type") == "StorageReachable"), "True") == "True"
@@ -253,6 +261,10 @@ def _transitions(obs: Observed, old: Mapping[str, Any], new: Mapping[str, Any], 
         elif not reachable_before and not obs.storage_problem:
             events.append(Event("Normal", "StorageReachable", "storage answers again"))
     return tuple(events), tuple(outcomes), tuple(durations)
+
+
+def _condition(status: Mapping[str, Any], ctype: str) -> Mapping[str, Any]:
+    return next((c for c in status.get("conditions") or [] if isinstance(c, Mapping) and c.get("type") == ctype), {})
 
 
 def metric_values(status: Mapping[str, Any]) -> MetricValues:
@@ -276,6 +288,23 @@ def metric_values(status: Mapping[str, Any]) -> MetricValues:
     progress = status.get("progress")
     return MetricValues(phase, iteration if isinstance(iteration, int) else None,
                         float(progress) if isinstance(progress, int | float) else None, running, quality)
+
+
+def redacted(value: Any, secrets: Sequence[str]) -> Any:
+    """`value` (a status, a patch, an Event message) with each secret value replaced by *** inside its strings, and
+    only there: numbers, keys and the document's shape stay as they are (a Secret holding "9000" must not turn
+    "responses": 19000 into something that is no longer JSON). Longer secrets first, so none is left half shown."""
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        for secret in sorted(secrets, key=len, reverse=True):
+            value = value.replace(secret, "***")
+        return value
+    if isinstance(value, Mapping):
+        return {k: redacted(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redacted(v, secrets) for v in value]
+    return value
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:

@@ -128,7 +128,7 @@ def test_deployment_is_hardened(rendered):
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
     assert sc["capabilities"]["drop"] == ["ALL"] and sc["seccompProfile"]["type"] == "RuntimeDefault"
-    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["resources"]["requests"] and c["resources"]["limits"]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["SPA_WORKER_IMAGE"] == f"ghcr.io/spa-operator/spa-worker:{spa_operator.__version__}"

@@ -1,7 +1,9 @@
-"""A stand-in cluster for the operator tests: kmock's Kubernetes emulator over HTTP, made a little more like an API
-server (uids, resourceVersions, generations, CRD defaulting and validation, labelSelector on list and watch), plus a
-harness that plays the Job controller and the kubelet: it runs each Job's container command as a local process with
-the Job's env and writes the Job's status, applying the Job's podFailurePolicy as Kubernetes would.
+"""A stand-in cluster for the operator tests: kmock's Kubernetes emulator over HTTP, made to behave like an API server
+where the operator relies on it (uids, resourceVersions and their preconditions, generations, CRD defaulting and
+validation, labelSelector on list and watch, watch timeouts and bookmarks, and the refusals of `api_rules`: invalid or
+non-finite JSON, oversized objects, admission, quota and RBAC denials, APF throttling, hung and slow requests, stalled
+watches), plus a harness that plays the Job controller and the kubelet: it runs each Job's container command as a local
+process with the Job's env and writes the Job's status, applying the Job's podFailurePolicy as Kubernetes would.
 
 A multi-node stage's Job (an Indexed Job whose pods name a subdomain) is a gang: the harness starts all its pods at
 once, whatever `max_pods` says (they must meet), resolves their `<job>-<index>.<subdomain>` names to 127.0.0.1 as
@@ -15,6 +17,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import contextvars
 import copy
 import datetime as dt
 import itertools
@@ -33,6 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.test_utils
+import aiohttp.web
+import aiohttp.web_server
+import api_rules
 import attrs
 import crdcheck
 import jsonpointer
@@ -48,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 STUB_WORKER = HERE / "stub_worker.py"
 VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
 log = logging.getLogger("harness")
+_SERVING: contextvars.ContextVar[Any] = contextvars.ContextVar("serving", default=None)
 
 
 def now_iso() -> str:
@@ -64,10 +72,15 @@ class Emulator(kmock.KubernetesEmulator):
     enforce_owner_refs: bool = False
     finalizers_granted: bool = False
     deletions: dict[str, str] = attrs.field(factory=dict)  # Job name -> propagationPolicy of its DELETE ("" if none)
-    _rv: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
+    faults: api_rules.Faults = attrs.field(factory=api_rules.Faults)  # what a test switches on
+    revision: int = attrs.field(default=0, init=False)  # the last resourceVersion given out (etcd's revision)
     _inflight: set[int] = attrs.field(factory=set, init=False)
     # (method, user agent, resource plural, subresource) of every request, for counting writes.
     log: list[tuple[str, str, str, str | None]] = attrs.field(factory=list, init=False)
+    # (wall-clock time, method, user agent, resource plural, subresource) of every request, when it arrived.
+    timeline: list[tuple[float, str, str, str, str | None]] = attrs.field(factory=list, init=False)
+    # (method, user agent, resource plural, subresource, HTTP status) of every answer, when it was sent.
+    answers: list[tuple[str, str, str, str | None, int]] = attrs.field(factory=list, init=False)
     # (user agent, resource plural, "list" or "watch", labelSelector or "") of every collection read.
     reads: list[tuple[str, str, str, str]] = attrs.field(factory=list, init=False)
     # (user agent, resource plural, namespace, name) of every object a list or watch sent to a client.
@@ -78,7 +91,28 @@ class Emulator(kmock.KubernetesEmulator):
     async def _handle(self, request: Any) -> Any:
         plural = request.resource.plural if request.resource is not None else ""
         agent = request.headers.get("User-Agent", "") or ""
-        self.log.append((request.method.value.upper(), agent, plural or "", request.subresource))
+        method = request.method.value.upper()
+        self.log.append((method, agent, plural or "", request.subresource))
+        self.timeline.append((time.time(), method, agent, plural or "", request.subresource))
+        try:
+            response = await self._answer(request, method, agent, plural)
+        except kmock.KubernetesError as e:
+            self.answers.append((method, agent, plural or "", request.subresource, e.status))
+            raise
+        self.answers.append((method, agent, plural or "", request.subresource, getattr(response, "status", 0)))
+        return response
+
+    async def _answer(self, request: Any, method: str, agent: str, plural: str) -> Any:
+        refusal = await self.faults.before(request)
+        if refusal is not None:
+            return refusal
+        if method in ("POST", "PUT", "PATCH"):
+            refusal = api_rules.too_large(request.body)
+            if refusal is not None:
+                return refusal
+            refusal = api_rules.decode_error(request.body, method)
+            if refusal is not None:
+                return refusal
         if request.action in (kmock_enums.action.LIST, kmock_enums.action.WATCH):
             self.reads.append((agent, plural or "", "watch" if request.action == kmock_enums.action.WATCH else "list",
                                request.params.get("labelSelector", "")))
@@ -88,6 +122,14 @@ class Emulator(kmock.KubernetesEmulator):
             options = request.data if isinstance(request.data, dict) else {}
             self.deletions[request.name] = request.params.get("propagationPolicy") or \
                 options.get("propagationPolicy") or ""
+        if request.action == kmock_enums.action.DELETE and request.name is not None:
+            # A deletion (or a deletionTimestamp set) is a change with a resourceVersion of its own; kmock keeps
+            # the old one, which a watch from a later version would then leave out.
+            stored = self._objects._objects.get((request.resource, request.namespace, request.name))
+            if stored is not None and not stored.deleted and not stored.raw.get("metadata", {}).get(
+                    "deletionTimestamp"):
+                self.revision += 1
+                stored.patch({"metadata": {"resourceVersion": str(self.revision)}})
         if (request.method.value.upper() == "POST" and plural == "jobs" and self.enforce_owner_refs
                 and not self.finalizers_granted and isinstance(request.data, dict)
                 and any(o.get("blockOwnerDeletion") for o in request.data.get("metadata", {}).get("ownerReferences")
@@ -97,6 +139,7 @@ class Emulator(kmock.KubernetesEmulator):
                                                 "resource you can't set finalizers on")
         self._inflight.add(id(request))
         self._requests[:] = [r for r in self._requests if id(r) in self._inflight]
+        _SERVING.set(request)  # (this request's own task: see __iter__)
         try:
             if request.resource is not None and request.action in (kmock_enums.action.CREATE,
                                                                    kmock_enums.action.UPDATE):
@@ -106,6 +149,17 @@ class Emulator(kmock.KubernetesEmulator):
             return await super()._handle(request)
         finally:
             self._inflight.discard(id(request))
+
+    def __iter__(self) -> Any:
+        """The requests kmock matches its reactions against. kmock decides which reaction serves a request by
+        testing whether the request is among those each reaction's filters select from all it keeps: with hundreds
+        of watches in flight (100 watched namespaces) that cost the emulator ~60 ms a request, and starved every
+        client. While serving one request only that request matters (the context variable is per task)."""
+        serving = _SERVING.get()
+        if serving is not None:
+            yield serving
+            return
+        yield from super().__iter__()
 
     def _KubernetesEmulator__get_objs(self, request: Any, strict: bool) -> list[Any]:  # kmock's private method
         """kmock's object lookup, by key where the request names one object: kmock compares every stored object with
@@ -121,21 +175,85 @@ class Emulator(kmock.KubernetesEmulator):
         match = _selector(request)
         result = await super()._serve_list(request)
         result["items"] = [o for o in result["items"] if match(o)]
+        result["metadata"] = {"resourceVersion": str(self.revision)}  # kmock's is "..."
         self._note_served(request, result["items"])
         return result
 
     async def _serve_watch(self, request: Any) -> Any:
+        """A watch as the API server serves it: the matching events (below) until `timeoutSeconds` has passed (then
+        the server closes the stream), with a BOOKMARK every `faults.bookmark_s` and one right before the deadline
+        for clients that allow bookmarks. A watch `faults.stall_watch` picks sends its headers and then nothing,
+        never closing: what a client sees when a connection dies silently (a NAT or a proxy dropping it)."""
+        if self.faults.stall_watch is not None and self.faults.stall_watch(request):
+            yield b""
+            await asyncio.Event().wait()
+        loop = asyncio.get_running_loop()
+        timeout = float(request.params.get("timeoutSeconds") or 0)
+        end = loop.time() + timeout if timeout > 0 else None
+        every = self.faults.bookmark_s if request.params.get("allowWatchBookmarks") == "true" else None
+        next_bookmark = loop.time() + every if every else None
+        # One task drives kmock's stream (its bus wants a single consumer task); this one adds deadlines to it.
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        done = object()
+
+        async def feed() -> None:
+            try:
+                async for event in self._matching_events(request):
+                    await queue.put(event)
+            finally:
+                queue.put_nowait(done)
+
+        feeder = asyncio.ensure_future(feed())
+        try:
+            while True:
+                wake = min((t for t in (end, next_bookmark) if t is not None), default=None)
+                try:
+                    event = await asyncio.wait_for(queue.get(), None if wake is None else max(wake - loop.time(), 0))
+                except TimeoutError:
+                    if end is not None and loop.time() >= end:
+                        if every:
+                            yield self._bookmark()
+                        return
+                    yield self._bookmark()
+                    next_bookmark = loop.time() + (every or 0)
+                    continue
+                if event is done:
+                    return
+                yield event
+        finally:
+            feeder.cancel()
+
+    def _bookmark(self) -> dict[str, Any]:
+        return {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": str(self.revision)}}}
+
+    async def _matching_events(self, request: Any) -> Any:
         """kmock's watch, filtered by the labelSelector as the API server filters it: an object that stops matching
         is sent as DELETED, one that starts matching as ADDED."""
         match = _selector(request)
         matching: set[tuple[str, str]] = set()
         sent = (request.headers.get("User-Agent", "") or "", request.resource.plural if request.resource else "")
+        # A watch from resourceVersion N sends only what changed after N (the client has the rest from its list);
+        # kmock replays every object first: those at or before N are left out here.
+        since = str(request.params.get("resourceVersion") or "")
+        known: dict[tuple[str, str], str] = {}
+        if since.isdigit() and since != "0":
+            for (res, ns, name), stored in list(self._objects.items()):
+                rv = str(stored.raw.get("metadata", {}).get("resourceVersion") or "") if not stored.deleted else ""
+                if res == request.resource and (request.namespace in (None, ns)) and rv.isdigit() \
+                        and int(rv) <= int(since):
+                    known[(ns, name)] = rv
+                    if match(stored.raw):
+                        matching.add((ns, name))
         async for event in super()._serve_watch(request):
             obj = event.get("object") if isinstance(event, dict) else None
             if not isinstance(obj, dict):
                 yield event
                 continue
             key = (obj.get("metadata", {}).get("namespace", ""), obj.get("metadata", {}).get("name", ""))
+            if known and event.get("type") == "ADDED" and known.get(key) == obj.get("metadata", {}).get(
+                    "resourceVersion"):
+                del known[key]  # the replay of an object the client listed
+                continue
             if match(obj):
                 kind = "ADDED" if key not in matching and event.get("type") == "MODIFIED" else event.get("type")
                 (matching.discard if kind == "DELETED" else matching.add)(key)
@@ -158,7 +276,8 @@ class Emulator(kmock.KubernetesEmulator):
         res = str(request.resource.group or "") + "/" + str(request.resource.version) + "/" + \
             str(request.resource.plural)
         res = res.lstrip("/")
-        rv = str(next(self._rv))
+        self.revision += 1
+        rv = str(self.revision)
         if request.action == kmock_enums.action.CREATE:
             data = copy.deepcopy(request.data)
             meta = data.setdefault("metadata", {})
@@ -173,6 +292,7 @@ class Emulator(kmock.KubernetesEmulator):
                 if errs:
                     raise kmock.KubernetesError(status=422, reason="Invalid",
                                                 message="; ".join(f"{p}: {m}" for p, m in errs))
+            api_rules.check_stored_size(data)
             return data
         key = (request.resource, request.namespace, request.name)
         if key not in self.objects or self.objects[key].deleted:
@@ -181,14 +301,20 @@ class Emulator(kmock.KubernetesEmulator):
         data = copy.deepcopy(request.data)
         sent_rv = data.get("metadata", {}).get("resourceVersion") if isinstance(data, dict) else None
         if sent_rv and sent_rv != old.get("metadata", {}).get("resourceVersion"):
-            # A resourceVersion in an update or patch is a precondition, as the API server checks it.
-            raise kmock.KubernetesError(status=409, reason="Conflict", message="the object has been modified")
+            # A resourceVersion in an update or patch is a precondition (the API server's optimistic concurrency:
+            # registry/generic/registry/store.go answers a stale one with errors.NewConflict and this message).
+            group = f".{request.resource.group}" if request.resource.group else ""
+            raise kmock.KubernetesError(
+                status=409, reason="Conflict", details={"name": request.name, "kind": request.resource.plural},
+                message=f'Operation cannot be fulfilled on {request.resource.plural}{group} "{request.name}": the '
+                        f"object has been modified; please apply your changes to the latest version and try again")
         if isinstance(data, list):  # JSON patch (kopf uses it for finalizers, with a resourceVersion test)
             for op in data:
                 if op.get("op") == "test" and jsonpointer.resolve_pointer(old, op["path"], None) != op.get("value"):
                     raise kmock.KubernetesError(status=422, reason="Invalid", message=f"test failed: {op['path']}")
             return [*data, {"op": "add", "path": "/metadata/resourceVersion", "value": rv}]
         new = kmock_dicts.patch_dict(copy.deepcopy(old), data)
+        api_rules.check_stored_size(new)
         meta = data.setdefault("metadata", {})
         meta["resourceVersion"] = rv
         if request.subresource != "status" and new.get("spec") != old.get("spec"):
@@ -341,11 +467,31 @@ class Cluster:
                 if m in ("POST", "PATCH", "PUT", "DELETE") and not agent.startswith(exclude_agents)]
 
 
+class _HttpServer(aiohttp.test_utils.RawTestServer):
+    """kmock's HTTP server, reading bodies up to past the API server's own limit (aiohttp refuses bodies over 1 MiB
+    by default, which no API server does): `api_rules` answers oversized ones as kube-apiserver does."""
+
+    async def _make_runner(self, debug: bool = True, **kwargs: Any) -> Any:
+        loop = self._loop
+
+        def request(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> aiohttp.web.BaseRequest:
+            return aiohttp.web.BaseRequest(message, payload, protocol, writer, task, loop,
+                                           client_max_size=2 * api_rules.MAX_REQUEST_BYTES)
+
+        server = aiohttp.web_server.Server(self._handler, loop=loop, debug=debug, request_factory=request, **kwargs)
+        return aiohttp.web.ServerRunner(server, debug=debug, **kwargs)
+
+
 @contextlib.asynccontextmanager
 async def start_cluster(validate_runs: bool = True) -> Any:
     emulator = Emulator(validate_runs=validate_runs)
+    if os.environ.get("SPA_EMULATOR_BUSY"):  # the fault matrix under a busy API server (see api_rules.busy)
+        emulator.faults = api_rules.busy()
     register(emulator)
-    async with emulator, kmock.Server(emulator) as server, aiohttp.ClientSession() as session:
+    if validate_runs:
+        crdcheck.warm()
+    async with emulator, kmock.Server(emulator, server_cls=_HttpServer) as server, \
+            aiohttp.ClientSession() as session:
         yield Cluster(emulator, str(server.url).rstrip("/"), session)
 
 

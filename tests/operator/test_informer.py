@@ -91,7 +91,7 @@ async def test_watch_resumes_relists_on_410_and_reports_deletions_missed_meanwhi
     changes: list[tuple[str, str, str | None]] = []
     api = KubeApi(kubernetes.client.Configuration(host=server.url))
     informer = Informer(api, "batch/v1", "Job", LABEL, lambda o: o["status"]["state"],
-                        lambda uid, name, view: changes.append((uid, name, view)), ["ns"], retry_s=0.05)
+                        lambda uid, ns, name, view: changes.append((uid, name, view)), ["ns"], retry_s=0.05)
     # First watch: a changes, d appears, c goes, a bookmark; the stream then ends. Second: the version is too old
     # (410 as an ERROR event). Meanwhile b was deleted and e created: the relist must report b gone.
     server.script = [
@@ -122,6 +122,9 @@ async def test_watch_resumes_relists_on_410_and_reports_deletions_missed_meanwhi
     lists = [q for q in server.requests if q.get("watch") != "true"]
     watches = [q for q in server.requests if q.get("watch") == "true"]
     assert len(lists) == 2 and all(q["labelSelector"] == LABEL for q in server.requests)
+    # The first list may come from the API server's watch cache (resourceVersion 0, as client-go lists); the one
+    # after a 410 asks for the most recent state (no resourceVersion), the cache being older than what was seen.
+    assert [q.get("resourceVersion") for q in lists] == ["0", None]
     # Each watch resumes from the last version seen: the list's, then the bookmark's, then the relist's.
     assert [q.get("resourceVersion") for q in watches[:3]] == ["3", "9", "12"]
     assert all(q["allowWatchBookmarks"] == "true" and int(q["timeoutSeconds"]) > 0 for q in watches)
@@ -144,3 +147,30 @@ async def test_a_refused_watch_is_retried_and_an_expired_version_answered_with_h
     kinds = ["watch" if q.get("watch") == "true" else "list" for q in server.requests]
     assert kinds[:5] == ["list", "watch", "watch", "list", "watch"]  # 503: same version again; 410: list again
     assert server.requests[2].get("resourceVersion") == "1"
+
+
+@pytest.mark.asyncio
+async def test_objects_are_keyed_by_namespace_and_name(cluster):
+    """A run's Jobs are keyed by (namespace, name): a Job of the same name carrying the run's uid label in another
+    namespace (a label copied by hand, a restored backup) is not the run's, and its deletion does not evict the run's
+    own Job from the index (keyed by name, it did)."""
+    api = KubeApi(kubernetes.client.Configuration(host=cluster.url))
+    changes: list[tuple[str, str, str, Any]] = []
+    informer = Informer(api, "batch/v1", "Job", LABEL, lambda o: o["metadata"]["namespace"],
+                        lambda uid, ns, name, view: changes.append((uid, ns, name, view)), ["ns", "other"],
+                        retry_s=0.05)
+    for ns in ("ns", "other"):
+        body = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "r-i00-validate-a1", "namespace": ns,
+                                                                      "labels": {LABEL: "run-1"}}, "spec": {}}
+        assert (await cluster.request("POST", f"/apis/batch/v1/namespaces/{ns}/jobs", body))[0] in (200, 201)
+    task = asyncio.ensure_future(informer.run())
+    try:
+        await asyncio.wait_for(informer.synced(), 10)
+        assert informer.get("run-1", "ns") == ("ns",) and sorted(informer.get("run-1")) == ["ns", "other"]
+        assert (await cluster.request("DELETE", "/apis/batch/v1/namespaces/other/jobs/r-i00-validate-a1"))[0] == 200
+        await wait_for(lambda: ("run-1", "other", "r-i00-validate-a1", None) in changes, 10, "the deletion")
+        assert informer.get("run-1", "ns") == ("ns",) and informer.get("run-1", "other") == ()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await api.close()

@@ -56,6 +56,9 @@ def test_every_stage_job_validates_against_batch_v1(stage_index):
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
     assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2]
     assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 172800
+    # No replacement pod while the one it replaces is terminating (it may still run on a cut-off node): Kubernetes
+    # Job podReplacementPolicy (batch/v1, beta since 1.29; the only value allowed with a podFailurePolicy).
+    assert spec["podReplacementPolicy"] == "Failed"
     assert spec["ttlSecondsAfterFinished"] == 3600
     pod = spec["template"]["spec"]
     assert pod["restartPolicy"] == "Never"

@@ -87,6 +87,11 @@ async def test_metrics_and_healthz_are_served():
             ctl.healthy = True
             async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
                 assert r.status == 200
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as r:  # alive, not ready: no watch listed yet
+                assert r.status == 503 and await r.text() == "starting"
+            ctl.leading = False
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                assert r.status == 503 and await r.text() == "waiting for the Lease"
             async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
                 text = await r.text()
         assert 'spa_run_phase{namespace="ns",phase="Running",run="r"} 1.0' in text
@@ -177,10 +182,10 @@ async def test_spec_edited_right_after_the_first_stage_started_fails_the_run():
         rs = ctl.runs.setdefault(uid, kube.RunState(uid))
         logger = logging.getLogger("test")
         try:
-            await ctl.reconcile(rs, cluster.run("edited"), {}, logger)
+            await ctl.reconcile(rs, cluster.run("edited"), None, logger)
             assert cluster.run("edited")["status"]["stages"]
             assert (await cluster.patch_run("edited", {"spec": {"training": {"beta": 0.3}}}))[0] == 200
-            await ctl.reconcile(rs, cluster.run("edited"), {}, logger)
+            await ctl.reconcile(rs, cluster.run("edited"), None, logger)
         finally:
             await ctl.api.close()
         failed = next(c for c in cluster.run("edited")["status"]["conditions"] if c["type"] == "Failed")
