@@ -175,7 +175,7 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
                                  fingerprint=fp, fingerprint_of=of, ledger=work.ledger,
                                  ledger_estimated=sorted(work.ledger_estimated))
         storage.write_text(storage.join(out, contract.MANIFEST), manifest.to_json())
-        # what this output replaced, kept until now (by this stage or by `spa run --rerun-from/--force`), goes
+        # published: what it replaces, set aside until now (here or by `spa run --rerun-from/--force`), goes first
         for hook in [lambda: aside.forget_replaced(out), *work.after_manifest]:
             try:
                 hook()
