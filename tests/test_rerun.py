@@ -143,12 +143,18 @@ def test_a_missing_or_broken_input_is_named_and_nothing_is_set_aside(finished, t
         assert error_lines(proc.stderr) == [f"spa run: error: spec.data.seed: {typo}: file not found"], flags
         assert manifests(root) == before
     typo.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": \n')  # there, but broken
-    for flags in ([], ["--force"]):
+    for flags in ([], ["--rerun-from", "iter-00/validate"], ["--force"]):
         proc = spa("run", str(run), *flags)
         assert proc.returncode == 2
         assert error_lines(proc.stderr) == [
             f"spa run: error: spec.data.seed: {typo}: row 2: not valid JSON (Expecting value)"], flags
         assert manifests(root) == before
+    edit(run, lambda s: (s["data"].update(seed=tiny["seed"]), s["model"].update(sft=str(tmp_path / "modle"))))
+    proc = spa("run", str(run), "--rerun-from", "iter-00/seed-train")
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr) == [
+        f"spa run: error: spec.model.sft: {tmp_path / 'modle'}: no model there (no config.json)"]
+    assert manifests(root) == before
     assert not any(p.name == aside.DISCARDED for p in root.rglob("*"))
 
 
