@@ -12,6 +12,7 @@ from spa_workers.contract import StageManifest
 
 from spa_operator.planner import PlannedStage
 from spa_operator.status import Event, MetricValues
+from spa_operator.tenancy import Allowed
 
 # ------------------------------------------------------------------------------------------------- observations
 
@@ -62,7 +63,9 @@ class Settings:
 
     pending_timeout_s: float | None = None  # a pod waiting (not queued) this long fails its attempt; None: never
     queued_timeout_s: float | None = None  # a Job Kueue has not admitted this long fails its attempt; None: never
-    allowed_images: tuple[str, ...] = ()  # image prefixes worker images must start with; empty: any
+    # What runs may name: images, judge endpoints, accounts, Secrets, capabilities (tenancy.Allowed).
+    allowed: Allowed = dataclasses.field(default_factory=Allowed)
+    worker_service_account: str | None = None  # the operator's own worker account: a run may always name it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,7 @@ from spa_operator.status import (
     terminal,
     transitions,
 )
+from spa_operator.tenancy import violation
 
 # The core's face: `decide` and the data it maps (defined in core_types).
 __all__ = ["Create", "Decision", "JobView", "Observed", "PodView", "Settings", "WorkloadView", "decide",
@@ -262,9 +263,9 @@ def decide(obs: Observed) -> Decision:
         _fail_record(rec, results[key].failures, results[key].reason)
         records[key] = rec
     delete_jobs = tuple(r.timed_out for r in readings.values() if r.timed_out)
-    image_problem = _image_problem(obs)
-    if image_problem:
-        return _failed(obs, dict(old), "ImageNotAllowed", image_problem, records)
+    refused = violation(spec, obs.settings.allowed, obs.settings.worker_service_account)
+    if refused is not None:
+        return _failed(obs, dict(old), refused.reason, f"{refused.field}: {refused.message}", records)
 
     plan = plan_next_stage(spec, obs.root, results, obs.graph or None)
     status: dict[str, Any] = {k: v for k, v in old.items() if k in ("startTime",)}
@@ -362,21 +363,6 @@ def job_name_of(obs: Observed, stage: PlannedStage, attempt: int) -> str:
     from spa_operator.jobs import job_name  # jobs imports the planner; the name rule lives with the Job
 
     return job_name(obs.name, stage.iteration, stage.stage, attempt)
-
-
-
-def _image_problem(obs: Observed) -> str | None:
-    allowed = obs.settings.allowed_images
-    if not allowed or obs.spec is None:
-        return None
-    from spa_operator.jobs import images_of  # jobs imports the planner
-
-    for field, image in images_of(obs.spec):
-        if not any(image.startswith(prefix) for prefix in allowed):
-            return f"{field}: image {image} is not allowed here (allowed: {', '.join(allowed)})"
-    return None
-
-
 
 
 

@@ -167,11 +167,17 @@ def test_every_cel_rule_compiles():
         env.compile(rule)
 
 
+# Number-or-list fields have no type, so no CEL rule can read them on a real API server (test_crd_cel_budget.py):
+# the operator alone refuses their bad values (the API server still refuses integers beyond int64 when decoding).
+OPERATOR_ONLY = {f"spec.{path}" for path in crd.NUMBER_OR_LIST}
+
+
 @pytest.mark.parametrize(("doc", "field"), INVALID, ids=IDS)
 def test_invalid_run_rejected_by_schema_and_operator_naming_the_field(doc, field):
     errors = crdcheck.errors(doc)
-    assert errors, "the CRD schema accepted it"
-    assert field in [p for p, _ in errors], errors
+    if field not in OPERATOR_ONLY:
+        assert errors, "the CRD schema accepted it"
+        assert field in [p for p, _ in errors], errors
     with pytest.raises(SpecError) as exc:
         validate_for_cluster(doc)
     assert exc.value.field == field, str(exc.value)

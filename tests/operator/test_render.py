@@ -46,11 +46,11 @@ def test_render_two_nodes_of_eight_gpus_validates(tmp_path):
     for doc in docs:
         kubernetes_validate.validate(doc, desired_version=kubernetes_validate.latest_version(), strict=True)
     kinds = [(d["kind"], d["metadata"]["annotations"][jobs.ANNOTATION_STAGE_KEY]) for d in docs]
-    assert kinds == [("Job", "iter-00/validate"), ("Service", "iter-00/seed-train"), ("Job", "iter-00/seed-train"),
-                     ("Job", "iter-01/generate"), ("Job", "iter-01/judge"), ("Service", "iter-01/train"),
-                     ("Job", "iter-01/train")]
+    assert kinds == [("Job", "iter-00/validate"), ("Job", "iter-00/seed-train"), ("Service", "iter-00/seed-train"),
+                     ("Job", "iter-01/generate"), ("Job", "iter-01/judge"), ("Job", "iter-01/train"),
+                     ("Service", "iter-01/train")]
     assert "nvidia.com/gpu" not in str(docs[0]["spec"]["template"]["spec"]["containers"][0].get("resources"))
-    train_svc, train = docs[5], docs[6]
+    train, train_svc = docs[5], docs[6]
     assert (train["spec"]["completionMode"], train["spec"]["completions"], train["spec"]["parallelism"]) == \
         ("Indexed", 2, 2)
     assert train["metadata"]["labels"][jobs.KUEUE_QUEUE_LABEL] == "gpu" and train["spec"]["suspend"] is True
