@@ -46,6 +46,7 @@ class Config:
     allowed_capabilities: tuple[str, ...] = ()  # Linux capabilities a run may add; empty: none
     pod_defaults: PodDefaults | None = None  # the chart's worker pod defaults (worker.podDefaults)
     gang_scheduling: GangScheduling | None = None  # the cluster's gang scheduler for multi-node stages; None: none
+    platform_secret: str | None = None  # the default storage's Secret (Helm storage.secretName): always allowed
     # "namespace/name" of a coordination.k8s.io Lease: only the replica holding it acts (see lease.py); None: off.
     lease: str | None = None
     lease_duration_s: float = 15.0  # a holder silent this long is replaced
@@ -71,6 +72,7 @@ class Config:
                   allowed_capabilities=_list(env, "SPA_ALLOWED_CAPABILITIES"),
                   pod_defaults=pod_defaults_from_env(env.get("SPA_WORKER_POD_DEFAULTS", "")),
                   gang_scheduling=gang_scheduling_from_env(env),
+                  platform_secret=env.get("SPA_DEFAULT_STORAGE_SECRET") or None,
                   lease=env.get("SPA_LEASE") or None,
                   lease_duration_s=float(env.get("SPA_LEASE_DURATION_S") or 15),
                   lease_renew_s=float(env.get("SPA_LEASE_RENEW_S") or 5),
@@ -80,10 +82,9 @@ class Config:
 
     def allowed(self) -> Allowed:
         """The allow-lists as the decision core applies them (the default storage Secret is the operator's own)."""
-        default_secret = ((self.default_storage or {}).get("secretRef") or {}).get("name")
         return Allowed(self.allowed_images, self.allowed_judge_endpoints, self.allowed_service_accounts,
                        self.allowed_secrets, self.allowed_capabilities,
-                       (default_secret,) if default_secret else ())
+                       (self.platform_secret,) if self.platform_secret else ())
 
 
 class SettingError(ValueError):
