@@ -28,6 +28,7 @@ class PodView:
     live: bool  # not Succeeded/Failed: it may still write to storage
     waiting: str = ""  # why it does not run: a container waiting reason or the PodScheduled reason; "" if running
     since: float = 0.0  # wall clock (Unix s) the pod was created
+    scheduled: bool = True  # False while the scheduler says it cannot place it (PodScheduled False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,7 @@ class JobView:
     deleting: bool = False  # has a deletionTimestamp: its attempt is over
     finished_at: float = 0.0  # monotonic time the operator first saw it finished (for the latency metric)
     suspended_since: float = 0.0  # wall clock of its Suspended condition (the last suspend); 0: not known
+    gang: int = 0  # a multi-node stage's Job: the pods that must all run (its parallelism); 0: not a gang
 
 
 @dataclasses.dataclass(frozen=True)

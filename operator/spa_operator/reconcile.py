@@ -33,6 +33,7 @@ from spa_operator.status import (
     SUCCEEDED,
     SUSPENDED,
     conditions,
+    gang_incomplete,
     iso,
     metric_values,
     position,
@@ -130,6 +131,11 @@ def _waiting(obs: Observed, job: JobView, queued: bool) -> tuple[str, float] | N
     if not waiting:
         return None
     first = min(waiting, key=lambda p: p.since)
+    if job.gang > 1 and not first.scheduled:  # the placed ranks hold their GPUs and wait for the others
+        pods = [p for p in obs.pods if p.job == job.name]
+        unplaced = sum(1 for p in pods if p.live and not p.scheduled)
+        placed = min(sum(1 for p in pods if p.scheduled), job.gang - unplaced)  # (a finished rank was placed)
+        return gang_incomplete(placed, job.gang, first.waiting), first.since
     return first.waiting, first.since
 
 
