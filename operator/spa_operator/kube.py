@@ -142,6 +142,9 @@ class Controller(Observer):
         rs.generation = meta.get("generation")
         obs = await self._observe(rs, body, index, pod_index)
         decision = reconcile.decide(obs)
+        if rs.first_pass:  # a gang's Service and pod group come after its Job: a restart in between left them out
+            await self._create(rs, body, obs, dataclasses.replace(decision, create=reconcile.running_gangs(obs)),
+                               logger)
         refused, blocked = await self._create(rs, body, obs, decision, logger)
         if refused or blocked:  # decide again knowing what the API server refused; nothing else is created
             obs = dataclasses.replace(obs, create_refused=refused, create_blocked=blocked)

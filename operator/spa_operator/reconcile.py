@@ -45,7 +45,7 @@ from spa_operator.tenancy import violation
 
 # The core's face: `decide` and the data it maps (defined in core_types).
 __all__ = ["Create", "Decision", "JobView", "Observed", "PodView", "Settings", "WorkloadView", "decide",
-           "job_name_of", "manifests_to_read", "workloads_needed"]
+           "job_name_of", "manifests_to_read", "running_gangs", "workloads_needed"]
 
 STAGE_METRICS = (K.PAIRS, K.DROPPED_IDENTICAL, K.DROPPED_EMPTY, K.RESPONSES, K.REWARD_GAP, K.CONFIDENCE, K.LOSS,
                  K.REWARD_ACCURACY, K.REFINED_FRACTION, K.HELDOUT_AGREEMENT, K.TOKENS_PER_S, "wall_s",
@@ -363,6 +363,15 @@ def workloads_needed(spec: Any, status: Mapping[str, Any]) -> bool:
     """Whether the decision needs the run's Kueue Workloads: a run with queueName that is, or is resuming from,
     suspended (the kopf layer reads them only then)."""
     return bool(spec is not None and spec.queue_name and (spec.suspend or status.get("phase") == SUSPENDED))
+
+
+def running_gangs(obs: Observed) -> tuple[Create, ...]:
+    """The attempts of this run whose multi-node Job runs: creating their objects again (the Job answers 409, its
+    Service and pod group are created if missing) repairs what a restart between the creates left out."""
+    by_key = {s.key: s for s in obs.graph}
+    return tuple(Create(by_key[v.stage_key], v.attempt) for v in obs.jobs
+                 if v.gang > 1 and v.state in ("active", "suspended") and v.owner_uid == obs.uid
+                 and v.stage_key in by_key and not v.deleting)
 
 
 def job_name_of(obs: Observed, stage: PlannedStage, attempt: int) -> str:

@@ -115,6 +115,29 @@ INVALID = [
     (with_(("spec.evaluation", {"winRate": {"prompts": "s3://d/p.jsonl",
                                             "judge": {"endpoint": "judge:8000", "model": "m"}}})),
      "spec.evaluation.winRate.judge.endpoint"),
+    # Issue 20: pod overrides never reach what the operator sets (the rendezvous, the stage, credentials), nor
+    # Kubernetes', Kueue's, gang schedulers' or the operator's own keys. Issue 18: free-form objects are bounded.
+    (with_(("spec.resources", {"train": {"env": [{"name": "NCCL_DEBUG", "value": "INFO"},
+                                                 {"name": "MASTER_ADDR", "value": "evil"}]}})),
+     "spec.resources.train.env"),
+    (with_(("spec.resources", {"seedTrain": {"env": [{"name": "SPA_STAGE_KEY", "value": "x"}]}})),
+     "spec.resources.seedTrain.env"),
+    (with_(("spec.resources", {"generate": {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]}})),
+     "spec.resources.generate.env"),
+    (with_(("spec.resources", {"train": {"env": [{"name": "NCCL=1", "value": "x"}]}})),
+     "spec.resources.train.env[0].name"),
+    (with_(("spec.resources", {"train": {"labels": {"scheduling.x-k8s.io/pod-group": "other-gang"}}})),
+     "spec.resources.train.labels"),
+    (with_(("spec.resources", {"train": {"annotations": {"container.apparmor.security.beta.kubernetes.io/worker":
+                                                         "unconfined"}}})), "spec.resources.train.annotations"),
+    (with_(("spec.resources", {"train": {"extraResources": {"memory": "1Ti"}}})),
+     "spec.resources.train.extraResources"),
+    (with_(("spec.resources", {"train": {"extraResources": {"rdma/ib": "lots"}}})),
+     "spec.resources.train.extraResources.rdma/ib"),
+    (with_(("spec.resources", {"train": {"capabilities": ["ipc_lock"]}})), "spec.resources.train.capabilities[0]"),
+    (with_(("spec.evaluation", {"winRate": {"prompts": "s3://d/p.jsonl", "judge": {
+        "endpoint": "http://judge:8000/v1", "model": "m", "extraBody": {f"k{i}": i for i in range(17)}}}})),
+     "spec.evaluation.winRate.judge.extraBody"),
 ]
 IDS = [f"{i:02d}-{field}" for i, (_, field) in enumerate(INVALID)]
 

@@ -27,6 +27,17 @@ WIN_RATE = {"winRate": {"prompts": "s3://d/w.jsonl", "judge": {"endpoint": "http
                                                                 "model": "j", "secretRef": {"name": "judge-key"}}}}
 
 
+async def run_to_the_end(cluster, doc: dict[str, Any], **cfg: Any) -> str:
+    """One run through an operator configured with `cfg`, its Jobs completing at once; its final phase."""
+    op = OperatorRunner(cluster.url, ["ns"], store_factory=lambda run, secret: Store(done=True), **cfg)
+    async with Harness(cluster, {}, instant=True):
+        await op.start()
+        await cluster.create_run(doc)
+        outcome = await finish(cluster, doc["metadata"]["name"], timeout=30)
+        await op.stop()
+    return outcome
+
+
 def validated(job: dict[str, Any]) -> dict[str, Any]:
     kubernetes_validate.validate(job, desired_version=kubernetes_validate.latest_version(), strict=True)
     return job
@@ -71,12 +82,7 @@ async def test_a_run_naming_what_the_platform_does_not_allow_fails_naming_the_fi
 async def test_worker_pods_mount_no_token_by_default(cluster):
     """The cluster-wide install sets no worker account, so pods run as the namespace's `default`: they must not
     get its token (workers talk to S3, never to the API)."""
-    op = OperatorRunner(cluster.url, ["ns"], store_factory=lambda run, secret: Store(done=True))
-    async with Harness(cluster, {}, instant=True):
-        await op.start()
-        await cluster.create_run(run_doc("plain", iterations=1))
-        assert await finish(cluster, "plain", timeout=30) == "Succeeded"
-        await op.stop()
+    assert await run_to_the_end(cluster, run_doc("plain", iterations=1)) == "Succeeded"
     pods = [validated(j)["spec"]["template"]["spec"] for j in cluster.jobs().values()]
     assert len(pods) >= 5
     assert all(p["automountServiceAccountToken"] is False and "serviceAccountName" not in p for p in pods)
@@ -89,18 +95,13 @@ async def test_chart_defaults_and_a_runs_overrides_reach_the_pods(cluster):
             "extraResources": {"rdma/ib": "1"}, "env": [{"name": "NCCL_IB_HCA", "value": "mlx5"}],
             "tolerations": [{"key": "rdma", "operator": "Exists", "effect": "NoSchedule"}],
             "capabilities": ["IPC_LOCK"]}))
-    op = OperatorRunner(cluster.url, ["ns"], store_factory=lambda run, secret: Store(done=True),
-                        pod_defaults=defaults)
     train = {"gpus": 8, "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
              "annotations": {"k8s.v1.cni.cncf.io/networks": "rdma-net"},
              "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
                  {"matchExpressions": [{"key": "fabric", "operator": "In", "values": ["ib-a"]}]}]}}},
              "schedulerName": "fabric-aware"}
-    async with Harness(cluster, {}, instant=True):
-        await op.start()
-        await cluster.create_run(run_doc("fabric", iterations=1, resources={"train": train}))
-        assert await finish(cluster, "fabric", timeout=30) == "Succeeded"
-        await op.stop()
+    doc = run_doc("fabric", iterations=1, resources={"train": train})
+    assert await run_to_the_end(cluster, doc, pod_defaults=defaults) == "Succeeded"
     by_stage = {j["metadata"]["annotations"]["spa.dev/stage-key"]: validated(j) for j in cluster.jobs().values()}
     pod = by_stage["iter-01/train"]["spec"]["template"]
     c = pod["spec"]["containers"][0]
@@ -159,3 +160,26 @@ async def test_gang_scheduler_gets_a_pod_group_and_an_incomplete_gang_shows_and_
     assert (seed["attempts"], seed["failures"]) == (2, 1)
     failed = [e["message"] for e in cluster.events() if e["reason"] == "StageFailed"]
     assert any("1/2 pods scheduled" in m and "pending timeout" in m for m in failed), failed
+
+
+async def test_a_restarted_operator_creates_the_service_a_running_gang_lacks(cluster):
+    """A gang's Service (and pod group) is created after its Job, owned by it: an operator stopped between the two
+    creates leaves the Job without it, so the next operator creates it on its first look at the run."""
+    op = OperatorRunner(cluster.url, ["ns"], store_factory=lambda run, secret: Store(done=True))
+    durations = iter([0.1])  # validate finishes, then seed-train keeps running
+
+    async with Harness(cluster, {}, instant=True, instant_after=lambda: next(durations, 600.0)):
+        await op.start()
+        await cluster.create_run(run_doc("gang", resources={"seedTrain": {"nodes": 2}}))
+        job = await wait_for(lambda: next((n for n in cluster.jobs() if "seed-train" in n), None), 30,
+                             "the gang's Job")
+        await wait_for(lambda: cluster._object("v1/services", "ns", job) is not None, 10, "its Service")
+        await op.stop()
+        status, _ = await cluster.request("DELETE", f"/api/v1/namespaces/ns/services/{job}")
+        assert status == 200 and cluster._object("v1/services", "ns", job).deleted
+        await op.start()
+        await wait_for(lambda: not cluster._object("v1/services", "ns", job).deleted, 20, "the Service again")
+        await op.stop()
+    owner = cluster._object("v1/services", "ns", job).raw["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"]) == ("Job", cluster.jobs()[job]["metadata"]["uid"])
+    assert not [n for n in cluster.all_jobs_ever() if "seed-train" in n and n != job]  # no second attempt
