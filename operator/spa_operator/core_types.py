@@ -1,8 +1,8 @@
 """The decision core's vocabulary: what was observed about one run (`Observed`, with its Job, pod and Workload views
 and the operator `Settings` decisions depend on), what the decision concluded (`Outcome`), and what to do
 (`Decision`, with the `Event`s and `MetricValues` of the new status). Plain frozen data, importing nothing of the
-operator but the planner: `reconcile.decide` maps observations to an outcome and actions, `status.render` turns the
-outcome into the new status in one pass, `observe` builds the views from the API objects."""
+operator but the planner and the allow-lists: `reconcile.decide` maps observations to an outcome and actions,
+`status.render` turns the outcome into the new status in one pass, `observe` builds the views from the API objects."""
 
 from __future__ import annotations
 
@@ -13,12 +13,19 @@ from typing import Any
 from spa_workers.contract import StageManifest
 
 from spa_operator.planner import PlannedStage
+from spa_operator.tenancy import Allowed
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 PHASES = (PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED)
 QUEUED = "queued"  # the waiting reason of a Job Kueue has not admitted yet
 # An active Job without any pod this long after its creation: the pod was refused (Pod Security admission, quota).
 NO_POD = "NoPodCreated"
+GANG_INCOMPLETE = "gang incomplete"  # a multi-node stage with some of its pods unschedulable
+
+
+def gang_incomplete(placed: int, size: int, reason: str) -> str:
+    """The waiting reason of a gang whose pods are not all placed: "gang incomplete: 1/2 pods scheduled (...)"."""
+    return f"{GANG_INCOMPLETE}: {placed}/{size} pods scheduled ({reason})"
 
 # ------------------------------------------------------------------------------------------------- observations
 
@@ -34,6 +41,7 @@ class PodView:
     live: bool  # not Succeeded/Failed (terminating ones included): it may still write to storage
     waiting: str = ""  # why it does not run: a container waiting reason or the PodScheduled reason; "" if running
     since: float = 0.0  # wall clock (Unix s) the pod was created
+    scheduled: bool = True  # False while the scheduler says it cannot place it (PodScheduled False)
     terminating: bool = False  # has a deletionTimestamp: deleted, but its containers may still run
 
 
@@ -52,6 +60,7 @@ class JobView:
     deleting: bool = False  # has a deletionTimestamp: its attempt is over
     finished_at: float = 0.0  # monotonic time the operator first saw it finished (for the latency metric)
     suspended_since: float = 0.0  # wall clock of its Suspended condition (the last suspend); 0: not known
+    gang: int = 0  # a multi-node stage's Job: the pods that must all run (its parallelism); 0: not a gang
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +79,9 @@ class Settings:
 
     pending_timeout_s: float | None = None  # a pod waiting (not queued) this long fails its attempt; None: never
     queued_timeout_s: float | None = None  # a Job Kueue has not admitted this long fails its attempt; None: never
-    allowed_images: tuple[str, ...] = ()  # image prefixes worker images must start with; empty: any
+    # What runs may name: images, judge endpoints, accounts, Secrets, capabilities (tenancy.Allowed).
+    allowed: Allowed = dataclasses.field(default_factory=Allowed)
+    worker_service_account: str | None = None  # the operator's own worker account: a run may always name it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +154,6 @@ class MetricValues:
     quality: Mapping[tuple[str, str], float]  # (iteration, metric key) -> value, for succeeded stages
     outcomes: Sequence[tuple[str, str]] = ()  # (stage, outcome) of attempts that finished in this decision
     durations: Sequence[tuple[str, float]] = ()  # (stage, seconds) of stages that succeeded in this decision
-
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ import kopf
 from prometheus_client import generate_latest
 
 from spa_operator import crd, jobs, reconcile, status
-from spa_operator.config import Config
+from spa_operator.config import Config, SettingError
 from spa_operator.core_types import Decision, JobView, Observed, PodView, Settings
 from spa_operator.informer import Informer
 from spa_operator.kubeapi import ADMISSION, QUOTA, ApiError, KubeApi, api_error, forbidden_kind
@@ -49,6 +49,7 @@ from spa_operator.observe import (
     RunState,
     first_difference,
     job_view,
+    older_version,
     pod_view,
     run_root,
     validate_for_cluster,
@@ -91,7 +92,8 @@ class Controller(Observer):
         self.runs: dict[str, RunState] = {}
         self.secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = {}
         self.clients = ClientCache()
-        self.settings = Settings(cfg.pending_timeout_s, cfg.queued_timeout_s, tuple(cfg.allowed_images))
+        self.settings = Settings(cfg.pending_timeout_s, cfg.queued_timeout_s, cfg.allowed(),
+                                 cfg.worker_service_account)
         self.healthy = False  # the process serves and works (liveness)
         self.leading = True  # False while a replica waits for the Lease
         self.elector: LeaseElector | None = None
@@ -165,8 +167,15 @@ class Controller(Observer):
             return None
         rs.generation = meta.get("generation")
         rs.namespace = meta.get("namespace", "")
+        if rs.stale is not None:  # a status patch was refused (409): wait until the newer version has arrived
+            if not older_version(rs.stale, meta.get("resourceVersion")):
+                return self.cfg.retry_s
+            rs.stale = None
         obs = await self._observe(rs, body, index, pod_index)
         decision = reconcile.decide(obs)
+        if rs.first_pass:  # a gang's Service and pod group come after its Job: a restart in between left them out
+            await self._create(rs, body, obs, dataclasses.replace(decision, create=reconcile.running_gangs(obs)),
+                               logger)
         refused, blocked = await self._create(rs, body, obs, decision, logger)
         if refused or blocked:  # decide again knowing what the API server refused; nothing else is created
             obs = dataclasses.replace(obs, create_refused=refused, create_blocked=blocked and blocked[0],
@@ -217,11 +226,15 @@ class Controller(Observer):
                           kind=body.get("kind", crd.KIND))
         for todo in decision.create:
             objects = jobs.build_stage_objects(todo.stage, todo.attempt, ref, obs.spec, self.cfg.worker_image,
-                                               self.cfg.worker_service_account, self.cfg.worker_metrics_port)
-            for obj in objects:
+                                               self.cfg.worker_service_account, self.cfg.worker_metrics_port,
+                                               self.cfg.pod_defaults, self.cfg.gang_scheduling)
+            job_uid = ""
+            for obj in objects:  # the Job first; what it owns (Service, pod group) gets its uid
+                if obj["kind"] != "Job":
+                    obj = jobs.owned_by(obj, job_uid)
                 what = f"{obj['kind']} {obj['metadata']['name']}"
                 try:
-                    created, owner = await self.api.create(obj)
+                    created, owner, uid = await self.api.create(obj)
                 except ApiError as e:
                     if e.status == 403:
                         return refused, self._denied(rs, obj, what, e, logger)
@@ -234,7 +247,9 @@ class Controller(Observer):
                     logger.warning(f"creating {what} failed: {type(e).__name__}; will retry")
                     return refused, (f"creating {what} failed: {type(e).__name__}", "JobCreationBlocked")
                 rs.denied, rs.denials = None, 0
-                if owner is not None and owner != rs.uid:
+                if obj["kind"] == "Job":
+                    job_uid = uid
+                if owner is not None and owner != (rs.uid if obj["kind"] == "Job" else job_uid):
                     return refused, (f"{what} already exists and belongs to another owner (uid {owner or 'none'}); "
                                      f"it must be deleted before this run can go on", "JobCreationBlocked")
                 if created is not None and obj["kind"] == "Job":  # its ADDED event then brings nothing new
@@ -288,9 +303,9 @@ class Controller(Observer):
             logger.warning(f"could not {what}: {api_error(e)}")
 
     async def _write(self, rs: RunState, body: Any, obs: Observed, new: dict[str, Any], logger: Any) -> None:
-        """Patch the status to `new`, only if the run is still at the resourceVersion it was observed at. On 409 the
-        run is read again and decided at once: someone else wrote in between (kopf's finalizer, a user, or a
-        replica that took the Lease over), and a status decided from the older view must not overwrite theirs."""
+        """Patch the status to `new`, only if the run is still at the resourceVersion it was observed at. On 409
+        someone else wrote in between (a user, or a replica that took the Lease over): a status decided from the
+        older view must not overwrite theirs, so the run is decided again once their version has arrived."""
         old = obs.status
         patch = status.merge_patch(old, new)
         if not patch:
@@ -301,13 +316,10 @@ class Controller(Observer):
         try:
             version = await self.api.patch_status(ns, name, patch, rs.basis)
         except ApiError as e:
-            if e.status == 409:
-                logger.info("status changed since it was read; reading the run again")
-                with contextlib.suppress(Exception):
-                    fresh = await self.api.read_run(ns, name)
-                    rs.written = (str(fresh.get("metadata", {}).get("resourceVersion") or ""),
-                                  dict(fresh.get("status") or {}))
-                raise _RetrySoon(0.0) from None
+            if e.status == 409:  # decide again once the newer version reaches the run's watch (it wakes this run)
+                logger.info("the run changed since it was read; deciding again from the newer version")
+                rs.stale, rs.written = rs.basis, None
+                raise _RetrySoon from None
             logger.warning(f"status update failed: {api_error(e)}; will retry")
             raise _RetrySoon from None
         except Exception as e:
@@ -390,13 +402,16 @@ async def cleanup(memo: Any, **_: Any) -> None:
 
 @kopf.on.event(*RUNS)
 async def run_changed(body: Any, memo: Any, **_: Any) -> None:
-    """Wake the run's reconciler when its spec changed (a new generation); its own status patches do not.
+    """Wake the run's reconciler when its spec changed (a new generation), or when a version newer than the one its
+    refused status patch was decided from arrived; its own status patches do not.
 
     An event handler rather than on.update: kopf then keeps no diff base (no annotation write per run, no essence
     computed per event); the reconciler compares specs itself."""
     ctl = _ctl(memo)
     rs = ctl.runs.get(_uid(body))
-    if rs is not None and body.get("metadata", {}).get("generation") != rs.generation:
+    meta = body.get("metadata", {})
+    if rs is not None and (meta.get("generation") != rs.generation
+                           or (rs.stale is not None and older_version(rs.stale, meta.get("resourceVersion")))):
         rs.waker.set()
 
 
@@ -566,8 +581,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # kopf logs every handled Job event at INFO; transitions are Events and metrics
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    cfg = Config.from_env(namespaces=args.namespace, metrics_port=args.metrics_port or None,
-                          worker_image=args.worker_image)
+    try:
+        cfg = Config.from_env(namespaces=args.namespace, metrics_port=args.metrics_port or None,
+                              worker_image=args.worker_image)
+    except SettingError as e:
+        print(f"spa-operator: error: {e}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(run_operator(cfg))
     except NoCluster as e:

@@ -50,10 +50,11 @@ def job_view(body: Any) -> JobView:
     labels = meta.get("labels") or {}
     annotations = meta.get("annotations") or {}
     owner = next((o.get("uid", "") for o in meta.get("ownerReferences") or [] if o.get("controller")), "")
+    gang = _int(spec.get("parallelism")) if ((spec.get("template") or {}).get("spec") or {}).get("subdomain") else 0
     return JobView(meta.get("name", ""), annotations.get(jobs.ANNOTATION_STAGE_KEY, ""),
                    _int(labels.get(jobs.LABEL_ATTEMPT)), state, permanent, reason[:500], owner,
                    parse_iso(meta.get("creationTimestamp")) or 0.0, bool(meta.get("deletionTimestamp")),
-                   time.monotonic() if state in ("succeeded", "failed") else 0.0, suspended_since)
+                   time.monotonic() if state in ("succeeded", "failed") else 0.0, suspended_since, gang)
 
 
 def pod_view(body: Any) -> PodView:
@@ -68,16 +69,15 @@ def pod_view(body: Any) -> PodView:
         if reason and reason not in ("ContainerCreating", "PodInitializing"):
             waiting = reason
             break
-    if not waiting and phase == "Pending":
-        sched = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), {})
-        if sched.get("status") == "False":
-            waiting = sched.get("reason") or "Unschedulable"
+    sched = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), {})
+    if not waiting and phase == "Pending" and sched.get("status") == "False":
+        waiting = sched.get("reason") or "Unschedulable"
     stage_key = (meta.get("annotations") or {}).get(jobs.ANNOTATION_STAGE_KEY, "")
     # A pod with a deletionTimestamp is still live until its phase says it ended: on a node cut off from the API
     # server its containers run on (and write to storage) for as long as the node is away.
     return PodView(meta.get("name", ""), labels.get("job-name", ""), stage_key, _int(labels.get(jobs.LABEL_ATTEMPT)),
                    phase not in ("Succeeded", "Failed"), waiting, parse_iso(meta.get("creationTimestamp")) or 0.0,
-                   bool(meta.get("deletionTimestamp")))
+                   sched.get("status") != "False", bool(meta.get("deletionTimestamp")))
 
 
 def workload_view(body: Any, run_uid: str) -> WorkloadView:
@@ -116,6 +116,7 @@ class RunState:
     # reaches that version, the written status is the newest one.
     written: tuple[str, dict[str, Any]] | None = None
     basis: str | None = None  # the resourceVersion of the status the last decision started from (its precondition)
+    stale: str | None = None  # a status patch decided from this version was refused (409): wait for a newer one
     # The last 403 on create (why, condition reason), how many in a row, and when creating may be tried again.
     denied: tuple[str, str] | None = None
     denials: int = 0
@@ -203,7 +204,7 @@ class Observer:
         come first), then the status written. Its resourceVersion is kept (`rs.basis`): the status patch that
         follows applies only if the run is still at it."""
         version = body.get("metadata", {}).get("resourceVersion")
-        if rs.written is not None and _older(version, rs.written[0]):
+        if rs.written is not None and older_version(version, rs.written[0]):
             rs.basis = rs.written[0]
             return rs.written[1]
         rs.basis = str(version) if version else None
@@ -286,7 +287,7 @@ class Observer:
                                    secret_problem=secret_problem, progress=progress)
 
 
-def _older(version: Any, than: str) -> bool:
+def older_version(version: Any, than: str) -> bool:
     """Whether resourceVersion `version` predates `than`. They are etcd revisions on every API server in use;
     where one is not a number, only "not the same" is known, and the body is taken as older."""
     try:

@@ -41,15 +41,17 @@ from spa_operator.core_types import (
     PodView,
     Settings,
     WorkloadView,
+    gang_incomplete,
 )
-from spa_operator.jobs import images_of, job_name
+from spa_operator.jobs import job_name
 from spa_operator.planner import Action, PlannedStage, StageResult, StageState, plan_next_stage
 from spa_operator.status import iso, terminal
+from spa_operator.tenancy import violation
 
 # The core's face: `decide` and the data it maps (defined in core_types).
 __all__ = ["FAILED", "PENDING", "RUNNING", "SUCCEEDED", "SUSPENDED", "Create", "Decision", "JobView", "Observed",
-           "PodView", "Settings", "WorkloadView", "decide", "iso", "job_name_of", "manifests_to_read", "terminal",
-           "workloads_needed"]
+           "PodView", "Settings", "WorkloadView", "decide", "iso", "job_name_of", "manifests_to_read", "running_gangs",
+           "terminal", "workloads_needed"]
 
 STAGE_METRICS = (K.PAIRS, K.DROPPED_IDENTICAL, K.DROPPED_EMPTY, K.RESPONSES, K.REWARD_GAP, K.CONFIDENCE, K.LOSS,
                  K.REWARD_ACCURACY, K.REFINED_FRACTION, K.HELDOUT_AGREEMENT, K.TOKENS_PER_S, "wall_s",
@@ -136,6 +138,11 @@ def _waiting(obs: Observed, job: JobView, queued: bool) -> tuple[str, float] | N
     if not waiting:
         return None
     first = min(waiting, key=lambda p: p.since)
+    if job.gang > 1 and not first.scheduled:  # the placed ranks hold their GPUs and wait for the others
+        pods = [p for p in obs.pods if p.job == job.name]
+        unplaced = sum(1 for p in pods if p.live and not p.scheduled)
+        placed = min(sum(1 for p in pods if p.scheduled), job.gang - unplaced)  # (a finished rank was placed)
+        return gang_incomplete(placed, job.gang, first.waiting), first.since
     return first.waiting, first.since
 
 
@@ -266,9 +273,9 @@ def decide(obs: Observed) -> Decision:
         _fail_record(rec, results[key].failures, results[key].reason)
         records[key] = rec
     delete_jobs = tuple(r.timed_out for r in readings.values() if r.timed_out)
-    image_problem = _image_problem(obs)
-    if image_problem:
-        return _failed(obs, "ImageNotAllowed", image_problem, records)
+    refused = violation(spec, obs.settings.allowed, obs.settings.worker_service_account)
+    if refused is not None:
+        return _failed(obs, refused.reason, f"{refused.field}: {refused.message}", records)
 
     plan = plan_next_stage(spec, obs.root, results, obs.graph or None)
     if plan.action is Action.FAILED:
@@ -358,18 +365,17 @@ def workloads_needed(spec: Any, status: Mapping[str, Any]) -> bool:
     return bool(spec is not None and spec.queue_name and (spec.suspend or status.get("phase") == SUSPENDED))
 
 
+def running_gangs(obs: Observed) -> tuple[Create, ...]:
+    """The attempts of this run whose multi-node Job runs: creating their objects again (the Job answers 409, its
+    Service and pod group are created if missing) repairs what a restart between the creates left out."""
+    by_key = {s.key: s for s in obs.graph}
+    return tuple(Create(by_key[v.stage_key], v.attempt) for v in obs.jobs
+                 if v.gang > 1 and v.state in ("active", "suspended") and v.owner_uid == obs.uid
+                 and v.stage_key in by_key and not v.deleting)
+
+
 def job_name_of(obs: Observed, stage: PlannedStage, attempt: int) -> str:
     return job_name(obs.name, stage.iteration, stage.stage, attempt)
-
-
-def _image_problem(obs: Observed) -> str | None:
-    allowed = obs.settings.allowed_images
-    if not allowed or obs.spec is None:
-        return None
-    for field, image in images_of(obs.spec):
-        if not any(image.startswith(prefix) for prefix in allowed):
-            return f"{field}: image {image} is not allowed here (allowed: {', '.join(allowed)})"
-    return None
 
 
 def _failed(obs: Observed, reason: str, message: str, records: dict[str, dict[str, Any]],

@@ -16,6 +16,7 @@ from spa_workers.contract import ManifestKeys as K
 
 from spa_operator.core_types import (
     FAILED,
+    GANG_INCOMPLETE,
     NO_POD,
     PENDING,
     PHASES,
@@ -125,7 +126,8 @@ def _message(outcome: Outcome, records: Mapping[str, Mapping[str, Any]], by_key:
     if waiting:
         parts.append("; ".join(f"{k}: {w[0]}" if w[0] == QUEUED else
                                f"{k}: no pod created (refused by admission or quota? see the Job's Events)"
-                               if w[0] == NO_POD else f"{k}: pod waiting: {w[0]}" for k, w in waiting.items()))
+                               if w[0] == NO_POD else f"{k}: {w[0]}" if w[0].startswith(GANG_INCOMPLETE)
+                               else f"{k}: pod waiting: {w[0]}" for k, w in waiting.items()))
     rest = [k for k in by_key if (records.get(k) or {}).get("state") == RUNNING and k not in waiting]
     if rest:
         parts.append(f"running {', '.join(rest)}")
