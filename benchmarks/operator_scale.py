@@ -185,6 +185,11 @@ async def bench(n: int, timeout: float, job_seconds: float | None = None, pods: 
             with open(path, "w") as fh:
                 fh.write(contract.StageManifest(stage=args.stage, files={}).to_json())
 
+    if os.environ.get("SPA_BENCH_DEBUG"):  # kill -USR1 <this process>: every task's stack to stderr
+        def dump_tasks() -> None:
+            for task in asyncio.all_tasks():
+                task.print_stack(limit=8)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_tasks)
     async with start_cluster(validate_runs=False) as cluster:
         rng = random.Random(n)
         harness = Harness(cluster, env={}, instant=True, on_instant=write_manifests, instant_pods=pods,

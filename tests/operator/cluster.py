@@ -90,6 +90,10 @@ class Emulator(kmock.KubernetesEmulator):
     verbs: set[tuple[str, str, str, str | None, str]] = attrs.field(factory=set, init=False)
     # (user agent, resource plural) -> watch events sent (the operator's kopf pays for each one; benchmarks count them)
     watch_events: collections.Counter[tuple[str, str]] = attrs.field(factory=collections.Counter, init=False)
+    # resource -> namespace (None: all) -> the queues of the watches open there; one bus reader per resource feeds them
+    _watchers: dict[Any, dict[str | None, set[asyncio.Queue[Any]]]] = attrs.field(factory=dict, init=False)
+    _dispatchers: dict[Any, tuple[asyncio.Future[None], asyncio.Event]] = attrs.field(factory=dict, init=False)
+    _sizes: dict[Any, int] = attrs.field(factory=dict, init=False)  # object -> its JSON length, or more
 
     async def _handle(self, request: Any) -> Any:
         plural = request.resource.plural if request.resource is not None else ""
@@ -131,6 +135,9 @@ class Emulator(kmock.KubernetesEmulator):
             self.deletions[request.name] = request.params.get("propagationPolicy") or \
                 options.get("propagationPolicy") or ""
         if request.action == kmock_enums.action.DELETE and request.name is not None:
+            graceful = await self._delete_pod_gracefully(request, plural)
+            if graceful is not None:
+                return graceful
             # A deletion (or a deletionTimestamp set) is a change with a resourceVersion of its own; kmock keeps
             # the old one, which a watch from a later version would then leave out.
             stored = self._objects._objects.get((request.resource, request.namespace, request.name))
@@ -157,6 +164,29 @@ class Emulator(kmock.KubernetesEmulator):
             return await super()._handle(request)
         finally:
             self._inflight.discard(id(request))
+
+    async def _delete_pod_gracefully(self, request: Any, plural: str) -> Any:
+        """Deleting a pod that may still run only marks it (deletionTimestamp, deletionGracePeriodSeconds): it stays
+        until its kubelet (the harness) has stopped its containers and removes it with gracePeriodSeconds 0, as the
+        API server's graceful deletion of pods works. Returns the response, or None where kmock deletes at once."""
+        if plural != "pods":
+            return None
+        options = request.data if isinstance(request.data, dict) else {}
+        grace = str(request.params.get("gracePeriodSeconds", options.get("gracePeriodSeconds", 30)))
+        stored = self._objects._objects.get((request.resource, request.namespace, request.name))
+        if grace == "0" or stored is None or stored.deleted:
+            return None
+        meta = stored.raw.get("metadata", {})
+        if meta.get("deletionTimestamp"):
+            return aiohttp.web.json_response(stored.raw)
+        if (stored.raw.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            return None
+        self.revision += 1
+        async with self._lock:
+            stored.patch({"metadata": {"deletionTimestamp": now_iso(), "deletionGracePeriodSeconds": int(grace),
+                                       "resourceVersion": str(self.revision)}})
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": stored.raw})
+        return aiohttp.web.json_response(stored.raw)
 
     def __iter__(self) -> Any:
         """The requests kmock matches its reactions against. kmock decides which reaction serves a request by
@@ -188,31 +218,44 @@ class Emulator(kmock.KubernetesEmulator):
         return result
 
     async def _serve_watch(self, request: Any) -> Any:
-        """A watch as the API server serves it: the matching events (below) until `timeoutSeconds` has passed (then
-        the server closes the stream), with a BOOKMARK every `faults.bookmark_s` and one right before the deadline
-        for clients that allow bookmarks. A watch `faults.stall_watch` picks sends its headers and then nothing,
-        never closing: what a client sees when a connection dies silently (a NAT or a proxy dropping it)."""
+        """A watch as the API server serves it: the objects that changed after the request's resourceVersion (all,
+        without one), then each change, filtered by namespace, name and labelSelector (an object that stops matching
+        is sent as DELETED, one that starts as ADDED), until `timeoutSeconds` has passed (then the server closes the
+        stream), with a BOOKMARK every `faults.bookmark_s` and one right before the deadline for clients that allow
+        bookmarks. A watch `faults.stall_watch` picks sends its headers and then nothing, never closing: what a client
+        sees when a connection dies silently (a NAT or a proxy dropping it).
+
+        Served from one subscription per resource that hands each change to the watches of its namespace (kmock's
+        own watch made every watch read every change of the resource: with hundreds of watches, as 100 watched
+        namespaces open, the emulator spent its time there)."""
+        yield b""  # the headers: the client's watch is open
         if self.faults.stall_watch is not None and self.faults.stall_watch(request):
-            yield b""
             await asyncio.Event().wait()
         loop = asyncio.get_running_loop()
         timeout = float(request.params.get("timeoutSeconds") or 0)
         end = loop.time() + timeout if timeout > 0 else None
         every = self.faults.bookmark_s if request.params.get("allowWatchBookmarks") == "true" else None
         next_bookmark = loop.time() + every if every else None
-        # One task drives kmock's stream (its bus wants a single consumer task); this one adds deadlines to it.
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        done = object()
-
-        async def feed() -> None:
-            try:
-                async for event in self._matching_events(request):
-                    await queue.put(event)
-            finally:
-                queue.put_nowait(done)
-
-        feeder = asyncio.ensure_future(feed())
+        match = _selector(request)
+        sent = (request.headers.get("User-Agent", "") or "", request.resource.plural)
+        queue = await self._subscribe(request.resource, request.namespace)
         try:
+            since = str(request.params.get("resourceVersion") or "")
+            since_rv = int(since) if since.isdigit() and since != "0" else None
+            matching: set[tuple[str, str]] = set()
+            for (res, ns, name), stored in list(self._objects.items()):
+                if res != request.resource or stored.deleted or request.namespace not in (None, ns) \
+                        or request.name not in (None, name):
+                    continue
+                obj = stored.raw
+                if not match(obj):
+                    continue
+                matching.add((ns, name))
+                rv = str(obj.get("metadata", {}).get("resourceVersion") or "")
+                if since_rv is None or not rv.isdigit() or int(rv) > since_rv:  # the client listed the rest
+                    self._note_served(request, [obj])
+                    self.watch_events[sent] += 1
+                    yield {"type": "ADDED", "object": obj}
             while True:
                 wake = min((t for t in (end, next_bookmark) if t is not None), default=None)
                 try:
@@ -225,53 +268,46 @@ class Emulator(kmock.KubernetesEmulator):
                     yield self._bookmark()
                     next_bookmark = loop.time() + (every or 0)
                     continue
-                if event is done:
-                    return
-                yield event
+                obj = event.get("object") or {}
+                meta = obj.get("metadata", {})
+                key = (meta.get("namespace", ""), meta.get("name", ""))
+                if request.name is not None and key[1] != request.name:
+                    continue
+                if match(obj) and event.get("type") != "DELETED":
+                    kind = "MODIFIED" if key in matching else "ADDED"
+                    matching.add(key)
+                elif key in matching:
+                    kind = "DELETED"
+                    matching.discard(key)
+                else:
+                    continue
+                self._note_served(request, [obj])
+                self.watch_events[sent] += 1
+                yield {**event, "type": kind}
         finally:
-            feeder.cancel()
+            self._watchers[request.resource][request.namespace].discard(queue)
 
     def _bookmark(self) -> dict[str, Any]:
         return {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": str(self.revision)}}}
 
-    async def _matching_events(self, request: Any) -> Any:
-        """kmock's watch, filtered by the labelSelector as the API server filters it: an object that stops matching
-        is sent as DELETED, one that starts matching as ADDED."""
-        match = _selector(request)
-        matching: set[tuple[str, str]] = set()
-        sent = (request.headers.get("User-Agent", "") or "", request.resource.plural if request.resource else "")
-        # A watch from resourceVersion N sends only what changed after N (the client has the rest from its list);
-        # kmock replays every object first: those at or before N are left out here.
-        since = str(request.params.get("resourceVersion") or "")
-        known: dict[tuple[str, str], str] = {}
-        if since.isdigit() and since != "0":
-            for (res, ns, name), stored in list(self._objects.items()):
-                rv = str(stored.raw.get("metadata", {}).get("resourceVersion") or "") if not stored.deleted else ""
-                if res == request.resource and (request.namespace in (None, ns)) and rv.isdigit() \
-                        and int(rv) <= int(since):
-                    known[(ns, name)] = rv
-                    if match(stored.raw):
-                        matching.add((ns, name))
-        async for event in super()._serve_watch(request):
-            obj = event.get("object") if isinstance(event, dict) else None
-            if not isinstance(obj, dict):
-                yield event
-                continue
-            key = (obj.get("metadata", {}).get("namespace", ""), obj.get("metadata", {}).get("name", ""))
-            if known and event.get("type") == "ADDED" and known.get(key) == obj.get("metadata", {}).get(
-                    "resourceVersion"):
-                del known[key]  # the replay of an object the client listed
-                continue
-            if match(obj):
-                kind = "ADDED" if key not in matching and event.get("type") == "MODIFIED" else event.get("type")
-                (matching.discard if kind == "DELETED" else matching.add)(key)
-                self._note_served(request, [obj])
-                self.watch_events[sent] += 1
-                yield {**event, "type": kind}
-            elif key in matching:
-                matching.discard(key)
-                self.watch_events[sent] += 1
-                yield {**event, "type": "DELETED"}
+    async def _subscribe(self, resource: Any, namespace: str | None) -> asyncio.Queue[Any]:
+        """A queue that gets every change of `resource` in `namespace` (None: all) from now on."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._watchers.setdefault(resource, {}).setdefault(namespace, set()).add(queue)
+        if resource not in self._dispatchers:
+            reading = asyncio.Event()
+            self._dispatchers[resource] = (asyncio.ensure_future(self._dispatch(resource, reading)), reading)
+        await self._dispatchers[resource][1].wait()  # changes from here on reach the queue
+        return queue
+
+    async def _dispatch(self, resource: Any, reading: asyncio.Event) -> None:
+        by_namespace = self._watchers.setdefault(resource, {})
+        marker = await self._buses[resource].mark()
+        reading.set()
+        async for event in self._buses[resource].stream(since=marker):
+            ns = ((event.get("object") or {}).get("metadata") or {}).get("namespace")
+            for queue in (*by_namespace.get(ns, ()), *(by_namespace.get(None, ()) if ns is not None else ())):
+                queue.put_nowait(event)
 
     def _note_served(self, request: Any, objs: list[dict[str, Any]]) -> None:
         agent = request.headers.get("User-Agent", "") or ""
@@ -287,7 +323,7 @@ class Emulator(kmock.KubernetesEmulator):
         self.revision += 1
         rv = str(self.revision)
         if request.action == kmock_enums.action.CREATE:
-            data = copy.deepcopy(request.data)
+            data = request.data  # the request's own parse of its body: stamped in place
             meta = data.setdefault("metadata", {})
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault("namespace", request.namespace)
@@ -300,13 +336,15 @@ class Emulator(kmock.KubernetesEmulator):
                 if errs:
                     raise kmock.KubernetesError(status=422, reason="Invalid",
                                                 message="; ".join(f"{p}: {m}" for p, m in errs))
-            api_rules.check_stored_size(data)
+            if len(request.body) > api_rules.ETCD_MAX_BYTES / 2:
+                api_rules.check_stored_size(data)
+            self._sizes[(request.resource, meta["namespace"], meta.get("name"))] = len(request.body)
             return data
         key = (request.resource, request.namespace, request.name)
         if key not in self.objects or self.objects[key].deleted:
             return None
         old = self.objects[key].raw
-        data = copy.deepcopy(request.data)
+        data = request.data
         sent_rv = data.get("metadata", {}).get("resourceVersion") if isinstance(data, dict) else None
         if sent_rv and sent_rv != old.get("metadata", {}).get("resourceVersion"):
             # A resourceVersion in an update or patch is a precondition (the API server's optimistic concurrency:
@@ -321,11 +359,19 @@ class Emulator(kmock.KubernetesEmulator):
                 if op.get("op") == "test" and jsonpointer.resolve_pointer(old, op["path"], None) != op.get("value"):
                     raise kmock.KubernetesError(status=422, reason="Invalid", message=f"test failed: {op['path']}")
             return [*data, {"op": "add", "path": "/metadata/resourceVersion", "value": rv}]
-        new = kmock_dicts.patch_dict(copy.deepcopy(old), data)
-        api_rules.check_stored_size(new)
+        # The object after the patch, computed only where needed: a spec change (generation, CRD rules), or a size
+        # that may pass etcd's limit (each patch adds at most its own length to the last size known).
+        spec_patched = request.subresource != "status" and "spec" in data
+        size = self._sizes.get(key, 0) + len(request.body)
+        new = None
+        if spec_patched or size > api_rules.ETCD_MAX_BYTES / 2:
+            new = kmock_dicts.patch_dict(copy.deepcopy(old), data)
+            api_rules.check_stored_size(new)
+            size = len(json.dumps(new))
+        self._sizes[key] = size
         meta = data.setdefault("metadata", {})
         meta["resourceVersion"] = rv
-        if request.subresource != "status" and new.get("spec") != old.get("spec"):
+        if new is not None and spec_patched and new.get("spec") != old.get("spec"):
             meta["generation"] = int(old.get("metadata", {}).get("generation", 1)) + 1
             if res == RUNS and self.validate_runs:
                 errs = crdcheck.update_errors(old, new)
@@ -499,9 +545,13 @@ async def start_cluster(validate_runs: bool = True) -> Any:
     register(emulator)
     if validate_runs:
         crdcheck.warm()
-    async with emulator, kmock.Server(emulator, server_cls=_HttpServer) as server, \
-            aiohttp.ClientSession() as session:
-        yield Cluster(emulator, str(server.url).rstrip("/"), session)
+    try:
+        async with emulator, kmock.Server(emulator, server_cls=_HttpServer) as server, \
+                aiohttp.ClientSession() as session:
+            yield Cluster(emulator, str(server.url).rstrip("/"), session)
+    finally:
+        for task, _ in emulator._dispatchers.values():
+            task.cancel()
 
 
 async def stream_events(cluster: Cluster, path: str, handle: Callable[[dict[str, Any]], Any]) -> None:
@@ -588,12 +638,20 @@ class Harness:
         await self._stream("/apis/batch/v1/jobs?watch=true", self._on_event)
 
     async def _on_pod_event(self, event: dict[str, Any]) -> None:
-        """A pod deleted (by the operator, an orphan) stops its container, as the kubelet would."""
-        if event.get("type") == "DELETED":
-            proc = self._pod_procs.get((event.get("object") or {}).get("metadata", {}).get("name", ""))
-            if proc is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+        """A pod being deleted (an orphan, by the operator; a Job's, by the garbage collector) stops its container,
+        as the kubelet does, which then removes the pod (gracePeriodSeconds 0) once the container has ended."""
+        meta = (event.get("object") or {}).get("metadata", {})
+        if event.get("type") == "DELETED" or not meta.get("deletionTimestamp"):
+            return
+        proc = self._pod_procs.get(meta.get("name", ""))
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        if meta.get("finalizers"):  # someone else holds it (a test playing a node cut off from the API server)
+            return
+        await self._api("DELETE", f"/api/v1/namespaces/{meta.get('namespace')}/pods/{meta.get('name')}"
+                                  "?gracePeriodSeconds=0")
 
     async def _stream(self, path: str, handle: Callable[[dict[str, Any]], Any]) -> None:
         await stream_events(self.cluster, path, handle)
