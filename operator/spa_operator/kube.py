@@ -154,6 +154,8 @@ class Controller(Observer):
         rs = self.runs.get(uid)
         if rs is not None and rs.namespace == namespace:
             rs.seen_jobs.add(job)
+            if view is None:
+                rs.expected.pop(job, None)
             if view is None or rs.changed(view):
                 rs.waker.set()
 
@@ -252,8 +254,8 @@ class Controller(Observer):
                 if owner is not None and owner != (rs.uid if obj["kind"] == "Job" else job_uid):
                     return refused, (f"{what} already exists and belongs to another owner (uid {owner or 'none'}); "
                                      f"it must be deleted before this run can go on", "JobCreationBlocked")
-                if created is not None and obj["kind"] == "Job":  # its ADDED event then brings nothing new
-                    rs.saw([job_view(created)])
+                if created is not None and obj["kind"] == "Job":
+                    rs.created(job_view(created))
         return refused, None
 
     def _denied(self, rs: RunState, obj: dict[str, Any], what: str, e: ApiError,

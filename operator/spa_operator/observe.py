@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 # On a Kueue Workload this operator deactivated for spec.suspend: the run's uid (only those are reactivated on resume;
 # Kueue deactivates Workloads itself, past its requeue limit, and those stay as Kueue left them).
 PAUSED_ANNOTATION = "spa.dev/paused-by-run"
+EXPECT_S = 60.0  # how long a Job created here is expected before its watch shows it (RunState.expected)
 
 
 def job_view(body: Any) -> JobView:
@@ -124,6 +125,11 @@ class RunState:
     # Each Job and pod as the last reconcile saw it (its `unstamped` view; Jobs it created, as the API server
     # returned them): a watch event that shows nothing new to the decision wakes no reconcile.
     observed: dict[tuple[str, str], JobView | PodView] = dataclasses.field(default_factory=dict)
+    # Jobs this operator created that its Job watch has not shown yet (name -> (monotonic time, view as created)): a
+    # decision made before the watch catches up (after a refused status patch, say) sees them instead of creating
+    # them again, as client-go's ControllerExpectations do. Kept until the watch shows the Job or its deletion, or
+    # EXPECT_S passed (then a create answers 409 and the Job is adopted, as without them).
+    expected: dict[str, tuple[float, JobView]] = dataclasses.field(default_factory=dict)
     # (generation, its spec as a plain dict); the spec before any stage started; the generation whose spec was
     # last compared with the spec the run started with (the spec changes only with the generation).
     spec: tuple[int | None, dict[str, Any]] | None = None
@@ -137,6 +143,7 @@ class RunState:
         self.parsed = self.spec = self.started_spec = self.unstarted_spec = None
         self.observed.clear()
         self.seen_jobs.clear()
+        self.expected.clear()
 
     def changed(self, view: JobView | PodView) -> bool:
         """Whether a watch event's view of a Job or pod differs from what the last reconcile saw."""
@@ -144,6 +151,23 @@ class RunState:
 
     def saw(self, views: Iterable[JobView | PodView]) -> None:
         self.observed.update((_key(v), unstamped(v)) for v in views)
+
+    def created(self, view: JobView) -> None:
+        """A Job this operator created, as the API server answered: its watch event then brings nothing new, and
+        until that event arrives the Job is expected (see `expected`)."""
+        self.saw([view])
+        self.expected[view.name] = (time.monotonic(), view)
+
+    def with_expected(self, views: tuple[JobView, ...]) -> tuple[JobView, ...]:
+        """The index's Jobs plus those created here that it does not show yet; expectations met or past EXPECT_S
+        are dropped."""
+        if not self.expected:
+            return views
+        shown, now = {v.name for v in views}, time.monotonic()
+        for name, (since, _) in list(self.expected.items()):
+            if name in shown or now - since > EXPECT_S:
+                del self.expected[name]
+        return views + tuple(view for _, view in self.expected.values())
 
 
 def unstamped(view: JobView | PodView) -> JobView | PodView:
@@ -235,7 +259,8 @@ class Observer:
         if rs.spec_violation or run is None:
             return dataclasses.replace(obs, spec_violation=rs.spec_violation, spec_error=error)
         views = tuple(index.get(rs.uid, ns)) if index is not None else ()
-        rs.seen_jobs.update(v.name for v in views)
+        rs.seen_jobs.update(v.name for v in views)  # what the watch showed; a Job only expected is not "seen"
+        views = rs.with_expected(views)
         pods = tuple(pod_index.get(rs.uid, ns)) if pod_index is not None else ()
         rs.saw(views)
         rs.saw(pods)
