@@ -21,7 +21,7 @@ from spa_workers import storage
 from spa_workers.contract import EXIT_BAD_INPUT, EXIT_STORAGE, StageInputError
 from spa_workers.storage import StorageError
 
-from spa_operator import local
+from spa_operator import cost_report, local
 from spa_operator.planner import Action, stage_graph
 from spa_operator.progress import plain_or_live
 from spa_operator.spec import AlignmentRun, SpecError, load_run, parse_run
@@ -135,9 +135,19 @@ def print_summary(run: AlignmentRun, root: str) -> None:
     table = Table(title=f"{run.metadata.name}: per-iteration results")
     for label, _ in COLUMNS.values():
         table.add_column(label, justify="right", overflow="fold")
-    for cells in table_rows(summarize(stage_graph(run.spec, root))):
+    graph = stage_graph(run.spec, root)
+    rows = summarize(graph)
+    for cells in table_rows(rows):
         table.add_row(*cells)
     out.print(table)
+    head, cost_rows = cost_report.read(graph, rows).table()
+    if len(cost_rows) > 1:
+        table = Table(title=f"{run.metadata.name}: cost (~: estimated)")
+        for label in head:
+            table.add_column(label, justify="right", overflow="fold")
+        for cells in cost_rows:
+            table.add_row(*cells)
+        out.print(table)
 
 
 def _stale_error(root: str, statuses: dict[str, local.StageStatus]) -> None:

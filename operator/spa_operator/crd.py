@@ -20,6 +20,7 @@ import annotated_types as at
 import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
+from spa_workers.contract import Ledger
 
 from spa_operator import spec as S
 
@@ -337,6 +338,10 @@ def status_schema() -> dict[str, Any]:
                     "description": "URIs of the stage's outputs (dir, and model for training stages)."},
         "metrics": {"type": "object", "additionalProperties": num,
                     "description": "Compact figures from the stage manifest (pairs, reward gap, loss, ...)."},
+        "ledger": _ledger_schema("What the stage spent, summed over its shards (see `cost`)."),
+        "ledgerEstimated": _estimated_schema("Ledger entries of the stage that are estimates, not counts."),
+        "workSeconds": {"type": "number", "minimum": 0,
+                        "description": "Seconds its slowest shard spent on the items it counts (the ETA's rates)."},
     }}
     return {"type": "object", "description": "Where the run stands (written by the operator).", "properties": {
         "phase": {"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed", "Suspended"],
@@ -356,7 +361,34 @@ def status_schema() -> dict[str, Any]:
         "stages": {"type": "array", "items": stage, "description": "One entry per started stage."},
         "outputs": {"type": "object", "description": "The run's results.", "properties": {
             "model": {"type": "string", "description": "URI of the final model (set when Succeeded)."}}},
+        "cost": {"type": "object", "description": "What the run spent so far, from its stages' ledgers.",
+                 "properties": {
+                     "total": _ledger_schema("The run's ledger: gold labels, prompts, answers and tokens generated, "
+                                             "pairs judged, tokens scored, pairs and tokens trained, accelerator- "
+                                             "and CPU-seconds, storage bytes read and written, win-rate judge calls "
+                                             "and tokens."),
+                     "estimated": _estimated_schema("Totals that include an estimate (the rest are counted)."),
+                 }},
+        "progressPercentage": {"type": "integer", "minimum": 0, "maximum": 100,
+                               "description": "Percent of the run done: elapsed time over elapsed + remaining "
+                                              "(by stages done while the remaining time is unknown)."},
+        "estimatedRemainingSeconds": {"type": "integer", "minimum": 0,
+                                      "description": "Estimated seconds until the run ends, from the measured "
+                                                     "rates of its finished stages; absent while unknown."},
+        "estimatedRemaining": {"type": "string", "maxLength": 16,
+                               "description": "The same for people: unknown (until a stage of every kind still to "
+                                              "run has finished), 45s, 12m, 3h05m."},
     }}
+
+
+def _ledger_schema(description: str) -> dict[str, Any]:
+    return {"type": "object", "description": description, "maxProperties": len(Ledger.KEYS),
+            "additionalProperties": {"type": "number", "minimum": 0}}
+
+
+def _estimated_schema(description: str) -> dict[str, Any]:
+    return {"type": "array", "description": description, "maxItems": len(Ledger.KEYS),
+            "items": {"type": "string", "enum": list(Ledger.KEYS)}}
 
 
 def open_api_schema() -> dict[str, Any]:
@@ -395,6 +427,8 @@ def crd() -> dict[str, Any]:
                     {"name": "Iteration", "type": "integer", "jsonPath": ".status.iteration"},
                     {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
                     {"name": "Progress", "type": "number", "format": "float", "jsonPath": ".status.progress"},
+                    {"name": "Done %", "type": "integer", "jsonPath": ".status.progressPercentage"},
+                    {"name": "ETA", "type": "string", "jsonPath": ".status.estimatedRemaining"},
                     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                 ],
                 "schema": {"openAPIV3Schema": open_api_schema()},

@@ -136,6 +136,10 @@ def worker_env(spec: AlignmentRunSpec, run: RunRef, stage: PlannedStage, attempt
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
     ]
     res = stage_resources(spec, stage.stage)
+    # what the pod requests, for the stage's ledger (accelerator- and CPU-seconds = request x wall time)
+    env.append({"name": contract.REQUESTED_GPUS_ENV, "value": str(res.gpus)})
+    if res.cpu:
+        env.append({"name": contract.REQUESTED_CPUS_ENV, "value": f"{float(quantity_value(res.cpu)):g}"})
     if res.scratch:
         env.append({"name": "SPA_SCRATCH_DIR", "value": SCRATCH_DIR})
     st = spec.storage

@@ -56,6 +56,26 @@ def stage_env(run: AlignmentRun) -> dict[str, str]:
     return env
 
 
+def local_gpus() -> int:
+    """GPUs this machine's processes can use: the NVIDIA driver's, narrowed by CUDA_VISIBLE_DEVICES."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
+def requested_env(stage: PlannedStage, gpus_here: int) -> dict[str, str]:
+    """What a stage holds here, for its ledger's accelerator-seconds: a worker takes a GPU whenever one is visible,
+    a train stage one per process, a vLLM engine one per tensor-parallel rank, as far as the machine has them."""
+    args = stage.args
+    wanted = (args.processes if isinstance(args, contract.TrainArgs)
+              else getattr(args, "tensor_parallel_size", 1) if stage.stage != contract.VALIDATE else 0)
+    return {contract.REQUESTED_GPUS_ENV: str(min(wanted, gpus_here))}
+
+
 def apply_storage_settings(run: AlignmentRun) -> None:
     """Make this process reach storage as the workers will (`spa run` reads manifests and writes reports)."""
     os.environ.update(storage_settings(run))
@@ -226,6 +246,7 @@ def execute(run: AlignmentRun, root: str, logs: Path, on_start: Callable[[Planne
     """Drive the run to DONE or FAILED. `processes`: training processes here (`local_launch`)."""
     graph = stage_graph(run.spec, root)
     env = stage_env(run)
+    gpus_here = local_gpus()
     failures: dict[str, StageResult] = {}
     while True:
         results = {**failures, **finished_results(graph)}
@@ -237,7 +258,9 @@ def execute(run: AlignmentRun, root: str, logs: Path, on_start: Callable[[Planne
         todo = plan.start[0]
         if on_start:
             on_start(todo.stage, todo.attempt)
-        result = run_stage_process(local_launch(todo.stage, processes), todo.attempt, env, logs, on_progress)
+        stage = local_launch(todo.stage, processes)
+        result = run_stage_process(stage, todo.attempt, {**env, **requested_env(stage, gpus_here)}, logs,
+                                   on_progress)
         if on_finish:
             on_finish(result)
         if not result.ok:

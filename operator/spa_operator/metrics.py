@@ -9,6 +9,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from spa_workers.contract import ManifestKeys as K
 
+from spa_operator.cost_metrics import CostMetrics
 from spa_operator.status import PHASES, MetricValues
 
 # evaluate's win-rate figures: manifest key -> (gauge name, help)
@@ -53,6 +54,7 @@ class Metrics:
                                        registry=r),
             **{k: Gauge(name, doc, it, registry=r) for k, (name, doc) in WIN_RATE_GAUGES.items()},
         }
+        self.cost = CostMetrics(r)  # spa_run_<ledger key>_total, the ETA
         self._exported: dict[tuple[str, str], tuple[Any, ...]] = {}  # run -> what export last set
         self._stage_labels: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self._quality_labels: dict[tuple[str, str], set[tuple[str, str]]] = {}
@@ -64,7 +66,7 @@ class Metrics:
         for stage, seconds in values.durations:
             self.stage_seconds.labels(stage).observe(seconds)
         key = (values.phase, values.iteration, values.progress, tuple(sorted(values.running.items())),
-               tuple(sorted(values.quality.items())))
+               tuple(sorted(values.quality.items())), tuple(values.cost.items()), values.remaining_s, values.percent)
         if self._exported.get((ns, name)) == key:
             return
         self._exported[(ns, name)] = key
@@ -77,6 +79,7 @@ class Metrics:
         for (iteration, metric), value in values.quality.items():
             self.quality[metric].labels(ns, name, iteration).set(value)
         self._quality_labels[(ns, name)] = set(values.quality)
+        self.cost.export(ns, name, values.cost, values.remaining_s, values.percent)
 
     def set_phase(self, ns: str, name: str, phase: str) -> None:
         for p in PHASES:
@@ -102,6 +105,7 @@ class Metrics:
             _remove(self.phase, ns, name, p)
         for iteration, metric in self._quality_labels.pop((ns, name), set()):
             _remove(self.quality[metric], ns, name, iteration)
+        self.cost.forget(ns, name)
 
 
 def _remove(metric: Any, *labels: str) -> None:

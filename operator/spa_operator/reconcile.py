@@ -22,6 +22,7 @@ from spa_workers import contract
 from spa_workers.contract import ManifestKeys as K
 from spa_workers.contract import StageManifest
 
+from spa_operator import ledger, run_cost
 from spa_operator.core_types import Create, Decision, JobView, Observed, PodView, Settings, WorkloadView
 from spa_operator.planner import Action, PlannedStage, StageResult, StageState, plan_next_stage
 from spa_operator.status import (
@@ -35,6 +36,7 @@ from spa_operator.status import (
     conditions,
     iso,
     metric_values,
+    parse_iso,
     position,
     status_message,
     terminal,
@@ -216,7 +218,7 @@ def read_stage(obs: Observed, stage: PlannedStage, rec: dict[str, Any] | None, v
 
 def _succeed(obs: Observed, stage: PlannedStage, rec: dict[str, Any], manifests: Sequence[StageManifest]) -> _Stage:
     metrics = compact_metrics(manifests)
-    rec.update(state=SUCCEEDED, outputs=stage_outputs(stage), metrics=metrics)
+    rec.update(state=SUCCEEDED, outputs=stage_outputs(stage), metrics=metrics, **ledger.record_fields(manifests))
     rec.setdefault("endTime", iso(obs.now))
     rec.pop("reason", None)
     return _Stage(StageResult(StageState.SUCCEEDED, failures=int(rec.get("failures", 0) or 0), metrics=metrics),
@@ -339,6 +341,8 @@ def decide(obs: Observed) -> Decision:
     status["message"] = message
     if status["phase"] in (RUNNING, SUSPENDED) and "startTime" not in status and records:
         status["startTime"] = iso(obs.now)
+    status.update(run_cost.status_fields(obs.graph, status["stages"], obs.now, parse_iso(status.get("startTime")),
+                                         succeeded=plan.action is Action.DONE))
     status["conditions"] = conditions(obs, status, waiting, blocked, plan.reason)
     events, outcomes, durations = transitions(obs, old, status, by_key)
     requeue = _requeue(obs, status, readings)
@@ -392,6 +396,7 @@ def _failed(obs: Observed, old: dict[str, Any], reason: str, message: str, recor
     elif "stages" in old:
         status["stages"] = old["stages"]
     status.update(phase=FAILED, message=message[:1000], observedGeneration=obs.generation)
+    status.update(run_cost.status_fields(obs.graph, status.get("stages") or [], obs.now, None, failed=True))
     status["completionTime"] = old.get("completionTime") or iso(obs.now)
     status["conditions"] = conditions(obs, status, {}, None, "", failed=(reason, message[:1000]))
     events, outcomes, durations = transitions(obs, obs.status, status, {s.key: s for s in obs.graph})

@@ -45,6 +45,9 @@ class MetricValues:
     quality: Mapping[tuple[str, str], float]  # (iteration, metric key) -> value, for succeeded stages
     outcomes: Sequence[tuple[str, str]] = ()  # (stage, outcome) of attempts that finished in this decision
     durations: Sequence[tuple[str, float]] = ()  # (stage, seconds) of stages that succeeded in this decision
+    cost: Mapping[str, float] = dataclasses.field(default_factory=dict)  # status.cost.total: the run's ledger
+    remaining_s: float | None = None  # status.estimatedRemainingSeconds (None: unknown)
+    percent: float | None = None  # status.progressPercentage
 
 
 def iso(t: float) -> str:
@@ -227,8 +230,16 @@ def metric_values(status: Mapping[str, Any]) -> MetricValues:
                     quality[(it, key)] = float(value)
     iteration = status.get("iteration")
     progress = status.get("progress")
+    total = (status.get("cost") or {}).get("total") or {}
     return MetricValues(phase, iteration if isinstance(iteration, int) else None,
-                        float(progress) if isinstance(progress, int | float) else None, running, quality)
+                        float(progress) if isinstance(progress, int | float) else None, running, quality,
+                        cost={k: float(v) for k, v in total.items() if isinstance(v, int | float)},
+                        remaining_s=_num(status.get("estimatedRemainingSeconds")),
+                        percent=_num(status.get("progressPercentage")))
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from spa_workers import contract, storage
 from spa_workers.contract import ManifestKeys as K
 from spa_workers.contract import StageManifest
 
+from spa_operator import cost_report
 from spa_operator.planner import PlannedStage, final_model, stage_graph
 from spa_operator.spec import AlignmentRun
 
@@ -168,10 +169,11 @@ def write_report(run: AlignmentRun, root: str) -> list[str]:
     rows = summarize(graph)
     last = contract.read_stage_manifests(graph[-1].args) if graph else None
     final = final_model(run.spec, root) if last is not None else None
+    cost = cost_report.read(graph, rows)
     doc = {"run": run.metadata.name, "namespace": run.metadata.namespace, "root": root, "final_model": final,
            "columns": {key: text for key, (_, text) in COLUMNS.items()},
-           "iterations": [dataclasses.asdict(r) for r in rows]}
-    contents = (_markdown(run, root, rows, final), json.dumps(doc, indent=2) + "\n", _svg(rows))
+           "iterations": [dataclasses.asdict(r) for r in rows], "cost": cost.to_json()}
+    contents = (_markdown(run, root, rows, final) + cost.markdown(), json.dumps(doc, indent=2) + "\n", _svg(rows))
     uris = [storage.join(root, name) for name in REPORT_FILES]
     for uri, text in zip(uris, contents, strict=True):
         storage.write_text(uri, text)

@@ -133,7 +133,7 @@ def test_crd_metadata():
     version = c["spec"]["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     assert [col["name"] for col in version["additionalPrinterColumns"]] == ["Phase", "Iteration", "Stage",
-                                                                             "Progress", "Age"]
+                                                                             "Progress", "Done %", "ETA", "Age"]
 
 
 def _walk(node: dict[str, Any], path: str):

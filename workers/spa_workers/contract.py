@@ -487,7 +487,8 @@ class Ledger:
     PAIRS_TRAINED = "pairs_trained"  # pair-epochs: pairs seen by training, each epoch counted
     TOKENS_TRAINED = "tokens_trained"  # prompt+answer tokens of the pairs trained on, each epoch counted
     ACCELERATOR_SECONDS = "accelerator_seconds"  # requested GPUs x wall time of the stage's pods
-    CPU_SECONDS = "cpu_seconds"  # CPU time the stage's processes used (requested CPUs x wall time on a cluster)
+    CPU_SECONDS = "cpu_seconds"  # CPU time the stage's processes used (measured: resource usage of every rank)
+    CPU_SECONDS_REQUESTED = "cpu_seconds_requested"  # requested CPUs x wall time (where the pod requests CPUs)
     BYTES_READ = "bytes_read"  # from storage (models and data downloaded, inputs read)
     BYTES_WRITTEN = "bytes_written"  # to storage (the published outputs)
     JUDGE_CALLS = "judge_calls"  # requests to the win-rate judge endpoint
@@ -496,8 +497,17 @@ class Ledger:
 
     KEYS: ClassVar[tuple[str, ...]] = (
         GOLD_LABELS, PROMPTS, ANSWERS_GENERATED, TOKENS_GENERATED, PAIRS_JUDGED, TOKENS_SCORED, PAIRS_TRAINED,
-        TOKENS_TRAINED, ACCELERATOR_SECONDS, CPU_SECONDS, BYTES_READ, BYTES_WRITTEN, JUDGE_CALLS,
-        JUDGE_PROMPT_TOKENS, JUDGE_COMPLETION_TOKENS)
+        TOKENS_TRAINED, ACCELERATOR_SECONDS, CPU_SECONDS, CPU_SECONDS_REQUESTED, BYTES_READ, BYTES_WRITTEN,
+        JUDGE_CALLS, JUDGE_PROMPT_TOKENS, JUDGE_COMPLETION_TOKENS)
+
+
+# What a stage's pods requested, set by the executors (jobs.worker_env, the local executor) so that a stage can count
+# accelerator-seconds as requested GPUs x wall time: GPUs per pod (a whole number), CPUs per pod (a decimal).
+REQUESTED_GPUS_ENV = "SPA_REQUESTED_GPUS"
+REQUESTED_CPUS_ENV = "SPA_REQUESTED_CPUS"
+# The seconds of a stage's wall time spent on the items it counts (answers sampled, answers scored, pairs trained),
+# without loading models: with the ledger's counts, the rates the operator's ETA scales by (timings key).
+WORK_SECONDS = "work_s"
 
 
 def check_ledger(ledger: dict[str, float], what: str) -> None:

@@ -21,7 +21,14 @@ from collections.abc import Sequence
 from statistics import fmean
 
 from spa_workers import winrate
-from spa_workers.contract import JUDGE_API_KEY_ENV, EvaluateArgs, GenerateArgs, ManifestKeys, StageInputError
+from spa_workers.contract import (
+    JUDGE_API_KEY_ENV,
+    EvaluateArgs,
+    GenerateArgs,
+    Ledger,
+    ManifestKeys,
+    StageInputError,
+)
 from spa_workers.data import load_prompts, load_reference_answers, write_jsonl
 from spa_workers.modeling import Messages
 from spa_workers.runner import StageWork, run_stage
@@ -39,7 +46,7 @@ def _heldout_agreement(work: StageWork, args: EvaluateArgs) -> None:
     limits = Limits(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                     max_batch_tokens=args.max_batch_tokens)
     rewards = implicit_rewards(args.policy, args.reference, items, args.beta, limits, args.backend,
-                               lambda done, total: work.progress(done, total, unit="answers"))
+                               lambda done, total: work.progress(done, total, unit="answers"), work)
     # a prompt too long to train on leaves both of its answers unscored
     margins = [c - r for c, r in zip(rewards[0::2], rewards[1::2], strict=True)
                if c is not None and r is not None]
@@ -52,8 +59,10 @@ def _heldout_agreement(work: StageWork, args: EvaluateArgs) -> None:
     work.metrics[ManifestKeys.MARGIN] = fmean(margins)
 
 
-def sample_answers(model: str, prompts: Sequence[Messages], args: EvaluateArgs) -> list[str | None]:
-    """One answer per prompt from `model` (None where the prompt leaves no room for the answer in its context)."""
+def sample_answers(model: str, prompts: Sequence[Messages], args: EvaluateArgs,
+                   work: StageWork | None = None) -> list[str | None]:
+    """One answer per prompt from `model` (None where the prompt leaves no room for the answer in its context);
+    the prompts answered, answers and tokens go to `work`'s ledger."""
     from spa_workers.generate import SAMPLERS, context_limit
     from spa_workers.modeling import encode_prompt, load_tokenizer, resolve_model
 
@@ -74,6 +83,11 @@ def sample_answers(model: str, prompts: Sequence[Messages], args: EvaluateArgs) 
             chunk = fits[start: start + sampler.chunk]
             for i, answers in zip(chunk, sampler.sample([(i, encoded[i]) for i in chunk]), strict=True):
                 out[i] = answers[0][0]
+                if work is not None:
+                    work.spend(Ledger.TOKENS_GENERATED, answers[0][1])
+    if work is not None:
+        work.spend(Ledger.PROMPTS, len(fits))
+        work.spend(Ledger.ANSWERS_GENERATED, len(fits))
     return out
 
 
@@ -102,9 +116,9 @@ def _win_rate(work: StageWork, args: EvaluateArgs) -> None:
     # Read the reference file before sampling anything: a bad file costs seconds, not a generation pass.
     reference: list[str | None] = (list(load_reference_answers(args.winrate_reference_answers, len(prompts)))
                                    if args.winrate_reference_answers else [])
-    policy = sample_answers(args.policy, prompts, args)
+    policy = sample_answers(args.policy, prompts, args, work)
     if not reference:
-        reference = sample_answers(args.winrate_reference_model or args.reference, prompts, args)
+        reference = sample_answers(args.winrate_reference_model or args.reference, prompts, args, work)
     kept = [i for i in range(len(prompts)) if policy[i] is not None and reference[i] is not None]
     if not kept:
         raise StageInputError(f"{args.winrate_prompts}: no prompt leaves room for {args.answer_max_new_tokens} "

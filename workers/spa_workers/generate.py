@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from spa_workers import contract
-from spa_workers.contract import GenerateArgs, ManifestKeys, StageInputError
+from spa_workers.contract import GenerateArgs, Ledger, ManifestKeys, StageInputError
 from spa_workers.data import load_prompts, write_jsonl
 from spa_workers.modeling import Messages, best_device, encode_prompt, load_tokenizer, resolve_model
 from spa_workers.runner import StageWork, run_stage
@@ -181,7 +181,10 @@ def _body(work: StageWork) -> None:
     work.counts[ManifestKeys.PROMPTS] = len(rows)
     work.counts[ManifestKeys.RESPONSES] = sum(len(r["responses"]) for r in rows)
     work.counts[ManifestKeys.GENERATED_TOKENS] = tokens
-    work.timings["generate_s"] = gen_s
+    work.timings["generate_s"] = work.timings[contract.WORK_SECONDS] = gen_s
+    work.spend(Ledger.PROMPTS, len(rows))
+    work.spend(Ledger.ANSWERS_GENERATED, work.counts[ManifestKeys.RESPONSES])
+    work.spend(Ledger.TOKENS_GENERATED, tokens)
     if gen_s > 0:
         work.metrics[ManifestKeys.TOKENS_PER_S] = tokens / gen_s
 

@@ -34,7 +34,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from spa_workers import checkpoints, contract, data, launch, modeling, runner, storage
-from spa_workers.contract import ManifestKeys, StageInputError, TrainArgs
+from spa_workers.contract import Ledger, ManifestKeys, StageInputError, TrainArgs
 from spa_workers.spa_trainer import Refinement, make_trainer, policy_dtype
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ def run(args: TrainArgs) -> int:
         launch.batch_geometry(args.batch_size, args.per_device_batch_size, launch.world_size(args))
         for uri in {args.model, args.reference or args.model}:
             modeling.resolve_model(uri)
+        runner.hand_over_usage()  # the ranks' ledger counts this process's downloads and time too
         launch.exec_launcher(args)  # does not return
     return runner.run_stage(args, lambda work: _train(args, work))
 
@@ -320,8 +321,28 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
                 ManifestKeys.RESUMED_FROM_STEP: resume[0] if resume else 0,
             }
         )
-        work.timings["train_s"] = train_s
+        work.timings["train_s"] = work.timings[contract.WORK_SECONDS] = train_s
+        spend_training(work, trainer.train_dataset, sum(r["samples"] for r in trainer.step_log), args.max_length)
         work.after_manifest.append(lambda: checkpoints.delete_checkpoint(ckpt_root))
+
+
+def pair_tokens(row: dict[str, Any], max_length: int) -> int:
+    """Tokens of one pair's two sequences as TRL's collator builds them: prompt + answer, cut at max_length."""
+    prompt = len(row["prompt_ids"])
+    return sum(min(prompt + len(row[side]), max_length) for side in ("chosen_ids", "rejected_ids"))
+
+
+def spend_training(work: runner.StageWork, dataset, pairs_trained: int, max_length: int) -> None:
+    """Pairs and tokens trained, each epoch counted. Tokens are counted exactly when training went over the data a
+    whole number of times; otherwise (a fraction of an epoch, or batches evened out over ranks) they are the pairs
+    trained times the mean tokens of a pair: an estimate, marked as one."""
+    per_pair = [pair_tokens(row, max_length) for row in dataset.select_columns(
+        ["prompt_ids", "chosen_ids", "rejected_ids"])]
+    work.spend(Ledger.PAIRS_TRAINED, pairs_trained)
+    if per_pair and pairs_trained % len(per_pair) == 0:
+        work.spend(Ledger.TOKENS_TRAINED, pairs_trained // len(per_pair) * sum(per_pair))
+    elif per_pair:
+        work.spend(Ledger.TOKENS_TRAINED, round(pairs_trained * sum(per_pair) / len(per_pair)), estimated=True)
 
 
 def _stop_hook(stage: str, step: int, rank: int) -> None:

@@ -14,7 +14,7 @@ import json
 import os
 
 from spa_workers import storage
-from spa_workers.contract import StageInputError, ValidateArgs
+from spa_workers.contract import Ledger, StageInputError, ValidateArgs
 from spa_workers.data import load_pairs, load_prompts, load_reference_answers
 from spa_workers.modeling import load_tokenizer, resolve_model
 from spa_workers.runner import StageWork, run_stage
@@ -85,6 +85,8 @@ def _body(work: StageWork) -> None:
     args: ValidateArgs = work.args  # type: ignore[assignment]
     check_storage_writable(work.output)
     work.counts.update(check(args))
+    # The run's gold labels, counted once here: the seed and held-out pairs every later stage reads again.
+    work.spend(Ledger.GOLD_LABELS, work.counts["seed_pairs"] + work.counts.get("heldout_pairs", 0))
     with open(os.path.join(work.dir, REPORT_FILE), "w", encoding="utf-8") as fh:
         json.dump(work.counts, fh)
 
