@@ -118,6 +118,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         say(f"spa plan: error: {p}")
     if problems:
         return EXIT_BAD_INPUT
+    _print_expected(run, [s.stage for s in graph], args.rates_from)
     if args.check:
         from spa_workers.validate import check, check_storage_writable
 
@@ -126,6 +127,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         found = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
         say(f"spa plan: inputs OK ({found}; the model and its tokenizer load; storage is writable)")
     return 0
+
+
+def _print_expected(run: AlignmentRun, kinds: list[str], rates_root: str | None) -> None:
+    from spa_operator import plan_cost
+
+    rates = plan_cost.rates_from(rates_root) if rates_root else None
+    print("\nexpected totals" + (f" (rates measured in {rates_root})" if rates else
+                                 " (bounds; --rates-from RUN_ROOT of an earlier run of the model gives estimates "
+                                 "and GPU-hours)"))
+    for line in plan_cost.expected(run.spec, kinds, plan_cost.count_gold(run.spec), rates):
+        print(f"  {line.label}: {line.value}" + (f"  ({line.note})" if line.note else ""))
 
 
 # -------------------------------------------------------------------------------------------------------- run
@@ -193,7 +205,7 @@ def _save_snapshot(run: AlignmentRun, root: str) -> None:
 
 def execute_and_report(run: AlignmentRun, root: str, logs: Path, processes: int | None = None) -> int:
     t0 = time.time()
-    with plain_or_live(err) as progress:
+    with plain_or_live(err, stage_graph(run.spec, root)) as progress:
         outcome = local.execute(run, root, logs, progress.on_start, progress.on_progress, progress.on_finish,
                                 processes=processes)
     reports = write_report(run, root)
@@ -329,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--storage", help="storage root (local dir or s3://...), overrides spec.storage.uri")
     pp.add_argument("--check", action="store_true",
                     help="also run the validate stage's checks here: data rows, prompt count, model, storage")
+    pp.add_argument("--rates-from", metavar="RUN_ROOT",
+                    help="an earlier run of the same model (its root folder or s3:// prefix): expected tokens, "
+                         "pairs, GPU-hours and CPU-hours at its measured rates")
     pp.set_defaults(fn=cmd_plan)
     pr = sub.add_parser("run", help="run the pipeline here, stages as subprocesses; finished stages are skipped")
     pr.add_argument("run", help="AlignmentRun manifest (YAML)")

@@ -105,9 +105,10 @@ def predicted_seconds(stage: StageClock, done: Sequence[StageClock], by_key: Map
     return gap + fmean(same) if same else None
 
 
-def estimate(stages: Sequence[StageClock], elapsed_s: float, parallel: bool) -> Estimate:
+def estimate(stages: Sequence[StageClock], elapsed_s: float | None, parallel: bool) -> Estimate:
     """The run's remaining seconds and percent done. `stages`: the whole plan; `elapsed_s`: the run's wall time so
-    far; `parallel`: stages whose inputs are ready run at the same time (a cluster), else one after another."""
+    far (None: the time of its stages, done and running, one after another); `parallel`: stages whose inputs are
+    ready run at the same time (a cluster), else one after another."""
     if not stages:
         return Estimate(0.0, 100)
     done = [s for s in stages if s.state == DONE]
@@ -130,6 +131,9 @@ def estimate(stages: Sequence[StageClock], elapsed_s: float, parallel: bool) -> 
     if len(done) == len(stages):
         return Estimate(0.0, 100)
     remaining = _critical_path(stages, left) if parallel else sum(left.values())
+    if elapsed_s is None:
+        elapsed_s = sum((s.seconds if s.seconds is not None else s.wall_s or 0.0) for s in stages
+                        if s.state in (DONE, RUNNING))
     spent = max(elapsed_s, 0.0)
     percent = int(100 * spent / (spent + remaining)) if spent + remaining > 0 else 0
     return Estimate(round(remaining, 1), min(percent, 99))  # 100 only once every stage is done
