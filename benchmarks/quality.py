@@ -329,7 +329,7 @@ def run_seed_jobs(s: Seed) -> dict:
         log(f"seed {s.seed}: {name} ran in {timings[name]:.0f}s")
 
     def score_condition(name: str, i: int) -> None:
-        row = {**s.score(f"{name}-{i}", s.model_of(name, i)), **s.manifests_of(name, i)}
+        row = {**s.score(f"{name}-{i}", s.model_of(name, i)), **s.manifests_of(name, i), "cost": s.cost_of(name, i)}
         if i:
             row["judge_vs_gold"] = s.judge_vs_gold(name, i)
         if name == "dpo-seed" and (s.root(name) / "iter-00/evaluate/_SUCCESS.json").exists():
