@@ -135,6 +135,8 @@ def test_run_with_two_training_processes(tmp_path, tiny):
     assert manifest.args[manifest.args.index("--strategy") + 1] == "fsdp"
     log = next((tmp_path / "store" / "ns" / "e2e" / "logs").glob("iter-00-seed-train-a1*.log")).read_text()
     assert "DTensor shards" in log  # each rank checked that its parameters really are sharded
+    assert "seed-train: ledger:" in log and "over 2 process(es)" in log  # both ranks' CPU time and traffic counted
+    assert manifest.ledger[contract.Ledger.PAIRS_TRAINED] == 32  # the seed's 32 pairs, gathered over both ranks
 
 
 def test_run_on_s3_storage(tmp_path, tiny, s3_env):

@@ -233,3 +233,15 @@ def test_every_stage_counts_cpu_storage_and_requested_gpus_x_wall(tmp_path, monk
     assert run_stage(gen, lambda work: None) == 0
     g = contract.read_manifest(contract.shard_dir(gen.output, 0, 1))
     assert L.CPU_SECONDS_REQUESTED not in g.ledger and g.ledger[L.ACCELERATOR_SECONDS] >= 2 * 10.0
+
+
+def test_a_retried_stage_gives_no_duration_sample():
+    """A stage whose first attempt failed: its record's startTime is the first attempt's, so its duration says
+    nothing about a stage's; done, it adds no executor-gap sample; running, it counts as just started."""
+    graph = stage_graph(parse_run(RUN).spec, "s3://runs/spa/ns/r/u")
+    recs = {r["name"]: r for r in _records("Running")}
+    recs["iter-01/generate"]["failures"] = 1
+    recs["iter-01/train"]["failures"] = 1
+    clocks = {c.key: c for c in run_cost.clocks_from_records(graph, recs, 1767225600.0 + 100)}
+    assert clocks["iter-01/generate"].seconds is None and clocks["iter-01/judge"].seconds == 10.0
+    assert clocks["iter-01/train"].seconds == 0.0

@@ -47,6 +47,8 @@ def clocks_from_records(graph: Sequence[PlannedStage], records: Mapping[str, Map
     for s in graph:
         rec = records.get(s.key) or {}
         start, end = parse_iso(rec.get("startTime")), parse_iso(rec.get("endTime"))
+        if rec.get("failures"):  # its startTime is its first attempt's: its time tells nothing of a stage's
+            start = None
         if rec.get("state") == SUCCEEDED:
             metrics = rec.get("metrics") or {}
             out.append(_clock(s, prompts, state=eta.DONE,

@@ -241,6 +241,8 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
         work.timings["wall_s"] = time.time() - t0
         moved = sum(f["bytes"] for f in files.values()) if local_out is not None else 0
         spend_usage(work, usage0, others, time.time() - stage_started(), moved)
+        print(f"{args.stage}: ledger: {work.ledger[contract.Ledger.CPU_SECONDS]:.1f} CPU-seconds over "
+              f"{len(others) + 1} process(es)", file=sys.stderr)
         contract.check_ledger(work.ledger, f"{args.stage}: {out}")
         manifest = StageManifest(stage=args.stage, files=files, counts=work.counts, metrics=work.metrics,
                                  timings=work.timings, args=args.to_argv(), versions=contract.versions(),
