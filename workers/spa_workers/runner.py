@@ -9,7 +9,6 @@ Single-process runs never import torch here.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from spa_workers import contract, fingerprint, live_metrics, storage
+from spa_workers import contract, fingerprint, live_metrics, storage, usage
 from spa_workers.contract import StageArgs, StageManifest
 
 
@@ -91,86 +90,6 @@ def _broadcast_from_main(value):
 
 
 OVERWRITE_ENV = "SPA_OVERWRITE_STALE"
-# Unix time the stage's first process started, handed down to processes it starts for the same stage (the ranks of
-# `accelerate launch`), so wall time counts from the start of the pod's work, not of a rank.
-STARTED_ENV = "SPA_STAGE_STARTED"
-_IMPORTED = time.time()
-
-
-def process_start() -> float:
-    """Unix time this process started (from /proc), or the runner's import time where /proc cannot tell."""
-    try:
-        with open("/proc/self/stat") as fh:
-            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks since boot
-        with open("/proc/stat") as fh:
-            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return _IMPORTED
-
-
-def stage_started() -> float:
-    return float(os.environ.get(STARTED_ENV) or process_start())
-
-
-# "cpu,read,written" a process used before it handed the stage over to launched ranks (train.run's checks and model
-# downloads before `accelerate launch`): the first rank of each node counts it.
-HANDED_OVER_ENV = "SPA_STAGE_USAGE_BEFORE_LAUNCH"
-
-
-def _own_usage() -> tuple[float, int, int]:
-    """(CPU seconds of this process and its finished children, bytes read, bytes written through storage), plus
-    what the process that launched this node's ranks used (first rank of a node only)."""
-    cpu = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
-    read, written = storage.traffic()
-    before = os.environ.get(HANDED_OVER_ENV)
-    if before and os.environ.get("LOCAL_RANK", "0") == "0":
-        c, r, w = before.split(",")
-        cpu, read, written = cpu + float(c), read + int(r), written + int(w)
-    return cpu, read, written
-
-
-def hand_over_usage() -> None:
-    """Before this process execs a launcher for the stage: pass its usage and start time on to the ranks."""
-    cpu, read, written = _own_usage()
-    os.environ[HANDED_OVER_ENV] = f"{cpu:.3f},{read},{written}"
-    os.environ.setdefault(STARTED_ENV, str(process_start()))
-
-
-def _usage_start() -> tuple[float, int, int]:
-    """The baseline a stage's usage counts from: CPU time from the process start, storage traffic from the stage's
-    start (a forked stage process inherits its parent's counters, not its CPU time)."""
-    return (0.0, *storage.traffic())
-
-
-def _usage_of_other_ranks(dist, since: tuple[float, int, int]) -> list[tuple[float, int, int]]:
-    """Every rank's usage since `since` (gathered: a collective, all ranks call it); the main drops its own entry."""
-    from accelerate.utils import gather_object
-
-    now = _own_usage()
-    mine = tuple(a - b for a, b in zip(now, since, strict=True))
-    everyone = gather_object([mine])
-    return everyone[1:] if dist.is_main_process else []
-
-
-def spend_usage(work: StageWork, since: tuple[float, int, int], other_ranks: list[tuple[float, int, int]],
-                wall: float, published_locally: int) -> None:
-    """The ledger entries every stage has: CPU time (measured, all ranks), storage traffic (all ranks; outputs moved
-    into a local output folder count as written), and requested GPUs (and CPUs) x wall time x pods."""
-    own = tuple(a - b for a, b in zip(_own_usage(), since, strict=True))
-    cpu, read, written = (sum(v) for v in zip(own, *other_ranks, strict=True))
-    pods = getattr(work.args, "nodes", 1)  # a multi-node train stage's manifest is written by one pod for all
-    work.spend(contract.Ledger.CPU_SECONDS, round(cpu, 3))
-    work.spend(contract.Ledger.BYTES_READ, read)
-    work.spend(contract.Ledger.BYTES_WRITTEN, written + published_locally)
-    gpus = float(os.environ.get(contract.REQUESTED_GPUS_ENV) or 0)
-    work.spend(contract.Ledger.ACCELERATOR_SECONDS, round(gpus * pods * wall, 3))
-    cpus = os.environ.get(contract.REQUESTED_CPUS_ENV)
-    if cpus:
-        work.spend(contract.Ledger.CPU_SECONDS_REQUESTED, round(float(cpus) * pods * wall, 3))
-
-
 def _reuse_decision(args: StageArgs, out: str, fp: str, of: dict) -> str:
     """"run", "done" (a manifest with this fingerprint exists) or the error for a manifest made differently."""
     old = contract.read_manifest(out)
@@ -217,13 +136,13 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
         workdir = tempfile.mkdtemp(prefix="spa-stage-")
     work = StageWork(args=args, output=out, dir=workdir)
     live_metrics.live()  # serve from the start of the stage when SPA_WORKER_METRICS_PORT is set
-    usage0 = _usage_start()
+    usage0 = usage.baseline()
     try:
         body(work)
         others = []
         if dist is not None:
             dist.wait_for_everyone()
-            others = _usage_of_other_ranks(dist, usage0)
+            others = usage.of_other_ranks(dist, usage0)
         # Finite numbers only, checked before anything is published: a NaN loss or reward is a diverged model,
         # not a result (and no reader could pass it on: a Kubernetes API server refuses NaN in a status).
         contract.require_finite({"counts": work.counts, "metrics": work.metrics, "timings": work.timings,
@@ -240,7 +159,7 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
                 storage.upload_file(os.path.join(workdir, rel), storage.join(out, rel))
         work.timings["wall_s"] = time.time() - t0
         moved = sum(f["bytes"] for f in files.values()) if local_out is not None else 0
-        spend_usage(work, usage0, others, time.time() - stage_started(), moved)
+        usage.spend(work, usage0, others, time.time() - usage.stage_started(), moved)
         print(f"{args.stage}: ledger: {work.ledger[contract.Ledger.CPU_SECONDS]:.1f} CPU-seconds over "
               f"{len(others) + 1} process(es)", file=sys.stderr)
         contract.check_ledger(work.ledger, f"{args.stage}: {out}")
@@ -265,11 +184,11 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
 def _run_secondary(args: StageArgs, out: str, body: Callable[[StageWork], None], dist) -> int:
     """A non-main rank: run the body in a private scratch dir that is never published; wait for the main."""
     workdir = tempfile.mkdtemp(prefix="spa-stage-rank-")
-    usage0 = _usage_start()
+    usage0 = usage.baseline()
     try:
         body(StageWork(args=args, output=out, dir=workdir, is_main=False))
         dist.wait_for_everyone()
-        _usage_of_other_ranks(dist, usage0)  # the main counts this rank's CPU time and traffic, then publishes
+        usage.of_other_ranks(dist, usage0)  # the main counts this rank's CPU time and traffic, then publishes
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     dist.wait_for_everyone()  # the manifest is written

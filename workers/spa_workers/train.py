@@ -33,7 +33,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from spa_workers import checkpoints, contract, data, launch, modeling, runner, storage
+from spa_workers import checkpoints, contract, data, launch, modeling, runner, storage, usage
 from spa_workers.contract import Ledger, ManifestKeys, StageInputError, TrainArgs
 from spa_workers.spa_trainer import Refinement, make_trainer, policy_dtype
 
@@ -55,7 +55,7 @@ def run(args: TrainArgs) -> int:
         launch.batch_geometry(args.batch_size, args.per_device_batch_size, launch.world_size(args))
         for uri in {args.model, args.reference or args.model}:
             modeling.resolve_model(uri)
-        runner.hand_over_usage()  # the ranks' ledger counts this process's downloads and time too
+        usage.hand_over()  # the ranks' ledger counts this process's downloads and time too
         launch.exec_launcher(args)  # does not return
     return runner.run_stage(args, lambda work: _train(args, work))
 
