@@ -50,10 +50,13 @@ TRAIN2 = 1 + 2 + 20 / 2  # 13
 EVAL2 = 1 + 3  # 4
 
 
+SPENT = 3 + 6 + 4 + 13 + 10 + 8 + 4  # the finished stages' durations
+
+
 def test_sequential_remaining_is_the_sum_of_the_stages_left():
-    est = eta.estimate(plan(), elapsed_s=100.0, parallel=False)
+    est = eta.estimate(plan(), parallel=False)
     assert est.remaining_s == pytest.approx(GEN2 + JUDGE2 + TRAIN2 + EVAL2)
-    assert est.percent == int(100 * 100 / (100 + GEN2 + JUDGE2 + TRAIN2 + EVAL2))
+    assert est.percent == int(100 * SPENT / (SPENT + GEN2 + JUDGE2 + TRAIN2 + EVAL2))
     assert est.unknown_kinds == ()
 
 
@@ -61,35 +64,35 @@ def test_parallel_remaining_is_the_longest_chain():
     """On a cluster iteration 1's evaluate runs beside iteration 2's generate: only the chain counts."""
     stages = plan()
     stages[6] = StageClock("iter-01/evaluate", "evaluate", 1, ("iter-01/train",), 0, RUNNING, 1.0)  # 3 s left
-    est = eta.estimate(stages, 100.0, parallel=True)
+    est = eta.estimate(stages, parallel=True)
     assert est.remaining_s == pytest.approx(GEN2 + JUDGE2 + TRAIN2 + EVAL2)
-    seq = eta.estimate(stages, 100.0, parallel=False)
+    seq = eta.estimate(stages, parallel=False)
     assert seq.remaining_s == pytest.approx(GEN2 + JUDGE2 + TRAIN2 + EVAL2 + 3.0)
 
 
 def test_unknown_until_a_stage_of_every_kind_left_has_finished():
     stages = plan(done_through=0)
-    est = eta.estimate(stages, 10.0, parallel=True)
+    est = eta.estimate(stages, parallel=True)
     assert est.remaining_s is None and est.unknown_kinds == ("generate", "judge", "train")
     assert est.percent == int(100 * 3 / len(stages))  # by stages done meanwhile
     # generate and judge of iteration 1 done: train still unmeasured
     full = plan(done_through=1)
     partial = [*full[:5], StageClock("iter-01/train", "train", 1, ("iter-01/judge",), 10), *plan(done_through=0)[6:]]
-    assert eta.estimate(partial, 10.0, parallel=True).unknown_kinds == ("train",)
+    assert eta.estimate(partial, parallel=True).unknown_kinds == ("train",)
     # a kind that no stage left needs is not waited for: only evaluate left, measured
     last = [StageClock(s.key, s.kind, s.iteration, s.depends_on, s.prompts, DONE, s.seconds or 4.0,
                        s.wall_s or 3.0, s.work_s, s.ledger) if s.key != "iter-02/evaluate" else s
             for s in plan(done_through=1)[:7]] + [StageClock("iter-02/evaluate", "evaluate", 2, ())]
-    assert eta.estimate(last, 10.0, parallel=True).remaining_s == pytest.approx(EVAL2)
+    assert eta.estimate(last, parallel=True).remaining_s == pytest.approx(EVAL2)
 
 
 def test_a_running_stage_counts_what_it_has_left_never_less_than_nothing():
     stages = plan()
     stages[7] = StageClock("iter-02/generate", "generate", 2, ("iter-01/train",), 20, RUNNING, 20.0)
-    est = eta.estimate(stages, 100.0, parallel=False)
+    est = eta.estimate(stages, parallel=False)
     assert est.remaining_s == pytest.approx(GEN2 - 20.0 + JUDGE2 + TRAIN2 + EVAL2)
     stages[7] = StageClock("iter-02/generate", "generate", 2, ("iter-01/train",), 20, RUNNING, 500.0)  # overran
-    assert eta.estimate(stages, 100.0, parallel=False).remaining_s == pytest.approx(JUDGE2 + TRAIN2 + EVAL2)
+    assert eta.estimate(stages, parallel=False).remaining_s == pytest.approx(JUDGE2 + TRAIN2 + EVAL2)
 
 
 def test_train_scales_by_the_pairs_its_judge_really_kept():
@@ -99,7 +102,7 @@ def test_train_scales_by_the_pairs_its_judge_really_kept():
                            {L.TOKENS_GENERATED: 2000, L.PROMPTS: 20})
     stages[8] = StageClock("iter-02/judge", "judge", 2, ("iter-02/generate",), 20, DONE, 18.0, 17.0, 16.0,
                            {L.TOKENS_SCORED: 8000, L.PAIRS_JUDGED: 12})
-    est = eta.estimate(stages, 100.0, parallel=False)
+    est = eta.estimate(stages, parallel=False)
     # iteration 1 trained one pair per judged pair (1 epoch): 12 pairs at 2 pairs/s after 2 s, gap 1 s
     assert est.remaining_s == pytest.approx((1 + 2 + 12 / 2) + EVAL2)
 
@@ -115,7 +118,7 @@ def test_rates_pool_every_finished_stage_and_work_per_prompt_follows_the_latest(
     gen3 = 1 + 2 + 200 * 30 / rate
     judge3 = 1 + 1 + 400 * 30 / 500
     train3 = 1 + 2 + 30 / 2
-    est = eta.estimate(stages, 100.0, parallel=False)
+    est = eta.estimate(stages, parallel=False)
     assert est.remaining_s == pytest.approx(gen3 + judge3 + train3 + EVAL2, abs=0.1)
 
 
@@ -125,21 +128,22 @@ def test_gap_is_the_mean_over_stages_the_executor_timed():
                          (s.seconds or 0) + 2 if s.key == "iter-01/train" else None if s.state == DONE else s.seconds,
                          s.wall_s, s.work_s, s.ledger) for s in plan()]
     # only iteration 1's train was timed: its gap is 1 + 2 = 3 s, applied to every stage left
-    est = eta.estimate(stages, 100.0, parallel=False)
+    est = eta.estimate(stages, parallel=False)
     assert est.remaining_s == pytest.approx(GEN2 + JUDGE2 + TRAIN2 + EVAL2 + 4 * 2)
 
 
 def test_finished_run_and_empty_plan():
     stages = [StageClock(s.key, s.kind, s.iteration, s.depends_on, s.prompts, DONE, 1.0, 1.0, None, {})
               for s in plan(done_through=1)[:7]]
-    assert eta.estimate(stages, 50.0, parallel=True) == eta.Estimate(0.0, 100)
-    assert eta.estimate([], 0.0, parallel=True) == eta.Estimate(0.0, 100)
+    assert eta.estimate(stages, parallel=True) == eta.Estimate(0.0, 100)
+    assert eta.estimate([], parallel=True) == eta.Estimate(0.0, 100)
 
 
 def test_percent_stays_below_100_until_every_stage_is_done():
-    stages = plan()
-    stages[7] = StageClock("iter-02/generate", "generate", 2, ("iter-01/train",), 20, RUNNING, 1e6)
-    assert eta.estimate(stages, 1e9, parallel=False).percent == 99
+    stages = plan(done_through=2)
+    stages[-1] = StageClock("iter-02/evaluate", "evaluate", 2, ("iter-02/train",), 0, RUNNING, 1e6)  # overran
+    est = eta.estimate(stages, parallel=False)
+    assert (est.remaining_s, est.percent) == (0.0, 99)
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(None, "unknown"), (0, "0s"), (44.6, "45s"), (60, "1m"),
@@ -154,13 +158,21 @@ def test_pending_stage_of_a_kind_without_work_figures_is_unknown():
     stages = plan()
     gen1 = stages[3]
     stages[3] = StageClock(gen1.key, gen1.kind, 1, gen1.depends_on, 10, DONE, 13.0, 12.0, None, {})
-    assert eta.estimate(stages, 1.0, parallel=True).unknown_kinds == ("generate",)
+    assert eta.estimate(stages, parallel=True).unknown_kinds == ("generate",)
     assert PENDING == "pending"
 
 
-def test_without_a_run_clock_the_time_spent_is_the_stages_time():
-    """`spa run` resumed: the time spent is what its finished stages took (seen, or their wall time), so the percent
-    does not restart at 0 with each invocation."""
-    left = GEN2 + JUDGE2 + TRAIN2 + EVAL2
-    spent = 3 + 6 + 4 + 13 + 10 + 8 + 4  # the finished stages' durations
-    assert eta.estimate(plan(), None, parallel=False).percent == int(100 * spent / (spent + left))
+def test_percent_is_the_stages_time_done_over_done_and_left_with_no_clock():
+    """Stages not seen by this executor count their wall time (a resumed `spa run` does not restart at 0); a running
+    stage counts the fraction its heartbeat reported, so the figures change with events, not with the clock."""
+    stages = [StageClock(s.key, s.kind, s.iteration, s.depends_on, s.prompts, s.state,
+                         None if s.key == "iter-00/validate" else s.seconds, s.wall_s, s.work_s, s.ledger)
+              for s in plan()]
+    spent = SPENT - 3 + 2  # validate: its wall time, 2 s
+    # the gap is now measured on the six timed stages: still 1 s
+    assert eta.estimate(stages, parallel=False).percent == int(100 * spent / (spent + GEN2 + JUDGE2 + TRAIN2 + EVAL2))
+    stages[7] = StageClock("iter-02/generate", "generate", 2, ("iter-01/train",), 20, RUNNING, fraction=0.25)
+    est = eta.estimate(stages, parallel=False)
+    assert est.remaining_s == pytest.approx(0.75 * GEN2 + JUDGE2 + TRAIN2 + EVAL2, abs=0.05)
+    assert est.percent == int(100 * (spent + 0.25 * GEN2) / (spent + GEN2 + JUDGE2 + TRAIN2 + EVAL2))
+    assert eta.estimate(stages, parallel=False) == est  # the same observations, the same figures

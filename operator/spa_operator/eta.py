@@ -14,7 +14,9 @@ each part measured on the run's own finished stages:
 - evaluate, validate and seed-train do the same work every time: their mean wall time.
 The estimate is None ("unknown") until a stage of every kind still to run has finished. Stages that may run at the
 same time (evaluate beside the next iteration on a cluster) overlap: the remaining time is then the longest chain of
-dependent stages, not the sum.
+dependent stages, not the sum. A running stage has what its heartbeat says is left of it (its fraction done), so the
+estimate changes when a stage or a heartbeat does, not with the clock: a status carrying it is not rewritten every
+reconcile. The percent done is the stages' time done over their time done and left (summed).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class StageClock:
     wall_s: float | None = None  # DONE: the worker's wall time (the slowest shard's)
     work_s: float | None = None  # DONE: the worker's seconds on the items it counts (the slowest shard's)
     ledger: Mapping[str, float] = field(default_factory=dict)  # DONE: what it counted
+    fraction: float | None = None  # RUNNING: the fraction done its heartbeat reported (None: `seconds` tells)
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,8 @@ def predicted_seconds(stage: StageClock, done: Sequence[StageClock], by_key: Map
     return gap + fmean(same) if same else None
 
 
-def estimate(stages: Sequence[StageClock], elapsed_s: float | None, parallel: bool) -> Estimate:
-    """The run's remaining seconds and percent done. `stages`: the whole plan; `elapsed_s`: the run's wall time so
-    far (None: the time of its stages, done and running, one after another); `parallel`: stages whose inputs are
+def estimate(stages: Sequence[StageClock], parallel: bool) -> Estimate:
+    """The run's remaining seconds and percent done. `stages`: the whole plan; `parallel`: stages whose inputs are
     ready run at the same time (a cluster), else one after another."""
     if not stages:
         return Estimate(0.0, 100)
@@ -117,6 +119,7 @@ def estimate(stages: Sequence[StageClock], elapsed_s: float | None, parallel: bo
     gap = max(fmean(gaps), 0.0) if gaps else 0.0
     rates = _rates(done)
     left: dict[str, float] = {}
+    spent = sum(s.seconds if s.seconds is not None else s.wall_s or 0.0 for s in done)
     unknown: set[str] = set()
     for s in stages:
         if s.state == DONE:
@@ -125,17 +128,19 @@ def estimate(stages: Sequence[StageClock], elapsed_s: float | None, parallel: bo
         if whole is None:
             unknown.add(s.kind)
             continue
-        left[s.key] = max(whole - (s.seconds or 0.0), 0.0) if s.state == RUNNING else whole
+        if s.state == RUNNING:
+            so_far = whole * min(max(s.fraction, 0.0), 1.0) if s.fraction is not None else min(s.seconds or 0.0,
+                                                                                                 whole)
+            spent += so_far
+            whole -= so_far
+        left[s.key] = whole
     if unknown:
         return Estimate(None, _percent_by_stages(stages), tuple(sorted(unknown)))
     if len(done) == len(stages):
         return Estimate(0.0, 100)
     remaining = _critical_path(stages, left) if parallel else sum(left.values())
-    if elapsed_s is None:
-        elapsed_s = sum((s.seconds if s.seconds is not None else s.wall_s or 0.0) for s in stages
-                        if s.state in (DONE, RUNNING))
-    spent = max(elapsed_s, 0.0)
-    percent = int(100 * spent / (spent + remaining)) if spent + remaining > 0 else 0
+    total = spent + sum(left.values())
+    percent = int(100 * spent / total) if total > 0 else 0
     return Estimate(round(remaining, 1), min(percent, 99))  # 100 only once every stage is done
 
 

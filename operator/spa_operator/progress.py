@@ -45,7 +45,7 @@ class RunClock:
     def text(self) -> str:
         manifests = {s.key: found for s in self.graph if (found := contract.read_stage_manifests(s.args))}
         clocks = run_cost.clocks_from_manifests(self.graph, manifests, self.seconds)
-        est = eta.estimate(clocks, None, parallel=False)  # the run's time: its stages', this run or an earlier
+        est = eta.estimate(clocks, parallel=False)
         left = "time left unknown" if est.remaining_s is None else f"about {eta.human(est.remaining_s)} left"
         return f"run {est.percent}% done, {left}"
 

@@ -36,7 +36,6 @@ from spa_operator.status import (
     conditions,
     iso,
     metric_values,
-    parse_iso,
     position,
     status_message,
     terminal,
@@ -341,7 +340,7 @@ def decide(obs: Observed) -> Decision:
     status["message"] = message
     if status["phase"] in (RUNNING, SUSPENDED) and "startTime" not in status and records:
         status["startTime"] = iso(obs.now)
-    status.update(run_cost.status_fields(obs.graph, status["stages"], obs.now, parse_iso(status.get("startTime")),
+    status.update(run_cost.status_fields(obs.graph, status["stages"], run_cost.current_of(obs.graph, status),
                                          succeeded=plan.action is Action.DONE))
     status["conditions"] = conditions(obs, status, waiting, blocked, plan.reason)
     events, outcomes, durations = transitions(obs, old, status, by_key)
@@ -396,7 +395,7 @@ def _failed(obs: Observed, old: dict[str, Any], reason: str, message: str, recor
     elif "stages" in old:
         status["stages"] = old["stages"]
     status.update(phase=FAILED, message=message[:1000], observedGeneration=obs.generation)
-    status.update(run_cost.status_fields(obs.graph, status.get("stages") or [], obs.now, None, failed=True))
+    status.update(run_cost.status_fields(obs.graph, status.get("stages") or [], failed=True))
     status["completionTime"] = old.get("completionTime") or iso(obs.now)
     status["conditions"] = conditions(obs, status, {}, None, "", failed=(reason, message[:1000]))
     events, outcomes, durations = transitions(obs, obs.status, status, {s.key: s for s in obs.graph})

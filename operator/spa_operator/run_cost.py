@@ -3,8 +3,8 @@ console (from stage manifests and the durations it saw). Pure: each reader hands
 
 Status fields (the names of Kubeflow Trainer's TrainJob progress where they fit):
 - `cost`: {"total": the run's ledger, summed over its stages; "estimated": the totals that include estimates};
-- `progressPercentage`: 0..100, the run's elapsed time over elapsed + remaining; by stages done while the ETA is
-  unknown; 100 once it succeeded;
+- `progressPercentage`: 0..100, the stages' time done over their time done and left; by stages done while the ETA
+  is unknown; 100 once it succeeded;
 - `estimatedRemainingSeconds`: absent while unknown (as TrainJob leaves it empty);
 - `estimatedRemaining`: the same for people and the printer column: "unknown", "45s", "12m", "3h05m".
 """
@@ -40,8 +40,9 @@ def _number(value: Any) -> float | None:
 
 
 def clocks_from_records(graph: Sequence[PlannedStage], records: Mapping[str, Mapping[str, Any]],
-                        now: float) -> list[eta.StageClock]:
-    """The plan's stages from the run's status records."""
+                        current: tuple[str, float] | None = None) -> list[eta.StageClock]:
+    """The plan's stages from the run's status records; `current`: the stage status.progress is about, and that
+    fraction (other running stages count as just started: no clock, so the status changes only with events)."""
     prompts = iteration_prompts(graph)
     out = []
     for s in graph:
@@ -57,15 +58,26 @@ def clocks_from_records(graph: Sequence[PlannedStage], records: Mapping[str, Map
                               work_s=_number(rec.get(ledger.RECORD_WORK_SECONDS)),
                               ledger=ledger.of_record(rec).amounts))
         elif rec.get("state") == RUNNING:
-            out.append(_clock(s, prompts, state=eta.RUNNING, seconds=max(now - start, 0.0) if start else 0.0))
+            fraction = current[1] if current is not None and current[0] == s.key else 0.0
+            out.append(_clock(s, prompts, state=eta.RUNNING, fraction=fraction))
         else:  # not started, or failed (to be retried)
             out.append(_clock(s, prompts))
     return out
 
 
-def status_fields(graph: Sequence[PlannedStage], records: Sequence[Mapping[str, Any]], now: float,
-                  started: float | None, succeeded: bool = False, failed: bool = False) -> dict[str, Any]:
-    """status.cost and the ETA fields for a run's new status (a failed run keeps its cost, and has no ETA)."""
+def current_of(graph: Sequence[PlannedStage], status: Mapping[str, Any]) -> tuple[str, float] | None:
+    """(stage key, fraction done) of the stage status.iteration/stage/progress name."""
+    progress = status.get("progress")
+    key = next((s.key for s in graph if s.iteration == status.get("iteration") and s.stage == status.get("stage")),
+               None)
+    return (key, float(progress)) if key is not None and isinstance(progress, int | float) else None
+
+
+def status_fields(graph: Sequence[PlannedStage], records: Sequence[Mapping[str, Any]],
+                  current: tuple[str, float] | None = None, succeeded: bool = False,
+                  failed: bool = False) -> dict[str, Any]:
+    """status.cost and the ETA fields for a run's new status (a failed run keeps its cost, and has no ETA).
+    `current`: (stage key, fraction done) of status.stage and status.progress."""
     out: dict[str, Any] = {}
     cost = ledger.status_cost(records)
     if cost is not None:
@@ -75,8 +87,7 @@ def status_fields(graph: Sequence[PlannedStage], records: Sequence[Mapping[str, 
     if succeeded:
         return {**out, "progressPercentage": 100, "estimatedRemainingSeconds": 0, "estimatedRemaining": "0s"}
     by_key = {r["name"]: r for r in records if isinstance(r.get("name"), str)}
-    est = eta.estimate(clocks_from_records(graph, by_key, now),
-                       now - started if started is not None else 0.0, parallel=True)
+    est = eta.estimate(clocks_from_records(graph, by_key, current), parallel=True)
     out["progressPercentage"] = est.percent
     if est.remaining_s is not None:
         out["estimatedRemainingSeconds"] = round(est.remaining_s)
