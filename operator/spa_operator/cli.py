@@ -239,7 +239,12 @@ def cmd_render(args: argparse.Namespace) -> int:
     from spa_operator import render
 
     run = render.cluster_run(args.run, args.storage)
-    sys.stdout.write(render.render(run, args.worker_image, args.service_account))
+    try:
+        settings = render.settings(args.pod_defaults, args.gang_scheduler)
+    except (OSError, ValueError) as e:
+        say(f"spa render: {e}")
+        return EXIT_BAD_INPUT
+    sys.stdout.write(render.render(run, args.worker_image, args.service_account, settings))
     return 0
 
 
@@ -362,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--storage", help="s3://bucket/prefix, overrides spec.storage.uri")
     pt.add_argument("--worker-image", help="the operator's default worker image")
     pt.add_argument("--service-account", help="the operator's default worker service account")
+    pt.add_argument("--pod-defaults", metavar="FILE",
+                    help="the chart's worker pod defaults (YAML with keys all and gpu, as Helm worker.podDefaults)")
+    pt.add_argument("--gang-scheduler", choices=["coscheduling", "volcano"],
+                    help="the cluster's gang scheduler (Helm worker.gangScheduling.kind)")
     pt.set_defaults(fn=cmd_render)
     pd = sub.add_parser("demo", help="build the tiny offline example and run seed DPO + 2 SPA iterations")
     pd.add_argument("--out", required=True, help="folder for the example and its run")
