@@ -152,8 +152,9 @@ def print_summary(run: AlignmentRun, root: str) -> None:
     for cells in table_rows(rows):
         table.add_row(*cells)
     out.print(table)
-    head, cost_rows = cost_report.read(graph, rows).table()
-    if len(cost_rows) > 1:
+    cost = cost_report.read(graph, rows)
+    if cost.total.amounts:  # (runs made before the ledger have none)
+        head, cost_rows = cost.table()
         table = Table(title=f"{run.metadata.name}: cost (~: estimated)")
         for label in head:
             table.add_column(label, justify="right", overflow="fold")
