@@ -34,8 +34,10 @@ def test_demo_runs_seed_and_two_iterations_then_is_a_noop(tmp_path):
     assert all(manifests[d] for d in STAGE_DIRS), {d: len(m) for d, m in manifests.items()}
     # The per-iteration table and the final model.
     assert "per-iteration results" in proc.stdout
-    first_cells = [ln.split("│")[1].strip() for ln in proc.stdout.splitlines() if ln.count("│") > 2]
+    results, cost = proc.stdout.split("tiny-demo: cost (~: estimated)")  # the results table, then the cost table
+    first_cells = [ln.split("│")[1].strip() for ln in results.splitlines() if ln.count("│") > 2]
     assert first_cells == ["seed", "1", "2"], proc.stdout
+    assert [ln.split("│")[1].strip() for ln in cost.splitlines() if ln.count("│") > 2] == ["seed", "1", "2", "total"]
     final = root / "iter-02" / "train" / "model"
     assert f"final model: {final}" in proc.stdout.replace("\n", "")
     from transformers import AutoModelForCausalLM
