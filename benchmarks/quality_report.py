@@ -7,6 +7,8 @@ import json
 import statistics
 from pathlib import Path
 
+from benchlib import ledger_columns
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DOCS = HERE.parent / "docs"
@@ -101,8 +103,6 @@ def _gated_rows(data: dict, gate: dict) -> tuple[list[dict], list[str]]:
 def _cost_of_rows(rows: list[dict]) -> str:
     if not any("cost" in r for r in rows):
         return "– | –"
-    from benchlib import ledger_columns
-
     labels, hours, _ = ledger_columns(rows)
     return f"{labels} | {hours}"
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchlib import ledger_columns
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DOCS = HERE.parent / "docs"
@@ -43,8 +45,6 @@ def judged(row: dict) -> str:
 
 
 def table(data: dict) -> str:
-    from benchlib import ledger_columns
-
     rows = rows_of(data)
     unit = max((ledger_columns([row])[2] for *_, row in rows), key=lambda u: u == "GPU-hours")
     lines = ["| method | gold labels | labels used (ledger) | " + unit + " (ledger) | mean gold score | IFEval "
