@@ -149,13 +149,21 @@ NODE_RULES: dict[str, list[dict[str, str]]] = {
         {"rule": "!has(self.gate) || !has(self.gate.metric) || self.gate.metric == 'heldoutAgreement' || "
                  "(has(self.evaluation) && has(self.evaluation.winRate))",
          "message": "gate.metric winRate or lcWinRate needs evaluation.winRate", "fieldPath": ".gate.metric"},
+        {"rule": "!has(self.gate) || !has(self.gate.maxLengthChange) || "
+                 "(has(self.evaluation) && has(self.evaluation.winRate))",
+         "message": "gate.maxLengthChange needs evaluation.winRate", "fieldPath": ".gate.maxLengthChange"},
     ],
     "gate": [
-        {"rule": "has(self.floor) || has(self.maxDrop)", "message": "set floor and/or maxDrop"},
+        {"rule": "has(self.floor) || has(self.maxDrop) || has(self.maxLengthChange)",
+         "message": "set floor, maxDrop and/or maxLengthChange"},
         {"rule": "(has(self.metric) && self.metric != 'heldoutAgreement') || "
                  "((!has(self.floor) || double(self.floor) <= 1.0) && "
                  "(!has(self.maxDrop) || double(self.maxDrop) <= 1.0))",
-         "message": "heldoutAgreement is a fraction: floor and maxDrop must be at most 1"},
+         "message": "heldoutAgreement is a fraction (0-1): floor and maxDrop must be at most 1"},
+        {"rule": "!has(self.metric) || self.metric == 'heldoutAgreement' || "
+                 "((!has(self.floor) || double(self.floor) == 0.0 || double(self.floor) >= 1.0) && "
+                 "(!has(self.maxDrop) || double(self.maxDrop) == 0.0 || double(self.maxDrop) >= 1.0))",
+         "message": "winRate and lcWinRate are in percent (0-100): a floor or maxDrop below 1 means less than 1%"},
     ],
     "iterations": [
         {"rule": "!has(self.promptsPerIteration) || type(self.promptsPerIteration) != list || "
@@ -354,8 +362,13 @@ def status_schema() -> dict[str, Any]:
                        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"],
                        "description": "Ready, Progressing, Failed, Suspended, StorageReachable."},
         "stages": {"type": "array", "items": stage, "description": "One entry per started stage."},
-        "outputs": {"type": "object", "description": "The run's results.", "properties": {
-            "model": {"type": "string", "description": "URI of the final model (set when Succeeded)."}}},
+        "outputs": {"type": "object", "description": "The run's results (set when Succeeded; the same as the "
+                                                          "PUBLISHED.json the run leaves in its storage).",
+                    "properties": {
+            "model": {"type": "string", "description": "URI of the published model."},
+            "iteration": {"type": "integer", "description": "The iteration whose model is published (0 = seed)."},
+            "reason": {"type": "string", "description": "Why: the quality gate's verdict, or that there is none."},
+            "stoppedByGate": {"type": "boolean", "description": "Whether the quality gate stopped the run."}}},
     }}
 
 
