@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -22,18 +23,19 @@ from spa_workers.contract import EXIT_BAD_INPUT, EXIT_STORAGE, StageInputError
 from spa_workers.storage import StorageError
 
 from spa_operator import local
-from spa_operator.planner import Action, stage_graph
+from spa_operator.planner import PUBLISHED_FILE, Action, stage_graph
 from spa_operator.progress import plain_or_live
 from spa_operator.spec import AlignmentRun, SpecError, load_run, parse_run
-from spa_operator.summary import COLUMNS, summarize, table_rows, write_report
+from spa_operator.summary import COLUMNS, lc_label, shown_columns, summarize, table_rows, write_report
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 RUN_SNAPSHOT = "run.yaml"  # the resolved manifest, saved in the run root (what `spa report DIR` reads)
 
 err = Console(stderr=True)
-# Not a terminal (a log file, a pipe): no width to fit, so the table is never squeezed to 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 200)
+# Not a terminal (a log file, a pipe): no width to fit, so the table is never squeezed to 80 columns (unless
+# COLUMNS asks for a width).
+out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 
 
 def say(text: str) -> None:
@@ -132,12 +134,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def print_summary(run: AlignmentRun, root: str) -> None:
-    table = Table(title=f"{run.metadata.name}: per-iteration results")
-    for label, _ in COLUMNS.values():
-        table.add_column(label, justify="right", overflow="fold")
-    for cells in table_rows(summarize(stage_graph(run.spec, root))):
-        table.add_row(*cells)
-    out.print(table)
+    """The per-iteration table; wider than the terminal, it is printed in parts (each repeating the iteration
+    column) rather than folding a number across lines."""
+    rows = summarize(stage_graph(run.spec, root))
+    keys = shown_columns(rows)
+    cells = table_rows(rows, keys)
+    widths = [max([len(COLUMNS[k][0]) if " " not in COLUMNS[k][0] else max(map(len, COLUMNS[k][0].split())),
+                   *(len(r[j]) for r in cells)]) for j, k in enumerate(keys)]
+    parts: list[list[int]] = [[0]]
+    for j in range(1, len(keys)):
+        if sum(widths[c] + 3 for c in [*parts[-1], j]) + 1 > out.width and len(parts[-1]) > 1:
+            parts.append([0])
+        parts[-1].append(j)
+    for n, part in enumerate(parts):
+        title = f"{run.metadata.name}: per-iteration results" + (f" ({n + 1}/{len(parts)})" if len(parts) > 1 else "")
+        table = Table(title=title)
+        for j in part:  # fixed widths: headers wrap at their words, cells never wrap
+            header = "\n".join(textwrap.wrap(COLUMNS[keys[j]][0], widths[j]))
+            table.add_column(header, justify="right", width=widths[j], no_wrap=True)
+        for row in cells:
+            table.add_row(*(row[j] for j in part))
+        out.print(table)
+    label = lc_label(run)
+    if label:
+        out.print(label, soft_wrap=True)
 
 
 def _stale_error(root: str, statuses: dict[str, local.StageStatus]) -> None:
@@ -186,12 +206,12 @@ def execute_and_report(run: AlignmentRun, root: str, logs: Path, processes: int 
     with plain_or_live(err) as progress:
         outcome = local.execute(run, root, logs, progress.on_start, progress.on_progress, progress.on_finish,
                                 processes=processes)
-    reports = write_report(run, root)
+    reports = write_report(run, root, outcome.plan)
     if outcome.plan.action is Action.DONE:
         print_summary(run, root)
-        if outcome.plan.reason:
-            print(outcome.plan.reason)
+        print(outcome.plan.reason)
         print(f"final model: {outcome.plan.final_model}")
+        print(f"published: iteration {outcome.plan.published_iteration}, {storage.join(root, PUBLISHED_FILE)}")
         print(f"report: {reports[0]} ({time.time() - t0:.1f}s)")
         return 0
     say(f"spa run: run {run.metadata.name} failed: {outcome.plan.reason}")

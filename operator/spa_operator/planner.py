@@ -265,7 +265,7 @@ def gate_verdict(spec: AlignmentRunSpec, results: Mapping[str, StageResult]) -> 
                                                f"{gate.floor:g}; best iteration {_best_text(best)}", i)
         if best is not None and gate.max_drop is not None:
             drop, se_diff = best[1] - value, math.hypot(se, best[2])
-            if drop > gate.max_drop and drop > gate.drop_stderrs * se_diff:
+            if value < best[1] - gate.max_drop and drop > gate.drop_stderrs * se_diff:
                 return GateVerdict(True, fallback, (
                     f"gate: {name} {value:.4g} at iteration {i} dropped {drop:.4g} below best iteration "
                     f"{_best_text(best)}: more than maxDrop {gate.max_drop:g} and {gate.drop_stderrs:g} standard "
