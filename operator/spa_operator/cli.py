@@ -19,7 +19,13 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 from spa_workers import storage
-from spa_workers.contract import EXIT_BAD_INPUT, EXIT_STORAGE, StageInputError
+from spa_workers.contract import (
+    EXIT_BAD_INPUT,
+    EXIT_STORAGE,
+    JUDGE_API_KEY_ENV,
+    StageInputError,
+    StageRetryableError,
+)
 from spa_workers.storage import StorageError
 
 from spa_operator import local
@@ -105,6 +111,15 @@ def _missing_local_inputs(run: AlignmentRun) -> list[str]:
     return problems
 
 
+def check_judge_key(run: AlignmentRun) -> None:
+    """On one machine the judge's key comes from the environment: a run whose judge names a secretRef (a cluster
+    Secret) needs SPA_JUDGE_API_KEY set, or every judgment would be refused after the GPU work."""
+    win = run.spec.evaluation.win_rate if run.spec.evaluation else None
+    if win and win.judge.secret_ref and not os.environ.get(JUDGE_API_KEY_ENV):
+        raise StageInputError(f"spec.evaluation.winRate.judge.secretRef names a cluster Secret; here set "
+                              f"{JUDGE_API_KEY_ENV} to the judge's API key")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     run, root = _load(args.run, args.storage)
     graph = stage_graph(run.spec, root)
@@ -123,10 +138,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.check:
         from spa_workers.validate import check, check_storage_writable
 
+        check_judge_key(run)
         counts = check(graph[0].args)  # type: ignore[arg-type]  # the validate stage, always first
         check_storage_writable(root)
         found = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
-        say(f"spa plan: inputs OK ({found}; the model and its tokenizer load; storage is writable)")
+        judge = "; the judge answers" if graph[0].args.judge_endpoint else ""  # type: ignore[attr-defined]
+        say(f"spa plan: inputs OK ({found}; the model and its tokenizer load; storage is writable{judge})")
     return 0
 
 
@@ -227,6 +244,7 @@ def _logs_dir(root: str, override: str | None) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     run, root = _load(args.run, args.storage)
+    check_judge_key(run)
     if not _prepare_outputs(run, root, args.rerun_from, args.force):
         return EXIT_BAD_INPUT
     _save_snapshot(run, root)
@@ -390,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         say(f"{name}: error: storage: {e}")
         return EXIT_STORAGE
+    except StageRetryableError as e:  # e.g. `spa plan --check` with the judge down: worth trying again later
+        say(f"{name}: error: {e}")
+        return EXIT_FAILED
     except BrokenPipeError:  # `spa plan ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
