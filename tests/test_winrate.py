@@ -245,6 +245,50 @@ def test_stage_end_to_end_reports_figures_and_never_the_key(tmp_path, tiny_polic
 
 
 
+@pytest.mark.slow
+def test_a_judge_failure_keeps_the_heldout_agreement_and_a_retry_pays_nothing_twice(tmp_path, tiny, tiny_policy,
+                                                                                     worker):
+    """Through `spa-worker evaluate`: a bad key is bad input (exit 2, one line naming the endpoint and HTTP 401, one
+    request, no retries claimed) and the held-out agreement computed before it is kept in the run's cache; the next
+    attempt reuses it and the policy's answers; an attempt after that asks the judge nothing (every judgment cached).
+    Calls and tokens go to the manifest's counts and ledger."""
+    cache = str(tmp_path / "cache")
+    with FakeJudge(lambda i, f, s: 0.8 if f.startswith("q5") else 0.2, api_key=SECRET) as judge:
+        _, argv = _stage_argv(tmp_path, tiny_policy, judge, "--heldout", tiny["heldout"], "--cache", cache)
+        bad = worker(*argv, env={contract.JUDGE_API_KEY_ENV: "sk-wrong"})
+        assert bad.returncode == 2, bad.stderr[-3000:]
+        errors = [ln for ln in bad.stderr.splitlines() if "error:" in ln]
+        assert len(errors) == 1 and errors[0].startswith(
+            f"spa-worker evaluate: error: judge {judge.url}: HTTP 401 (the API key was refused"), bad.stderr[-2000:]
+        assert " held-out agreement " in errors[0] and f"is kept in {cache}/heldout/" in errors[0]
+        assert "retries" not in errors[0] and len(judge.requests) == 1
+        agreement = float(errors[0].split(" held-out agreement ")[1].split()[0])
+
+        good = worker(*argv, env={contract.JUDGE_API_KEY_ENV: SECRET})
+        assert good.returncode == 0, good.stderr[-3000:]
+        assert "held-out agreement from the run's cache" in good.stdout and "answers from the run's cache" in \
+            good.stdout
+        assert len(judge.requests) == 1 + 12
+        manifest = contract.read_manifest(str(tmp_path / "out"))
+        assert manifest.metrics[K.HELDOUT_AGREEMENT] == pytest.approx(agreement, abs=1e-4)
+        assert manifest.metrics[K.WIN_RATE] == pytest.approx(20.0)
+        assert manifest.counts[K.JUDGE_CALLS] == 12 and manifest.counts[K.JUDGE_CACHED] == 0
+        assert manifest.ledger[contract.Ledger.JUDGE_CALLS] == 12
+        assert manifest.ledger[contract.Ledger.JUDGE_PROMPT_TOKENS] == manifest.counts[K.JUDGE_PROMPT_TOKENS] > 12 * 100
+        assert manifest.ledger[contract.Ledger.JUDGE_COMPLETION_TOKENS] == 12
+        assert manifest.metrics[K.EVAL_ANSWER_TOKENS] > 0 and manifest.metrics[K.REFERENCE_ANSWER_TOKENS] > 0
+
+        storage.delete_tree(str(tmp_path / "out"))  # a new attempt
+        again = worker(*argv, env={contract.JUDGE_API_KEY_ENV: SECRET})
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert len(judge.requests) == 1 + 12  # nothing asked
+        manifest = contract.read_manifest(str(tmp_path / "out"))
+        assert manifest.counts[K.JUDGE_CACHED] == 12 and manifest.ledger.get(contract.Ledger.JUDGE_CALLS, 0) == 0
+        assert manifest.metrics[K.WIN_RATE] == pytest.approx(20.0)
+    texts = [bad.stderr, good.stdout, good.stderr, *(p.read_text() for p in Path(cache).rglob("*") if p.is_file())]
+    assert not any(SECRET in t for t in texts)
+
+
 def test_length_control_by_hand():
     """Checks that need no library: equal answer lengths leave nothing to control for (LC = raw win rate, and the
     delta-method SE is the raw SE with ddof 0); all-win stays near 100; one prompt has no standard error."""

@@ -363,9 +363,10 @@ def compare_all(client: JudgeClient, instructions: Sequence[str], policy: Sequen
                 progress(done, len(jobs))
         return result
 
+    # the first judgment alone: a refused key or an unusable reply costs one request, not `concurrency`
+    results = [one(jobs[0])] if jobs else []
     with ThreadPoolExecutor(max_workers=client.settings.concurrency) as pool:
-        futures = [pool.submit(one, job) for job in jobs]
-        results = []
+        futures = [pool.submit(one, job) for job in jobs[1:]]
         for f in futures:
             results.append(f.result())  # the first JudgeError is raised here; `stop` keeps the rest from asking
     if max_lost is not None and len(lost) > max_lost:
