@@ -229,6 +229,16 @@ def test_evaluate_stages_carry_the_win_rate_settings():
     assert "--heldout" not in argv and not any("key" in a.lower() for a in argv)
 
 
+def test_evaluate_without_a_win_rate_carries_no_judge_flags():
+    """`spa plan` printed --judge-max-failed-fraction, --judge-concurrency, --answer-backend ... for evaluate stages
+    that judge nothing; the command parses back to the same arguments."""
+    spec = make_spec(1, heldout=True)
+    for s in (s for s in stage_graph(spec, ROOT) if s.stage == contract.EVALUATE):
+        argv = s.args.to_argv()
+        assert not [a for a in argv if a.startswith(("--judge", "--answer", "--winrate", "--lc-glm", "--seed"))], argv
+        assert contract.EvaluateArgs.from_argv(argv[1:]) == s.args
+
+
 # ------------------------------------------------------------------------------------------ through `spa run`
 
 

@@ -289,6 +289,72 @@ def test_a_judge_failure_keeps_the_heldout_agreement_and_a_retry_pays_nothing_tw
     assert not any(SECRET in t for t in texts)
 
 
+@pytest.mark.slow
+def test_reference_answers_are_sampled_once_per_run_and_lengths_recorded(tmp_path, tiny, tiny_policy, monkeypatch):
+    """Without referenceAnswers the reference model (the SFT model) answered the prompts again in every
+    iteration's evaluation. The run's cache keeps them: a second iteration's evaluate samples only its own policy.
+    Its manifest records the mean answer lengths (tokens), the SFT model's being the reference's here."""
+    from spa_workers import evaluate
+
+    sampled: list[str] = []
+    real = evaluate._sample
+    monkeypatch.setattr(evaluate, "_sample", lambda model, prompts, args: sampled.append(model) or
+                        real(model, prompts, args))
+    write_jsonl(str(tmp_path / "prompts.jsonl"), [{"prompt": f"What is {i} plus 1?"} for i in range(4)])
+    with FakeJudge(lambda i, f, s: 0.5) as judge:
+        for n, policy in enumerate((tiny_policy, tiny["model"])):
+            args = contract.EvaluateArgs(
+                policy=policy, reference=tiny["model"], output=str(tmp_path / f"iter-{n}"),
+                winrate_prompts=str(tmp_path / "prompts.jsonl"), answer_backend="transformers",
+                answer_max_new_tokens=6, judge_endpoint=judge.url, judge_model="judge", cache=str(tmp_path / "cache"))
+            assert evaluate.run(args) == 0
+    # iteration 0: its policy and the reference; iteration 1, whose policy is the SFT model itself: nothing new
+    assert sampled == [tiny_policy, tiny["model"]]
+    metrics = contract.read_manifest(str(tmp_path / "iter-1")).metrics
+    assert metrics[K.SFT_ANSWER_TOKENS] == metrics[K.REFERENCE_ANSWER_TOKENS] == metrics[K.EVAL_ANSWER_TOKENS] > 0
+
+
+def _alpaca_eval_hub_cache(root: Path, rng: np.random.Generator) -> np.ndarray:
+    """A Hugging Face Hub cache holding alpaca_eval's `df_gamed.csv` (tatsu-lab/alpaca_eval), as a pod with Hub
+    access would have it after the download: the difficulty of each of the 805 instructions, and the annotations of
+    the two length-gamed baselines its GLM is regularised towards. Synthetic figures, alpaca_eval's format."""
+    snapshot = root / "datasets--tatsu-lab--alpaca_eval" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (root / "datasets--tatsu-lab--alpaca_eval" / "refs").mkdir()
+    (root / "datasets--tatsu-lab--alpaca_eval" / "refs" / "main").write_text("0" * 40)
+    difficulty = rng.normal(0.0, 1.0, 805)
+    lines = ["model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline"]
+    for model, shift in (("gamed_verbose", 1.0), ("gamed_concise", -1.0)):
+        for i in range(805):
+            p = 1 / (1 + np.exp(-(0.5 * shift - difficulty[i])))
+            lines.append(f"{model},{i},{p:.6f},{shift:.3f},{difficulty[i]:.6f},False")
+    (snapshot / "df_gamed.csv").write_text("\n".join(lines) + "\n")
+    return difficulty
+
+
+def test_leaderboard_lc_is_alpaca_evals_length_controlled_v1(tmp_path, monkeypatch):
+    """lengthControl alpacaEvalV1: the 805 AlpacaEval instructions are scored by alpaca_eval's own
+    `length_controlled_v1` (its instruction-difficulty term included), which differs from the minimal GLM on the
+    same annotations; without the Hub file, one line saying so."""
+    import huggingface_hub.constants
+
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "nothing"))
+    with pytest.raises(contract.StageInputError, match="could not get df_gamed.csv from the Hugging Face Hub"):
+        winrate.leaderboard_lc_win_rate([1.5] * 805, ["a"] * 805, ["b"] * 805, list(range(805)))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    difficulty = _alpaca_eval_hub_cache(tmp_path / "hub", rng)
+    policy = ["x" * int(rng.integers(50, 400)) for _ in range(805)]
+    reference = ["y" * int(rng.integers(50, 400)) for _ in range(805)]
+    delta = np.array([len(r) - len(p) for p, r in zip(policy, reference, strict=True)], dtype=float)
+    prefs = list(1 + 1 / (1 + np.exp(-(0.3 - 1.2 * difficulty - 0.8 * np.tanh(delta / delta.std())))))
+    lc, se = winrate.leaderboard_lc_win_rate(prefs, reference, policy, list(range(805)))
+    minimal, _ = winrate.length_controlled_win_rate(prefs, [len(r) for r in reference], [len(p) for p in policy])
+    # alpaca_eval's standard error for v1 is the spread of its per-instruction predictions (0 for the minimal GLM,
+    # whose prediction is one number); the figures differ by the difficulty term and the regularisation
+    assert 0 < lc < 100 and 0.1 < se < 5 and lc != pytest.approx(minimal, abs=0.05), (lc, se, minimal)
+
+
 def test_length_control_by_hand():
     """Checks that need no library: equal answer lengths leave nothing to control for (LC = raw win rate, and the
     delta-method SE is the raw SE with ddof 0); all-win stays near 100; one prompt has no standard error."""
