@@ -111,7 +111,10 @@ DOCS: dict[str, str] = {
     "evaluation.winRate.judge.secretRef.name": "Secret in the run's namespace.",
     "evaluation.winRate.judge.secretRef.key": "Key of the Secret that holds the API key.",
     "evaluation.winRate.judge.concurrency": "Judge requests in flight at once.",
-    "evaluation.winRate.judge.maxRetries": "Retries per request (timeouts, 429, 5xx, unparseable answers).",
+    "evaluation.winRate.judge.maxRetries": "Retries per request, with backoff honouring Retry-After (timeouts, 429, "
+                                           "5xx); a refused request (4xx) or an unusable reply fails the stage as "
+                                           "bad input, a reply naming neither output is a refusal (not asked "
+                                           "again).",
     "evaluation.winRate.judge.timeoutSeconds": "Timeout per request.",
     "gate.metric": "The figure the gate watches: heldoutAgreement (0-1), winRate or lcWinRate (percent).",
 }
