@@ -99,7 +99,7 @@ def test_results_table_keeps_numbers_whole_at_80_columns(tmp_path, tiny):
     """At 80 columns rich folded the 10-column table's numbers across lines ("0.81" / "25"); now a table too wide is
     printed in parts, each repeating the iteration column, and every figure stays on one line."""
     run = write_run(tmp_path, tiny, count=2, heldout=True)
-    root = finish(run, [0.8125, 0.875, 0.8438])
+    finish(run, [0.8125, 0.875, 0.8438])
     proc = spa("report", str(run), env={"COLUMNS": "80"})
     assert proc.returncode == 0, proc.stderr
     table = [ln for ln in proc.stdout.splitlines() if ln.startswith(("│", "┃", "┏", "└"))]

@@ -340,7 +340,7 @@ def test_leaderboard_lc_is_alpaca_evals_length_controlled_v1(tmp_path, monkeypat
 
     rng = np.random.default_rng(0)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "nothing"))
-    with pytest.raises(contract.StageInputError, match="could not get df_gamed.csv from the Hugging Face Hub"):
+    with pytest.raises(contract.StageInputError, match=r"could not get df_gamed\.csv from the Hugging Face Hub"):
         winrate.leaderboard_lc_win_rate([1.5] * 805, ["a"] * 805, ["b"] * 805, list(range(805)))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     difficulty = _alpaca_eval_hub_cache(tmp_path / "hub", rng)
