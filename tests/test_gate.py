@@ -4,6 +4,7 @@ with a win rate judged by a local OpenAI-compatible server."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -280,8 +281,12 @@ def test_spa_run_stops_when_quality_falls_and_publishes_the_best_model(tmp_path,
     root = tmp_path / "store" / "ns" / "gated"
     assert (root / "iter-02/evaluate/_SUCCESS.json").exists() and not (root / "iter-03").exists()
     out = proc.stdout.replace("\n", "")
-    assert "gate: winRate 30 at iteration 2 dropped more than 20 below best iteration 1 (80)" in out
-    assert f"final model: {model_uri(str(root), 1)}" in out
+    reason = ("gate: winRate 30 at iteration 2 dropped 50 below best iteration 1 (80): more than maxDrop 20 and 2.6 "
+              "standard errors of the difference (0)")
+    assert reason in out and f"final model: {model_uri(str(root), 1)}" in out
+    marker = json.loads((root / "PUBLISHED.json").read_text())
+    assert marker == {"model": model_uri(str(root), 1), "iteration": 1, "reason": reason, "stoppedByGate": True}
+    assert json.loads((root / "report.json").read_text())["published"] == marker
     rows = [ln.split("│")[1:-1] for ln in proc.stdout.splitlines() if ln.count("│") > 2]
     assert [r[0].strip() for r in rows] == ["seed", "1", "2"]
     assert [r[5].strip() for r in rows] == ["50.0 ± 0.0", "80.0 ± 0.0", "30.0 ± 0.0"], proc.stdout
