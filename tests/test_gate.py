@@ -251,10 +251,11 @@ def test_spa_run_stops_when_quality_falls_and_publishes_the_best_model(tmp_path,
     (tmp_path / "wr.jsonl").write_text("".join(f'{{"prompt": "What is {i} plus 2?"}}\n' for i in range(n)))
     (tmp_path / "ref.jsonl").write_text("".join(f'{{"answer": "REF {i + 2}"}}\n' for i in range(n)))
     policy_wins = [0.5, 0.8, 0.3, 0.9]  # by evaluation, in the order they run (iteration 0, 1, 2, 3)
-    calls = itertools.count()
+    root = tmp_path / "store" / "ns" / "gated"
 
     def judge_fn(instruction: str, first: str, second: str) -> float:
-        p = policy_wins[next(calls) // (2 * n)]  # evaluations run one after another, 2n judgments each
+        # evaluations run one after another: the one asking is the first without a manifest
+        p = policy_wins[len(list(root.glob("iter-*/evaluate/_SUCCESS.json")))]
         return 1 - p if first.startswith("REF") else p
 
     with FakeJudge(judge_fn) as judge:
@@ -265,9 +266,11 @@ def test_spa_run_stops_when_quality_falls_and_publishes_the_best_model(tmp_path,
                 "data": {"seed": tiny["seed"], "prompts": tiny["prompts"], "heldout": tiny["heldout"]},
                 "iterations": {"count": 3, "promptsPerIteration": 8},
                 "generation": {"maxNewTokens": 12, "backend": "transformers"},
-                "training": {"learningRate": 1e-4, "seedEpochs": 1, "batchSize": 8, "maxLength": 128,
+                # judgments are cached by answer: a learning rate and answers long enough that no two iterations'
+                # models give the same answer (checked below), so each evaluation asks the judge anew
+                "training": {"learningRate": 1e-3, "seedEpochs": 1, "batchSize": 8, "maxLength": 128,
                              "maxPromptLength": 64},
-                "evaluation": {"winRate": {"prompts": "wr.jsonl", "referenceAnswers": "ref.jsonl", "maxNewTokens": 8,
+                "evaluation": {"winRate": {"prompts": "wr.jsonl", "referenceAnswers": "ref.jsonl", "maxNewTokens": 24,
                                            "backend": "transformers", "judge": {"endpoint": judge.url,
                                                                                 "model": "judge"}}},
                 "gate": {"metric": "winRate", "maxDrop": 20},
@@ -278,7 +281,8 @@ def test_spa_run_stops_when_quality_falls_and_publishes_the_best_model(tmp_path,
                                "--storage", str(tmp_path / "store")], capture_output=True, text=True,
                               env={**os.environ, "COLUMNS": "200"}, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    root = tmp_path / "store" / "ns" / "gated"
+    assert [contract.read_manifest(str(root / f"iter-{i:02d}/evaluate")).counts[K.JUDGE_CACHED] for i in range(3)] \
+        == [0, 0, 0]
     assert (root / "iter-02/evaluate/_SUCCESS.json").exists() and not (root / "iter-03").exists()
     out = proc.stdout.replace("\n", "")
     reason = ("gate: winRate 30 at iteration 2 dropped 50 below best iteration 1 (80): more than maxDrop 20 and 2.6 "

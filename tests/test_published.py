@@ -108,3 +108,25 @@ def test_results_table_keeps_numbers_whole_at_80_columns(tmp_path, tiny):
     for figure in ("0.8125", "0.8750", "0.8438", "0.1234", "0.0938", "0.6000", "0.7000", "12.0"):
         assert figure in cells, (figure, proc.stdout)
     assert "(1/2)" in proc.stdout and [c for c in cells if c in ("seed", "1", "2")].count("seed") == 2
+
+
+def test_lc_figures_say_whether_they_compare_with_the_leaderboard(tmp_path, tiny):
+    """Every LC figure but alpaca_eval's length_controlled_v1 on AlpacaEval's 805 instructions is labelled "LC
+    (minimal GLM), not comparable with the leaderboard"; alpacaEvalV1 needs all 805 (spec validation)."""
+    from spa_operator.spec import SpecError, load_run
+    from spa_operator.summary import lc_label
+
+    judge = {"endpoint": "http://judge:8000/v1", "model": "j"}
+    run = write_run(tmp_path, tiny, evaluation={"winRate": {"prompts": tiny["prompts"], "judge": judge}})
+    assert lc_label(load_run(run)) == "LC win rate: LC (minimal GLM), not comparable with the leaderboard"
+    edit(run, lambda s: s["evaluation"]["winRate"].update(lengthControl="alpacaEvalV1"))
+    assert lc_label(load_run(run)).startswith("LC win rate: alpaca_eval's length_controlled_v1 (the AlpacaEval 2.0 "
+                                              "leaderboard's GLM) on its 805 instructions")
+    edit(run, lambda s: s["evaluation"]["winRate"].update(samples=100))
+    try:
+        load_run(run)
+    except SpecError as e:
+        assert str(e).endswith("spec.evaluation.winRate: lengthControl alpacaEvalV1 needs all 805 AlpacaEval "
+                               "instructions: samples must be 0 or 805"), str(e)
+    else:
+        raise AssertionError("samples 100 with alpacaEvalV1 was accepted")

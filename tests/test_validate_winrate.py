@@ -65,6 +65,8 @@ def test_plan_names_missing_win_rate_files_and_reference_model(tmp_path, tiny, c
     (prompts(5), {"samples": 3, "referenceAnswers": [*answers(1), {"text": "2."}, *answers(3)]},
      "{answers}: row 2: missing string column answer (or output)"),
     (prompts(5), {"referenceModel": "no-chat-template"}, "model {model}: tokenizer has no chat template"),
+    (prompts(5), {"lengthControl": "alpacaEvalV1"}, "{prompts}: has 5 prompts, but lengthControl alpacaEvalV1 needs "
+     "AlpacaEval's 805 instructions in their order (spec.evaluation.winRate.lengthControl)"),
 ])
 def test_plan_check_rejects_unusable_win_rate_inputs(tmp_path, tiny, capsys, prompt_rows, win, expected):
     paths = {"prompts": write_jsonl(tmp_path / "win-prompts.jsonl", prompt_rows),
