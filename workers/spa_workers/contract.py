@@ -511,7 +511,7 @@ class ManifestKeys:
     JUDGE_PROMPT_TOKENS = "judge_prompt_tokens"
     JUDGE_COMPLETION_TOKENS = "judge_completion_tokens"
     JUDGE_RETRY_COUNTS = ("judge_http_attempts", "judge_rate_limited", "judge_server_errors", "judge_client_errors",
-                          "judge_no_response", "judge_unparseable")
+                          "judge_no_response", "judge_refused")
     # generate / judge / evaluate / train: prompts too long for max_prompt_length, left out
     SKIPPED_LONG_PROMPTS = "skipped_long_prompt"
     # train / seed-train: counts
