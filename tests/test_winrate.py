@@ -367,6 +367,10 @@ def test_length_control_by_hand():
     assert winrate.length_controlled_win_rate(prefs, [30] * n, [10] * n)[0] == pytest.approx(wr)
     assert winrate.length_controlled_win_rate([2.0] * 3, [3, 5, 9], [4, 1, 2])[0] > 99.9
     assert math.isnan(winrate.win_rate([1.7])[1])
+    # every preference the same with lengths far apart: an exact fit, whose covariance rounds to just below 0 (it
+    # failed the stage with "math domain error")
+    lc, lc_se = winrate.length_controlled_win_rate([1.8] * 4, [5] * 4, [60, 61, 58, 55])
+    assert math.isfinite(lc) and lc_se == 0.0
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -433,7 +433,8 @@ def length_controlled_win_rate(preferences: Sequence[float], reference_lengths: 
     x = np.column_stack([np.tanh(delta / sd), ones]) if sd > 0 else ones[:, None]
     theta, cov = _fit_logistic(x, y)
     lc = 1.0 / (1.0 + math.exp(-theta[-1]))
-    return lc * 100, lc * (1 - lc) * math.sqrt(cov[-1, -1]) * 100
+    # the robust covariance of an exact fit (every preference the same) is 0 up to rounding, which may be below it
+    return lc * 100, lc * (1 - lc) * math.sqrt(max(cov[-1, -1], 0.0)) * 100
 
 
 def leaderboard_lc_win_rate(preferences: Sequence[float], reference: Sequence[str], policy: Sequence[str],
