@@ -176,6 +176,22 @@ def test_length_drift_stops_the_run_both_ways():
                                "model's 119 (maxLengthChange 0.3); best iteration 1 (51)"), plan.reason
 
 
+def test_the_length_gate_gets_the_sft_models_answers():
+    """The length gate compares with the SFT model's answers to the win-rate prompts: the reference's own when the
+    reference model is the SFT model, else sampled once per run (--length-baseline), and only with the gate."""
+    win = {**WIN_RATE, "referenceAnswers": "s3://d/gpt4.jsonl"}
+    gate = {"metric": "winRate", "maxDrop": 5, "maxLengthChange": 0.3}
+
+    def baselines(evaluation, gate):
+        spec = make_spec(1, heldout=True, evaluation={"winRate": evaluation}, **({"gate": gate} if gate else {}))
+        return {s.args.length_baseline for s in stage_graph(spec, ROOT) if s.stage == contract.EVALUATE}
+
+    assert baselines(win, gate) == {"s3://m/sft"}
+    assert baselines({**WIN_RATE, "referenceModel": "s3://m/other"}, gate) == {"s3://m/sft"}
+    assert baselines(WIN_RATE, gate) == {None}  # the reference answers are the SFT model's own
+    assert baselines(win, None) == {None}
+
+
 @pytest.mark.parametrize(("gate", "evaluation", "message"), [
     ({"metric": "winRate", "floor": 0.5}, True,
      "spec.gate: winRate is in percent (0-100): floor 0.5 means 0.5%; write 50 for 50%"),
