@@ -313,8 +313,8 @@ class GateSpec(_Model):
             # 0.5 for a win rate means 0.5%: a floor that never fires, a fraction written where percent is meant
             for name, value in (("floor", self.floor), ("maxDrop", self.max_drop)):
                 if value is not None and 0 < value < 1:
-                    raise _FieldError("gate", f"{self.metric} is in percent (0-100): {name} {value:g} means "
-                                              f"{value:g}%; write {value * 100:g} for {value * 100:g}%")
+                    raise ValueError(f"{self.metric} is in percent (0-100): {name} {value:g} means {value:g}%; "
+                                     f"write {value * 100:g} for {value * 100:g}%")
         return self
 
     @property
