@@ -98,7 +98,8 @@ def test_fsdp_two_processes_shard_and_match_one_process(fsdp, single, tiny):
     log = read_log(fsdp["out"])
     assert [r["step"] for r in log] == [1, 2]
     assert log[0]["loss"] == pytest.approx(LN2, abs=1e-6)  # policy == reference on both ranks
-    assert log[0]["samples"] == 4 and log[0]["rank_thresholds"] == [log[0]["threshold"]] * 2
+    assert log[0]["samples"] == 4 and log[0]["threshold"] is None  # the first step has an empty window
+    assert log[1]["threshold"] is not None and log[1]["rank_thresholds"] == [log[1]["threshold"]] * 2
     m = manifest(fsdp["out"])
     assert m["counts"][contract.ManifestKeys.PROCESSES] == 2
     assert m["counts"][contract.ManifestKeys.EFFECTIVE_BATCH] == 4
