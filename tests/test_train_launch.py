@@ -21,6 +21,9 @@ def args(**kw) -> TrainArgs:
         ({"processes": 2, "lora_r": 8}, True, "ddp"),  # LoRA: replicas
         ({"processes": 4, "nodes": 2, "strategy": "deepspeed"}, True, "deepspeed"),
         ({"processes": 1, "nodes": 2, "strategy": "ddp"}, False, "ddp"),
+        ({"strategy": "fsdp"}, True, "fsdp"),  # one GPU, asked for: the bf16 sharded path (the GPU check)
+        ({"strategy": "fsdp"}, False, "none"),  # one CPU process: nothing to shard over
+        ({"strategy": "auto"}, True, "none"),
     ],
 )
 def test_strategy(kw, cuda, expected):
@@ -70,7 +73,7 @@ def test_fsdp_launch_on_one_node(monkeypatch):
     assert o["--num_processes"] == "8" and o["--num_machines"] == "1" and o["--machine_rank"] == "0"
     assert o["--main_process_ip"] == "127.0.0.1" and o["--main_process_port"] == str(launch.DEFAULT_PORT)
     assert o["--use_fsdp"] is True and o["--fsdp_version"] == "2" and o["--fsdp_reshard_after_forward"] == "true"
-    assert o["--fsdp_state_dict_type"] == "SHARDED_STATE_DICT" and o["--fsdp_cpu_ram_efficient_loading"] == "false"
+    assert o["--fsdp_state_dict_type"] == "SHARDED_STATE_DICT" and o["--fsdp_cpu_ram_efficient_loading"] == "true"
     assert o["--mixed_precision"] == "bf16" and o["--max_restarts"] == "0"
     assert o["--rdzv_backend"] == "static" and o["--rdzv_conf"] == "timeout=900"
     child = TrainArgs.from_argv(argv[argv.index("spa_workers.cli") + 2 :])
@@ -99,10 +102,11 @@ def test_ddp_launch_on_cpu():
     assert "--use_fsdp" not in o and "--use_deepspeed" not in o
 
 
-def test_only_an_unlaunched_multi_process_stage_launches(monkeypatch):
+def test_only_an_unlaunched_multi_process_or_sharded_stage_launches(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert launch.needs_launch(args(processes=2)) and launch.needs_launch(args(nodes=2))
     assert not launch.needs_launch(args())
+    assert not launch.needs_launch(args(strategy="fsdp"))  # one process on this CUDA-less machine: no launcher
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert not launch.needs_launch(args(processes=2))  # already a rank
 

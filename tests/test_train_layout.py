@@ -1,6 +1,6 @@
 """One optimiser step is one global batch, however it is laid out, and a multi-process stage outlives a slow upload.
 
-The real `spa-worker train` on the tiny model, 10 pairs, batch 4, 2 epochs (each epoch 4 + 4 + 2 pairs), λ = 0.5,
+The real `spa-worker train` on the tiny models, 10 pairs, batch 4, 2 epochs (each epoch 4 + 4 + 2 pairs), λ = 0.5,
 a window of 8 (so it evicts): 1 process; 1 process with 2 accumulation steps of 2; 2 processes (FSDP2 on gloo)
 of 2. With 2 processes accelerate's `even_batches` pads each epoch's last step with 2 pairs from the epoch's start;
 they must reach neither the loss, nor the window, nor the log. The SPA window takes each optimiser step's scores
@@ -26,17 +26,19 @@ from workerproc import run_worker
 
 pytestmark = pytest.mark.slow
 
-WINDOW, QUANTILE = 8, 0.25
+WINDOW, QUANTILE = 8, 0.5
 COLLECTIVE_TIMEOUT_S = 20
 HOLD_S = 6  # per PUT of a final-model file: 5+ files, so the upload outlasts the collective timeout
 
 
 @pytest.fixture(scope="module")
-def base(tiny, tmp_path_factory) -> list[str]:
+def base(tiny, tiny_policy, tmp_path_factory) -> list[str]:
+    """A policy that differs from its reference, so that margins spread from the first step, and a small learning
+    rate, so that they stay spread: the window's median leaves samples on both sides, and refinement acts."""
     pairs = str(tmp_path_factory.mktemp("layout") / "pairs.jsonl")
     write_jsonl(pairs, read_records(tiny["seed"])[:10])
-    return ["train", "--model", tiny["model"], "--pairs", pairs, "--batch-size", "4", "--epochs", "2",
-            "--learning-rate", "1e-3", "--max-length", "64", "--seed", "0", "--extrapolation", "0.5",
+    return ["train", "--model", tiny_policy, "--reference", tiny["model"], "--pairs", pairs, "--batch-size", "4",
+            "--epochs", "2", "--learning-rate", "1e-4", "--max-length", "64", "--seed", "0", "--extrapolation", "0.5",
             "--window", str(WINDOW), "--low-confidence-fraction", str(QUANTILE), "--warmup-fraction", "0.2",
             "--checkpoint-every-minutes", "0"]
 
@@ -63,7 +65,8 @@ def two_slow(base, s3_server):
     from slow_store import SlowStore
 
     bucket = f"b-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=bucket)
     with SlowStore(s3_server, delay=HOLD_S, match="/train/model/") as store, pytest.MonkeyPatch.context() as mp:
         env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "SPA_S3_ENDPOINT": store.url,

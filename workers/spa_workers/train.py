@@ -220,7 +220,7 @@ def _resume(args: TrainArgs, strategy: str, world: int, ckpt_root: str, scratch:
     else:
         local = storage._local(uri)
     if state.is_main_process:
-        print(f"{args.stage}: resuming from {uri} (step {step}; fetched in {time.time() - t0:.1f}s)", file=sys.stderr)
+        print(f"{args.stage}: resuming from {uri} (step {step}), fetched in {time.time() - t0:.1f}s", file=sys.stderr)
     return step, local, saved, fetched, time.time() - t0
 
 
