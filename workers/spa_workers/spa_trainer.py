@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from spa_workers import checkpoints, collectives, launch, modeling
+from spa_workers import checkpoints, collectives, engine, launch, modeling
 from spa_workers.contract import StageInputError, TrainArgs
 
 # Linear LR warm-up over this fraction of the steps, then cosine decay: the alignment-handbook recipe that the
@@ -36,42 +36,6 @@ class Refinement:
     warmup_fraction: float = 0.2
     window: int = 50
     extrapolation: float = 0.0
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """One optimiser step's micro-batches: pairs per process in each, and how many of each micro-batch's gathered
-    pairs are real. accelerate's `even_batches` completes the epoch's last global micro-batch with samples from the
-    epoch's start; the sampler hands out consecutive batches in rank order, so in the rank-ordered gather the real
-    pairs come first and the padding last."""
-
-    local: tuple[int, ...]  # pairs per process in each micro-batch
-    real: tuple[int, ...]  # real pairs in each micro-batch, all processes together
-    processes: int
-
-    @classmethod
-    def of(cls, local: list[int], processes: int, remainder: int) -> StepPlan:
-        """`remainder`: accelerate's count of real pairs in the epoch's last global micro-batch when this step
-        holds it (0: that batch is full), -1 when it does not."""
-        real = [n * processes for n in local]
-        if real and remainder > 0:
-            real[-1] = min(real[-1], remainder)
-        return cls(tuple(local), tuple(real), processes)
-
-    @property
-    def total(self) -> int:
-        return sum(self.real)
-
-    def weights(self, micro: int, rank: int, n_local: int):
-        """(this process's real-pair mask, loss scale) for micro-batch `micro`: summing the masked per-pair losses
-        times the scale gives, after the Trainer's division by the step's micro-batch count and the gradient
-        reduction's mean over processes, the mean over the step's real pairs."""
-        import torch
-
-        real = self.real[micro] if micro < len(self.real) else n_local * self.processes
-        mine = min(max(real - rank * n_local, 0), n_local)
-        scale = self.processes * len(self.real) / max(self.total, 1)
-        return (torch.arange(n_local) < mine).float(), scale
 
 
 def _identity(x):
@@ -108,7 +72,7 @@ def trainer_class():
         An optimiser step is one global batch, whatever its layout (processes × accumulation): its threshold is
         the window's before the step, its scores enter the window once, after the step, and the duplicated
         samples accelerate's `even_batches` pads the epoch's last global batch with are left out of the loss,
-        the window and the log (`StepPlan`).
+        the window and the log (`engine.StepPlan`).
         """
 
         def __init__(self, *args: Any, refinement: Refinement | None = None, **kwargs: Any) -> None:
@@ -120,17 +84,17 @@ def trainer_class():
             )
             self.step_log: list[dict[str, Any]] = []  # one record per optimiser step, identical on all ranks
             self._micro: list[dict[str, Any]] = []  # this step's micro-batches
-            self._plan: StepPlan | None = None  # this step's real samples (get_batch_samples)
+            self._plan: engine.StepPlan | None = None  # this step's real samples (get_batch_samples)
             self._step_threshold: float | None = None
             self._step_window_size = 0
 
         def create_accelerator_and_postprocess(self) -> None:
             super().create_accelerator_and_postprocess()
             if launch.active_strategy() == "fsdp" and launch.under_launcher():
-                _force_fsdp(self.accelerator)
+                engine.force_fsdp(self.accelerator)
                 self.is_fsdp_enabled = True
             if self.is_fsdp_enabled and self._reference_to_shard is not None:
-                _shard_reference(self.accelerator, self._reference_to_shard)
+                engine.shard_reference(self.accelerator, self._reference_to_shard)
             self._reference_to_shard = None
 
         # Warm-up length depends on the step count, which the Trainer knows only here. Floor (not ceil, as
@@ -143,7 +107,7 @@ def trainer_class():
             """The Trainer fetches an optimiser step's micro-batches at once: count the step's real samples."""
             batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
             gradient_state = self.accelerator.gradient_state
-            self._plan = StepPlan.of(
+            self._plan = engine.StepPlan.of(
                 [len(b["input_ids"]) // 2 for b in batch_samples],  # chosen rows then rejected rows
                 self.accelerator.num_processes,
                 gradient_state.remainder if gradient_state.end_of_dataloader else -1,
@@ -197,7 +161,7 @@ def trainer_class():
                 )
             else:
                 losses = -F.logsigmoid(self.beta * margin)
-            plan = self._plan or StepPlan.of([margin.numel()], 1, -1)  # called outside `train`: one plain batch
+            plan = self._plan or engine.StepPlan.of([margin.numel()], 1, -1)  # called outside `train`: one plain batch
             real, scale = plan.weights(micro, self.accelerator.process_index, margin.numel())
             # The mean over the step's real samples, once the Trainer has divided by the step's micro-batches
             # and the data-parallel gradient reduction by the processes.
@@ -330,33 +294,6 @@ def trainer_class():
     return SPATrainer
 
 
-def _force_fsdp(accelerator) -> None:
-    """Make accelerate's (process-wide) state FSDP where accelerate itself would not: on CPU (see launch.py).
-
-    accelerate builds the FSDP plugin from the launcher's FSDP_* environment but drops it when the distributed
-    type is MULTI_CPU; this puts it back, so that `prepare` shards with FSDP2 over gloo.
-    """
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    state = accelerator.state
-    if state.distributed_type == DistributedType.MULTI_CPU:
-        state.distributed_type = DistributedType.FSDP
-        state.fsdp_plugin = FullyShardedDataParallelPlugin()
-
-
-def _shard_reference(accelerator, reference) -> None:
-    """Shard the frozen reference with FSDP2 the way accelerate shards the policy: one unit per decoder layer, so a
-    reference forward gathers one layer at a time (TRL shards it at its root only, which gathers the whole model
-    for every forward), and, with CPU-RAM-efficient loading, every rank's shards filled from rank 0's weights
-    (the other ranks loaded none). Done in place, before TRL would wrap it (it leaves an FSDP module alone)."""
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
-    reference.requires_grad_(False)  # frozen: kept in its stored dtype (accelerate upcasts trainable ones to fp32)
-    prepared = fsdp2_prepare_model(accelerator, reference)
-    if prepared is not reference:
-        raise RuntimeError("accelerate's FSDP2 preparation replaced the reference model instead of sharding it")
-
-
 # --- the trainer ---
 
 
@@ -436,22 +373,6 @@ def training_config(args: TrainArgs, output_dir: str, processes: int = 1, max_st
     )
 
 
-def _release_zeros(model) -> None:
-    """Under CPU-RAM-efficient loading transformers gives a rank that read no weights zero-filled parameters of the
-    whole model (benchmarks/results/load_memory.md): replace them by meta tensors at once, so that such a rank holds
-    no copy (29 GB less per rank at 7B for policy and reference); accelerate fills its shards from rank 0 when it
-    shards the model. Buffers stay: accelerate re-registers the non-persistent ones (rotary frequencies) from them."""
-    import torch
-
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None and param.device.type != "meta":
-                module._parameters[name] = torch.nn.Parameter(torch.empty_like(param, device="meta"),
-                                                              requires_grad=param.requires_grad)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-
-
 def load_models(args: TrainArgs, strategy: str):
     """(policy, reference or None): the reference is frozen, as stored (bf16 on GPU) whatever the policy's dtype;
     LoRA has none (the adapter turned off). Under DeepSpeed the training config must already exist (see
@@ -468,7 +389,7 @@ def load_models(args: TrainArgs, strategy: str):
         if not loaded:
             for m in (model, ref_model):
                 if m is not None:
-                    _release_zeros(m)
+                    engine.release_zeros(m)
         print(f"{args.stage}: rank {os.environ.get('RANK', '0')}: loaded "
               f"{'the weights' if loaded else 'no weights (they come from rank 0 when sharded)'}", file=sys.stderr)
     if strategy == "deepspeed":

@@ -33,7 +33,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from spa_workers import checkpoints, collectives, contract, data, launch, modeling, runner, storage
+from spa_workers import checkpoints, collectives, contract, data, engine, launch, modeling, runner, storage
 from spa_workers.contract import ManifestKeys, StageInputError, TrainArgs
 from spa_workers.spa_trainer import Refinement, make_trainer, policy_dtype
 
@@ -133,61 +133,6 @@ def _summarise(log: list[dict[str, Any]]) -> dict[str, float]:
     if thresholds:
         out[ManifestKeys.THRESHOLD] = float(thresholds[-1])
     return out
-
-
-def sharding_report(module) -> tuple[int, int, int, int]:
-    """(parameters, of them DTensor, local elements, global elements) of a (possibly FSDP-wrapped) module."""
-    from torch.distributed.tensor import DTensor
-
-    params = list(module.parameters())
-    dtensors = [p for p in params if isinstance(p, DTensor)]
-    local = sum(_local(p).numel() for p in params)
-    return len(params), len(dtensors), local, sum(p.numel() for p in params)
-
-
-def fsdp_units(module) -> int:
-    """How many submodules (the root included) are FSDP2 units: one per decoder layer plus embedding, tail, root."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return sum(isinstance(m, FSDPModule) for m in module.modules())
-
-
-def _local(param):
-    from torch.distributed.tensor import DTensor
-
-    return param.to_local() if isinstance(param, DTensor) else param
-
-
-def _check_engine(trainer, strategy: str, rank: int, stage: str) -> None:
-    """Prove the launcher's strategy is really active (accelerate falls back to DDP silently where it does not
-    support one): under FSDP every parameter of policy and reference must be a DTensor shard, each decoder layer
-    its own unit, and no rank's reference shard all zeros (its weights were broadcast from rank 0)."""
-    if strategy == "deepspeed" and not trainer.is_deepspeed_enabled:
-        raise RuntimeError("--strategy deepspeed: accelerate did not enable DeepSpeed")
-    if strategy != "fsdp":
-        return
-    import torch
-
-    for name, module in (("policy", trainer.model_wrapped), ("reference", trainer.ref_model)):
-        if module is None:
-            continue
-        n, sharded, local, total = sharding_report(module)
-        units, layers = fsdp_units(module), trainer.model.config.num_hidden_layers
-        with torch.no_grad():
-            local_sq = sum(float(_local(p).double().pow(2).sum()) for p in module.parameters())
-        print(
-            f"{stage}: rank {rank}: fsdp {name}: {sharded}/{n} parameters are DTensor shards, "
-            f"{local}/{total} elements local, {units} FSDP units for {layers} layers, local sum of squares "
-            f"{local_sq:.9g}",
-            file=sys.stderr,
-        )
-        if sharded != n:
-            raise RuntimeError(f"--strategy fsdp: {n - sharded} of {n} {name} parameters are not sharded")
-        if units <= layers:
-            raise RuntimeError(f"--strategy fsdp: the {name} is not sharded per decoder layer ({units} FSDP units)")
-        if local and local_sq == 0.0:
-            raise RuntimeError(f"--strategy fsdp: rank {rank}'s {name} shard is all zeros: its weights were not "
-                               "broadcast from rank 0")
 
 
 def _resume(args: TrainArgs, strategy: str, world: int, ckpt_root: str, scratch: str, state):
@@ -334,7 +279,7 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
 
     trainer.checkpoint_sink = checkpoint_sink
     trainer.on_step_record = on_record
-    trainer.on_prepared = lambda: _check_engine(trainer, strategy, state.process_index, args.stage)
+    trainer.on_prepared = lambda: engine.check_engine(trainer, strategy, state.process_index, args.stage)
     trainer.train(resume_from_checkpoint=resume[1] if resume else None)
     train_s = time.time() - t_start
 
@@ -447,6 +392,5 @@ __all__ = [
     "make_trainer",
     "policy_dtype",
     "run",
-    "sharding_report",
     "training_rows",
 ]
