@@ -269,7 +269,7 @@ def check(size: Size, work: str, out: Path, peak_override: float | None) -> dict
     device, peak = peak_flops(peak_override)
     model_dir, data, tokens_per_pair = make_inputs(work, size)
     params = matmul_params(model_dir)
-    print(f"gpu_train: model ({params / 1e9:.2f} B matmul parameters) and pairs ready in "
+    print(f"gpu_train: model ({params / 1e6:,.1f} M matmul parameters) and pairs ready in "
           f"{time.time() - t_start:.0f}s", flush=True)
     output = os.path.join(work, "train")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "workers"),
@@ -332,12 +332,14 @@ def report(r: dict, size_name: str) -> str:
     return "\n".join([
         f"# GPU train check ({size_name})", "",
         f"`python benchmarks/gpu_train.py{'' if size_name == '1b' else ' --size ' + size_name}` — "
-        f"{r['device']} × {max(r['gpus'], 1)}, {r['processes']} process(es), `spa-worker train --strategy fsdp` "
-        "(FSDP2, bf16 mixed precision, fp32 master shards, gradient checkpointing on GPU, SPA refinement with "
-        "λ = 0.5). Run A trained from scratch and was stopped after its checkpoint; run B resumed and finished.",
+        + (f"{r['device']} × {r['gpus']}, one process per GPU, " if r["gpus"] else
+           f"no GPU: {r['processes']} CPU processes (gloo, fp32, no gradient checkpointing), ")
+        + "`spa-worker train --strategy fsdp` (FSDP2; on GPU bf16 mixed precision with fp32 master shards and "
+        "gradient checkpointing), SPA refinement with λ = 0.5. Run A trained from scratch and was stopped after its "
+        "checkpoint; run B resumed and finished.",
         "",
         f"Model: Mistral architecture, hidden {m['hidden']}, {m['layers']} layers, {m['heads']} query / "
-        f"{m['kv_heads']} key-value heads, vocabulary {m['vocab']}: {m['matmul_params'] / 1e9:.3f} B matmul "
+        f"{m['kv_heads']} key-value heads, vocabulary {m['vocab']}: {m['matmul_params'] / 1e6:,.1f} M matmul "
         f"parameters (N). Batch {r['batch_size']} pairs (micro-batch {r['micro_batch_size']}), max length "
         f"{r['max_length']}, {r['tokens_per_pair']:.0f} tokens per pair (both answers), "
         f"{r['steps']} optimiser steps, resumed from step {r['resumed_from_step']}.", "",
@@ -349,7 +351,9 @@ def report(r: dict, size_name: str) -> str:
         f"{_fmt(r['gpu_peak_reserved_gib'], '.2f', ' GiB')} |",
         f"| peak host memory per rank | {', '.join(f'{h:.2f}' for h in r['host_peak_gib_per_rank'])} GiB |",
         f"| checkpoint save (sharded write + store + marker) | {_fmt(r['checkpoint_save_s'], '.1f', ' s')} |",
-        f"| resume: fetching the checkpoint | {_fmt(r['resume_fetch_s'], '.1f', ' s')} |",
+        "| resume: fetching the checkpoint | " + ("read in place (local storage, one process)"
+                                                  if r["processes"] == 1 else _fmt(r["resume_fetch_s"], ".1f", " s"))
+        + " |",
         f"| start to first step: fresh / resumed | {_fmt(r['first_step_fresh_s'], '.1f', ' s')} / "
         f"{_fmt(r['first_step_resumed_s'], '.1f', ' s')} |",
         f"| final model save (gathered, written) | {_fmt(r['final_save_s'], '.1f', ' s')} |",
