@@ -359,6 +359,32 @@ def test_killed_run_resumes_from_its_checkpoint(trained, worker, tmp_path):
     assert all(torch.allclose(w_full[k], w_res[k], atol=1e-6) for k in w_full)
 
 
+def test_a_checkpoint_made_with_other_settings_is_set_aside_not_resumed(trained, worker, tmp_path):
+    """Issue 19.2: a stage restarted with another learning rate resumed from the old one's checkpoint."""
+    out = str(tmp_path / "iter1")
+    argv = trained["train_argv"]
+    stop = {"SPA_TRAIN_STOP_AFTER_STEPS": "2"}
+    assert worker(*argv, "--output", out, env=stop).returncode == 75
+    ckpt = Path(out, contract.CHECKPOINT_SUBDIR, "checkpoint-2")
+    old = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    assert json.loads(old["_COMPLETE"])["fingerprint_of"]["args"]["learning_rate"] == 1e-3
+    other = [*argv[:argv.index("--learning-rate") + 1], "2e-3", *argv[argv.index("--learning-rate") + 2:]]
+    changed = worker(*other, "--output", out, env=stop)
+    assert changed.returncode == 75, changed.stderr[-3000:]
+    assert "resuming from" not in changed.stderr
+    assert ("train: checkpoints made with other settings (learning_rate 0.001 -> 0.002): moved "
+            f"{Path(out, contract.CHECKPOINT_SUBDIR)} aside to ") in changed.stderr
+    (kept,) = Path(out, ".discarded").glob("*/checkpoints")  # its stage failed again: still there, whole
+    assert {p.name: p.read_bytes() for p in (kept / "checkpoint-2").iterdir()} == old
+    assert json.loads((ckpt / "_COMPLETE").read_text())["fingerprint_of"]["args"]["learning_rate"] == 2e-3
+    resumed = worker(*other, "--output", out)  # its own checkpoint: resumed
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {ckpt} (step 2)" in resumed.stderr
+    m = manifest(out)
+    assert m["counts"]["resumed_from_step"] == 2 and m["fingerprint_of"]["args"]["learning_rate"] == 2e-3
+    assert not Path(out, ".discarded").exists()  # the stage succeeded: what it replaced is deleted now
+
+
 def test_resume_with_s3_storage(trained, worker, s3_env):
     from spa_workers.modeling import load_model
 

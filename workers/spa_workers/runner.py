@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from spa_workers import checkpoints, collectives, contract, fingerprint, live_metrics, storage
+from spa_workers import aside, checkpoints, collectives, contract, fingerprint, live_metrics, storage
 from spa_workers.contract import StageArgs, StageManifest
 
 
@@ -36,6 +36,8 @@ class StageWork:
     ledger: dict[str, float] = field(default_factory=dict)  # what the stage spent (`contract.Ledger` keys)
     ledger_estimated: set[str] = field(default_factory=set)  # ledger keys that are estimates, not counts
     is_main: bool = True  # False on the non-main ranks of a multi-process run: their `dir` is not published
+    fingerprint: str = ""  # the stage's fingerprint (main process only), also carried by its checkpoints
+    fingerprint_of: dict = field(default_factory=dict)  # what went into it
     # Run (by the main process) after the manifest is written, e.g. to delete training checkpoints.
     after_manifest: list[Callable[[], None]] = field(default_factory=list)
     _heartbeat: contract.Heartbeat | None = None
@@ -45,6 +47,15 @@ class StageWork:
         self.ledger[key] = self.ledger.get(key, 0) + amount
         if estimated:
             self.ledger_estimated.add(key)
+
+    def set_aside(self, uri: str, why: str) -> str | None:
+        """Move `uri` (this stage's output or a folder inside it) aside because `why` (aside.py); it is deleted
+        once this stage's manifest is written (`run_stage`)."""
+        moved = aside.move_aside(uri)
+        if moved:
+            print(f"{self.args.stage}: {why}: moved {uri} aside to {moved} (deleted once this stage succeeds)",
+                  file=sys.stderr)
+        return moved
 
     def progress(self, done: int, total: int, unit: str = "items", force: bool = False, **extra: float) -> None:
         if not self.is_main:
@@ -80,20 +91,19 @@ def _broadcast_from_main(value):
 OVERWRITE_ENV = "SPA_OVERWRITE_STALE"
 
 
-def _reuse_decision(args: StageArgs, out: str, fp: str, of: dict) -> str:
-    """"run", "done" (a manifest with this fingerprint exists) or the error for a manifest made differently."""
+def _reuse_decision(out: str, fp: str, of: dict) -> tuple[str, str]:
+    """("run" | "done" | "replace" | an error, what changed): "done" when a manifest with this fingerprint exists,
+    "replace" when one made differently does and OVERWRITE_ENV says to redo it, else the error."""
     old = contract.read_manifest(out)
     if old is None:
-        return "run"
+        return "run", ""
     if old.fingerprint == fp:
-        return "done"
+        return "done", ""
     change = fingerprint.describe_change(old.fingerprint_of, of)
     if os.environ.get(OVERWRITE_ENV) == "1":
-        print(f"{args.stage}: {out} was made with other settings ({change}); redoing it", file=sys.stderr)
-        storage.delete_tree(out)
-        return "run"
+        return "replace", change
     return (f"{out} holds outputs made with other settings ({change}); delete that folder, write to a new one, "
-            f"or set {OVERWRITE_ENV}=1 to redo it")
+            f"or set {OVERWRITE_ENV}=1 to redo it (the old outputs are moved aside until it succeeds)"), change
 
 
 def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
@@ -102,18 +112,21 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
     dist = collectives.distributed_state()
     is_main = dist is None or dist.is_main_process
     fp, of = fingerprint.of_stage(args) if is_main else ("", {})
-    decision = _reuse_decision(args, out, fp, of) if is_main else ""
+    decision, change = _reuse_decision(out, fp, of) if is_main else ("", "")
     if dist is not None:
         decision = _broadcast_from_main(decision)  # one answer for all ranks, even without shared storage
     if decision == "done":
         if is_main:
             print(f"{args.stage}: {out} already has a manifest with this fingerprint; nothing to do", file=sys.stderr)
         return 0
-    if decision != "run":
+    if decision not in ("run", "replace"):
         raise contract.StageInputError(decision)
     t0 = time.time()
     if not is_main:
         return _run_secondary(args, out, body)
+    work = StageWork(args=args, output=out, dir="", fingerprint=fp, fingerprint_of=of)
+    if decision == "replace":  # moved aside, not deleted: removed once the new manifest is written
+        work.set_aside(out, f"made with other settings ({change})")
     local_out = None if storage.is_s3(out) else storage._local(out)
     # Local outputs are built in a hidden sibling folder and moved in, so a crash leaves nothing under `out`
     # but an ignored scratch dir; S3 outputs are built in a temp dir and uploaded before the manifest.
@@ -128,7 +141,7 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
         if scratch:
             os.makedirs(scratch, exist_ok=True)
         workdir = tempfile.mkdtemp(prefix="spa-stage-", dir=scratch or None)
-    work = StageWork(args=args, output=out, dir=workdir)
+    work.dir = workdir
     live_metrics.live()  # serve from the start of the stage when SPA_WORKER_METRICS_PORT is set
     try:
         body(work)
@@ -153,7 +166,8 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
                                  fingerprint=fp, fingerprint_of=of, ledger=work.ledger,
                                  ledger_estimated=sorted(work.ledger_estimated))
         storage.write_text(storage.join(out, contract.MANIFEST), manifest.to_json())
-        for hook in work.after_manifest:
+        # published: what it replaces, set aside until now (here or by `spa run --rerun-from/--force`), goes first
+        for hook in [lambda: aside.forget_replaced(out), *work.after_manifest]:
             try:
                 hook()
             except Exception as e:  # the stage is done; a failed cleanup must not turn it into a failure

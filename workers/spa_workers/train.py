@@ -209,6 +209,9 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
         checkpoints.reset_local(scratch)
     state.wait_for_everyone()
     ckpt_root = storage.join(work.output, contract.CHECKPOINT_SUBDIR)
+    change = checkpoints.made_otherwise(ckpt_root, work.fingerprint, work.fingerprint_of) if work.is_main else None
+    if change:  # never resumed: set aside (deleted once this stage succeeds), and the stage starts over
+        work.set_aside(ckpt_root, f"checkpoints made with other settings ({change})")
     resume = _resume(args, strategy, world, ckpt_root, scratch, state)
 
     trainer = make_trainer(args, rows, os.path.join(scratch, "trainer"), refinement=refinement, processes=world)
@@ -266,7 +269,7 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
                 "log": trainer.step_log,
                 "window": trainer.window.state_dict() if trainer.window is not None else None,
             }
-            checkpoints.finish_checkpoint(ckpt_root, step, spa_state)
+            checkpoints.finish_checkpoint(ckpt_root, step, spa_state, work.fingerprint, work.fingerprint_of)
             checkpoint_s.append(time.time() - trainer.checkpoint_started)
             print(f"{args.stage}: checkpoint {step} stored in {time.time() - t0:.1f}s (written and stored in "
                   f"{checkpoint_s[-1]:.1f}s)", file=sys.stderr)
