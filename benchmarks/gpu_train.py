@@ -1,7 +1,8 @@
 """GPU check: the 7B configuration's training path — FSDP2, bf16 mixed precision with fp32 master shards, gradient
 checkpointing, SPA self-refinement with λ-extrapolation, sharded checkpoints, resume — run through `spa-worker
 train` (the command a Job runs) on a random ~1B model of Mistral's shape, on the machine's GPUs. One command, no
-network, about 5 minutes on one H100 (it stops itself before 8).
+network; expected to take 4–5 minutes on one H100 (not yet run on a GPU); a run still going at 7.5 minutes is
+stopped and the check fails with its log.
 
     python benchmarks/gpu_train.py --wheels benchmarks/wheels     # on the GPU machine; writes benchmarks/results/
     python benchmarks/gpu_train.py --size tiny --out /tmp/g       # the same at tiny size on CPU (2 gloo processes)
