@@ -258,3 +258,28 @@ def test_failed_download_leaves_no_partial_file(s3_env, tmp_path, monkeypatch):
     with pytest.raises(storage.StorageError):
         storage.download_file(uri, str(tmp_path / "big.bin"))
     assert os.listdir(tmp_path) == []
+
+
+def test_move_tree_and_set_aside(root):
+    """Moving a stage's outputs aside (aside.py) keeps every file, byte for byte; on S3 (no rename) the copies are
+    made before any source is deleted, and nothing is left at the source."""
+    from spa_workers import aside
+
+    stage = storage.join(root, "iter-00", "seed-train")
+    files = {"model/config.json": "{}", "model/weights.bin": "w" * 1000, contract.MANIFEST: "{}"}
+    for rel, text in files.items():
+        storage.write_text(storage.join(stage, rel), text)
+    moved = aside.move_aside(stage, "20250101T000000Z")
+    assert moved == storage.join(root, "iter-00", aside.DISCARDED, "20250101T000000Z", "seed-train")
+    assert aside.origin(moved) == stage
+    assert storage.list_files(stage) == []
+    assert {rel: storage.read_text(storage.join(moved, rel)) for rel in storage.list_files(moved)} == files
+    assert aside.move_aside(stage, "20250101T000000Z") is None  # nothing there: nothing moved
+    storage.write_text(storage.join(stage, contract.MANIFEST), "{}")  # a second move in the same second
+    again = aside.move_aside(stage, "20250101T000000Z")
+    assert again == storage.join(root, "iter-00", aside.DISCARDED, "20250101T000000Z-2", "seed-train")
+    assert aside.set_aside_under(storage.join(root, "iter-00")) == [moved, again]
+    storage.write_text(storage.join(stage, contract.MANIFEST), "{}")  # replaced: every set-aside copy goes
+    aside.forget_replaced(stage)
+    assert aside.set_aside_under(storage.join(root, "iter-00")) == []
+    assert storage.list_files(storage.join(root, "iter-00")) == [f"seed-train/{contract.MANIFEST}"]

@@ -11,38 +11,43 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import yaml
 from rich.console import Console
 from rich.table import Table
-from spa_workers import storage
-from spa_workers.contract import EXIT_BAD_INPUT, EXIT_STORAGE, StageInputError
+from spa_workers import aside, storage
+from spa_workers.contract import (
+    EXIT_BAD_INPUT,
+    EXIT_STORAGE,
+    JUDGE_API_KEY_ENV,
+    StageInputError,
+    StageRetryableError,
+)
 from spa_workers.storage import StorageError
 
-from spa_operator import cost_report, local
-from spa_operator.planner import Action, stage_graph
+from spa_operator import cost_report, inputs, local, rerun
+from spa_operator.inputs import is_local_path as _is_local_path
+from spa_operator.planner import PUBLISHED_FILE, Action, stage_graph
 from spa_operator.progress import plain_or_live
 from spa_operator.spec import AlignmentRun, SpecError, load_run, parse_run
-from spa_operator.summary import COLUMNS, summarize, table_rows, write_report
+from spa_operator.summary import COLUMNS, lc_label, shown_columns, summarize, table_rows, write_report
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 RUN_SNAPSHOT = "run.yaml"  # the resolved manifest, saved in the run root (what `spa report DIR` reads)
 
 err = Console(stderr=True)
-# Not a terminal (a log file, a pipe): no width to fit, so the table is never squeezed to 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 200)
+# Not a terminal (a log file, a pipe): no width to fit, so the table is never squeezed to 80 columns (unless
+# COLUMNS asks for a width).
+out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 
 
 def say(text: str) -> None:
     """One message line on stderr, never wrapped or cut (a path at the end must survive 80 columns)."""
     print(text, file=sys.stderr, flush=True)
-
-
-def _is_local_path(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
 
 
 def localize(run: AlignmentRun, base: Path) -> AlignmentRun:
@@ -78,29 +83,13 @@ def _load(path: str, storage_override: str | None) -> tuple[AlignmentRun, str]:
 # ------------------------------------------------------------------------------------------------------- plan
 
 
-def _missing_local_inputs(run: AlignmentRun) -> list[str]:
-    """Local inputs that do not exist (cheap: S3 and hf:// inputs are left to `--check`)."""
-    spec = run.spec
-    win = spec.evaluation.win_rate if spec.evaluation else None
-    files = {"spec.data.seed": spec.data.seed, "spec.data.prompts": spec.data.prompts,
-             "spec.data.heldout": spec.data.heldout}
-    models = {"spec.model.sft": spec.model.sft}
-    if win:
-        files |= {"spec.evaluation.winRate.prompts": win.prompts,
-                  "spec.evaluation.winRate.referenceAnswers": win.reference_answers}
-        if not win.reference_answers:  # the reference model is unused once reference answers are given
-            models["spec.evaluation.winRate.referenceModel"] = win.reference_model
-
-    def absent(uri: str | None, inside: str = "") -> bool:
-        if not uri or not _is_local_path(uri):
-            return False
-        path = storage._local(uri)
-        return not os.path.isfile(os.path.join(path, inside) if inside else path)
-
-    problems = [f"{field}: {uri}: file not found" for field, uri in files.items() if absent(uri)]
-    problems += [f"{field}: {uri}: no model there (no config.json)" for field, uri in models.items()
-                 if absent(uri, "config.json")]
-    return problems
+def check_judge_key(run: AlignmentRun) -> None:
+    """On one machine the judge's key comes from the environment: a run whose judge names a secretRef (a cluster
+    Secret) needs SPA_JUDGE_API_KEY set, or every judgment would be refused after the GPU work."""
+    win = run.spec.evaluation.win_rate if run.spec.evaluation else None
+    if win and win.judge.secret_ref and not os.environ.get(JUDGE_API_KEY_ENV):
+        raise StageInputError(f"spec.evaluation.winRate.judge.secretRef names a cluster Secret; here set "
+                              f"{JUDGE_API_KEY_ENV} to the judge's API key")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -113,7 +102,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  {name}: {uri}")
         print(f"  output: {s.output}")
         print(f"  command: spa-worker {' '.join(s.args.to_argv())}")
-    problems = _missing_local_inputs(run)
+    problems = inputs.problems(run)
     for p in problems:
         say(f"spa plan: error: {p}")
     if problems:
@@ -122,10 +111,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.check:
         from spa_workers.validate import check, check_storage_writable
 
+        check_judge_key(run)
         counts = check(graph[0].args)  # type: ignore[arg-type]  # the validate stage, always first
         check_storage_writable(root)
         found = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
-        say(f"spa plan: inputs OK ({found}; the model and its tokenizer load; storage is writable)")
+        judge = "; the judge answers" if graph[0].args.judge_endpoint else ""  # type: ignore[attr-defined]
+        say(f"spa plan: inputs OK ({found}; the model and its tokenizer load; storage is writable{judge})")
     return 0
 
 
@@ -144,59 +135,95 @@ def _print_expected(run: AlignmentRun, kinds: list[str], rates_root: str | None)
 
 
 def print_summary(run: AlignmentRun, root: str) -> None:
-    table = Table(title=f"{run.metadata.name}: per-iteration results")
-    for label, _ in COLUMNS.values():
-        table.add_column(label, justify="right", overflow="fold")
+    """The per-iteration table, then the cost table (where the stages counted one)."""
     graph = stage_graph(run.spec, root)
     rows = summarize(graph)
-    for cells in table_rows(rows):
-        table.add_row(*cells)
-    out.print(table)
+    keys = shown_columns(rows)
+    print_table(f"{run.metadata.name}: per-iteration results", [COLUMNS[k][0] for k in keys], table_rows(rows, keys))
+    label = lc_label(run)
+    if label:
+        out.print(label, soft_wrap=True)
     cost = cost_report.read(graph, rows)
     if cost.total.amounts:  # (runs made before the ledger have none)
-        head, cost_rows = cost.table()
-        table = Table(title=f"{run.metadata.name}: cost (~: estimated)")
-        for label in head:
-            table.add_column(label, justify="right", overflow="fold")
-        for cells in cost_rows:
-            table.add_row(*cells)
+        print_table(f"{run.metadata.name}: cost (~: estimated)", *cost.table())
+
+
+def print_table(title: str, headers: list[str], cells: list[list[str]]) -> None:
+    """A table that, wider than the terminal, is printed in parts (each repeating the first column) rather than
+    folding a number across lines."""
+    widths = [max([len(h) if " " not in h else max(map(len, h.split())), *(len(r[j]) for r in cells)])
+              for j, h in enumerate(headers)]
+    parts: list[list[int]] = [[0]]
+    for j in range(1, len(headers)):
+        if sum(widths[c] + 3 for c in [*parts[-1], j]) + 1 > out.width and len(parts[-1]) > 1:
+            parts.append([0])
+        parts[-1].append(j)
+    for n, part in enumerate(parts):
+        table = Table(title=title + (f" ({n + 1}/{len(parts)})" if len(parts) > 1 else ""))
+        for j in part:  # fixed widths: headers wrap at their words, cells never wrap
+            table.add_column("\n".join(textwrap.wrap(headers[j], widths[j])), justify="right", width=widths[j],
+                             no_wrap=True)
+        for row in cells:
+            table.add_row(*(row[j] for j in part))
         out.print(table)
 
 
-def _stale_error(root: str, statuses: dict[str, local.StageStatus]) -> None:
+def _stale_error(root: str, statuses: dict[str, local.StageStatus], prog: str, hint: str = "") -> None:
     stale = [st for st in statuses.values() if st.check is local.StageCheck.STALE]
     roots = [st for st in stale if not st.follows]
     for st in roots:
-        say(f"spa run: error: {st.key} in {root} was made with other settings: {st.change}")
+        say(f"{prog}: error: {st.key} in {root} was made with other settings: {st.change}")
     if len(stale) > len(roots):
-        say(f"spa run: error: {len(stale) - len(roots)} stage(s) after {'it' if len(roots) == 1 else 'them'} took "
+        say(f"{prog}: error: {len(stale) - len(roots)} stage(s) after {'it' if len(roots) == 1 else 'them'} took "
             "their outputs: "
             + ", ".join(st.key for st in stale if st.follows))
     first = (roots or stale)[0].key
-    say(f"spa run: to redo them here, rerun with --rerun-from {first} (that stage and every one after it) "
+    say(f"{prog}: to redo them here, rerun with --rerun-from {first} (that stage and every one after it) "
         f"or --force (only the stale ones); to keep the old results, use another --storage folder")
+    if hint:
+        say(hint)
 
 
-def _prepare_outputs(run: AlignmentRun, root: str, rerun_from: str | None = None, force: bool = False) -> bool:
-    """Apply --rerun-from / --force; False (after saying why) when outputs made with other settings remain."""
+def _prepare_outputs(run: AlignmentRun, root: str, rerun_from: str | None = None, force: bool = False,
+                     prog: str = "spa run", stale_hint: str = "") -> bool:
+    """Check the inputs, then apply --rerun-from / --force: False (after saying why) on a missing or unreadable
+    input, or when outputs made with other settings remain. Nothing is set aside before the inputs have passed the
+    validate stage's checks, and what is set aside is listed first (rerun.py)."""
+    if rerun_from and force:
+        raise StageInputError("--rerun-from and --force do not go together: --rerun-from redoes a stage and every "
+                              "one after it, --force only the stages made with other settings; give one")
     graph = stage_graph(run.spec, root)
-    if rerun_from:
-        keys = [s.key for s in graph]
-        if rerun_from not in keys:
-            raise StageInputError(f"--rerun-from: no stage {rerun_from!r} in this run (stages: {', '.join(keys)})")
-        redo = local.dependents(graph, rerun_from)
-        say(f"spa run: discarding the outputs of {', '.join(redo)}")
-        local.discard_outputs(graph, redo)
-    statuses = local.check_stages(graph)
-    stale = [k for k, st in statuses.items() if st.check is local.StageCheck.STALE]
-    if stale and force:
-        say(f"spa run: redoing stages made with other settings: {', '.join(stale)}")
-        local.discard_outputs(graph, stale)
-        return True
-    if stale:
-        _stale_error(root, statuses)
+    keys = [s.key for s in graph]
+    if rerun_from and rerun_from not in keys:
+        raise StageInputError(f"--rerun-from: no stage {rerun_from!r} in this run (stages: {', '.join(keys)})")
+    problems = inputs.problems(run, remote=True)
+    for p in problems:
+        say(f"{prog}: error: {p}")
+    if problems:
         return False
+    statuses = local.check_stages(graph)
+    decision = rerun.decide(graph, statuses, rerun_from, force)
+    if decision.set_aside or decision.refused:  # inputs changed, or outputs are to go: only after they parse
+        inputs.check_parse(run, graph[0].args, root)  # type: ignore[arg-type]  # validate, always first
+    if decision.refused:
+        _stale_error(root, statuses, prog, stale_hint)
+        return False
+    listed = rerun.present(graph, decision.set_aside)
+    if listed:
+        say(f"{prog}: setting aside the outputs of " + ", ".join(f"{k} ({n} files)" for k, n in listed)
+            + f": each moves to {aside.DISCARDED}/<time>/ in its iteration folder, deleted once its stage succeeds "
+            "again")
+        for moved in rerun.move(graph, listed):
+            say(f"{prog}: {moved.key} -> {moved.to}")
     return True
+
+
+def _report_set_aside(graph: list, prog: str) -> None:
+    """After a run: the set-aside outputs whose replacement has not succeeded (the others are deleted now)."""
+    kept = rerun.settle(graph)
+    if kept:
+        say(f"{prog}: kept the old outputs of {', '.join(k.key for k in kept)} (their stage has not succeeded "
+            f"again): {', '.join(k.to for k in kept)}; move one back in place of its stage folder to restore it")
 
 
 def _save_snapshot(run: AlignmentRun, root: str) -> None:
@@ -209,12 +236,12 @@ def execute_and_report(run: AlignmentRun, root: str, logs: Path, processes: int 
     with plain_or_live(err, stage_graph(run.spec, root)) as progress:
         outcome = local.execute(run, root, logs, progress.on_start, progress.on_progress, progress.on_finish,
                                 processes=processes)
-    reports = write_report(run, root)
+    reports = write_report(run, root, outcome.plan)
     if outcome.plan.action is Action.DONE:
         print_summary(run, root)
-        if outcome.plan.reason:
-            print(outcome.plan.reason)
+        print(outcome.plan.reason)
         print(f"final model: {outcome.plan.final_model}")
+        print(f"published: iteration {outcome.plan.published_iteration}, {storage.join(root, PUBLISHED_FILE)}")
         print(f"report: {reports[0]} ({time.time() - t0:.1f}s)")
         return 0
     say(f"spa run: run {run.metadata.name} failed: {outcome.plan.reason}")
@@ -230,10 +257,14 @@ def _logs_dir(root: str, override: str | None) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     run, root = _load(args.run, args.storage)
+    check_judge_key(run)
     if not _prepare_outputs(run, root, args.rerun_from, args.force):
         return EXIT_BAD_INPUT
     _save_snapshot(run, root)
-    return execute_and_report(run, root, _logs_dir(root, args.logs), args.processes)
+    try:
+        return execute_and_report(run, root, _logs_dir(root, args.logs), args.processes)
+    finally:
+        _report_set_aside(stage_graph(run.spec, root), "spa run")
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -245,6 +276,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         say(f"spa render: {e}")
         return EXIT_BAD_INPUT
+    for warning in render.local_path_warnings(run):
+        say(f"spa render: warning: {warning}")
     sys.stdout.write(render.render(run, args.worker_image, args.service_account, settings))
     return 0
 
@@ -287,8 +320,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
     say(f"spa demo: run manifest: {manifest}")
     run, root = _load(str(manifest), None)
-    if not _prepare_outputs(run, root):  # the demo's manifest was edited by hand since its run
-        say(f"spa demo: those flags go to `spa run {manifest}`")
+    # the demo's manifest may have been edited by hand since its run
+    if not _prepare_outputs(run, root, prog="spa demo", stale_hint=f"spa demo: those flags go to `spa run {manifest}`"):
         return EXIT_BAD_INPUT
     _save_snapshot(run, root)
     return execute_and_report(run, root, _logs_dir(root, None))
@@ -405,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         say(f"{name}: error: storage: {e}")
         return EXIT_STORAGE
+    except StageRetryableError as e:  # e.g. `spa plan --check` with the judge down: worth trying again later
+        say(f"{name}: error: {e}")
+        return EXIT_FAILED
     except BrokenPipeError:  # `spa plan ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -16,6 +16,8 @@ import yaml
 
 from spa_operator import jobs, observe
 from spa_operator.config import Config, gang_scheduling_from_env, pod_defaults_from_env
+from spa_operator.fields import user_inputs
+from spa_operator.inputs import is_local_path
 from spa_operator.planner import stage_graph
 from spa_operator.spec import AlignmentRun, load_run
 
@@ -28,6 +30,13 @@ def cluster_run(path: str, storage_uri: str | None = None) -> AlignmentRun:
     if storage_uri:
         doc["spec"]["storage"] = {**doc["spec"].get("storage", {}), "uri": storage_uri}
     return observe.validate_for_cluster(doc)
+
+
+def local_path_warnings(run: AlignmentRun) -> list[str]:
+    """One line per input given as a local path: a pod reads it from its own filesystem, not the machine rendering."""
+    return [f"{field}: {uri} is a local path: the worker pods read it from their own filesystem (their image or a "
+            "mounted volume), not from this machine; use s3:// (or hf:// for a model) for files that are here"
+            for field, (uri, _) in user_inputs(run).items() if is_local_path(uri)]
 
 
 def settings(pod_defaults_file: str | None, gang_scheduler: str | None) -> Config:

@@ -182,6 +182,8 @@ def _body(work: StageWork) -> None:
     work.counts[ManifestKeys.RESPONSES] = sum(len(r["responses"]) for r in rows)
     work.counts[ManifestKeys.GENERATED_TOKENS] = tokens
     work.timings["generate_s"] = work.timings[contract.WORK_SECONDS] = gen_s
+    if rows:  # the sampling model's answer length, watched for drift across iterations
+        work.metrics[ManifestKeys.ANSWER_TOKENS] = tokens / work.counts[ManifestKeys.RESPONSES]
     work.spend(Ledger.PROMPTS, len(rows))
     work.spend(Ledger.ANSWERS_GENERATED, work.counts[ManifestKeys.RESPONSES])
     work.spend(Ledger.TOKENS_GENERATED, tokens)

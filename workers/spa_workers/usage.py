@@ -73,14 +73,14 @@ def baseline() -> Usage:
     return (0.0, *storage.traffic())
 
 
-def of_other_ranks(dist, since: Usage) -> list[Usage]:
+def of_other_ranks(is_main: bool, since: Usage) -> list[Usage]:
     """Every rank's usage since `since` (gathered: a collective, all ranks call it); the main drops its own entry."""
     from accelerate.utils import gather_object
 
     now = _own_usage()
     mine = tuple(a - b for a, b in zip(now, since, strict=True))
     everyone = gather_object([mine])
-    return everyone[1:] if dist.is_main_process else []
+    return everyone[1:] if is_main else []
 
 
 def spend(work: StageWork, since: Usage, other_ranks: list[Usage],
