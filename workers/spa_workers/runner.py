@@ -90,6 +90,8 @@ def _broadcast_from_main(value):
 
 
 OVERWRITE_ENV = "SPA_OVERWRITE_STALE"
+# Timings measured before the stage body (spa-worker's `startup_s`: scheduled or process start -> libraries imported).
+STARTUP: dict[str, float] = {}
 
 
 def _reuse_decision(args: StageArgs, out: str, fp: str, of: dict) -> str:
@@ -136,7 +138,7 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
         workdir = tempfile.mkdtemp(prefix=".work-", dir=local_out)
     else:
         workdir = tempfile.mkdtemp(prefix="spa-stage-")
-    work = StageWork(args=args, output=out, dir=workdir)
+    work = StageWork(args=args, output=out, dir=workdir, timings=dict(STARTUP))
     live_metrics.live()  # serve from the start of the stage when SPA_WORKER_METRICS_PORT is set
     try:
         body(work)

@@ -1,0 +1,195 @@
+"""The warm start of `spa run`: each stage is still its own process, but forked from a server that has already
+imported the workers' libraries, so a run pays the imports of torch, transformers, TRL (and vLLM when a stage uses
+it) once instead of once per stage.
+
+The mechanism is the standard library's `multiprocessing` forkserver with `set_forkserver_preload`: it starts one
+server process (a fresh interpreter, not a fork of `spa run`), imports the preload modules there, and forks a child
+per stage on request, passing the child's pid and exit status back over pipes. Chosen over a fork of `spa run`
+itself (the executor has threads: rich's live display), over a hand-written zygote (the forkserver already handles
+fd passing, exit statuses, SIGCHLD and a server that dies with its client) and over spawn (which re-imports).
+
+What keeps a forked stage the same as a fresh `python -m spa_workers.cli` process:
+- Threads: the server only imports (`spa_workers.preload` names the modules; none runs a torch op, a tokenizer or
+  CUDA), so neither torch's OpenMP pool nor tokenizers' rayon pool exists when it forks. The threads importing
+  does start (OpenBLAS's pool under numpy and scipy, pyarrow's jemalloc background thread) have fork handlers,
+  as in any process that imports numpy and forks. Each stage log says which threads the server had.
+- Environment: the server starts with the stage environment of the run (variables read at import time, such as
+  OMP_WAIT_POLICY by OpenMP or HF_HUB_OFFLINE by huggingface_hub, see the same values); each child then sets
+  `os.environ` and `sys.argv` to exactly what the cold process would have.
+- Output and exit codes: the child points fds 1 and 2 at the stage's log file; the server reports its exit status
+  as `Popen` would (negative for a signal). atexit handlers run in the child, as at a normal interpreter exit.
+- Ctrl-C: the server ignores SIGINT; the child restores Python's handler, so the terminal's SIGINT stops the
+  stage as it stops a cold one. On an interrupt `spa run` waits briefly for the stage to end before it exits.
+- vLLM: the child is not daemonic, so vLLM may start its engine and worker processes (on CPU vLLM always spawns
+  them: VLLM_WORKER_MULTIPROC_METHOD=spawn; a spawned process re-imports, it does not inherit the warm imports).
+- Multi-process training stages (`--processes N`) start cold: they re-run themselves under `accelerate launch`,
+  whose ranks are fresh interpreters anyway.
+
+`spa run --cold` or SPA_COLD_START=1 keeps the plain subprocess path.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import multiprocessing
+import os
+import signal
+import sys
+import traceback
+import types
+from collections.abc import Iterator
+from multiprocessing import forkserver
+from pathlib import Path
+
+COLD_ENV = "SPA_COLD_START"  # "1": every stage starts as a fresh `python -m spa_workers.cli` process
+SERVER_LOG_ENV = "SPA_WARM_SERVER_LOG"  # set only in the server's environment: where its own output goes
+SERVER_LOG = "warm-server.log"
+INTERRUPT_GRACE_S = 10.0  # after Ctrl-C: how long `spa run` waits for the stage to stop on its own
+
+
+def cold_requested(flag: bool = False) -> bool:
+    return flag or os.environ.get(COLD_ENV, "").lower() in ("1", "true", "yes")
+
+
+class WarmStage:
+    """A stage process forked from the warm server, polled like a `subprocess.Popen`."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
+        self.process = process
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self.process.join(timeout)
+        return self.process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self.process.exitcode is None and self.process.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, sig)
+
+
+class WarmServer:
+    """One forkserver for one `spa run`: started with the run's stage environment, stopped at the end."""
+
+    def __init__(self, modules: list[str], env: dict[str, str], logs: Path) -> None:
+        self.modules = ["spa_operator.warm", *dict.fromkeys(modules)]  # this module first: it sets up the output
+        self.env = env
+        self.log = logs / SERVER_LOG
+        self.context = multiprocessing.get_context("forkserver")
+
+    def start(self) -> None:
+        """Start the server; it imports in the background (the first stage waits for it)."""
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.log.write_text("")
+        self.context.set_forkserver_preload(self.modules)
+        with _environment({**self.env, SERVER_LOG_ENV: str(self.log)}):
+            forkserver.ensure_running()
+
+    def start_stage(self, argv: list[str], env: dict[str, str], log: Path) -> WarmStage:
+        process = self.context.Process(target=_stage_main, args=(argv, env, str(log)), name="spa-stage")
+        with _main_module_hidden():
+            process.start()
+        return WarmStage(process)
+
+    def stop(self) -> None:
+        """Stop the server (it also ends by itself when `spa run` exits)."""
+        stop = getattr(forkserver._forkserver, "_stop", None)  # the standard library's own tests stop it so
+        if stop is not None:
+            stop()
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """This process's environment set to `env` for a moment (the server inherits it when spawned)."""
+    saved = dict(os.environ)
+    for key in [k for k in os.environ if k not in env]:
+        del os.environ[key]
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k not in saved]:
+            del os.environ[key]
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """multiprocessing re-imports the parent's __main__ in every child it starts; a stage needs nothing from it (its
+    code is `_stage_main`), and a script that calls `spa` without an `if __name__ == "__main__"` guard would run
+    again in each stage. An empty stand-in while the child's start-up data is taken avoids both."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def server_threads(pid: int) -> list[str]:
+    """The names of a process's threads (Linux /proc; empty elsewhere)."""
+    names = []
+    with contextlib.suppress(OSError):
+        for tid in sorted(os.listdir(f"/proc/{pid}/task")):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/comm") as fh:
+                names.append(fh.read().strip())
+    return names
+
+
+def _stage_main(argv: list[str], env: dict[str, str], log: str) -> None:
+    """In the forked child: become what `python -m spa_workers.cli ARGV` with `env`, output to `log`, would be."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.environ.clear()
+    os.environ.update(env)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from spa_workers import cli
+
+    sys.argv = [cli.__file__, *argv]
+    threads = server_threads(os.getppid())
+    print(f"warm start: forked from the server (pid {os.getppid()}; its threads: {', '.join(threads) or '?'})",
+          file=sys.stderr, flush=True)
+    code = 1
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = -signal.SIGINT
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        atexit._run_exitfuncs()  # the forkserver ends its children with os._exit, which skips them
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    if code == -signal.SIGINT:  # like an interpreter stopped by Ctrl-C: killed by SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(code)
+
+
+def _setup_server() -> None:
+    """In the server, before any other import: its own output to its log file, the workers' env defaults."""
+    from spa_workers.preload import ENV_DEFAULTS
+
+    fd = os.open(os.environ.pop(SERVER_LOG_ENV), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+if os.environ.get(SERVER_LOG_ENV):  # imported first in the warm server (WarmServer.start)
+    _setup_server()
