@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import multiprocessing
 import os
 import signal
 import sys
+import time
 import traceback
 import types
 from collections.abc import Iterator
@@ -44,6 +46,8 @@ from pathlib import Path
 
 COLD_ENV = "SPA_COLD_START"  # "1": every stage starts as a fresh `python -m spa_workers.cli` process
 SERVER_LOG_ENV = "SPA_WARM_SERVER_LOG"  # set only in the server's environment: where its own output goes
+SERVER_MODULES_ENV = "SPA_WARM_SERVER_MODULES"  # and the modules it imports, comma-separated
+READY = "warm server: ready"  # the line the server logs once it has imported them
 SERVER_LOG = "warm-server.log"
 INTERRUPT_GRACE_S = 10.0  # after Ctrl-C: how long `spa run` waits for the stage to stop on its own
 
@@ -79,21 +83,39 @@ class WarmServer:
     """One forkserver for one `spa run`: started with the run's stage environment, stopped at the end."""
 
     def __init__(self, modules: list[str], env: dict[str, str], logs: Path) -> None:
-        self.modules = ["spa_operator.warm", *dict.fromkeys(modules)]  # this module first: it sets up the output
+        self.modules = list(dict.fromkeys(modules))
         self.env = env
         self.log = logs / SERVER_LOG
         self.context = multiprocessing.get_context("forkserver")
+        self.ready = False
 
     def start(self) -> None:
         """Start the server; it imports in the background (the first stage waits for it)."""
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.log.write_text("")
-        self.context.set_forkserver_preload(self.modules)
-        with _environment({**self.env, SERVER_LOG_ENV: str(self.log)}):
+        # The forkserver imports this module, which imports the rest itself (`_serve`): it logs what fails to
+        # import instead of skipping it silently, and says when it is ready.
+        self.context.set_forkserver_preload([__name__])
+        server_env = {**self.env, SERVER_LOG_ENV: str(self.log), SERVER_MODULES_ENV: ",".join(self.modules)}
+        with _environment(server_env), _sigint_ignored():
             forkserver.ensure_running()
 
+    def wait_ready(self) -> None:
+        """Wait until the server has imported everything. A request sent earlier would wait inside the server, and
+        a Ctrl-C meanwhile would leave it to start a stage after `spa run` had stopped; this wait is interruptible
+        and sends nothing."""
+        while not self.ready:
+            with contextlib.suppress(FileNotFoundError):
+                self.ready = READY in self.log.read_text(errors="replace")
+            if not self.ready:
+                time.sleep(0.05)
+
     def start_stage(self, argv: list[str], env: dict[str, str], log: Path) -> WarmStage:
-        process = self.context.Process(target=_stage_main, args=(argv, env, str(log)), name="spa-stage")
+        self.wait_ready()
+        # A cold stage inherits this process's SIGINT disposition: ignored (a background job, nohup) or not.
+        ignore_sigint = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        process = self.context.Process(target=_stage_main, args=(argv, env, str(log), ignore_sigint),
+                                       name="spa-stage")
         with _main_module_hidden():
             process.start()
         return WarmStage(process)
@@ -121,6 +143,18 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """The server (and multiprocessing's resource tracker, started with it) never take Ctrl-C, even while the
+    interpreter starts and imports: they inherit an ignored SIGINT, which Python then leaves ignored. Ctrl-C is for
+    `spa run` and its stages (`_stage_main` restores the handler)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def _main_module_hidden() -> Iterator[None]:
     """multiprocessing re-imports the parent's __main__ in every child it starts; a stage needs nothing from it (its
     code is `_stage_main`), and a script that calls `spa` without an `if __name__ == "__main__"` guard would run
@@ -143,7 +177,7 @@ def server_threads(pid: int) -> list[str]:
     return names
 
 
-def _stage_main(argv: list[str], env: dict[str, str], log: str) -> None:
+def _stage_main(argv: list[str], env: dict[str, str], log: str, ignore_sigint: bool = False) -> None:
     """In the forked child: become what `python -m spa_workers.cli ARGV` with `env`, output to `log`, would be."""
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     os.dup2(fd, 1)
@@ -151,7 +185,7 @@ def _stage_main(argv: list[str], env: dict[str, str], log: str) -> None:
     os.close(fd)
     os.environ.clear()
     os.environ.update(env)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else signal.default_int_handler)
     from spa_workers import cli
 
     sys.argv = [cli.__file__, *argv]
@@ -179,17 +213,30 @@ def _stage_main(argv: list[str], env: dict[str, str], log: str) -> None:
     sys.exit(code)
 
 
-def _setup_server() -> None:
-    """In the server, before any other import: its own output to its log file, the workers' env defaults."""
-    from spa_workers.preload import ENV_DEFAULTS
-
+def _serve() -> None:
+    """In the server, as it imports this module: its own output to its log file, the workers' environment
+    defaults, then every module the stages need; a module that fails to import is logged and left to the stages."""
+    t0 = time.time()
     fd = os.open(os.environ.pop(SERVER_LOG_ENV), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    from spa_workers.preload import ENV_DEFAULTS
+
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    modules = [m for m in os.environ.pop(SERVER_MODULES_ENV, "").split(",") if m]
+    failed = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            failed.append(name)
+            traceback.print_exc()
+    print(f"{READY} in {time.time() - t0:.1f}s: {len(modules) - len(failed)} of {len(modules)} modules imported"
+          f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}; threads: "
+          f"{', '.join(server_threads(os.getpid())) or '?'}", flush=True)
 
 
-if os.environ.get(SERVER_LOG_ENV):  # imported first in the warm server (WarmServer.start)
-    _setup_server()
+if os.environ.get(SERVER_LOG_ENV):  # imported by the forkserver as its preload (WarmServer.start)
+    _serve()
