@@ -399,6 +399,9 @@ def versions() -> dict[str, str]:
         m = sys.modules.get(mod)
         if m is not None:
             out[mod] = getattr(m, "__version__", "?")
+    engines = getattr(sys.modules.get("spa_workers.vllm_engine"), "BUILT", None)
+    if engines:  # how the answers or scores were computed (vllm_engine.engine_mode)
+        out["vllm_engine"] = ", ".join(dict.fromkeys(engines))
     return out
 
 
