@@ -1,0 +1,100 @@
+"""`spa run`'s warm start (issue 21): stage processes forked from a server that imported the libraries once give
+the same outputs as fresh processes, keep `spa run`'s exit codes and logs, and run vLLM."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from spa_operator import local, warm
+from spa_operator.planner import stage_graph
+from spa_operator.spec import load_run
+from spa_workers import contract
+from test_cli import error_lines, spa, write_run
+
+WARM_LINE = "warm start: forked from the server"
+
+
+def _manifests(root: Path) -> dict[str, contract.StageManifest]:
+    return {str(p.parent.relative_to(root)): contract.StageManifest.from_json(p.read_text())
+            for p in sorted(root.rglob(contract.MANIFEST))}
+
+
+@pytest.mark.slow
+def test_warm_and_cold_runs_give_the_same_stage_outputs_with_vllm(tmp_path, tiny):
+    """The same run, once with every stage a fresh process (`--cold`) and once forked from the warm server: every
+    stage's files have the same checksums, answers sampled by vLLM included (its engine inside the forked stage)."""
+    run = write_run(tmp_path, tiny, heldout=True, generation={"maxNewTokens": 8, "backend": "vllm"})
+    runs = {}
+    for mode in ("cold", "warm"):
+        proc = spa("run", str(run), "--storage", str(tmp_path / mode), *(["--cold"] if mode == "cold" else []))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mode] = tmp_path / mode / "ns" / "cli"
+    cold, warm_ = _manifests(runs["cold"]), _manifests(runs["warm"])
+    assert sorted(cold) == sorted(warm_) and len(cold) == 7  # validate, seed-train, evaluate x2, generate, ...
+    for stage in cold:
+        assert warm_[stage].files == cold[stage].files, stage
+        assert warm_[stage].files and all("sha256" in f for f in warm_[stage].files.values())
+        # scheduled -> libraries imported (spa run sets SPA_SCHEDULED_AT; benchmarks/warm_start.py compares them)
+        assert cold[stage].timings["startup_s"] >= 0 and warm_[stage].timings["startup_s"] >= 0
+    generate = next(k for k in cold if k.startswith("iter-01/generate"))
+    assert warm_[generate].versions["vllm_engine"] == "cpu float32 eager in-process"
+    for mode, root in runs.items():
+        stage_logs = [p for p in (root / "logs").iterdir() if p.name != warm.SERVER_LOG]
+        assert len(stage_logs) == 7
+        forked = [p.name for p in stage_logs if WARM_LINE in p.read_text()]
+        assert forked == ([] if mode == "cold" else [p.name for p in stage_logs]), mode
+    assert not (runs["cold"] / "logs" / warm.SERVER_LOG).exists()
+    # The server forked before any thread pool started: it has the threads importing the same modules gives a fresh
+    # interpreter (OpenBLAS's, jemalloc's), no more (torch's OpenMP pool would add one per extra core).
+    server_log = (runs["warm"] / "logs" / warm.SERVER_LOG).read_text()
+    ready = re.search(r"warm server: ready in [\d.]+s: (\d+) of (\d+) modules imported; threads: (.*)", server_log)
+    assert ready and ready[1] == ready[2], server_log[-3000:]
+    graph = stage_graph(load_run(run).spec, str(runs["warm"]))
+    fresh = subprocess.run([sys.executable, "-c", _COUNT_THREADS, *local.warm_modules(graph)], capture_output=True,
+                           text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert len(ready[3].split(", ")) <= int(fresh.stdout.split()[-1]), (ready[3], fresh.stdout)
+
+
+_COUNT_THREADS = """
+import importlib, os, sys
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print(len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.slow
+def test_a_crashing_stage_fails_the_run_with_its_exit_code_and_log(tmp_path, tiny):
+    """A stage that dies with a traceback in the forked process: `spa run` exits 1 naming the stage, its exit code
+    and its log, which holds the traceback; nothing after it runs."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny["model"], model)
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # config and tokenizer load (validate passes), weights do not
+    run = write_run(tmp_path, tiny, count=0)
+    doc = run.read_text().replace(tiny["model"], str(model))
+    run.write_text(doc)
+    proc = spa("run", str(run))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    logs = tmp_path / "store" / "ns" / "cli" / "logs"
+    failed = [ln for ln in proc.stdout.splitlines() if "iter-00/seed-train: failed (exit 1)" in ln]
+    assert len(failed) == 1 and failed[0].endswith(f"log: {logs / 'iter-00-seed-train-a1.log'}"), proc.stdout
+    log = (logs / "iter-00-seed-train-a1.log").read_text()
+    assert WARM_LINE in log and "Traceback (most recent call last)" in log
+    assert error_lines(proc.stderr)[0].startswith("spa run: run cli failed: iter-00/seed-train")
+    assert sorted(p.name for p in logs.iterdir()) == sorted(
+        ["iter-00-validate-a1.log", "iter-00-seed-train-a1.log", warm.SERVER_LOG])
+
+
+def test_cold_start_is_chosen_by_flag_or_environment(monkeypatch):
+    monkeypatch.delenv(warm.COLD_ENV, raising=False)
+    assert not warm.cold_requested() and warm.cold_requested(True)
+    monkeypatch.setenv(warm.COLD_ENV, "1")
+    assert warm.cold_requested()
