@@ -38,8 +38,7 @@ def test_warm_and_cold_runs_give_the_same_stage_outputs_with_vllm(tmp_path, tiny
     assert sorted(cold) == sorted(warm_) and len(cold) == 5  # validate, seed-train, generate, judge, train
     for stage in cold:
         assert warm_[stage].files == cold[stage].files, stage
-        assert all("sha256" in f for f in warm_[stage].files.values())
-        assert bool(warm_[stage].files) == (stage != "iter-00/validate"), stage
+        assert warm_[stage].files and all("sha256" in f for f in warm_[stage].files.values()), stage
         # scheduled -> libraries imported (spa run sets SPA_SCHEDULED_AT; benchmarks/warm_start.py compares them)
         assert cold[stage].timings["startup_s"] >= 0 and warm_[stage].timings["startup_s"] >= 0
     generate = next(k for k in cold if k.startswith("iter-01/generate"))
