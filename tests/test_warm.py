@@ -3,10 +3,13 @@ the same outputs as fresh processes, keep `spa run`'s exit codes and logs, and r
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from spa_operator import local, warm
 from spa_operator.planner import stage_graph
 from spa_operator.spec import load_run
 from spa_workers import contract
-from test_cli import error_lines, spa, write_run
+from test_cli import ENV, _sigint_default, error_lines, spa, write_run
 
 WARM_LINE = "warm start: forked from the server"
 
@@ -98,3 +101,30 @@ def test_cold_start_is_chosen_by_flag_or_environment(monkeypatch):
     assert not warm.cold_requested() and warm.cold_requested(True)
     monkeypatch.setenv(warm.COLD_ENV, "1")
     assert warm.cold_requested()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_forked_stage_and_a_rerun_resumes(tmp_path, tiny):
+    """Ctrl-C while a stage forked from the warm server works: the stage stops too (it is in the same process group,
+    and `spa run` waits for it), `spa run` says so in one line and exits 130, and the same command then resumes."""
+    run = write_run(tmp_path, tiny, count=0)
+    logs = tmp_path / "store" / "ns" / "cli" / "logs"
+    seed_log = logs / "iter-00-seed-train-a1.log"
+    with open(tmp_path / "spa.log", "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "spa_operator.cli", "run", str(run)], stdout=fh,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV},
+                                start_new_session=True, preexec_fn=_sigint_default)
+    deadline = time.time() + 600
+    while not (seed_log.exists() and WARM_LINE in seed_log.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    assert WARM_LINE in seed_log.read_text()  # the stage runs, forked from the server
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert error_lines(stderr) == ["spa run: interrupted; rerun the same command to resume"]
+    assert "KeyboardInterrupt" in seed_log.read_text()  # the stage saw the Ctrl-C and stopped
+    seed = tmp_path / "store" / "ns" / "cli" / "iter-00" / "seed-train"
+    assert not (seed / contract.MANIFEST).exists()
+    again = spa("run", str(run))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (seed / contract.MANIFEST).exists()
