@@ -128,3 +128,27 @@ def test_ctrl_c_stops_a_forked_stage_and_a_rerun_resumes(tmp_path, tiny):
     again = spa("run", str(run))
     assert again.returncode == 0, again.stderr[-3000:]
     assert (seed / contract.MANIFEST).exists()
+
+
+@pytest.mark.slow
+def test_a_lost_warm_server_leaves_the_run_to_finish_cold(tmp_path, tiny):
+    """The server killed while a stage it forked works: that stage runs on and counts by its manifest (its exit code
+    died with the server), the stages after it start cold and say why in their logs; the run succeeds."""
+    run = write_run(tmp_path, tiny, count=0, heldout=True)  # validate, seed-train, evaluate
+    logs = tmp_path / "store" / "ns" / "cli" / "logs"
+    seed_log = logs / "iter-00-seed-train-a1.log"
+    proc = subprocess.Popen([sys.executable, "-m", "spa_operator.cli", "run", str(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+    deadline = time.time() + 600
+    while not (seed_log.exists() and WARM_LINE in seed_log.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    server = int(re.search(r"forked from the server \(pid (\d+)", seed_log.read_text())[1])
+    os.kill(server, signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in out + err
+    evaluate_log = (logs / "iter-00-evaluate-a1.log").read_text()
+    assert evaluate_log.startswith("warm start unavailable: the warm server has exited")
+    assert WARM_LINE not in evaluate_log
+    assert (tmp_path / "store" / "ns" / "cli" / "iter-00" / "seed-train" / contract.MANIFEST).exists()
+    assert not (logs / "iter-00-seed-train-a2.log").exists()  # the first attempt counted: nothing ran twice

@@ -185,7 +185,10 @@ def _warm_eligible(args: StageArgs) -> bool:
 def _start_stage(args: StageArgs, env: dict[str, str], log: Path, server: warm.WarmServer | None) -> StageProcess:
     env = {**env, preload.SCHEDULED_AT_ENV: repr(time.time())}
     if server is not None and _warm_eligible(args):
-        return server.start_stage(args.to_argv(), env, log)
+        try:
+            return server.start_stage(args.to_argv(), env, log)
+        except warm.Unavailable as e:
+            log.write_text(f"warm start unavailable: {e}; starting cold\n")
     with open(log, "ab") as fh:
         return subprocess.Popen([sys.executable, "-m", "spa_workers.cli", *args.to_argv()], stdout=fh,
                                 stderr=subprocess.STDOUT, env=env)
@@ -234,7 +237,8 @@ def run_stage_process(stage: PlannedStage, attempt: int, env: dict[str, str], lo
             break
         if on_progress:
             on_progress(stage, shard, 1.0)
-    ok = code == 0 and contract.read_stage_manifests(stage.args) is not None
+    # A stage is done when its manifests exist (with the warm server lost, its exit code is unknown)
+    ok = code in (0, warm.EXIT_UNKNOWN) and contract.read_stage_manifests(stage.args) is not None
     return StageRun(stage.key, attempt, ok, code, time.time() - t0, str(log))
 
 

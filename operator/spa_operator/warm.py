@@ -37,6 +37,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import types
@@ -50,6 +51,7 @@ SERVER_MODULES_ENV = "SPA_WARM_SERVER_MODULES"  # and the modules it imports, co
 READY = "warm server: ready"  # the line the server logs once it has imported them
 SERVER_LOG = "warm-server.log"
 INTERRUPT_GRACE_S = 10.0  # after Ctrl-C: how long `spa run` waits for the stage to stop on its own
+EXIT_UNKNOWN = 255  # multiprocessing's exit code for a stage whose server died: its manifest decides
 
 
 def cold_requested(flag: bool = False) -> bool:
@@ -67,11 +69,19 @@ class WarmStage:
         return self.process.pid
 
     def poll(self) -> int | None:
-        return self.process.exitcode
+        code = self.process.exitcode
+        # The server reaps a stage before it reports its exit code; a code while the stage still runs means the
+        # server is gone (multiprocessing then says 255): the stage runs on, its exit code unknown.
+        if code is not None and _alive(self.process.pid):
+            return None
+        return code
 
     def wait(self, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
         self.process.join(timeout)
-        return self.process.exitcode
+        while self.poll() is None and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.1)
+        return self.poll()
 
     def send_signal(self, sig: int) -> None:
         if self.process.exitcode is None and self.process.pid:
@@ -103,15 +113,21 @@ class WarmServer:
     def wait_ready(self) -> None:
         """Wait until the server has imported everything. A request sent earlier would wait inside the server, and
         a Ctrl-C meanwhile would leave it to start a stage after `spa run` had stopped; this wait is interruptible
-        and sends nothing."""
+        and sends nothing. Raises `Unavailable` if the server ended first."""
         while not self.ready:
             with contextlib.suppress(FileNotFoundError):
                 self.ready = READY in self.log.read_text(errors="replace")
-            if not self.ready:
-                time.sleep(0.05)
+            if self.ready:
+                break
+            if not _alive(self._pid()):
+                raise Unavailable(f"the warm server exited while importing (its log: {self.log})")
+            time.sleep(0.05)
 
     def start_stage(self, argv: list[str], env: dict[str, str], log: Path) -> WarmStage:
+        """Fork a stage process from the server (`Unavailable` if there is no server to fork from)."""
         self.wait_ready()
+        if not _alive(self._pid()):
+            raise Unavailable(f"the warm server has exited (its log: {self.log})")
         # A cold stage inherits this process's SIGINT disposition: ignored (a background job, nohup) or not.
         ignore_sigint = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         process = self.context.Process(target=_stage_main, args=(argv, env, str(log), ignore_sigint),
@@ -121,10 +137,32 @@ class WarmServer:
         return WarmStage(process)
 
     def stop(self) -> None:
-        """Stop the server (it also ends by itself when `spa run` exits)."""
-        stop = getattr(forkserver._forkserver, "_stop", None)  # the standard library's own tests stop it so
+        """Stop the server now (it would also end by itself once `spa run` and its stages have exited)."""
+        pid = self._pid()
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGTERM)  # no waiting for it to notice, or for stages that outlived `spa run`
+        stop = getattr(forkserver._forkserver, "_stop", None)  # reaps it (the standard library's tests stop it so)
         if stop is not None:
             stop()
+
+    @staticmethod
+    def _pid() -> int | None:
+        return getattr(forkserver._forkserver, "_forkserver_pid", None)
+
+
+class Unavailable(Exception):
+    """No warm server to fork a stage from: the stage starts cold."""
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether process `pid` runs (a child that ended but was not reaped yet is a zombie: not alive)."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 @contextlib.contextmanager
@@ -147,6 +185,9 @@ def _sigint_ignored() -> Iterator[None]:
     """The server (and multiprocessing's resource tracker, started with it) never take Ctrl-C, even while the
     interpreter starts and imports: they inherit an ignored SIGINT, which Python then leaves ignored. Ctrl-C is for
     `spa run` and its stages (`_stage_main` restores the handler)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
