@@ -142,8 +142,9 @@ def test_a_lost_warm_server_leaves_the_run_to_finish_cold(tmp_path, tiny):
     deadline = time.time() + 600
     while not (seed_log.exists() and WARM_LINE in seed_log.read_text()) and time.time() < deadline:
         time.sleep(0.1)
-    server = int(re.search(r"forked from the server \(pid (\d+)", seed_log.read_text())[1])
+    server, stage = map(int, re.search(r"from the server \(pid (\d+);.* as pid (\d+)", seed_log.read_text()).groups())
     os.kill(server, signal.SIGKILL)
+    assert warm._alive(stage)  # the stage was working when its server died
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in out + err

@@ -231,8 +231,8 @@ def _stage_main(argv: list[str], env: dict[str, str], log: str, ignore_sigint: b
 
     sys.argv = [cli.__file__, *argv]
     threads = server_threads(os.getppid())
-    print(f"warm start: forked from the server (pid {os.getppid()}; its threads: {', '.join(threads) or '?'})",
-          file=sys.stderr, flush=True)
+    print(f"warm start: forked from the server (pid {os.getppid()}; its threads: {', '.join(threads) or '?'}) as "
+          f"pid {os.getpid()}", file=sys.stderr, flush=True)
     code = 1
     try:
         code = cli.main(argv)
