@@ -72,4 +72,4 @@ def test_shards_of_another_shard_count_make_the_stage_stale(tmp_path):
     with open(os.path.join(old, contract.MANIFEST), "w") as fh:
         fh.write(StageManifest("generate", {}, fingerprint="old", fingerprint_of=of).to_json())
     status = check_stages(graph)["iter-01/generate"]
-    assert status.check is StageCheck.STALE and "shard_count 1 -> 2" in status.change
+    assert status.check is StageCheck.STALE and "spec.generation.shards 1 -> 2" in status.change

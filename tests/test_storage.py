@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -9,7 +10,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
@@ -200,10 +203,48 @@ def test_partial_copies_of_a_dead_downloader_are_cleaned(s3_env, tiny, tmp_path,
     storage.delete_tree(dest)  # start over, with the leftovers of two killed downloaders (old and new naming)
     os.makedirs(dest + ".part/sub")
     os.makedirs(dest + ".part-4242")
-    os.makedirs(dest)  # renamed but never marked complete
+    long_ago = time.time() - 2 * storage.STALE_PART_S  # nobody has written to them since
+    for path in (dest + ".part/sub", dest + ".part", dest + ".part-4242"):
+        os.utime(path, (long_ago, long_ago))
+    os.makedirs(dest + ".part-other-pod-77/sub")  # another pod's download in progress (its lock did not hold us)
+    os.makedirs(dest)  # renamed but never marked complete (an older version fetched into place)
     assert modeling.resolve_model(uri) == dest
     assert os.path.exists(os.path.join(dest, "config.json"))
-    assert [n for n in os.listdir(os.path.dirname(dest)) if ".part" in n] == []
+    assert [n for n in os.listdir(os.path.dirname(dest)) if ".part" in n] == [os.path.basename(dest) +
+                                                                            ".part-other-pod-77"]
+
+
+def test_two_fetchers_whose_lock_does_not_hold_never_write_the_same_folder(tmp_path):
+    """A ReadWriteMany cache whose POSIX locks do not work across nodes (NFS mounted nolock, FUSE object stores)
+    lets two pods fetch the same model at once. Stand-in: two threads of one process, whom a POSIX record lock does
+    not exclude either (it belongs to the process). Each must write its own folder, and the copy in place must be one
+    whole copy: never a mix, never a folder deleted under the other's writes."""
+    dest = str(tmp_path / "models" / "m")
+    started, seen = threading.Barrier(2, timeout=30), []
+
+    def fetch(tmp: str) -> None:
+        os.makedirs(tmp)
+        seen.append(tmp)
+        started.wait()  # both are fetching now: the lock held neither back
+        for i in range(20):
+            Path(tmp, f"shard-{i}").write_text(tmp)  # each file says who wrote it
+            time.sleep(0.005)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: storage.fetch_once(dest, fetch), range(2)))
+    assert results == [dest, dest] and len(set(seen)) == 2  # both fetched, each into its own folder
+    writers = {Path(dest, f"shard-{i}").read_text() for i in range(20)}
+    assert len(writers) == 1 and os.path.exists(os.path.join(dest, storage.COMPLETE))  # one whole copy
+    assert [n for n in os.listdir(tmp_path / "models") if ".part" in n] == []  # the loser dropped its copy
+
+
+def test_a_filesystem_that_refuses_locks_still_fetches(tmp_path, monkeypatch):
+    def no_locks(fh, op):  # e.g. NFS without a lock manager: lockf fails with ENOLCK
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(storage.fcntl, "lockf", no_locks)
+    dest = storage.fetch_once(str(tmp_path / "m"), lambda tmp: (os.makedirs(tmp), Path(tmp, "w").write_text("x")))
+    assert Path(dest, "w").read_text() == "x"
 
 
 def test_failed_download_leaves_no_partial_file(s3_env, tmp_path, monkeypatch):
@@ -250,3 +291,28 @@ def test_large_s3_outputs_are_identified_by_their_etag_not_hashed_again(root):
         assert weights["etag"] == f"{hashlib.md5(b''.join(parts)).hexdigest()}-{len(parts)}"
     else:
         assert weights == {"bytes": len(big), "sha256": hashlib.sha256(big).hexdigest()}
+
+
+def test_move_tree_and_set_aside(root):
+    """Moving a stage's outputs aside (aside.py) keeps every file, byte for byte; on S3 (no rename) the copies are
+    made before any source is deleted, and nothing is left at the source."""
+    from spa_workers import aside
+
+    stage = storage.join(root, "iter-00", "seed-train")
+    files = {"model/config.json": "{}", "model/weights.bin": "w" * 1000, contract.MANIFEST: "{}"}
+    for rel, text in files.items():
+        storage.write_text(storage.join(stage, rel), text)
+    moved = aside.move_aside(stage, "20250101T000000Z")
+    assert moved == storage.join(root, "iter-00", aside.DISCARDED, "20250101T000000Z", "seed-train")
+    assert aside.origin(moved) == stage
+    assert storage.list_files(stage) == []
+    assert {rel: storage.read_text(storage.join(moved, rel)) for rel in storage.list_files(moved)} == files
+    assert aside.move_aside(stage, "20250101T000000Z") is None  # nothing there: nothing moved
+    storage.write_text(storage.join(stage, contract.MANIFEST), "{}")  # a second move in the same second
+    again = aside.move_aside(stage, "20250101T000000Z")
+    assert again == storage.join(root, "iter-00", aside.DISCARDED, "20250101T000000Z-2", "seed-train")
+    assert aside.set_aside_under(storage.join(root, "iter-00")) == [moved, again]
+    storage.write_text(storage.join(stage, contract.MANIFEST), "{}")  # replaced: every set-aside copy goes
+    aside.forget_replaced(stage)
+    assert aside.set_aside_under(storage.join(root, "iter-00")) == []
+    assert storage.list_files(storage.join(root, "iter-00")) == [f"seed-train/{contract.MANIFEST}"]

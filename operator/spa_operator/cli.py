@@ -17,11 +17,12 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 from rich.table import Table
-from spa_workers import storage
+from spa_workers import aside, storage
 from spa_workers.contract import EXIT_BAD_INPUT, EXIT_STORAGE, StageInputError
 from spa_workers.storage import StorageError
 
-from spa_operator import local, warm
+from spa_operator import inputs, local, rerun, warm
+from spa_operator.inputs import is_local_path as _is_local_path
 from spa_operator.planner import Action, stage_graph
 from spa_operator.progress import plain_or_live
 from spa_operator.spec import AlignmentRun, SpecError, load_run, parse_run
@@ -39,10 +40,6 @@ out = Console(width=None if sys.stdout.isatty() else 200)
 def say(text: str) -> None:
     """One message line on stderr, never wrapped or cut (a path at the end must survive 80 columns)."""
     print(text, file=sys.stderr, flush=True)
-
-
-def _is_local_path(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
 
 
 def localize(run: AlignmentRun, base: Path) -> AlignmentRun:
@@ -78,31 +75,6 @@ def _load(path: str, storage_override: str | None) -> tuple[AlignmentRun, str]:
 # ------------------------------------------------------------------------------------------------------- plan
 
 
-def _missing_local_inputs(run: AlignmentRun) -> list[str]:
-    """Local inputs that do not exist (cheap: S3 and hf:// inputs are left to `--check`)."""
-    spec = run.spec
-    win = spec.evaluation.win_rate if spec.evaluation else None
-    files = {"spec.data.seed": spec.data.seed, "spec.data.prompts": spec.data.prompts,
-             "spec.data.heldout": spec.data.heldout}
-    models = {"spec.model.sft": spec.model.sft}
-    if win:
-        files |= {"spec.evaluation.winRate.prompts": win.prompts,
-                  "spec.evaluation.winRate.referenceAnswers": win.reference_answers}
-        if not win.reference_answers:  # the reference model is unused once reference answers are given
-            models["spec.evaluation.winRate.referenceModel"] = win.reference_model
-
-    def absent(uri: str | None, inside: str = "") -> bool:
-        if not uri or not _is_local_path(uri):
-            return False
-        path = storage._local(uri)
-        return not os.path.isfile(os.path.join(path, inside) if inside else path)
-
-    problems = [f"{field}: {uri}: file not found" for field, uri in files.items() if absent(uri)]
-    problems += [f"{field}: {uri}: no model there (no config.json)" for field, uri in models.items()
-                 if absent(uri, "config.json")]
-    return problems
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     run, root = _load(args.run, args.storage)
     graph = stage_graph(run.spec, root)
@@ -113,7 +85,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  {name}: {uri}")
         print(f"  output: {s.output}")
         print(f"  command: spa-worker {' '.join(s.args.to_argv())}")
-    problems = _missing_local_inputs(run)
+    problems = inputs.problems(run)
     for p in problems:
         say(f"spa plan: error: {p}")
     if problems:
@@ -140,40 +112,62 @@ def print_summary(run: AlignmentRun, root: str) -> None:
     out.print(table)
 
 
-def _stale_error(root: str, statuses: dict[str, local.StageStatus]) -> None:
+def _stale_error(root: str, statuses: dict[str, local.StageStatus], prog: str, hint: str = "") -> None:
     stale = [st for st in statuses.values() if st.check is local.StageCheck.STALE]
     roots = [st for st in stale if not st.follows]
     for st in roots:
-        say(f"spa run: error: {st.key} in {root} was made with other settings: {st.change}")
+        say(f"{prog}: error: {st.key} in {root} was made with other settings: {st.change}")
     if len(stale) > len(roots):
-        say(f"spa run: error: {len(stale) - len(roots)} stage(s) after {'it' if len(roots) == 1 else 'them'} took "
+        say(f"{prog}: error: {len(stale) - len(roots)} stage(s) after {'it' if len(roots) == 1 else 'them'} took "
             "their outputs: "
             + ", ".join(st.key for st in stale if st.follows))
     first = (roots or stale)[0].key
-    say(f"spa run: to redo them here, rerun with --rerun-from {first} (that stage and every one after it) "
+    say(f"{prog}: to redo them here, rerun with --rerun-from {first} (that stage and every one after it) "
         f"or --force (only the stale ones); to keep the old results, use another --storage folder")
+    if hint:
+        say(hint)
 
 
-def _prepare_outputs(run: AlignmentRun, root: str, rerun_from: str | None = None, force: bool = False) -> bool:
-    """Apply --rerun-from / --force; False (after saying why) when outputs made with other settings remain."""
+def _prepare_outputs(run: AlignmentRun, root: str, rerun_from: str | None = None, force: bool = False,
+                     prog: str = "spa run", stale_hint: str = "") -> bool:
+    """Check the inputs, then apply --rerun-from / --force: False (after saying why) on a missing or unreadable
+    input, or when outputs made with other settings remain. Nothing is set aside before the inputs have passed the
+    validate stage's checks, and what is set aside is listed first (rerun.py)."""
+    if rerun_from and force:
+        raise StageInputError("--rerun-from and --force do not go together: --rerun-from redoes a stage and every "
+                              "one after it, --force only the stages made with other settings; give one")
     graph = stage_graph(run.spec, root)
-    if rerun_from:
-        keys = [s.key for s in graph]
-        if rerun_from not in keys:
-            raise StageInputError(f"--rerun-from: no stage {rerun_from!r} in this run (stages: {', '.join(keys)})")
-        redo = local.dependents(graph, rerun_from)
-        say(f"spa run: discarding the outputs of {', '.join(redo)}")
-        local.discard_outputs(graph, redo)
-    statuses = local.check_stages(graph)
-    stale = [k for k, st in statuses.items() if st.check is local.StageCheck.STALE]
-    if stale and force:
-        say(f"spa run: redoing stages made with other settings: {', '.join(stale)}")
-        local.discard_outputs(graph, stale)
-        return True
-    if stale:
-        _stale_error(root, statuses)
+    keys = [s.key for s in graph]
+    if rerun_from and rerun_from not in keys:
+        raise StageInputError(f"--rerun-from: no stage {rerun_from!r} in this run (stages: {', '.join(keys)})")
+    problems = inputs.problems(run, remote=True)
+    for p in problems:
+        say(f"{prog}: error: {p}")
+    if problems:
         return False
+    statuses = local.check_stages(graph)
+    decision = rerun.decide(graph, statuses, rerun_from, force)
+    if decision.set_aside or decision.refused:  # inputs changed, or outputs are to go: only after they parse
+        inputs.check_parse(run, graph[0].args, root)  # type: ignore[arg-type]  # validate, always first
+    if decision.refused:
+        _stale_error(root, statuses, prog, stale_hint)
+        return False
+    listed = rerun.present(graph, decision.set_aside)
+    if listed:
+        say(f"{prog}: setting aside the outputs of " + ", ".join(f"{k} ({n} files)" for k, n in listed)
+            + f": each moves to {aside.DISCARDED}/<time>/ in its iteration folder, deleted once its stage succeeds "
+            "again")
+        for moved in rerun.move(graph, listed):
+            say(f"{prog}: {moved.key} -> {moved.to}")
     return True
+
+
+def _report_set_aside(graph: list, prog: str) -> None:
+    """After a run: the set-aside outputs whose replacement has not succeeded (the others are deleted now)."""
+    kept = rerun.settle(graph)
+    if kept:
+        say(f"{prog}: kept the old outputs of {', '.join(k.key for k in kept)} (their stage has not succeeded "
+            f"again): {', '.join(k.to for k in kept)}; move one back in place of its stage folder to restore it")
 
 
 def _save_snapshot(run: AlignmentRun, root: str) -> None:
@@ -211,14 +205,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not _prepare_outputs(run, root, args.rerun_from, args.force):
         return EXIT_BAD_INPUT
     _save_snapshot(run, root)
-    return execute_and_report(run, root, _logs_dir(root, args.logs), args.processes, args.cold)
+    try:
+        return execute_and_report(run, root, _logs_dir(root, args.logs), args.processes, args.cold)
+    finally:
+        _report_set_aside(stage_graph(run.spec, root), "spa run")
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     from spa_operator import render
 
     run = render.cluster_run(args.run, args.storage)
-    sys.stdout.write(render.render(run, args.worker_image, args.service_account))
+    try:
+        settings = render.settings(args.pod_defaults, args.gang_scheduler)
+    except (OSError, ValueError) as e:
+        say(f"spa render: {e}")
+        return EXIT_BAD_INPUT
+    for warning in render.local_path_warnings(run):
+        say(f"spa render: warning: {warning}")
+    sys.stdout.write(render.render(run, args.worker_image, args.service_account, settings))
     return 0
 
 
@@ -264,8 +268,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
     say(f"spa demo: run manifest: {manifest}")
     run, root = _load(str(manifest), None)
-    if not _prepare_outputs(run, root):  # the demo's manifest was edited by hand since its run
-        say(f"spa demo: those flags go to `spa run {manifest}`")
+    # the demo's manifest may have been edited by hand since its run
+    if not _prepare_outputs(run, root, prog="spa demo", stale_hint=f"spa demo: those flags go to `spa run {manifest}`"):
         return EXIT_BAD_INPUT
     _save_snapshot(run, root)
     return execute_and_report(run, root, _logs_dir(root, None), cold=args.cold, server=server)
@@ -347,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--storage", help="s3://bucket/prefix, overrides spec.storage.uri")
     pt.add_argument("--worker-image", help="the operator's default worker image")
     pt.add_argument("--service-account", help="the operator's default worker service account")
+    pt.add_argument("--pod-defaults", metavar="FILE",
+                    help="the chart's worker pod defaults (YAML with keys all and gpu, as Helm worker.podDefaults)")
+    pt.add_argument("--gang-scheduler", choices=["coscheduling", "volcano"],
+                    help="the cluster's gang scheduler (Helm worker.gangScheduling.kind)")
     pt.set_defaults(fn=cmd_render)
     pd = sub.add_parser("demo", help="build the tiny offline example and run seed DPO + 2 SPA iterations")
     pd.add_argument("--out", required=True, help="folder for the example and its run")

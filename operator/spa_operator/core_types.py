@@ -12,6 +12,7 @@ from spa_workers.contract import StageManifest
 
 from spa_operator.planner import PlannedStage
 from spa_operator.status import Event, MetricValues
+from spa_operator.tenancy import Allowed
 
 # ------------------------------------------------------------------------------------------------- observations
 
@@ -27,6 +28,7 @@ class PodView:
     live: bool  # not Succeeded/Failed: it may still write to storage
     waiting: str = ""  # why it does not run: a container waiting reason or the PodScheduled reason; "" if running
     since: float = 0.0  # wall clock (Unix s) the pod was created
+    scheduled: bool = True  # False while the scheduler says it cannot place it (PodScheduled False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,7 @@ class JobView:
     deleting: bool = False  # has a deletionTimestamp: its attempt is over
     finished_at: float = 0.0  # monotonic time the operator first saw it finished (for the latency metric)
     suspended_since: float = 0.0  # wall clock of its Suspended condition (the last suspend); 0: not known
+    gang: int = 0  # a multi-node stage's Job: the pods that must all run (its parallelism); 0: not a gang
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +65,9 @@ class Settings:
 
     pending_timeout_s: float | None = None  # a pod waiting (not queued) this long fails its attempt; None: never
     queued_timeout_s: float | None = None  # a Job Kueue has not admitted this long fails its attempt; None: never
-    allowed_images: tuple[str, ...] = ()  # image prefixes worker images must start with; empty: any
+    # What runs may name: images, judge endpoints, accounts, Secrets, capabilities (tenancy.Allowed).
+    allowed: Allowed = dataclasses.field(default_factory=Allowed)
+    worker_service_account: str | None = None  # the operator's own worker account: a run may always name it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,12 +14,19 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from pydantic.alias_generators import to_camel
 from spa_workers import contract
 from spa_workers.contract import EXIT_BAD_INPUT, JUDGE_API_KEY_ENV
 
 from spa_operator.planner import PlannedStage
 from spa_operator.spec import AlignmentRunSpec, StageResources, stage_resources
+from spa_operator.worker_pod import (
+    GangScheduling,
+    PodDefaults,
+    apply_overrides,
+    effective_overrides,
+    join_gang,
+    pod_group,
+)
 
 LABEL_RUN = "spa.dev/run"
 LABEL_RUN_UID = "spa.dev/run-uid"
@@ -136,7 +143,7 @@ def worker_env(spec: AlignmentRunSpec, run: RunRef, stage: PlannedStage, attempt
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
     ]
     res = stage_resources(spec, stage.stage)
-    if res.scratch:
+    if res.scratch or res.scratch_claim_size:
         env.append({"name": "SPA_SCRATCH_DIR", "value": SCRATCH_DIR})
     st = spec.storage
     if st and st.endpoint:
@@ -165,7 +172,8 @@ def _resources(res: StageResources, spec: AlignmentRunSpec) -> dict[str, Any]:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = res.gpus
     # The scheduler places the pod on a node with this much free local disk for its sized emptyDirs; no limit: an
     # emptyDir past its sizeLimit already evicts the pod, and the container's own writes are small.
-    local_disk = [q for q in (res.scratch, None if spec.model_cache else res.cache_size) if q]
+    scratch = None if res.scratch_claim_size else res.scratch  # a claim is not node-local disk
+    local_disk = [q for q in (scratch, None if spec.model_cache else res.cache_size) if q]
     if local_disk:
         requests["ephemeral-storage"] = binary_quantity(sum(quantity_value(q) for q in local_disk))
     out: dict[str, Any] = {}
@@ -173,17 +181,6 @@ def _resources(res: StageResources, spec: AlignmentRunSpec) -> dict[str, Any]:
         out["requests"] = requests
     if limits:
         out["limits"] = limits
-    return out
-
-
-def images_of(spec: AlignmentRunSpec) -> list[tuple[str, str]]:
-    """(field, image) of every worker image the run names itself (the operator's default is trusted)."""
-    out = [("spec.image", spec.image)] if spec.image else []
-    res = spec.resources
-    for field in ("seed_train", "generate", "judge", "train", "evaluate"):
-        stage_res = getattr(res, field, None) if res else None
-        if stage_res is not None and stage_res.image:
-            out.append((f"spec.resources.{to_camel(field)}.image", stage_res.image))
     return out
 
 
@@ -224,13 +221,16 @@ def gang_env(job: str) -> list[dict[str, Any]]:
 
 
 def headless_service(job: str, run: RunRef, stage: PlannedStage, attempt: int) -> dict[str, Any]:
-    """The DNS names of a multi-node Job's pods (`<job>-<index>.<service>`), so index 0 can host the rendezvous."""
+    """The DNS names of a multi-node Job's pods (`<job>-<index>.<service>`), so index 0 can host the rendezvous.
+
+    Owned by the Job (its uid is filled in once the Job exists: `owned_by`), so it goes when the Job goes, with its
+    ttlSecondsAfterFinished or a retry's deletion, not only with the run."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": service_name(job), "namespace": run.namespace, "labels": labels(run, stage, attempt),
                      "annotations": {ANNOTATION_STAGE_KEY: stage.key, ANNOTATION_RUN_NAME: run.name},
-                     "ownerReferences": [owner_reference(run)]},
+                     "ownerReferences": [job_owner_reference(job)]},
         "spec": {
             "clusterIP": "None",
             "selector": {JOB_NAME_LABEL: job},
@@ -251,7 +251,14 @@ def _volumes(res: StageResources, spec: AlignmentRunSpec) -> tuple[list[dict[str
                                                                    else {}})
     volumes = [{"name": "dshm", "emptyDir": shm}, {"name": "cache", **cache}]
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "cache", "mountPath": CACHE_DIR}]
-    if res.scratch:
+    if res.scratch_claim_size:  # a generic ephemeral volume: a PVC made for the pod and deleted with it
+        claim: dict[str, Any] = {"accessModes": ["ReadWriteOnce"],
+                                 "resources": {"requests": {"storage": res.scratch_claim_size}}}
+        if res.scratch_storage_class:
+            claim["storageClassName"] = res.scratch_storage_class
+        volumes.append({"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": claim}}})
+        mounts.append({"name": "scratch", "mountPath": SCRATCH_DIR})
+    elif res.scratch:
         volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": res.scratch}})
         mounts.append({"name": "scratch", "mountPath": SCRATCH_DIR})
     return volumes, mounts
@@ -262,15 +269,35 @@ def owner_reference(run: RunRef) -> dict[str, Any]:
             "controller": True, "blockOwnerDeletion": True}
 
 
+# The Job's uid in the ownerReference of the objects that belong to one attempt (its Service, its pod group) until
+# the Job exists: the executor creates the Job first and fills in its uid (`owned_by`); `spa render` shows this.
+JOB_UID_PLACEHOLDER = "<uid of the Job>"
+
+
+def job_owner_reference(job: str, uid: str = JOB_UID_PLACEHOLDER) -> dict[str, Any]:
+    """An attempt's own objects are owned by its Job (no blockOwnerDeletion: that would need update on
+    jobs/finalizers where OwnerReferencesPermissionEnforcement is on)."""
+    return {"apiVersion": "batch/v1", "kind": "Job", "name": job, "uid": uid, "controller": True}
+
+
+def owned_by(obj: dict[str, Any], job_uid: str) -> dict[str, Any]:
+    """`obj` (a Service or pod group of an attempt) with its Job's uid in its ownerReference."""
+    meta = obj["metadata"]
+    refs = [dict(r, uid=job_uid) if r.get("kind") == "Job" else r for r in meta.get("ownerReferences", [])]
+    return {**obj, "metadata": {**meta, "ownerReferences": refs}}
+
+
 def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRunSpec,
               default_image: str = DEFAULT_WORKER_IMAGE, default_service_account: str | None = None,
-              metrics_port: int | None = None) -> dict[str, Any]:
+              metrics_port: int | None = None, pod_defaults: PodDefaults | None = None,
+              gang_scheduling: GangScheduling | None = None) -> dict[str, Any]:
     """The Job for one attempt of one stage. `attempt` numbers the stage's Jobs (1, 2, ...).
 
     default_service_account: used when the spec names none; metrics_port: the worker serves live Prometheus metrics
     there (SPA_WORKER_METRICS_PORT, a container port named "metrics" for a PodMonitor).
     A stage on several nodes is a gang: an Indexed Job with one pod per node, found by its headless Service
-    (`headless_service`, created first by `build_stage_objects`).
+    (`headless_service`, created after it by `build_stage_objects`). pod_defaults: the chart's worker pod defaults;
+    gang_scheduling: the cluster's gang scheduler, which then places a multi-node stage's pods all at once.
     """
     res = stage_resources(spec, stage.stage)
     gang = res.nodes > 1
@@ -309,14 +336,18 @@ def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRun
         pod_spec["subdomain"] = service_name(name)  # hostname `<job>-<index>` (Indexed Job) + this = a DNS name
     if spec.service_account_name or default_service_account:
         pod_spec["serviceAccountName"] = spec.service_account_name or default_service_account
+    if not spec.service_account_name:
+        # Workers talk to S3, never to the API: no token, unless the run names an account (one the operator allows)
+        # that is meant to have one.
+        pod_spec["automountServiceAccountToken"] = False
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
-    if res.node_selector:
-        pod_spec["nodeSelector"] = dict(res.node_selector)
-    if res.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations]
+    template_meta = {"labels": pod_labels, "annotations": dict(annotations)}
+    apply_overrides(pod_spec, container, template_meta, effective_overrides(res, pod_defaults))
+    if gang and gang_scheduling is not None:
+        join_gang(pod_spec, template_meta, name, gang_scheduling)
     job_spec: dict[str, Any] = {
         # Retries are new attempts (new Jobs) decided by the operator, so each is named, counted and reported.
         "backoffLimit": 0,
@@ -331,7 +362,7 @@ def build_job(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRun
             {"action": "FailJob" if gang else "Ignore",
              "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]},
-        "template": {"metadata": {"labels": pod_labels, "annotations": dict(annotations)}, "spec": pod_spec},
+        "template": {"metadata": template_meta, "spec": pod_spec},
     }
     if gang:
         job_spec.update(completionMode="Indexed", completions=res.nodes, parallelism=res.nodes)
@@ -365,14 +396,24 @@ def failed_by_bad_input(condition: dict[str, Any]) -> bool:
 
 def build_stage_objects(stage: PlannedStage, attempt: int, run: RunRef, spec: AlignmentRunSpec,
                         default_image: str = DEFAULT_WORKER_IMAGE, default_service_account: str | None = None,
-                        metrics_port: int | None = None) -> list[dict[str, Any]]:
-    """Every object one attempt of one stage needs, in creation order (the Job last).
+                        metrics_port: int | None = None, pod_defaults: PodDefaults | None = None,
+                        gang_scheduling: GangScheduling | None = None) -> list[dict[str, Any]]:
+    """Every object one attempt of one stage needs, in creation order: the Job first, then what it owns.
 
-    The executor creates them in this order; `spa render` prints them. A multi-node stage's headless Service comes
-    first, so its pods' names resolve as soon as they start.
+    The executor creates them in this order; `spa render` prints them. A multi-node stage's headless Service (and,
+    with a gang scheduler, its pod group) is owned by the Job: `owned_by` fills in the Job's uid once it exists.
+    Its pods wait for their names to resolve (and for the pod group) before they meet, so the Service may come a
+    moment after the Job.
     """
-    job = build_job(stage, attempt, run, spec, default_image, default_service_account, metrics_port)
-    if job["spec"]["template"]["spec"].get("subdomain"):
-        return [headless_service(job["metadata"]["name"], run, stage, attempt), job]
-    return [job]
-
+    job = build_job(stage, attempt, run, spec, default_image, default_service_account, metrics_port, pod_defaults,
+                    gang_scheduling)
+    if not job["spec"]["template"]["spec"].get("subdomain"):
+        return [job]
+    name = job["metadata"]["name"]
+    out = [job, headless_service(name, run, stage, attempt)]
+    if gang_scheduling is not None:
+        group = pod_group(name, run.namespace, job["spec"]["parallelism"], labels(run, stage, attempt),
+                          {ANNOTATION_STAGE_KEY: stage.key, ANNOTATION_RUN_NAME: run.name}, gang_scheduling)
+        group["metadata"]["ownerReferences"] = [job_owner_reference(name)]
+        out.append(group)
+    return out

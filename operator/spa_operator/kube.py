@@ -37,7 +37,7 @@ import kopf
 from prometheus_client import generate_latest
 
 from spa_operator import crd, jobs, reconcile, status
-from spa_operator.config import Config
+from spa_operator.config import Config, SettingError
 from spa_operator.core_types import Decision, JobView, Observed, PodView, Settings
 from spa_operator.informer import Informer
 from spa_operator.kubeapi import ApiError, KubeApi, api_error
@@ -83,7 +83,8 @@ class Controller(Observer):
         self.runs: dict[str, RunState] = {}
         self.secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = {}
         self.clients = ClientCache()
-        self.settings = Settings(cfg.pending_timeout_s, cfg.queued_timeout_s, tuple(cfg.allowed_images))
+        self.settings = Settings(cfg.pending_timeout_s, cfg.queued_timeout_s, cfg.allowed(),
+                                 cfg.worker_service_account)
         self.healthy = False
         self.jobs: Informer[JobView] | None = None
         self.pods: Informer[PodView] | None = None
@@ -141,6 +142,9 @@ class Controller(Observer):
         rs.generation = meta.get("generation")
         obs = await self._observe(rs, body, index, pod_index)
         decision = reconcile.decide(obs)
+        if rs.first_pass:  # a gang's Service and pod group come after its Job: a restart in between left them out
+            await self._create(rs, body, obs, dataclasses.replace(decision, create=reconcile.running_gangs(obs)),
+                               logger)
         refused, blocked = await self._create(rs, body, obs, decision, logger)
         if refused or blocked:  # decide again knowing what the API server refused; nothing else is created
             obs = dataclasses.replace(obs, create_refused=refused, create_blocked=blocked)
@@ -180,11 +184,15 @@ class Controller(Observer):
                           kind=body.get("kind", crd.KIND))
         for todo in decision.create:
             objects = jobs.build_stage_objects(todo.stage, todo.attempt, ref, obs.spec, self.cfg.worker_image,
-                                               self.cfg.worker_service_account, self.cfg.worker_metrics_port)
-            for obj in objects:
+                                               self.cfg.worker_service_account, self.cfg.worker_metrics_port,
+                                               self.cfg.pod_defaults, self.cfg.gang_scheduling)
+            job_uid = ""
+            for obj in objects:  # the Job first; what it owns (Service, pod group) gets its uid
+                if obj["kind"] != "Job":
+                    obj = jobs.owned_by(obj, job_uid)
                 what = f"{obj['kind']} {obj['metadata']['name']}"
                 try:
-                    created, owner = await self.api.create(obj)
+                    created, owner, uid = await self.api.create(obj)
                 except ApiError as e:
                     if e.status == 403:
                         return refused, (f"creating {what} is forbidden ({api_error(e)}): the operator needs "
@@ -198,7 +206,9 @@ class Controller(Observer):
                 except Exception as e:  # the API server is unreachable
                     logger.warning(f"creating {what} failed: {type(e).__name__}; will retry")
                     return refused, f"creating {what} failed: {type(e).__name__}"
-                if owner is not None and owner != rs.uid:
+                if obj["kind"] == "Job":
+                    job_uid = uid
+                if owner is not None and owner != (rs.uid if obj["kind"] == "Job" else job_uid):
                     return refused, (f"{what} already exists and belongs to another owner (uid {owner or 'none'}); "
                                      f"it must be deleted before this run can go on")
                 if created is not None and obj["kind"] == "Job":  # its ADDED event then brings nothing new
@@ -466,8 +476,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # kopf logs every handled Job event at INFO; transitions are Events and metrics
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    cfg = Config.from_env(namespaces=args.namespace, metrics_port=args.metrics_port or None,
-                          worker_image=args.worker_image)
+    try:
+        cfg = Config.from_env(namespaces=args.namespace, metrics_port=args.metrics_port or None,
+                              worker_image=args.worker_image)
+    except SettingError as e:
+        print(f"spa-operator: error: {e}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(run_operator(cfg))
     except NoCluster as e:

@@ -20,7 +20,7 @@ from prometheus_client import Counter
 from spa_operator import crd
 
 MERGE_PATCH = "application/merge-patch+json"
-PLURALS = {"Job": "jobs", "Service": "services", "Pod": "pods", "Event": "events"}
+PLURALS = {"Job": "jobs", "Service": "services", "Pod": "pods", "Event": "events", "PodGroup": "podgroups"}
 KUEUE_WORKLOADS = "/apis/kueue.x-k8s.io/v1beta1"
 
 
@@ -67,10 +67,12 @@ def _fields(payload: bytes) -> tuple[str, ...]:
 
 
 class Created(NamedTuple):
-    """What `KubeApi.create` found: the object created, or (409) the controlling owner's uid of the one that exists."""
+    """What `KubeApi.create` found: the object created, or (409) the controlling owner's uid of the one that exists;
+    and the object's own uid either way (what it creates next is owned by it)."""
 
     obj: dict[str, Any] | None
     owner: str | None
+    uid: str = ""
 
 
 class KubeApi:
@@ -181,13 +183,15 @@ class KubeApi:
         meta = body["metadata"]
         path = collection_path(body["apiVersion"], body["kind"], meta["namespace"])
         try:
-            return Created(await self._request("create", "POST", path, body) or {}, None)
+            created = await self._request("create", "POST", path, body) or {}
+            return Created(created, None, str(created.get("metadata", {}).get("uid") or ""))
         except ApiError as e:
             if e.status != 409:
                 raise
-        existing = await self._request("get", "GET", f"{path}/{_q(meta['name'])}")
-        owners = (existing or {}).get("metadata", {}).get("ownerReferences") or []
-        return Created(None, next((o.get("uid", "") for o in owners if o.get("controller")), ""))
+        existing = (await self._request("get", "GET", f"{path}/{_q(meta['name'])}") or {}).get("metadata", {})
+        owners = existing.get("ownerReferences") or []
+        return Created(None, next((o.get("uid", "") for o in owners if o.get("controller")), ""),
+                       str(existing.get("uid") or ""))
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         """Delete with its dependents (pods): without a propagation policy a Job's pods are orphaned and keep

@@ -24,6 +24,7 @@ from spa_workers.contract import EXIT_BAD_INPUT, StageArgs
 from spa_workers.runner import output_of
 
 from spa_operator import warm
+from spa_operator.fields import spec_field
 from spa_operator.planner import (
     Action,
     Plan,
@@ -112,8 +113,8 @@ def check_stages(graph: list[PlannedStage]) -> dict[str, StageStatus]:
             upstream = tuple(sorted({producer[u] for n, u in fingerprint.input_uris(s.args).items()
                                      if u in producer and out[producer[u]].check is not StageCheck.DONE
                                      and m.fingerprint_of.get("inputs", {}).get(n) != inputs[n]}))
-            out[s.key] = StageStatus(s.key, StageCheck.STALE, fingerprint.describe_change(m.fingerprint_of, of),
-                                     upstream)
+            out[s.key] = StageStatus(s.key, StageCheck.STALE,
+                                     fingerprint.describe_change(m.fingerprint_of, of, _namer(s, producer)), upstream)
         elif all(manifests):
             out[s.key] = StageStatus(s.key, StageCheck.DONE, metrics=dict(manifests[0].metrics))
         else:
@@ -126,6 +127,15 @@ def check_stages(graph: list[PlannedStage]) -> dict[str, StageStatus]:
     return out
 
 
+def _namer(stage: PlannedStage, producer: dict[str, str]) -> Callable[[str], str]:
+    """A stage's arguments as a user knows them: the manifest field, or the stage whose output an input is."""
+    uris = fingerprint.input_uris(stage.args)
+
+    def name(arg: str) -> str:
+        return producer.get(uris.get(arg, ""), "") or spec_field(stage.stage, arg) or arg
+    return name
+
+
 def dependents(graph: list[PlannedStage], key: str) -> list[str]:
     """`key` and every stage that depends on it, directly or not, in graph order."""
     found = {key}
@@ -133,13 +143,6 @@ def dependents(graph: list[PlannedStage], key: str) -> list[str]:
         if any(d in found for d in s.depends_on):
             found.add(s.key)
     return [s.key for s in graph if s.key in found]
-
-
-def discard_outputs(graph: list[PlannedStage], keys: list[str]) -> None:
-    """Delete the outputs of these stages so they run again."""
-    by_key = {s.key: s for s in graph}
-    for key in keys:
-        storage.delete_tree(by_key[key].output)
 
 
 def finished_results(graph: list[PlannedStage]) -> dict[str, StageResult]:

@@ -50,10 +50,11 @@ def job_view(body: Any) -> JobView:
     labels = meta.get("labels") or {}
     annotations = meta.get("annotations") or {}
     owner = next((o.get("uid", "") for o in meta.get("ownerReferences") or [] if o.get("controller")), "")
+    gang = _int(spec.get("parallelism")) if ((spec.get("template") or {}).get("spec") or {}).get("subdomain") else 0
     return JobView(meta.get("name", ""), annotations.get(jobs.ANNOTATION_STAGE_KEY, ""),
                    _int(labels.get(jobs.LABEL_ATTEMPT)), state, permanent, reason[:500], owner,
                    parse_iso(meta.get("creationTimestamp")) or 0.0, bool(meta.get("deletionTimestamp")),
-                   time.monotonic() if state in ("succeeded", "failed") else 0.0, suspended_since)
+                   time.monotonic() if state in ("succeeded", "failed") else 0.0, suspended_since, gang)
 
 
 def pod_view(body: Any) -> PodView:
@@ -68,14 +69,13 @@ def pod_view(body: Any) -> PodView:
         if reason and reason not in ("ContainerCreating", "PodInitializing"):
             waiting = reason
             break
-    if not waiting and phase == "Pending":
-        sched = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), {})
-        if sched.get("status") == "False":
-            waiting = sched.get("reason") or "Unschedulable"
+    sched = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), {})
+    if not waiting and phase == "Pending" and sched.get("status") == "False":
+        waiting = sched.get("reason") or "Unschedulable"
     stage_key = (meta.get("annotations") or {}).get(jobs.ANNOTATION_STAGE_KEY, "")
     return PodView(meta.get("name", ""), labels.get("job-name", ""), stage_key, _int(labels.get(jobs.LABEL_ATTEMPT)),
                    phase not in ("Succeeded", "Failed") and not meta.get("deletionTimestamp"), waiting,
-                   parse_iso(meta.get("creationTimestamp")) or 0.0)
+                   parse_iso(meta.get("creationTimestamp")) or 0.0, sched.get("status") != "False")
 
 
 def workload_view(body: Any, run_uid: str) -> WorkloadView:

@@ -33,6 +33,7 @@ from spa_operator.status import (
     SUCCEEDED,
     SUSPENDED,
     conditions,
+    gang_incomplete,
     iso,
     metric_values,
     position,
@@ -40,10 +41,11 @@ from spa_operator.status import (
     terminal,
     transitions,
 )
+from spa_operator.tenancy import violation
 
 # The core's face: `decide` and the data it maps (defined in core_types).
 __all__ = ["Create", "Decision", "JobView", "Observed", "PodView", "Settings", "WorkloadView", "decide",
-           "job_name_of", "manifests_to_read", "workloads_needed"]
+           "job_name_of", "manifests_to_read", "running_gangs", "workloads_needed"]
 
 STAGE_METRICS = (K.PAIRS, K.DROPPED_IDENTICAL, K.DROPPED_EMPTY, K.RESPONSES, K.REWARD_GAP, K.CONFIDENCE, K.LOSS,
                  K.REWARD_ACCURACY, K.REFINED_FRACTION, K.HELDOUT_AGREEMENT, K.TOKENS_PER_S, "wall_s",
@@ -129,6 +131,11 @@ def _waiting(obs: Observed, job: JobView, queued: bool) -> tuple[str, float] | N
     if not waiting:
         return None
     first = min(waiting, key=lambda p: p.since)
+    if job.gang > 1 and not first.scheduled:  # the placed ranks hold their GPUs and wait for the others
+        pods = [p for p in obs.pods if p.job == job.name]
+        unplaced = sum(1 for p in pods if p.live and not p.scheduled)
+        placed = min(sum(1 for p in pods if p.scheduled), job.gang - unplaced)  # (a finished rank was placed)
+        return gang_incomplete(placed, job.gang, first.waiting), first.since
     return first.waiting, first.since
 
 
@@ -262,9 +269,9 @@ def decide(obs: Observed) -> Decision:
         _fail_record(rec, results[key].failures, results[key].reason)
         records[key] = rec
     delete_jobs = tuple(r.timed_out for r in readings.values() if r.timed_out)
-    image_problem = _image_problem(obs)
-    if image_problem:
-        return _failed(obs, dict(old), "ImageNotAllowed", image_problem, records)
+    refused = violation(spec, obs.settings.allowed, obs.settings.worker_service_account)
+    if refused is not None:
+        return _failed(obs, dict(old), refused.reason, f"{refused.field}: {refused.message}", records)
 
     plan = plan_next_stage(spec, obs.root, results, obs.graph or None)
     status: dict[str, Any] = {k: v for k, v in old.items() if k in ("startTime",)}
@@ -358,25 +365,19 @@ def workloads_needed(spec: Any, status: Mapping[str, Any]) -> bool:
     return bool(spec is not None and spec.queue_name and (spec.suspend or status.get("phase") == SUSPENDED))
 
 
+def running_gangs(obs: Observed) -> tuple[Create, ...]:
+    """The attempts of this run whose multi-node Job runs: creating their objects again (the Job answers 409, its
+    Service and pod group are created if missing) repairs what a restart between the creates left out."""
+    by_key = {s.key: s for s in obs.graph}
+    return tuple(Create(by_key[v.stage_key], v.attempt) for v in obs.jobs
+                 if v.gang > 1 and v.state in ("active", "suspended") and v.owner_uid == obs.uid
+                 and v.stage_key in by_key and not v.deleting)
+
+
 def job_name_of(obs: Observed, stage: PlannedStage, attempt: int) -> str:
     from spa_operator.jobs import job_name  # jobs imports the planner; the name rule lives with the Job
 
     return job_name(obs.name, stage.iteration, stage.stage, attempt)
-
-
-
-def _image_problem(obs: Observed) -> str | None:
-    allowed = obs.settings.allowed_images
-    if not allowed or obs.spec is None:
-        return None
-    from spa_operator.jobs import images_of  # jobs imports the planner
-
-    for field, image in images_of(obs.spec):
-        if not any(image.startswith(prefix) for prefix in allowed):
-            return f"{field}: image {image} is not allowed here (allowed: {', '.join(allowed)})"
-    return None
-
-
 
 
 

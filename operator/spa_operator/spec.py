@@ -5,6 +5,8 @@ Every validation error names the field by its manifest path, e.g. `spec.training
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -39,6 +41,31 @@ LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
 MAX_SEED = 2**32 - 1 - 64  # numpy's seed range; the generation seed gets the iteration added
 MAX_YAML_NODES = 100_000  # a manifest is a few hundred nodes
 MAX_COUNT = 10**9  # bound on free integers: CEL (int64) and the API server stay in range
+MAX_OPAQUE_JSON = 16384  # serialised bytes of a free-form object (judge extraBody, affinity): CEL never reads inside
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# What the operator and the launcher set in a worker pod: a run cannot override it (the rendezvous, the ranks, the
+# stage's identity, credentials and storage). NCCL_*/FI_* tuning variables are free.
+RESERVED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
+                "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "JOB_COMPLETION_INDEX",
+                "TORCH_NCCL_ASYNC_ERROR_HANDLING", "HF_HOME")
+RESERVED_ENV_PREFIXES = ("SPA_", "AWS_", "TORCHELASTIC_", "ACCELERATE_")
+# Label and annotation keys a run may not set on its pods: Kubernetes' own, the Job controller's, gang schedulers'
+# pod-group keys (joining another run's gang), Kueue's, and the operator's.
+RESERVED_KEY_DOMAINS = ("kubernetes.io", "k8s.io", "x-k8s.io", "volcano.sh", "spa.dev")
+RESERVED_KEYS = ("job-name", "controller-uid")
+# A reserved key, as a regular expression (RE2 and Python's re read it alike).
+RESERVED_KEY = (r"^(([^/]*\.)?(" + "|".join(d.replace(".", r"\.") for d in RESERVED_KEY_DOMAINS) + r")/|("
+                + "|".join(RESERVED_KEYS) + r")$)")
+RESOURCE_NAME = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+CAPABILITY = r"^[A-Z][A-Z_]{0,31}$"
+
+
+def opaque_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), allow_nan=False))
+
+
+LabelKey = Annotated[str, Field(max_length=316, pattern=LABEL_KEY)]
+OpaqueJSON = dict[str, Any]  # a free-form object: the API server checks it when the pod is created; CEL never reads it
 
 
 class SpecError(ValueError):
@@ -203,9 +230,17 @@ class JudgeEndpointSpec(_Model):
     timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
     max_failed_fraction: float = Field(default=0.05, ge=0.0, le=1.0,
                                        description="Fail the stage when more prompts than this lose a judgment.")
-    extra_body: dict[str, Any] | None = Field(
-        default=None, description="Extra fields for every request, e.g. vLLM's {structured_outputs: {choice: [m, M]}} "
-                                  "to hold a small judge to the two identifiers.")
+    extra_body: OpaqueJSON | None = Field(
+        default=None, max_length=16,
+        description="Extra fields for every request, e.g. vLLM's {structured_outputs: {choice: [m, M]}} to hold a "
+                    f"small judge to the two identifiers (at most 16 fields, {MAX_OPAQUE_JSON} bytes as JSON).")
+
+    @field_validator("extra_body")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and opaque_size(v) > MAX_OPAQUE_JSON:
+            raise ValueError(f"larger than {MAX_OPAQUE_JSON} bytes as JSON")
+        return v
 
 
 class WinRateSpec(_Model):
@@ -286,7 +321,92 @@ class Toleration(_Model):
         return self
 
 
-class StageResources(_Model):
+class EnvVar(_Model):
+    """An environment variable of the stage pods (a plain value: never a reference to a Secret)."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=ENV_NAME, description="Variable name.")
+    value: str = Field(default="", max_length=4096, description="Its value.")
+
+
+def _reserved_env(name: str) -> bool:
+    return name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES)
+
+
+class PodOverrides(_Model):
+    """What a stage's pods may add to the pod the operator builds: the cluster's fast network, placement, scheduler.
+    The chart sets the same fields once for every run (worker.podDefaults); a run's own entries win."""
+
+    cel_rules: ClassVar[list[dict[str, str]]] = [
+        {"rule": "!has(self.env) || self.env.all(e, !(e.name in [" + ", ".join(f"'{n}'" for n in RESERVED_ENV)
+                 + "]) && " + " && ".join(f"!e.name.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES) + ")",
+         "message": "env: " + ", ".join(f"{p}*" for p in RESERVED_ENV_PREFIXES) + " and the rendezvous variables ("
+                    + ", ".join(RESERVED_ENV) + ") are set by the operator", "fieldPath": ".env"},
+        *({"rule": f"!has(self.{f}) || self.{f}.all(k, !k.matches('{RESERVED_KEY.replace(chr(92), chr(92) * 2)}'))",
+           "message": f"{f}: keys of " + ", ".join(RESERVED_KEY_DOMAINS) + " and " + ", ".join(RESERVED_KEYS)
+                      + " are reserved", "fieldPath": f".{f}"} for f in ("labels", "annotations")),
+        {"rule": "!has(self.extraResources) || self.extraResources.all(k, (k.contains('/') || "
+                 "k.startsWith('hugepages-')) && k != 'nvidia.com/gpu' && "
+                 "!k.matches('^([^/]*\\\\.)?kubernetes\\\\.io/'))",
+         "message": "extraResources: extended resources (a domain/name such as rdma/ib) or hugepages-*; GPUs are "
+                    "gpus, CPU and memory their own fields", "fieldPath": ".extraResources"},
+    ]
+
+    env: list[EnvVar] | None = Field(default=None, max_length=64, description=(
+        "Environment variables of the pods (NCCL_*, FI_*, ...). SPA_*, AWS_*, ACCELERATE_*, TORCHELASTIC_* and the "
+        "rendezvous variables are the operator's."))
+    annotations: dict[LabelKey, Annotated[str, Field(max_length=4096)]] | None = Field(
+        default=None, max_length=32, description="Pod annotations (e.g. k8s.v1.cni.cncf.io/networks for a secondary "
+                                                 "RDMA network). Kubernetes', Kueue's, gang schedulers' and spa.dev "
+                                                 "keys are reserved.")
+    labels: dict[LabelKey, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] | None = Field(
+        default=None, max_length=32, description="Pod labels (the same keys are reserved as for annotations).")
+    extra_resources: dict[Annotated[str, Field(max_length=253, pattern=RESOURCE_NAME)],
+                          Annotated[str, Field(max_length=64, pattern=QUANTITY)]] | None = Field(
+        default=None, max_length=16, description=(
+            "Extended resources each pod requests (request = limit), e.g. {\"rdma/ib\": \"1\"} or "
+            "{\"vpc.amazonaws.com/efa\": \"32\"}, hugepages-2Mi: a quantity as a string."))
+    node_selector: dict[LabelKey, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] | None = Field(
+        default=None, max_length=64)
+    tolerations: list[Toleration] | None = Field(default=None, max_length=64)
+    affinity: OpaqueJSON | None = Field(default=None, max_length=3, description=(
+        "A Kubernetes Affinity (nodeAffinity, podAffinity, podAntiAffinity), e.g. to keep a gang in one network "
+        "block; checked by the API server when the Job is created."))
+    scheduler_name: str | None = Field(default=None, min_length=1, max_length=MAX_NAME, pattern=DNS_NAME,
+                                       description="The scheduler of the pods (default: the cluster's, or the gang "
+                                                   "scheduler the operator is configured with for multi-node "
+                                                   "stages).")
+    capabilities: list[Annotated[str, Field(max_length=32, pattern=CAPABILITY)]] | None = Field(
+        default=None, max_length=16, description=(
+            "Linux capabilities added to the container (e.g. IPC_LOCK for RDMA memory registration); only those "
+            "the operator allows (Helm worker.allowedCapabilities)."))
+
+    @model_validator(mode="after")
+    def _reserved(self) -> PodOverrides:
+        for var in self.env or []:
+            if _reserved_env(var.name):
+                raise _FieldError("env", f"{var.name} is set by the operator (reserved: "
+                                         f"{', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)}, "
+                                         f"{', '.join(RESERVED_ENV)})")
+        for field in ("labels", "annotations"):
+            for key in getattr(self, field) or {}:
+                if re.search(RESERVED_KEY, key):
+                    raise _FieldError(field, f"{key} is reserved (keys of {', '.join(RESERVED_KEY_DOMAINS)} and "
+                                             f"{', '.join(RESERVED_KEYS)})")
+        for name in self.extra_resources or {}:
+            if name == "nvidia.com/gpu" or re.search(r"^([^/]*\.)?kubernetes\.io/", name) or not (
+                    "/" in name or name.startswith("hugepages-")):
+                raise _FieldError("extraResources", f"{name}: not an extended resource (a domain/name such as "
+                                                    f"rdma/ib, or hugepages-*; GPUs are gpus, CPU and memory their "
+                                                    f"own fields)")
+        if self.affinity is not None:
+            if not set(self.affinity) <= {"nodeAffinity", "podAffinity", "podAntiAffinity"}:
+                raise _FieldError("affinity", "only nodeAffinity, podAffinity and podAntiAffinity")
+            if opaque_size(self.affinity) > MAX_OPAQUE_JSON:
+                raise _FieldError("affinity", f"larger than {MAX_OPAQUE_JSON} bytes")
+        return self
+
+
+class StageResources(PodOverrides):
     gpus: int = Field(default=0, ge=0, le=64)
     nodes: int = Field(default=1, ge=1, le=256,
                        description="Pods (nodes) that run one training stage together, each with `gpus` GPUs: an "
@@ -296,6 +416,13 @@ class StageResources(_Model):
                                 description="Local scratch space per pod (a quantity, e.g. \"200Gi\") for training "
                                             "checkpoints: an emptyDir with this sizeLimit and an ephemeral-storage "
                                             "request, mounted and passed to the worker as SPA_SCRATCH_DIR.")
+    scratch_claim_size: str | None = Field(
+        default=None, max_length=64, pattern=QUANTITY,
+        description="Scratch as a per-pod PersistentVolumeClaim of this size instead of an emptyDir (a generic "
+                    "ephemeral volume, deleted with the pod), for nodes whose local NVMe is not kubelet storage. "
+                    "Replaces scratch.")
+    scratch_storage_class: str | None = Field(default=None, min_length=1, max_length=MAX_NAME, pattern=DNS_NAME,
+                                              description="StorageClass of scratchClaimSize (absent: the default).")
     cache_size: str | None = Field(default=None, max_length=64, pattern=QUANTITY,
                                    description="Size limit of the pod's model cache emptyDir (a quantity; also "
                                                "requested as ephemeral storage). Ignored with spec.modelCache.")
@@ -304,10 +431,6 @@ class StageResources(_Model):
                                              "memory). Absent: the pod's memory limit.")
     cpu: str | None = Field(default=None, max_length=64, pattern=QUANTITY)
     memory: str | None = Field(default=None, max_length=64, pattern=QUANTITY)
-    node_selector: dict[Annotated[str, Field(max_length=316, pattern=LABEL_KEY)],
-                        Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] | None = Field(
-        default=None, max_length=64)
-    tolerations: list[Toleration] | None = Field(default=None, max_length=64)
     image: str | None = Field(default=None, min_length=1, max_length=MAX_IMAGE, pattern=IMAGE)
 
 
@@ -323,7 +446,7 @@ class ResourcesSpec(_Model):
         for name in SINGLE_NODE_STAGES:
             res = getattr(self, name)
             if res is not None and res.nodes > 1:
-                raise _FieldError(f"resources.{to_camel(name)}.nodes",
+                raise _FieldError(f"{to_camel(name)}.nodes",
                                   "must be 1: only seedTrain and train run on several nodes")
         return self
 
@@ -438,9 +561,9 @@ def parse_run(doc: Any, source: str | None = None, strict: bool = False) -> Alig
     except ValidationError as e:
         err = e.errors()[0]
         ctx_err = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_err, _FieldError):
-            raise SpecError(f"spec.{ctx_err.field}", str(ctx_err), source) from None
         path = _loc_to_path(err["loc"])
+        if isinstance(ctx_err, _FieldError):  # named relative to the model that raised it
+            raise SpecError(f"{path}.{ctx_err.field}" if path else ctx_err.field, str(ctx_err), source) from None
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"

@@ -27,6 +27,12 @@ CONDITION_ORDER = ("Ready", "Progressing", "Failed", "Suspended", "StorageReacha
 QUEUED = "queued"  # the waiting reason of a Job Kueue has not admitted yet
 # An active Job without any pod this long after its creation: the pod was refused (Pod Security admission, quota).
 NO_POD = "NoPodCreated"
+GANG_INCOMPLETE = "gang incomplete"  # a multi-node stage with some of its pods unschedulable
+
+
+def gang_incomplete(placed: int, size: int, reason: str) -> str:
+    """The waiting reason of a gang whose pods are not all placed: "gang incomplete: 1/2 pods scheduled (...)"."""
+    return f"{GANG_INCOMPLETE}: {placed}/{size} pods scheduled ({reason})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +83,8 @@ def status_message(running: list[str], waiting: Mapping[str, tuple[str, float]],
     if waiting:
         parts.append("; ".join(f"{k}: {w[0]}" if w[0] == QUEUED else
                                f"{k}: no pod created (refused by admission or quota? see the Job's Events)"
-                               if w[0] == NO_POD else f"{k}: pod waiting: {w[0]}" for k, w in waiting.items()))
+                               if w[0] == NO_POD else f"{k}: {w[0]}" if w[0].startswith(GANG_INCOMPLETE)
+                               else f"{k}: pod waiting: {w[0]}" for k, w in waiting.items()))
     rest = [k for k in running if k not in waiting]
     if rest:
         parts.append(f"running {', '.join(rest)}")

@@ -44,6 +44,7 @@ from kmock._internal import parsing as kmock_parsing
 RUNS = "spa.dev/v1alpha1/alignmentruns"
 JOBS = "batch/v1/jobs"
 WORKLOADS = "kueue.x-k8s.io/v1beta1/workloads"
+PODGROUPS = "scheduling.x-k8s.io/v1alpha1/podgroups"
 HERE = Path(__file__).resolve().parent
 STUB_WORKER = HERE / "stub_worker.py"
 VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
@@ -72,6 +73,8 @@ class Emulator(kmock.KubernetesEmulator):
     reads: list[tuple[str, str, str, str]] = attrs.field(factory=list, init=False)
     # (user agent, resource plural, namespace, name) of every object a list or watch sent to a client.
     served: set[tuple[str, str, str, str]] = attrs.field(factory=set, init=False)
+    # (user agent, API group, resource plural, subresource, RBAC verb) of every request: what RBAC would be asked.
+    verbs: set[tuple[str, str, str, str | None, str]] = attrs.field(factory=set, init=False)
     # (user agent, resource plural) -> watch events sent (the operator's kopf pays for each one; benchmarks count them)
     watch_events: collections.Counter[tuple[str, str]] = attrs.field(factory=collections.Counter, init=False)
 
@@ -79,6 +82,11 @@ class Emulator(kmock.KubernetesEmulator):
         plural = request.resource.plural if request.resource is not None else ""
         agent = request.headers.get("User-Agent", "") or ""
         self.log.append((request.method.value.upper(), agent, plural or "", request.subresource))
+        if request.resource is not None:
+            verb = {"GET": "watch" if request.action == kmock_enums.action.WATCH else "list"
+                    if request.action == kmock_enums.action.LIST else "get", "POST": "create", "PATCH": "patch",
+                    "PUT": "update", "DELETE": "delete"}.get(request.method.value.upper(), "")
+            self.verbs.add((agent, str(request.resource.group or ""), plural or "", request.subresource, verb))
         if request.action in (kmock_enums.action.LIST, kmock_enums.action.WATCH):
             self.reads.append((agent, plural or "", "watch" if request.action == kmock_enums.action.WATCH else "list",
                                request.params.get("labelSelector", "")))
@@ -264,6 +272,7 @@ def register(emulator: kmock.KubernetesEmulator) -> None:
     emulator.resources["v1/pods"] = info(kind="Pod", namespaced=True, verbs=VERBS, subresources={"status"})
     emulator.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs=VERBS)
     emulator.resources[WORKLOADS] = info(kind="Workload", namespaced=True, verbs=VERBS)
+    emulator.resources[PODGROUPS] = info(kind="PodGroup", namespaced=True, verbs=VERBS)  # scheduler-plugins
     emulator.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = info(
         kind="CustomResourceDefinition", namespaced=False, verbs=VERBS)  # kopf's scanning watches them
 
@@ -655,8 +664,15 @@ class Harness:
                        extra_env: dict[str, str] | None = None) -> PodResult:
         verdict = self.fault(job, index, pod_attempt) if self.fault else None
         if verdict and verdict.startswith("pending:"):  # never starts: stays Pending until its Job is deleted
-            await self._pod(job, index, pod_attempt, {"phase": "Pending", "containerStatuses": [
-                {"name": "worker", "ready": False, "state": {"waiting": {"reason": verdict.split(":", 1)[1]}}}]})
+            reason = verdict.split(":", 1)[1]
+            # Unschedulable: the scheduler's PodScheduled condition, and no container status (it has no node);
+            # otherwise the kubelet's waiting reason of a placed pod's container (ImagePullBackOff...).
+            status = ({"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]}
+                if reason == "Unschedulable" else {"phase": "Pending", "containerStatuses": [
+                    {"name": "worker", "ready": False, "state": {"waiting": {"reason": reason}}}]})
+            await self._pod(job, index, pod_attempt, status)
             await asyncio.Event().wait()
         assert self._slots is not None
         async with contextlib.nullcontext() if gang else self._slots:  # a gang's pods must all run to meet

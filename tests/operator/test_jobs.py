@@ -137,11 +137,15 @@ def _gang_spec(**resources):
 def test_multi_node_train_stage_is_a_gang_with_a_headless_service():
     spec = _gang_spec(scratch="200Gi", cacheSize="60Gi", shmSize="32Gi")
     train = next(s for s in stage_graph(spec, ROOT) if s.stage == "train")
-    service, job = jobs.build_stage_objects(train, 3, RUN, spec)
+    job, service = jobs.build_stage_objects(train, 3, RUN, spec)
     for obj in (service, job):
         kubernetes_validate.validate(obj, desired_version=kubernetes_validate.latest_version(), strict=True)
-        assert obj["metadata"]["ownerReferences"] == [jobs.owner_reference(RUN)]  # deleted with the run
+    assert job["metadata"]["ownerReferences"] == [jobs.owner_reference(RUN)]  # deleted with the run
     name, spec_ = job["metadata"]["name"], job["spec"]
+    # The Service is the Job's (its uid filled in once the Job exists): it goes with the Job's TTL, not the run.
+    owned = jobs.owned_by(service, "job-uid")
+    assert owned["metadata"]["ownerReferences"] == [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
+                                                     "uid": "job-uid", "controller": True}]
     assert (spec_["completionMode"], spec_["completions"], spec_["parallelism"]) == ("Indexed", 4, 4)
     assert spec_["backoffLimit"] == 0
     # A disrupted pod fails the whole attempt: its peers would otherwise wait for it forever.
@@ -170,7 +174,7 @@ def test_gang_hostnames_are_dns_labels_for_long_run_names():
     spec = _gang_spec()
     train = next(s for s in stage_graph(spec, ROOT) if s.stage == "train")
     run = jobs.RunRef(name="9" + "x" * 200, namespace="team-a", uid=RUN.uid)
-    service, job = jobs.build_stage_objects(train, 12, run, spec)
+    job, service = jobs.build_stage_objects(train, 12, run, spec)
     name = job["metadata"]["name"]
     assert len(f"{name}-3") <= 63 and name.endswith("-i01-train-a12")
     svc = service["metadata"]["name"]

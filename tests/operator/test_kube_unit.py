@@ -207,7 +207,7 @@ async def test_api_client_sends_the_configured_token_and_maps_answers():
                      request.headers.get("Content-Type"), body))
         status = answers[request.method].pop(0)
         data = {"data": {"key": base64.b64encode(b"value").decode()},
-                "metadata": {"ownerReferences": [{"uid": "u1", "controller": True}]}} if status == 200 \
+                "metadata": {"uid": "j1", "ownerReferences": [{"uid": "u1", "controller": True}]}} if status == 200 \
             else {"message": "echo", "details": {"causes": [
                 {"field": "spec.template.spec.containers[0].image", "message": "echo"}]}}
         return web.json_response(data, status=status)
@@ -229,7 +229,7 @@ async def test_api_client_sends_the_configured_token_and_maps_answers():
     try:
         created = await api.create(job)
         assert created.obj is not None and created.owner is None  # the object as stored (here the server's body)
-        assert await api.create(job) == (None, "u1")  # exists: owned by the run with uid u1
+        assert await api.create(job) == (None, "u1", "j1")  # exists (its uid j1): owned by the run with uid u1
         with pytest.raises(kube.ApiError) as err:
             await api.create(job)
         assert err.value.status == 422 and "echo" not in str(err.value)

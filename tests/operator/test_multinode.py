@@ -35,7 +35,7 @@ def gang_job(tmp_path, nodes: int = 2) -> dict:
                     "resources": {"seedTrain": {"nodes": nodes, "scratch": "1Gi"}}}}
     spec = parse_run(doc).spec
     seed = next(s for s in stage_graph(spec, str(tmp_path / "runs")) if s.stage == "seed-train")
-    _service, job = jobs.build_stage_objects(seed, 1, RUN, spec)
+    job, _service = jobs.build_stage_objects(seed, 1, RUN, spec)
     return job
 
 

@@ -14,6 +14,7 @@ from spa_operator import reconcile as R
 from spa_operator import status
 from spa_operator.planner import stage_graph
 from spa_operator.spec import parse_run
+from spa_operator.tenancy import Allowed
 from spa_workers.contract import StageManifest
 
 UID = "0c6f2a9e-1111-2222-3333-444455556666"
@@ -249,7 +250,7 @@ def test_gate_reason_and_final_model_reach_the_status():
 def test_worker_images_outside_the_allow_list_fail_the_run():
     """A platform team's allow-list (Helm value workerImages.allowed): a run naming another image fails at once,
     naming the field; the operator's own default image is always allowed."""
-    settings = R.Settings(allowed_images=("registry.example.com/spa/",))
+    settings = R.Settings(allowed=Allowed(images=("registry.example.com/spa/",)))
     bad = R.decide(observed(spec=spec(image="evil.example.com/miner:1"), settings=settings))
     assert bad.status["phase"] == R.FAILED and "spec.image" in bad.status["message"] and not bad.create
     ok = R.decide(observed(spec=spec(image="registry.example.com/spa/worker:1"), settings=settings))

@@ -46,11 +46,11 @@ def test_render_two_nodes_of_eight_gpus_validates(tmp_path):
     for doc in docs:
         kubernetes_validate.validate(doc, desired_version=kubernetes_validate.latest_version(), strict=True)
     kinds = [(d["kind"], d["metadata"]["annotations"][jobs.ANNOTATION_STAGE_KEY]) for d in docs]
-    assert kinds == [("Job", "iter-00/validate"), ("Service", "iter-00/seed-train"), ("Job", "iter-00/seed-train"),
-                     ("Job", "iter-01/generate"), ("Job", "iter-01/judge"), ("Service", "iter-01/train"),
-                     ("Job", "iter-01/train")]
+    assert kinds == [("Job", "iter-00/validate"), ("Job", "iter-00/seed-train"), ("Service", "iter-00/seed-train"),
+                     ("Job", "iter-01/generate"), ("Job", "iter-01/judge"), ("Job", "iter-01/train"),
+                     ("Service", "iter-01/train")]
     assert "nvidia.com/gpu" not in str(docs[0]["spec"]["template"]["spec"]["containers"][0].get("resources"))
-    train_svc, train = docs[5], docs[6]
+    train, train_svc = docs[5], docs[6]
     assert (train["spec"]["completionMode"], train["spec"]["completions"], train["spec"]["parallelism"]) == \
         ("Indexed", 2, 2)
     assert train["metadata"]["labels"][jobs.KUEUE_QUEUE_LABEL] == "gpu" and train["spec"]["suspend"] is True
@@ -86,8 +86,8 @@ def test_every_example_renders_valid_objects(example, capsys):
         kubernetes_validate.validate(doc, desired_version=kubernetes_validate.latest_version(), strict=True)
     train = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["labels"][jobs.LABEL_STAGE] == "train")
     command = " ".join(train["spec"]["template"]["spec"]["containers"][0]["command"])
-    if example == "paper-mistral-7b.yaml":  # the official recipe: full-parameter ZeRO-3 on 8 GPUs, vLLM TP
-        assert "--processes 8 --nodes 1 --strategy deepspeed" in command and "--lora-r 0" in command
+    if example == "paper-mistral-7b.yaml":  # full-parameter FSDP on 8 GPUs (ZeRO-3 has not run on a GPU), vLLM TP
+        assert "--processes 8 --nodes 1 --strategy fsdp" in command and "--lora-r 0" in command
         generate = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["labels"][jobs.LABEL_STAGE] ==
                         "generate")
         assert "--tensor-parallel-size 2" in " ".join(generate["spec"]["template"]["spec"]["containers"][0]["command"])
@@ -111,3 +111,57 @@ def test_local_runs_train_on_one_node_with_the_requested_processes():
     assert (auto.args.strategy, local_launch(auto, 2).args.strategy) == ("auto", "ddp")  # auto, made explicit
     generate = next(s for s in stages if s.stage == "generate")
     assert local_launch(generate, 2) is generate
+
+
+def test_render_shows_the_pod_overrides_the_chart_defaults_and_the_gang_scheduler(tmp_path, capsys):
+    """Issue 20: the fabric a platform sets once (worker.podDefaults), a run's own overrides and the gang scheduler's
+    pod group, all in `spa render`'s output, which validates against Kubernetes' schemas."""
+    train = {**RUN["spec"]["resources"]["train"], "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+             "scratchClaimSize": "400Gi", "scratchStorageClass": "local-nvme"}
+    doc = {**RUN, "spec": {**RUN["spec"], "queueName": None, "resources": {**RUN["spec"]["resources"],
+                                                                          "train": train}}}
+    doc["spec"] = {k: v for k, v in doc["spec"].items() if v is not None}
+    manifest, defaults = tmp_path / "run.yaml", tmp_path / "pod-defaults.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    defaults.write_text(yaml.safe_dump({"gpu": {"extraResources": {"vpc.amazonaws.com/efa": "32",
+                                                                   "hugepages-2Mi": "5120Mi"},
+                                                "env": [{"name": "FI_PROVIDER", "value": "efa"}]}}))
+    code = cli.main(["render", str(manifest), "--pod-defaults", str(defaults), "--gang-scheduler", "volcano"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    docs = [d for d in yaml.safe_load_all(out.out) if d]
+    for d in docs:
+        if d["kind"] != "PodGroup":  # a CRD's kind: kubernetes-validate knows only the built-in ones
+            kubernetes_validate.validate(d, desired_version=kubernetes_validate.latest_version(), strict=True)
+    train_objects = [d for d in docs if d["metadata"]["annotations"][jobs.ANNOTATION_STAGE_KEY] == "iter-01/train"]
+    assert [d["kind"] for d in train_objects] == ["Job", "Service", "PodGroup"]
+    job, _, group = train_objects
+    pod = job["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["FI_PROVIDER"] == "efa" and env["NCCL_DEBUG"] == "INFO"  # the chart's, and the run's over the default
+    assert c["resources"]["limits"]["vpc.amazonaws.com/efa"] == "32"
+    assert "ephemeral-storage" not in c["resources"]["requests"]  # scratch is a claim, not node-local disk
+    (scratch,) = [v for v in pod["spec"]["volumes"] if v["name"] == "scratch"]
+    assert scratch["ephemeral"]["volumeClaimTemplate"]["spec"] == {
+        "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "400Gi"}},
+        "storageClassName": "local-nvme"}
+    assert pod["spec"]["schedulerName"] == "volcano"
+    assert pod["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == job["metadata"]["name"]
+    assert (group["apiVersion"], group["spec"]) == ("scheduling.volcano.sh/v1beta1", {"minMember": 2})
+    assert group["metadata"]["ownerReferences"][0]["kind"] == "Job"
+    validate = next(d for d in docs if d["metadata"]["annotations"][jobs.ANNOTATION_STAGE_KEY] == "iter-00/validate")
+    assert "vpc.amazonaws.com/efa" not in str(validate) and "FI_PROVIDER" not in str(validate)  # CPU: no fabric
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"resources": {"train": {"env": [{"name": "WORLD_SIZE", "value": "1"}]}}},
+     "spec.resources.train.env: WORLD_SIZE is set by the operator"),
+    ({"resources": {"judge": {"labels": {"spa.dev/run": "other"}}}}, "spec.resources.judge.labels: spa.dev/run is"),
+])
+def test_spa_plan_refuses_reserved_overrides_in_one_line(tmp_path, capsys, spec, message):
+    manifest = tmp_path / "run.yaml"
+    manifest.write_text(yaml.safe_dump({**RUN, "spec": {**RUN["spec"], **spec}}))
+    assert cli.main(["plan", str(manifest), "--storage", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()), err

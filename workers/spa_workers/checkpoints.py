@@ -8,6 +8,9 @@ files. After a barrier, global rank 0 adds `spa_state.json` (margin window, step
 `_COMPLETE` marker, last. A restarted stage fetches the newest complete checkpoint the same way, each process of a
 node downloading its share.
 
+The marker carries the fingerprint of the stage that wrote it (fingerprint.py): a stage restarted with other
+arguments or inputs never resumes from it; its checkpoints are moved aside (aside.py) and it starts over.
+
 Cadence: every `checkpoint_every_steps` optimiser steps and/or every `checkpoint_every_minutes` (rank 0's clock,
 broadcast so that all ranks decide alike).
 """
@@ -22,7 +25,7 @@ import tempfile
 import time
 from typing import Any
 
-from spa_workers import storage
+from spa_workers import fingerprint, storage
 
 SPA_STATE_FILE = "spa_state.json"
 CHECKPOINT_DONE = "_COMPLETE"
@@ -62,6 +65,18 @@ def latest_checkpoint(root: str) -> tuple[str, int] | None:
     return None
 
 
+def made_otherwise(root: str, stage_fingerprint: str, fingerprint_of: dict[str, Any]) -> str | None:
+    """What differs when the newest complete checkpoint under `root` was written by the stage with other settings
+    or inputs (or before checkpoints carried fingerprints); None when it matches or there is none."""
+    found = latest_checkpoint(root)
+    if found is None:
+        return None
+    marker = json.loads(storage.read_text(storage.join(found[0], CHECKPOINT_DONE)) or "{}")
+    if marker.get("fingerprint") == stage_fingerprint:
+        return None
+    return fingerprint.describe_change(marker.get("fingerprint_of") or {}, fingerprint_of)
+
+
 def my_share(paths: list[str], local_rank: int, local_world: int) -> list[str]:
     """The files this process of a node moves: every local_world-th of the sorted list, from local_rank."""
     return sorted(paths)[local_rank::local_world]
@@ -81,11 +96,14 @@ def download_share(uri: str, local_dir: str, local_rank: int, local_world: int) 
         storage.download_file(storage.join(uri, rel), os.path.join(local_dir, rel))
 
 
-def finish_checkpoint(root: str, step: int, spa_state: dict[str, Any]) -> str:
-    """Global rank 0, once every rank's files are uploaded: the SPA state, the marker (last), old ones deleted."""
+def finish_checkpoint(root: str, step: int, spa_state: dict[str, Any], stage_fingerprint: str = "",
+                      fingerprint_of: dict[str, Any] | None = None) -> str:
+    """Global rank 0, once every rank's files are uploaded: the SPA state, the marker (last, with the fingerprint of
+    the stage writing it), old ones deleted."""
     dest = storage.join(root, f"{CHECKPOINT_PREFIX}{step}")
     storage.write_text(storage.join(dest, SPA_STATE_FILE), json.dumps(spa_state))
-    storage.write_text(storage.join(dest, CHECKPOINT_DONE), json.dumps({"step": step}))  # last: complete
+    marker = {"step": step, "fingerprint": stage_fingerprint, "fingerprint_of": fingerprint_of or {}}
+    storage.write_text(storage.join(dest, CHECKPOINT_DONE), json.dumps(marker))  # last: complete
     for old in storage.list_dirs(root):
         if old.rstrip("/") != dest.rstrip("/"):
             delete_checkpoint(old)

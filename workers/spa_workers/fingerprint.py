@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from spa_workers import contract, storage
@@ -108,23 +108,26 @@ def of_stage(args: StageArgs) -> tuple[str, dict[str, Any]]:
     return fingerprint(args, {n: input_identity(u) for n, u in input_uris(args).items()})
 
 
-def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """What differs between two `fingerprint_of` records, e.g. "learning_rate 5e-05 -> 0.0001; input pairs"."""
+def describe_change(old: Mapping[str, Any], new: Mapping[str, Any],
+                    name: Callable[[str], str] = lambda arg: arg) -> str:
+    """What differs between two `fingerprint_of` records, e.g. "learning_rate 5e-05 -> 0.0001; input pairs".
+
+    `name` says an argument as the reader knows it (the CLI: the manifest field it comes from)."""
     if not old:
         return "written before stage fingerprints, so its settings are unknown"
     changes = []
     old_args, new_args = old.get("args", {}), new.get("args", {})
-    for name in sorted(set(old_args) | set(new_args)):
-        if name not in new_args:  # the stage no longer has this argument (another version of spa made it)
-            changes.append(f"{name} {old_args[name]!r} (no longer an argument)")
-        elif name not in old_args:
-            changes.append(f"{name} {new_args[name]!r} (a new argument)")
-        elif old_args[name] != new_args[name]:
-            changes.append(f"{name} {old_args[name]!r} -> {new_args[name]!r}")
+    for arg in sorted(set(old_args) | set(new_args)):
+        if arg not in new_args:  # the stage no longer has this argument (another version of spa made it)
+            changes.append(f"{name(arg)} {old_args[arg]!r} (no longer an argument)")
+        elif arg not in old_args:
+            changes.append(f"{name(arg)} {new_args[arg]!r} (a new argument)")
+        elif old_args[arg] != new_args[arg]:
+            changes.append(f"{name(arg)} {old_args[arg]!r} -> {new_args[arg]!r}")
     old_in, new_in = old.get("inputs", {}), new.get("inputs", {})
-    changed_inputs = [n for n in sorted(set(old_in) | set(new_in)) if old_in.get(n) != new_in.get(n)]
+    changed_inputs = [name(n) for n in sorted(set(old_in) | set(new_in)) if old_in.get(n) != new_in.get(n)]
     if changed_inputs:
-        changes.append("changed input " + ", ".join(changed_inputs))
+        changes.append("changed input " + ", ".join(dict.fromkeys(changed_inputs)))
     if old.get("contract") != new.get("contract"):
         changes.append(f"contract version {old.get('contract')} -> {new.get('contract')}")
     return "; ".join(changes) or "different settings"

@@ -2,7 +2,9 @@
 
 Under a multi-process launcher (`accelerate launch`, torchrun: WORLD_SIZE > 1) every process runs the body,
 but only the main process publishes outputs, writes the heartbeat and the manifest; rank 0's "already done"
-decision is broadcast so all ranks agree, and the ranks meet at barriers after the body and the manifest.
+decision is broadcast so all ranks agree, and the ranks meet after the body and after the manifest at barriers
+that sit outside the training process group (collectives.wait_long), so that minutes of rank 0 writing, hashing
+and uploading a 7B model never run into the collective timeout.
 Single-process runs never import torch here.
 """
 
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from spa_workers import contract, fingerprint, live_metrics, storage
+from spa_workers import aside, checkpoints, collectives, contract, fingerprint, live_metrics, storage
 from spa_workers.contract import StageArgs, StageManifest
 
 
@@ -34,6 +36,8 @@ class StageWork:
     ledger: dict[str, float] = field(default_factory=dict)  # what the stage spent (`contract.Ledger` keys)
     ledger_estimated: set[str] = field(default_factory=set)  # ledger keys that are estimates, not counts
     is_main: bool = True  # False on the non-main ranks of a multi-process run: their `dir` is not published
+    fingerprint: str = ""  # the stage's fingerprint (main process only), also carried by its checkpoints
+    fingerprint_of: dict = field(default_factory=dict)  # what went into it
     # Run (by the main process) after the manifest is written, e.g. to delete training checkpoints.
     after_manifest: list[Callable[[], None]] = field(default_factory=list)
     _heartbeat: contract.Heartbeat | None = None
@@ -43,6 +47,15 @@ class StageWork:
         self.ledger[key] = self.ledger.get(key, 0) + amount
         if estimated:
             self.ledger_estimated.add(key)
+
+    def set_aside(self, uri: str, why: str) -> str | None:
+        """Move `uri` (this stage's output or a folder inside it) aside because `why` (aside.py); it is deleted
+        once this stage's manifest is written (`run_stage`)."""
+        moved = aside.move_aside(uri)
+        if moved:
+            print(f"{self.args.stage}: {why}: moved {uri} aside to {moved} (deleted once this stage succeeds)",
+                  file=sys.stderr)
+        return moved
 
     def progress(self, done: int, total: int, unit: str = "items", force: bool = False, **extra: float) -> None:
         if not self.is_main:
@@ -69,20 +82,6 @@ def output_of(args: StageArgs) -> str:
     return args.output  # type: ignore[attr-defined]
 
 
-def _distributed_state():
-    """accelerate's PartialState when launched as several processes, else None (and no torch import)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    import torch
-    from accelerate import PartialState
-
-    # The first PartialState fixes the backend for the whole process: without CUDA it must be told to use the
-    # CPU (gloo), otherwise accelerate sets up no distributed state at all and every rank would train alone.
-    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    cpu = forced_cpu or not torch.cuda.is_available()
-    return PartialState(cpu=cpu)
-
-
 def _broadcast_from_main(value):
     from accelerate.utils import broadcast_object_list
 
@@ -94,40 +93,43 @@ OVERWRITE_ENV = "SPA_OVERWRITE_STALE"
 STARTUP: dict[str, float] = {}
 
 
-def _reuse_decision(args: StageArgs, out: str, fp: str, of: dict) -> str:
-    """"run", "done" (a manifest with this fingerprint exists) or the error for a manifest made differently."""
+def _reuse_decision(out: str, fp: str, of: dict) -> tuple[str, str]:
+    """("run" | "done" | "replace" | an error, what changed): "done" when a manifest with this fingerprint exists,
+    "replace" when one made differently does and OVERWRITE_ENV says to redo it, else the error."""
     old = contract.read_manifest(out)
     if old is None:
-        return "run"
+        return "run", ""
     if old.fingerprint == fp:
-        return "done"
+        return "done", ""
     change = fingerprint.describe_change(old.fingerprint_of, of)
     if os.environ.get(OVERWRITE_ENV) == "1":
-        print(f"{args.stage}: {out} was made with other settings ({change}); redoing it", file=sys.stderr)
-        storage.delete_tree(out)
-        return "run"
+        return "replace", change
     return (f"{out} holds outputs made with other settings ({change}); delete that folder, write to a new one, "
-            f"or set {OVERWRITE_ENV}=1 to redo it")
+            f"or set {OVERWRITE_ENV}=1 to redo it (the old outputs are moved aside until it succeeds)"), change
 
 
 def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
     args = resolve_shard(args)
     out = output_of(args)
-    dist = _distributed_state()
+    dist = collectives.distributed_state()
     is_main = dist is None or dist.is_main_process
     fp, of = fingerprint.of_stage(args) if is_main else ("", {})
-    decision = _reuse_decision(args, out, fp, of) if is_main else ""
+    decision, change = _reuse_decision(out, fp, of) if is_main else ("", "")
     if dist is not None:
         decision = _broadcast_from_main(decision)  # one answer for all ranks, even without shared storage
     if decision == "done":
         if is_main:
             print(f"{args.stage}: {out} already has a manifest with this fingerprint; nothing to do", file=sys.stderr)
         return 0
-    if decision != "run":
+    if decision not in ("run", "replace"):
         raise contract.StageInputError(decision)
     t0 = time.time()
     if not is_main:
-        return _run_secondary(args, out, body, dist)
+        return _run_secondary(args, out, body)
+    work = StageWork(args=args, output=out, dir="", fingerprint=fp, fingerprint_of=of,
+                     timings=dict(STARTUP))
+    if decision == "replace":  # moved aside, not deleted: removed once the new manifest is written
+        work.set_aside(out, f"made with other settings ({change})")
     local_out = None if storage.is_s3(out) else storage._local(out)
     # Local outputs are built in a hidden sibling folder and moved in, so a crash leaves nothing under `out`
     # but an ignored scratch dir; S3 outputs are built in a temp dir and uploaded before the manifest.
@@ -137,13 +139,16 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
             shutil.rmtree(stale, ignore_errors=True)
         workdir = tempfile.mkdtemp(prefix=".work-", dir=local_out)
     else:
-        workdir = tempfile.mkdtemp(prefix="spa-stage-")
-    work = StageWork(args=args, output=out, dir=workdir, timings=dict(STARTUP))
+        # On the node's sized scratch volume when there is one (a 7B model is 14.5 GB), else the temp dir.
+        scratch = os.environ.get(checkpoints.SCRATCH_ENV)
+        if scratch:
+            os.makedirs(scratch, exist_ok=True)
+        workdir = tempfile.mkdtemp(prefix="spa-stage-", dir=scratch or None)
+    work.dir = workdir
     live_metrics.live()  # serve from the start of the stage when SPA_WORKER_METRICS_PORT is set
     try:
         body(work)
-        if dist is not None:
-            dist.wait_for_everyone()
+        collectives.wait_long()  # every rank's part of the body is done (this rank may have written for minutes)
         # Finite numbers only, checked before anything is published: a NaN loss or reward is a diverged model,
         # not a result (and no reader could pass it on: a Kubernetes API server refuses NaN in a status).
         contract.require_finite({"counts": work.counts, "metrics": work.metrics, "timings": work.timings,
@@ -172,26 +177,26 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
                                  fingerprint=fp, fingerprint_of=of, ledger=work.ledger,
                                  ledger_estimated=sorted(work.ledger_estimated))
         storage.write_text(storage.join(out, contract.MANIFEST), manifest.to_json())
-        for hook in work.after_manifest:
+        # published: what it replaces, set aside until now (here or by `spa run --rerun-from/--force`), goes first
+        for hook in [lambda: aside.forget_replaced(out), *work.after_manifest]:
             try:
                 hook()
             except Exception as e:  # the stage is done; a failed cleanup must not turn it into a failure
                 print(f"{args.stage}: warning: cleanup after the manifest failed: {e}", file=sys.stderr)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    if dist is not None:
-        dist.wait_for_everyone()
+    collectives.wait_long()  # the others waited while this rank hashed and uploaded
     print(f"{args.stage}: done in {time.time() - t0:.1f}s -> {out}", file=sys.stderr)
     return 0
 
 
-def _run_secondary(args: StageArgs, out: str, body: Callable[[StageWork], None], dist) -> int:
+def _run_secondary(args: StageArgs, out: str, body: Callable[[StageWork], None]) -> int:
     """A non-main rank: run the body in a private scratch dir that is never published; wait for the main."""
     workdir = tempfile.mkdtemp(prefix="spa-stage-rank-")
     try:
         body(StageWork(args=args, output=out, dir=workdir, is_main=False))
-        dist.wait_for_everyone()  # the main publishes now
+        collectives.wait_long()  # the main writes its outputs now
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    dist.wait_for_everyone()  # the manifest is written
+    collectives.wait_long()  # the main hashes, uploads and writes the manifest: minutes for a 7B model
     return 0

@@ -13,7 +13,10 @@ import functools
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -237,26 +240,50 @@ def download_dir(uri: str, local_dir: str) -> None:
             done.result()
 
 
+# A partial copy nobody has written to for this long belongs to a dead fetcher (a live one writes every few seconds).
+STALE_PART_S = 600.0
+
+
 @contextlib.contextmanager
 def _file_lock(path: str) -> Iterator[None]:
-    """An exclusive lock between processes (POSIX record lock: also honoured on NFS, e.g. a ReadWriteMany volume).
+    """An exclusive lock between processes where the filesystem has one (POSIX record lock: honoured on local disks
+    and on NFS with a lock manager). The kernel drops it when its holder dies, so a killed downloader never blocks
+    the others.
 
-    The kernel drops it when its holder dies, so a killed downloader never blocks the others.
+    Some ReadWriteMany volumes have none that works across nodes (NFS mounted `nolock` keeps locks local to each
+    node, FUSE object-store mounts ignore them), and some refuse lockf outright (ENOLCK, EOPNOTSUPP): then this only
+    saves duplicate downloads where it can, and `fetch_once` stays correct without it.
     """
     with open(path, "a") as fh:
-        fcntl.lockf(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.lockf(fh, fcntl.LOCK_EX)
+        except OSError:  # no lock here: proceed (fetch_once does not depend on it)
+            yield
+            return
         try:
             yield
         finally:
             fcntl.lockf(fh, fcntl.LOCK_UN)
 
 
-def fetch_once(dest: str, fetch: Callable[[str], None]) -> str:
-    """`dest`, filled by `fetch(tmp_dir)` exactly once however many processes ask at the same time.
+def _last_write(path: str) -> float:
+    """The newest modification time in a tree (a partial copy's last sign of life)."""
+    newest = os.lstat(path).st_mtime
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
 
-    The first process to take the lock fetches into `<dest>.part` and renames it into place (atomic); the others wait
-    on the lock and then reuse its copy. Partial copies a dead fetcher left are deleted under the lock, when nobody can
-    be writing them.
+
+def fetch_once(dest: str, fetch: Callable[[str], None]) -> str:
+    """`dest`, filled by `fetch(tmp_dir)` once however many processes ask at the same time, also across pods that
+    share a ReadWriteMany cache whose locks do not work.
+
+    Each fetcher writes into a folder of its own (`<dest>.part-<host>-<pid>-<random>`) and renames it into place
+    (atomic); a fetcher that finds `dest` already there when it is done drops its copy. The lock only makes the
+    others wait and reuse the first copy instead of fetching too. Partial copies are deleted only once nobody has
+    written to them for STALE_PART_S (a dead fetcher's), never another live fetcher's.
     """
     if os.path.exists(os.path.join(dest, COMPLETE)):
         return dest
@@ -266,17 +293,42 @@ def fetch_once(dest: str, fetch: Callable[[str], None]) -> str:
             return dest
         parent, name = os.path.split(dest)
         for stale in os.listdir(parent):
-            if stale == name or stale.startswith(name + ".part"):
-                shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
-        tmp = dest + ".part"
+            path = os.path.join(parent, stale)
+            if stale.startswith(name + ".part"):
+                with contextlib.suppress(OSError):
+                    if time.time() - _last_write(path) > STALE_PART_S:
+                        shutil.rmtree(path, ignore_errors=True)
+        tmp = f"{dest}.part-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             fetch(tmp)
             Path(tmp, COMPLETE).touch()
-            os.replace(tmp, dest)
+            _publish(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return dest
+
+
+def _publish(tmp: str, dest: str) -> None:
+    """Rename a complete copy into place; if another fetcher's complete copy got there first, drop this one."""
+    try:
+        os.replace(tmp, dest)
+        return
+    except OSError:  # `dest` exists and is not empty
+        pass
+    if os.path.exists(os.path.join(dest, COMPLETE)):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    # An incomplete `dest` (left by an older version, which fetched into it): nobody writes into it or reads it.
+    # Moved aside first (atomic), so that a complete copy another fetcher renamed there meanwhile is not lost.
+    aside = f"{dest}.part-old-{uuid.uuid4().hex[:8]}"
+    os.replace(dest, aside)
+    if os.path.exists(os.path.join(aside, COMPLETE)):
+        aside, tmp = tmp, aside
+    shutil.rmtree(aside, ignore_errors=True)
+    with contextlib.suppress(OSError):  # (another fetcher may have published meanwhile: then that copy stays)
+        os.replace(tmp, dest)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def delete_tree(uri: str) -> None:
@@ -293,6 +345,39 @@ def delete_tree(uri: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():
         path.unlink()
+
+
+def move_tree(src: str, dest: str) -> int:
+    """Move every file below `src` to the same place below `dest`; returns how many files moved (0: nothing there).
+
+    Locally one rename (atomic). S3 has no move: every object is copied first (server-side, multipart above
+    MULTIPART_THRESHOLD), and only once all copies exist are the sources deleted, markers (`_…` names such as
+    `_SUCCESS.json`) in a first request, so a crash midway never leaves a source that still looks complete while
+    missing files, nor loses an object: the worst case is the same files in both places.
+    """
+    if is_s3(src):
+        files = list_files(src)
+        bucket, key = split_s3(src)
+        dest_bucket, dest_key = split_s3(dest)
+        for rel in files:
+            source = {"Bucket": bucket, "Key": f"{key.rstrip('/')}/{rel}"}
+            _s3_call(_client().copy, source, dest_bucket, f"{dest_key.rstrip('/')}/{rel}",
+                     Config=_transfer_config())
+        markers = [rel for rel in files if os.path.basename(rel).startswith("_")]
+        for group in (markers, [rel for rel in files if rel not in markers]):
+            for i in range(0, len(group), 1000):  # S3 deletes at most 1000 keys per request
+                objects = [{"Key": f"{key.rstrip('/')}/{rel}"} for rel in group[i : i + 1000]]
+                _s3_call(_client().delete_objects, Bucket=bucket, Delete={"Objects": objects})
+        return len(files)
+    path, target = Path(_local(src)), Path(_local(dest))
+    if not path.exists():
+        return 0
+    count = len(list_files(src)) if path.is_dir() else 1
+    if target.exists():
+        raise FileExistsError(f"{dest}: already exists")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(path, target)
+    return count
 
 
 def etag(uri: str) -> str:

@@ -65,22 +65,23 @@ default account unless a run names one (a missing account would block the pods).
 {{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" -}}true{{- end -}}
 {{- end -}}
 
-{{/* The operator's namespaced rights (least privilege: no wildcards). */}}
+{{/* The operator's namespaced rights (least privilege: no wildcards, and no verb the operator does not use:
+tests/operator/test_rbac.py compares them with the requests it makes). Secrets are apart: spa-operator.secretRules. */}}
 {{- define "spa-operator.rules" }}
-# AlignmentRuns: watch them; kopf patches finalizers and its progress annotations.
+# AlignmentRuns: kopf lists and watches them and patches its finalizer and annotations.
 - apiGroups: ["spa.dev"]
   resources: ["alignmentruns"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["spa.dev"]
   resources: ["alignmentruns/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 # Jobs carry an ownerReference with blockOwnerDeletion to their run: clusters enforcing
 # OwnerReferencesPermissionEnforcement (OpenShift) require update on the owner's finalizers for that.
 - apiGroups: ["spa.dev"]
   resources: ["alignmentruns/finalizers"]
   verbs: ["update"]
-# One Job per stage attempt; patched only to suspend or resume; deleted (with its pods) when a pending attempt times
-# out or its run fails.
+# One Job per stage attempt (get: whose is the Job of that name, when creating it answers 409); patched only to
+# suspend or resume; deleted (with its pods) when a pending attempt times out or its run fails.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
@@ -88,26 +89,41 @@ default account unless a run names one (a missing account would block the pods).
 # before the next attempt writes to the same place.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "delete"]
-# The headless Service of a multi-node stage (stable pod DNS names for the rendezvous); owned by the run, so the
-# garbage collector deletes it.
+  verbs: ["list", "watch", "delete"]
+# The headless Service of a multi-node stage (stable pod DNS names for the rendezvous); owned by its Job, so it goes
+# with the Job (get: whose is the Service of that name, when creating it answers 409).
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create"]
+  verbs: ["get", "create"]
 # An Event for each transition.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 # Kueue Workloads of a run's Jobs (runs with queueName): spec.suspend deactivates them (Kueue then evicts the Job)
 # and resume reactivates them. Without Kueue installed these rights are unused.
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads"]
-  verbs: ["get", "list", "patch"]
-# The S3 credentials a run references (read by the operator to reach storage; never written anywhere).
+  verbs: ["list", "patch"]
+{{- with .Values.worker.gangScheduling.kind }}
+# The pod group of a multi-node stage (worker.gangScheduling), owned by its Job.
+- apiGroups: [{{ eq . "volcano" | ternary "scheduling.volcano.sh" "scheduling.x-k8s.io" | quote }}]
+  resources: ["podgroups"]
+  verbs: ["get", "create"]
+{{- end }}
+{{- end }}
+
+{{/* Reading the Secrets runs reference (S3 credentials, to read stage manifests; never written anywhere): only
+these names when worker.allowedSecrets is set. */}}
+{{- define "spa-operator.secretRules" }}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+  {{- with .Values.worker.allowedSecrets }}
+  resourceNames: {{ concat . (compact (list $.Values.storage.secretName)) | uniq | toJson }}
+  {{- end }}
 {{- end }}
+
+{{/* Cluster-wide: the namespaces where the operator may read Secrets. */}}
+{{- define "spa-operator.secretNamespaces" -}}
+{{- concat .Values.rbac.secretNamespaces .Values.worker.serviceAccount.namespaces | uniq | join "," -}}
+{{- end -}}
