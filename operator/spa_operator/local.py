@@ -180,14 +180,9 @@ def _read_progress(uri: str) -> float | None:
         return None
 
 
-def _warm_eligible(args: StageArgs) -> bool:
-    """Multi-process training stages start cold: they re-run themselves under `accelerate launch` (fresh ranks)."""
-    return not (isinstance(args, contract.TrainArgs) and args.processes * args.nodes > 1)
-
-
 def _start_stage(args: StageArgs, env: dict[str, str], log: Path, server: warm.WarmServer | None) -> StageProcess:
     env = {**env, preload.SCHEDULED_AT_ENV: repr(time.time())}
-    if server is not None and _warm_eligible(args):
+    if server is not None and warm.eligible(args):
         try:
             return server.start_stage(args.to_argv(), env, log)
         except warm.Unavailable as e:

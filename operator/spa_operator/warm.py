@@ -45,6 +45,8 @@ from collections.abc import Iterator
 from multiprocessing import forkserver
 from pathlib import Path
 
+from spa_workers.contract import StageArgs, TrainArgs
+
 COLD_ENV = "SPA_COLD_START"  # "1": every stage starts as a fresh `python -m spa_workers.cli` process
 SERVER_LOG_ENV = "SPA_WARM_SERVER_LOG"  # set only in the server's environment: where its own output goes
 SERVER_MODULES_ENV = "SPA_WARM_SERVER_MODULES"  # and the modules it imports, comma-separated
@@ -56,6 +58,12 @@ EXIT_UNKNOWN = 255  # multiprocessing's exit code for a stage whose server died:
 
 def cold_requested(flag: bool = False) -> bool:
     return flag or os.environ.get(COLD_ENV, "").lower() in ("1", "true", "yes")
+
+
+def eligible(args: StageArgs) -> bool:
+    """Whether a stage may start warm: not a multi-process training stage, which re-runs itself under `accelerate
+    launch` (its ranks are fresh interpreters anyway)."""
+    return not (isinstance(args, TrainArgs) and args.processes * args.nodes > 1)
 
 
 class WarmStage:
@@ -123,14 +131,17 @@ class WarmServer:
                 raise Unavailable(f"the warm server exited while importing (its log: {self.log})")
             time.sleep(0.05)
 
-    def start_stage(self, argv: list[str], env: dict[str, str], log: Path) -> WarmStage:
-        """Fork a stage process from the server (`Unavailable` if there is no server to fork from)."""
+    def start_stage(self, argv: list[str], env: dict[str, str], log: Path, stderr: Path | None = None,
+                    cwd: Path | None = None) -> WarmStage:
+        """Fork a stage process from the server (`Unavailable` if there is no server to fork from): `spa-worker
+        ARGV` with `env`, its output to `log` (its stderr to `stderr` when given), in `cwd` (default: this one's)."""
         self.wait_ready()
         if not _alive(self._pid()):
             raise Unavailable(f"the warm server has exited (its log: {self.log})")
         # A cold stage inherits this process's SIGINT disposition: ignored (a background job, nohup) or not.
         ignore_sigint = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-        process = self.context.Process(target=_stage_main, args=(argv, env, str(log), ignore_sigint),
+        outputs = (str(log), str(stderr or log))
+        process = self.context.Process(target=_stage_main, args=(argv, env, outputs, ignore_sigint, cwd),
                                        name="spa-stage")
         with _main_module_hidden():
             process.start()
@@ -218,12 +229,16 @@ def server_threads(pid: int) -> list[str]:
     return names
 
 
-def _stage_main(argv: list[str], env: dict[str, str], log: str, ignore_sigint: bool = False) -> None:
-    """In the forked child: become what `python -m spa_workers.cli ARGV` with `env`, output to `log`, would be."""
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+def _stage_main(argv: list[str], env: dict[str, str], outputs: tuple[str, str], ignore_sigint: bool = False,
+                cwd: Path | None = None) -> None:
+    """In the forked child: become what `python -m spa_workers.cli ARGV` with `env` and its stdout and stderr
+    going to `outputs` would be."""
+    for target, path in zip((1, 2), outputs, strict=True):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        os.dup2(fd, target)
+        os.close(fd)
+    if cwd is not None:
+        os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
     signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else signal.default_int_handler)
