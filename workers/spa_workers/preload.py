@@ -19,6 +19,8 @@ import time
 from spa_workers import contract, launch
 from spa_workers.contract import StageArgs
 
+_IMPORTED_AT = time.time()
+
 # Set before torch loads OpenMP, which reads them once (spa-worker sets them before importing anything heavy).
 # OMP_WAIT_POLICY: spinning OpenMP threads slow every step when another process shares the cores (issue 11: a
 # generation step took 1-7 s instead of 0.14 s on 2 shared cores); passive waiting costs little otherwise.
@@ -72,10 +74,11 @@ SCHEDULED_AT_ENV = "SPA_SCHEDULED_AT"  # time.time() when `spa run` scheduled th
 
 def seconds_since_scheduled() -> float:
     """Seconds since `spa run` scheduled this stage or, without it (a pod, a shell), since this process started."""
-    scheduled = os.environ.get(SCHEDULED_AT_ENV)
-    if scheduled:
-        return max(0.0, time.time() - float(scheduled))
-    return max(0.0, time.time() - process_start_time())
+    try:
+        since = float(os.environ[SCHEDULED_AT_ENV])
+    except (KeyError, ValueError):
+        since = process_start_time()
+    return max(0.0, time.time() - since)
 
 
 def process_start_time() -> float:
@@ -89,5 +92,3 @@ def process_start_time() -> float:
     except (OSError, ValueError, IndexError):
         return _IMPORTED_AT
 
-
-_IMPORTED_AT = time.time()
