@@ -4,8 +4,9 @@ engine's start and shutdown, the hash a published model no longer pays.
     python benchmarks/warm_start.py [--pairs 2] [--only demo,vllm,hash]
 
 - demo: whole `spa demo` processes, `SPA_COLD_START=1` (every stage a fresh process) and the warm start alternating
-  (A B A B ...) so both see the same load; per stage the manifests' `startup_s` (scheduled -> libraries imported)
-  and whether the stage outputs (file checksums in the manifests) are identical cold vs warm.
+  (A B B A ...) so both see the same load; per stage the manifests' `startup_s` (scheduled -> libraries imported)
+  and whether the stage outputs (file checksums in the manifests) are identical cold vs warm (train_log.jsonl
+  without its wall-clock step times).
 - vllm: a vLLM engine on the tiny model as generate built it before (float32, eager, engine core and worker in
   processes of their own, vLLM's 5 s shutdown wait) and now for small stages (float32, eager, in this process, 1 s
   wait); alternating; engine start, sampling time, shutdown, and whether the answers are identical.
@@ -32,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+TRAIN_LOG = "train_log.jsonl"
 
 
 def load() -> str:
@@ -59,8 +61,12 @@ def run_demo(out: Path, cold: bool) -> dict:
     for manifest in sorted(root.rglob("_SUCCESS.json")):
         m = json.loads(manifest.read_text())
         key = str(manifest.parent.relative_to(root)).split("/shard-")[0]
+        files = dict(m["files"])
+        if TRAIN_LOG in files:  # its wall-clock step times (time_s) differ from run to run: compare the rest
+            rows = [json.loads(line) for line in (manifest.parent / TRAIN_LOG).read_text().splitlines()]
+            files[TRAIN_LOG] = [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
         stages[key] = {"startup_s": m["timings"].get("startup_s"), "wall_s": m["timings"].get("wall_s"),
-                       "files": m["files"]}
+                       "files": files}
     return {"mode": "cold" if cold else "warm", "wall_s": wall, "load_before": before, "load_after": load(),
             "stages": stages}
 
@@ -171,7 +177,8 @@ def render(res: dict) -> str:
                   for i, r in enumerate(d["runs"])]
         cold, warm = statistics.median(d["wall_s"]["cold"]), statistics.median(d["wall_s"]["warm"])
         lines += ["", f"Median: cold {cold:.1f} s, warm {warm:.1f} s: warm/cold = {warm / cold:.2f}. Stage outputs "
-                      f"(file checksums in every manifest) identical cold vs warm: {d['identical_outputs']}.", "",
+                      f"(file checksums in every manifest; the training logs without their wall-clock step times) "
+                      f"identical cold vs warm: {d['identical_outputs']}.", "",
                   "Per stage, scheduled -> first work (`startup_s` in the manifest: until the stage's libraries are "
                   "imported), median over the runs:", "", "| stage | cold s | warm s |", "| --- | --- | --- |"]
         lines += [f"| {k} | {v['cold']:.2f} | {v['warm']:.2f} |" for k, v in d["startup_s"].items()]

@@ -51,6 +51,7 @@ COLD_ENV = "SPA_COLD_START"  # "1": every stage starts as a fresh `python -m spa
 SERVER_LOG_ENV = "SPA_WARM_SERVER_LOG"  # set only in the server's environment: where its own output goes
 SERVER_MODULES_ENV = "SPA_WARM_SERVER_MODULES"  # and the modules it imports, comma-separated
 READY = "warm server: ready"  # the line the server logs once it has imported them
+_STARTING = threading.Lock()  # one stage start at a time (each swaps sys.modules["__main__"] for a moment)
 SERVER_LOG = "warm-server.log"
 INTERRUPT_GRACE_S = 10.0  # after Ctrl-C: how long `spa run` waits for the stage to stop on its own
 EXIT_UNKNOWN = 255  # multiprocessing's exit code for a stage whose server died: its manifest decides
@@ -143,7 +144,7 @@ class WarmServer:
         outputs = (str(log), str(stderr or log))
         process = self.context.Process(target=_stage_main, args=(argv, env, outputs, ignore_sigint, cwd),
                                        name="spa-stage")
-        with _main_module_hidden():
+        with _STARTING, _main_module_hidden():
             process.start()
         return WarmStage(process)
 
