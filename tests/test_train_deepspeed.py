@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+# scripts/install.sh installs it; CI (SPA_REQUIRE_TOOLS) fails rather than passing by skipping
+MISSING = importlib.util.find_spec("deepspeed") is None
+pytestmark = pytest.mark.skipif(MISSING and not os.environ.get("SPA_REQUIRE_TOOLS"),
+                                reason="deepspeed is not installed (scripts/install.sh installs it)")
 
 SCRIPT = r"""
 import json, sys
@@ -52,8 +56,6 @@ def test_models_are_created_zero3_partitioned_by_the_train_stage(tiny, tmp_path)
         "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517",
     }
-    import os
-
     proc = subprocess.run([sys.executable, "-c", SCRIPT, tiny["model"], str(tmp_path)], capture_output=True,
                           text=True, timeout=600, env={**os.environ, **env}, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -18,23 +19,30 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 from spa_workers import aside, storage
-from spa_workers.contract import EXIT_BAD_INPUT, EXIT_STORAGE, StageInputError
+from spa_workers.contract import (
+    EXIT_BAD_INPUT,
+    EXIT_STORAGE,
+    JUDGE_API_KEY_ENV,
+    StageInputError,
+    StageRetryableError,
+)
 from spa_workers.storage import StorageError
 
 from spa_operator import inputs, local, rerun, warm
 from spa_operator.inputs import is_local_path as _is_local_path
-from spa_operator.planner import Action, stage_graph
+from spa_operator.planner import PUBLISHED_FILE, Action, stage_graph
 from spa_operator.progress import plain_or_live
 from spa_operator.spec import AlignmentRun, SpecError, load_run, parse_run
-from spa_operator.summary import COLUMNS, summarize, table_rows, write_report
+from spa_operator.summary import COLUMNS, lc_label, shown_columns, summarize, table_rows, write_report
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 RUN_SNAPSHOT = "run.yaml"  # the resolved manifest, saved in the run root (what `spa report DIR` reads)
 
 err = Console(stderr=True)
-# Not a terminal (a log file, a pipe): no width to fit, so the table is never squeezed to 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 200)
+# Not a terminal (a log file, a pipe): no width to fit, so the table is never squeezed to 80 columns (unless
+# COLUMNS asks for a width).
+out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 
 
 def say(text: str) -> None:
@@ -75,6 +83,15 @@ def _load(path: str, storage_override: str | None) -> tuple[AlignmentRun, str]:
 # ------------------------------------------------------------------------------------------------------- plan
 
 
+def check_judge_key(run: AlignmentRun) -> None:
+    """On one machine the judge's key comes from the environment: a run whose judge names a secretRef (a cluster
+    Secret) needs SPA_JUDGE_API_KEY set, or every judgment would be refused after the GPU work."""
+    win = run.spec.evaluation.win_rate if run.spec.evaluation else None
+    if win and win.judge.secret_ref and not os.environ.get(JUDGE_API_KEY_ENV):
+        raise StageInputError(f"spec.evaluation.winRate.judge.secretRef names a cluster Secret; here set "
+                              f"{JUDGE_API_KEY_ENV} to the judge's API key")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     run, root = _load(args.run, args.storage)
     graph = stage_graph(run.spec, root)
@@ -93,10 +110,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.check:
         from spa_workers.validate import check, check_storage_writable
 
+        check_judge_key(run)
         counts = check(graph[0].args)  # type: ignore[arg-type]  # the validate stage, always first
         check_storage_writable(root)
         found = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
-        say(f"spa plan: inputs OK ({found}; the model and its tokenizer load; storage is writable)")
+        judge = "; the judge answers" if graph[0].args.judge_endpoint else ""  # type: ignore[attr-defined]
+        say(f"spa plan: inputs OK ({found}; the model and its tokenizer load; storage is writable{judge})")
     return 0
 
 
@@ -104,12 +123,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def print_summary(run: AlignmentRun, root: str) -> None:
-    table = Table(title=f"{run.metadata.name}: per-iteration results")
-    for label, _ in COLUMNS.values():
-        table.add_column(label, justify="right", overflow="fold")
-    for cells in table_rows(summarize(stage_graph(run.spec, root))):
-        table.add_row(*cells)
-    out.print(table)
+    """The per-iteration table; wider than the terminal, it is printed in parts (each repeating the iteration
+    column) rather than folding a number across lines."""
+    rows = summarize(stage_graph(run.spec, root))
+    keys = shown_columns(rows)
+    cells = table_rows(rows, keys)
+    widths = [max([len(COLUMNS[k][0]) if " " not in COLUMNS[k][0] else max(map(len, COLUMNS[k][0].split())),
+                   *(len(r[j]) for r in cells)]) for j, k in enumerate(keys)]
+    parts: list[list[int]] = [[0]]
+    for j in range(1, len(keys)):
+        if sum(widths[c] + 3 for c in [*parts[-1], j]) + 1 > out.width and len(parts[-1]) > 1:
+            parts.append([0])
+        parts[-1].append(j)
+    for n, part in enumerate(parts):
+        title = f"{run.metadata.name}: per-iteration results" + (f" ({n + 1}/{len(parts)})" if len(parts) > 1 else "")
+        table = Table(title=title)
+        for j in part:  # fixed widths: headers wrap at their words, cells never wrap
+            header = "\n".join(textwrap.wrap(COLUMNS[keys[j]][0], widths[j]))
+            table.add_column(header, justify="right", width=widths[j], no_wrap=True)
+        for row in cells:
+            table.add_row(*(row[j] for j in part))
+        out.print(table)
+    label = lc_label(run)
+    if label:
+        out.print(label, soft_wrap=True)
 
 
 def _stale_error(root: str, statuses: dict[str, local.StageStatus], prog: str, hint: str = "") -> None:
@@ -181,12 +218,12 @@ def execute_and_report(run: AlignmentRun, root: str, logs: Path, processes: int 
     with plain_or_live(err) as progress:
         outcome = local.execute(run, root, logs, progress.on_start, progress.on_progress, progress.on_finish,
                                 processes=processes, cold=warm.cold_requested(cold), server=server)
-    reports = write_report(run, root)
+    reports = write_report(run, root, outcome.plan)
     if outcome.plan.action is Action.DONE:
         print_summary(run, root)
-        if outcome.plan.reason:
-            print(outcome.plan.reason)
+        print(outcome.plan.reason)
         print(f"final model: {outcome.plan.final_model}")
+        print(f"published: iteration {outcome.plan.published_iteration}, {storage.join(root, PUBLISHED_FILE)}")
         print(f"report: {reports[0]} ({time.time() - t0:.1f}s)")
         return 0
     say(f"spa run: run {run.metadata.name} failed: {outcome.plan.reason}")
@@ -202,6 +239,7 @@ def _logs_dir(root: str, override: str | None) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     run, root = _load(args.run, args.storage)
+    check_judge_key(run)
     if not _prepare_outputs(run, root, args.rerun_from, args.force):
         return EXIT_BAD_INPUT
     _save_snapshot(run, root)
@@ -389,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         say(f"{name}: error: storage: {e}")
         return EXIT_STORAGE
+    except StageRetryableError as e:  # e.g. `spa plan --check` with the judge down: worth trying again later
+        say(f"{name}: error: {e}")
+        return EXIT_FAILED
     except BrokenPipeError:  # `spa plan ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -124,3 +124,5 @@ class Decision:
     metrics: MetricValues | None = None
     requeue_s: float | None = None  # look again after this long at the latest (None: when something changes)
     transition: bool = False  # a Job was created because another finished (latency metric)
+    # (URI, JSON) of the run's PUBLISHED.json marker, written before the status that says Succeeded
+    publish: tuple[str, str] | None = None

@@ -111,7 +111,10 @@ DOCS: dict[str, str] = {
     "evaluation.winRate.judge.secretRef.name": "Secret in the run's namespace.",
     "evaluation.winRate.judge.secretRef.key": "Key of the Secret that holds the API key.",
     "evaluation.winRate.judge.concurrency": "Judge requests in flight at once.",
-    "evaluation.winRate.judge.maxRetries": "Retries per request (timeouts, 429, 5xx, unparseable answers).",
+    "evaluation.winRate.judge.maxRetries": "Retries per request, with backoff honouring Retry-After (timeouts, 429, "
+                                           "5xx); a refused request (4xx) or an unusable reply fails the stage as "
+                                           "bad input, a reply naming neither output is a refusal (not asked "
+                                           "again).",
     "evaluation.winRate.judge.timeoutSeconds": "Timeout per request.",
     "gate.metric": "The figure the gate watches: heldoutAgreement (0-1), winRate or lcWinRate (percent).",
 }
@@ -140,13 +143,21 @@ NODE_RULES: dict[str, list[dict[str, str]]] = {
         {"rule": "!has(self.gate) || !has(self.gate.metric) || self.gate.metric == 'heldoutAgreement' || "
                  "(has(self.evaluation) && has(self.evaluation.winRate))",
          "message": "gate.metric winRate or lcWinRate needs evaluation.winRate", "fieldPath": ".gate.metric"},
+        {"rule": "!has(self.gate) || !has(self.gate.maxLengthChange) || "
+                 "(has(self.evaluation) && has(self.evaluation.winRate))",
+         "message": "gate.maxLengthChange needs evaluation.winRate", "fieldPath": ".gate.maxLengthChange"},
     ],
     "gate": [
-        {"rule": "has(self.floor) || has(self.maxDrop)", "message": "set floor and/or maxDrop"},
+        {"rule": "has(self.floor) || has(self.maxDrop) || has(self.maxLengthChange)",
+         "message": "set floor, maxDrop and/or maxLengthChange"},
         {"rule": "(has(self.metric) && self.metric != 'heldoutAgreement') || "
                  "((!has(self.floor) || double(self.floor) <= 1.0) && "
                  "(!has(self.maxDrop) || double(self.maxDrop) <= 1.0))",
-         "message": "heldoutAgreement is a fraction: floor and maxDrop must be at most 1"},
+         "message": "heldoutAgreement is a fraction (0-1): floor and maxDrop must be at most 1"},
+        {"rule": "!has(self.metric) || self.metric == 'heldoutAgreement' || "
+                 "((!has(self.floor) || double(self.floor) == 0.0 || double(self.floor) >= 1.0) && "
+                 "(!has(self.maxDrop) || double(self.maxDrop) == 0.0 || double(self.maxDrop) >= 1.0))",
+         "message": "winRate and lcWinRate are in percent (0-100): a floor or maxDrop below 1 means less than 1%"},
     ],
     "training": [
         {"rule": "self.maxPromptLength < self.maxLength", "message": "maxPromptLength must be smaller than maxLength"},
@@ -333,8 +344,13 @@ def status_schema() -> dict[str, Any]:
                        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"],
                        "description": "Ready, Progressing, Failed, Suspended, StorageReachable."},
         "stages": {"type": "array", "items": stage, "description": "One entry per started stage."},
-        "outputs": {"type": "object", "description": "The run's results.", "properties": {
-            "model": {"type": "string", "description": "URI of the final model (set when Succeeded)."}}},
+        "outputs": {"type": "object", "description": "The run's results (set when Succeeded; the same as the "
+                                                          "PUBLISHED.json the run leaves in its storage).",
+                    "properties": {
+            "model": {"type": "string", "description": "URI of the published model."},
+            "iteration": {"type": "integer", "description": "The iteration whose model is published (0 = seed)."},
+            "reason": {"type": "string", "description": "Why: the quality gate's verdict, or that there is none."},
+            "stoppedByGate": {"type": "boolean", "description": "Whether the quality gate stopped the run."}}},
     }}
 
 

@@ -155,7 +155,7 @@ def worker_env(spec: AlignmentRunSpec, run: RunRef, stage: PlannedStage, attempt
                                                               **({"optional": True} if optional else {})}}}
                 for key, optional in SECRET_KEYS]
     win = spec.evaluation.win_rate if spec.evaluation else None
-    if stage.stage == contract.EVALUATE and win and win.judge.secret_ref:
+    if stage.stage in (contract.EVALUATE, contract.VALIDATE) and win and win.judge.secret_ref:  # validate probes
         ref = win.judge.secret_ref  # the judge's API key, by reference: its value never enters the Job spec
         env.append({"name": JUDGE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     return env

@@ -19,6 +19,17 @@ WIN_RATE_GAUGES = {
     K.LC_WIN_RATE_SE: ("spa_iteration_lc_win_rate_stderr", "Standard error of the LC win rate, percent"),
     K.JUDGE_FAILED: ("spa_iteration_judge_failed", "Judgments given up after retries"),
 }
+# answer lengths (mean tokens per answer), watched for drift: manifest key -> (gauge name, help)
+LENGTH_GAUGES = {
+    K.EVAL_ANSWER_TOKENS: ("spa_iteration_answer_tokens", "Mean tokens per answer of the iteration's model on the "
+                                                          "win-rate prompts"),
+    K.SFT_ANSWER_TOKENS: ("spa_iteration_sft_answer_tokens", "Mean tokens per answer of the SFT model on the same "
+                                                             "prompts (the length gate's baseline)"),
+    K.ANSWER_TOKENS: ("spa_iteration_sampled_answer_tokens", "Mean tokens per answer the iteration's generate stage "
+                                                             "sampled (from the previous iteration's model)"),
+    K.HELDOUT_AGREEMENT_SE: ("spa_iteration_heldout_agreement_stderr", "Standard error of the held-out agreement"),
+}
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -51,7 +62,7 @@ class Metrics:
             K.REWARD_ACCURACY: Gauge("spa_iteration_reward_accuracy", "Training reward accuracy", it, registry=r),
             K.HELDOUT_AGREEMENT: Gauge("spa_iteration_heldout_agreement", "Held-out gold agreement", it,
                                        registry=r),
-            **{k: Gauge(name, doc, it, registry=r) for k, (name, doc) in WIN_RATE_GAUGES.items()},
+            **{k: Gauge(name, doc, it, registry=r) for k, (name, doc) in {**WIN_RATE_GAUGES, **LENGTH_GAUGES}.items()},
         }
         self._exported: dict[tuple[str, str], tuple[Any, ...]] = {}  # run -> what export last set
         self._stage_labels: dict[tuple[str, str], set[tuple[str, str]]] = {}

@@ -18,12 +18,20 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from spa_workers import contract
+from spa_workers import contract, storage
 from spa_workers.contract import ManifestKeys as K
 from spa_workers.contract import StageManifest
 
 from spa_operator.core_types import Create, Decision, JobView, Observed, PodView, Settings, WorkloadView
-from spa_operator.planner import Action, PlannedStage, StageResult, StageState, plan_next_stage
+from spa_operator.planner import (
+    PUBLISHED_FILE,
+    Action,
+    PlannedStage,
+    StageResult,
+    StageState,
+    plan_next_stage,
+    publication,
+)
 from spa_operator.status import (
     FAILED,
     NO_POD,
@@ -49,7 +57,8 @@ __all__ = ["Create", "Decision", "JobView", "Observed", "PodView", "Settings", "
 
 STAGE_METRICS = (K.PAIRS, K.DROPPED_IDENTICAL, K.DROPPED_EMPTY, K.RESPONSES, K.REWARD_GAP, K.CONFIDENCE, K.LOSS,
                  K.REWARD_ACCURACY, K.REFINED_FRACTION, K.HELDOUT_AGREEMENT, K.TOKENS_PER_S, "wall_s",
-                 K.WIN_RATE, K.WIN_RATE_SE, K.LC_WIN_RATE, K.LC_WIN_RATE_SE, K.JUDGE_FAILED)
+                 K.WIN_RATE, K.WIN_RATE_SE, K.LC_WIN_RATE, K.LC_WIN_RATE_SE, K.JUDGE_FAILED,
+                 K.HELDOUT_AGREEMENT_SE, K.ANSWER_TOKENS, K.EVAL_ANSWER_TOKENS, K.SFT_ANSWER_TOKENS)
 SUMMED = (K.PAIRS, K.DROPPED_IDENTICAL, K.DROPPED_EMPTY, K.RESPONSES)
 NO_POD_GRACE_S = 30.0
 RESUME_CHECK_S = 2.0  # how soon a resuming run looks again at the Kueue Workloads it reactivated
@@ -311,11 +320,15 @@ def decide(obs: Observed) -> Decision:
     resume_jobs: tuple[str, ...] = ()
     deactivate: tuple[str, ...] = ()
     activate: tuple[str, ...] = ()
+    publish: tuple[str, str] | None = None
     active_views = [_latest(views.get(k, [])) for k in running]
     live_jobs = {v.name for v in active_views if v is not None and v.state in ("active", "suspended")}
     if plan.action is Action.DONE:
         status["phase"] = SUCCEEDED
-        status["outputs"] = {"model": plan.final_model}
+        # the planner's verdict, the same one `spa run` prints and writes into report.json and PUBLISHED.json
+        status["outputs"] = published = publication(plan)
+        publish = (storage.join(obs.root, PUBLISHED_FILE), contract.dumps(published, indent=2)) \
+            if old.get("phase") != SUCCEEDED else None
         status["progress"] = 1.0
         status["completionTime"] = old.get("completionTime") or iso(obs.now)
         message = f"final model: {plan.final_model}" + (f" ({plan.reason})" if plan.reason else "")
@@ -356,7 +369,8 @@ def decide(obs: Observed) -> Decision:
     return Decision(status, tuple(create), delete_jobs, tuple(delete_pods), suspend_jobs, resume_jobs,
                     deactivate_workloads=deactivate, activate_workloads=activate, events=events,
                     metrics=dataclasses.replace(metric_values(status), outcomes=outcomes, durations=durations),
-                    requeue_s=requeue, transition=bool(create) and any(v.finished_at for v in obs.jobs))
+                    requeue_s=requeue, transition=bool(create) and any(v.finished_at for v in obs.jobs),
+                    publish=publish)
 
 
 def workloads_needed(spec: Any, status: Mapping[str, Any]) -> bool:

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 PHASES = (PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED)
 QUALITY_KEYS = (K.PAIRS, K.REWARD_GAP, K.REFINED_FRACTION, K.LOSS, K.REWARD_ACCURACY, K.HELDOUT_AGREEMENT,
-                K.WIN_RATE, K.WIN_RATE_SE, K.LC_WIN_RATE, K.LC_WIN_RATE_SE, K.JUDGE_FAILED)
+                K.WIN_RATE, K.WIN_RATE_SE, K.LC_WIN_RATE, K.LC_WIN_RATE_SE, K.JUDGE_FAILED,
+                K.HELDOUT_AGREEMENT_SE, K.EVAL_ANSWER_TOKENS, K.SFT_ANSWER_TOKENS, K.ANSWER_TOKENS)
 CONDITION_ORDER = ("Ready", "Progressing", "Failed", "Suspended", "StorageReachable")
 QUEUED = "queued"  # the waiting reason of a Job Kueue has not admitted yet
 # An active Job without any pod this long after its creation: the pod was refused (Pod Security admission, quota).

@@ -7,7 +7,7 @@ import os
 import sys
 
 from spa_workers import contract, preload, runner
-from spa_workers.contract import EXIT_BAD_INPUT, EXIT_STORAGE, StageInputError
+from spa_workers.contract import EXIT_BAD_INPUT, EXIT_STORAGE, StageInputError, StageRetryableError
 from spa_workers.storage import StorageError
 
 # stage name -> module with `run(args) -> int`
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except StageInputError as e:
         print(f"spa-worker {stage}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StageRetryableError as e:
+        print(f"spa-worker {stage}: error: {e}", file=sys.stderr)
+        return 1
     except StorageError as e:  # transient: executors retry the stage
         print(f"spa-worker {stage}: error: {e}", file=sys.stderr)
         return EXIT_STORAGE

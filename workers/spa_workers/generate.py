@@ -191,6 +191,8 @@ def _body(work: StageWork) -> None:
     work.counts[ManifestKeys.RESPONSES] = sum(len(r["responses"]) for r in rows)
     work.counts[ManifestKeys.GENERATED_TOKENS] = tokens
     work.timings["generate_s"] = gen_s
+    if rows:  # the sampling model's answer length, watched for drift across iterations
+        work.metrics[ManifestKeys.ANSWER_TOKENS] = tokens / work.counts[ManifestKeys.RESPONSES]
     if gen_s > 0:
         work.metrics[ManifestKeys.TOKENS_PER_S] = tokens / gen_s
 
