@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from spa_operator import warm
 from spa_operator.cli import main
 from spa_workers import contract, storage
 
@@ -277,7 +278,8 @@ def test_bad_prompts_fail_in_validate_before_training_with_exit_2(tmp_path, tiny
     proc = spa("run", str(run), "--logs", str(logs), env={**s3_env, "SPA_S3_ENDPOINT": ""})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert sorted(p.name for p in logs.iterdir()) == ["iter-00-validate-a1.log"]  # nothing else ran
+    stage_logs = sorted(p.name for p in logs.iterdir() if p.name != warm.SERVER_LOG)  # and the warm server's
+    assert stage_logs == ["iter-00-validate-a1.log"]  # nothing else ran
     failed = [ln for ln in proc.stdout.splitlines() if "iter-00/validate: failed (exit 2)" in ln]
     assert len(failed) == 1 and failed[0].endswith(f"; log: {logs / 'iter-00-validate-a1.log'}"), proc.stdout
     assert f"{prompts}: row 41: missing column prompt" in failed[0]

@@ -28,7 +28,7 @@ from spa_workers.contract import (
 )
 from spa_workers.storage import StorageError
 
-from spa_operator import cost_report, inputs, local, rerun
+from spa_operator import cost_report, inputs, local, rerun, warm
 from spa_operator.inputs import is_local_path as _is_local_path
 from spa_operator.planner import PUBLISHED_FILE, Action, stage_graph
 from spa_operator.progress import plain_or_live
@@ -231,11 +231,12 @@ def _save_snapshot(run: AlignmentRun, root: str) -> None:
     storage.write_text(storage.join(root, RUN_SNAPSHOT), yaml.safe_dump(doc, sort_keys=False))
 
 
-def execute_and_report(run: AlignmentRun, root: str, logs: Path, processes: int | None = None) -> int:
+def execute_and_report(run: AlignmentRun, root: str, logs: Path, processes: int | None = None,
+                       cold: bool = False, server: warm.WarmServer | None = None) -> int:
     t0 = time.time()
     with plain_or_live(err, stage_graph(run.spec, root)) as progress:
         outcome = local.execute(run, root, logs, progress.on_start, progress.on_progress, progress.on_finish,
-                                processes=processes)
+                                processes=processes, cold=warm.cold_requested(cold), server=server)
     reports = write_report(run, root, outcome.plan)
     if outcome.plan.action is Action.DONE:
         print_summary(run, root)
@@ -262,7 +263,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     _save_snapshot(run, root)
     try:
-        return execute_and_report(run, root, _logs_dir(root, args.logs), args.processes)
+        return execute_and_report(run, root, _logs_dir(root, args.logs), args.processes, args.cold)
     finally:
         _report_set_aside(stage_graph(run.spec, root), "spa run")
 
@@ -299,6 +300,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     base = Path(args.out).resolve()
     example = base / "example"
     manifest = example / "run.yaml"
+    server = None
     if manifest.exists():
         backend = load_run(manifest).spec.generation.backend
         if args.backend and args.backend != backend:
@@ -308,7 +310,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         say(f"spa demo: reusing the example and run in {base} (backend {backend}); finished stages are skipped")
     else:
         say(f"spa demo: building the tiny example (random-weight Llama, BPE tokenizer, data) in {example}")
-        make_tiny_example(str(example))
         doc = {
             "apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun",
             "metadata": {"name": "tiny-demo", "namespace": "default"},
@@ -317,6 +318,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      **DEMO_SPEC, "storage": {"uri": str(base / "runs")}},
         }
         doc["spec"]["generation"]["backend"] = args.backend or "transformers"
+        if not warm.cold_requested(args.cold):  # every stage will run: the warm server imports while we build
+            fresh = parse_run(doc)
+            server = local.start_warm_server(fresh, local.run_root(fresh, str(base / "runs")))
+        make_tiny_example(str(example))
         manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
     say(f"spa demo: run manifest: {manifest}")
     run, root = _load(str(manifest), None)
@@ -324,7 +329,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not _prepare_outputs(run, root, prog="spa demo", stale_hint=f"spa demo: those flags go to `spa run {manifest}`"):
         return EXIT_BAD_INPUT
     _save_snapshot(run, root)
-    return execute_and_report(run, root, _logs_dir(root, None))
+    return execute_and_report(run, root, _logs_dir(root, None), cold=args.cold, server=server)
 
 
 # ------------------------------------------------------------------------------------------- report, explain
@@ -370,6 +375,10 @@ def _at_least_one(text: str) -> int:
     return n
 
 
+COLD_HELP = (f"start each stage as a fresh process instead of forking it from a process that has imported the "
+             f"libraries once (also: {warm.COLD_ENV}=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spa", description="SPA self-alignment pipeline (AlignmentRun) on one machine",
                                 epilog="exit codes: 0 done, 1 a stage failed, 2 bad input, 3 storage unreachable, "
@@ -394,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="discard the outputs of STAGE (e.g. iter-00/seed-train) and every stage after it first")
     pr.add_argument("--force", action="store_true",
                     help="redo stages whose outputs were made with other settings instead of stopping")
+    pr.add_argument("--cold", action="store_true", help=COLD_HELP)
     pr.set_defaults(fn=cmd_run)
     pt = sub.add_parser("render", help="print every Kubernetes object the operator would create for the run "
                                        "(first attempt of each stage), as a YAML stream")
@@ -410,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--out", required=True, help="folder for the example and its run")
     pd.add_argument("--backend", choices=["transformers", "vllm"], default=None,
                     help="generation backend for a new demo (default: transformers, quickest on CPU)")
+    pd.add_argument("--cold", action="store_true", help=COLD_HELP)
     pd.set_defaults(fn=cmd_demo)
     prep = sub.add_parser("report", help="write report.md, report.json and report.svg for a run and print its table")
     prep.add_argument("target", help="AlignmentRun manifest (YAML) or a run root folder (holding run.yaml)")

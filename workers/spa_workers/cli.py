@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 
-from spa_workers import contract
+from spa_workers import contract, preload, runner
 from spa_workers.contract import EXIT_BAD_INPUT, EXIT_STORAGE, StageInputError, StageRetryableError
 from spa_workers.storage import StorageError
 
@@ -28,10 +28,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     stage, rest = argv[0], argv[1:]
     args = contract.ARGS_BY_STAGE[stage].from_argv(rest)
-    # OpenMP threads spinning for work slow every step when another process shares the cores (issue 11: a
-    # generation step took 1-7 s instead of 0.14 s on 2 shared cores); passive waiting costs little otherwise.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    for key, value in preload.ENV_DEFAULTS.items():  # before torch loads OpenMP
+        os.environ.setdefault(key, value)
     try:
+        # The stage's libraries first (already imported under `spa run`'s warm start): its first work begins here.
+        preload.import_all(preload.modules_for(args))
+        runner.STARTUP["startup_s"] = preload.seconds_since_scheduled()
         module = importlib.import_module(STAGE_MODULES[stage])
         return int(module.run(args) or 0)
     except StageInputError as e:

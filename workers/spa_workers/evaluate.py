@@ -105,7 +105,7 @@ def sample_answers(model: str, prompts: Sequence[Messages], args: EvaluateArgs,
 
 def _sample(model: str, prompts: Sequence[Messages], args: EvaluateArgs,
             work: StageWork | None = None) -> list[Answer | None]:
-    from spa_workers.generate import SAMPLERS, context_limit
+    from spa_workers.generate import SAMPLERS, context_limit, planned_tokens
     from spa_workers.modeling import encode_prompt, load_tokenizer, resolve_model
 
     model_dir = resolve_model(model)
@@ -120,7 +120,8 @@ def _sample(model: str, prompts: Sequence[Messages], args: EvaluateArgs,
                        temperature=args.answer_temperature, max_new_tokens=args.answer_max_new_tokens,
                        seed=args.seed, backend=args.answer_backend)
     max_model_len = max(len(encoded[i]) for i in fits) + args.answer_max_new_tokens
-    with SAMPLERS[args.answer_backend](gen, tokenizer, model_dir, max_model_len) as sampler:
+    with SAMPLERS[args.answer_backend](gen, tokenizer, model_dir, max_model_len,
+                                       planned_tokens(gen, len(prompts))) as sampler:
         for start in range(0, len(fits), sampler.chunk):
             chunk = fits[start: start + sampler.chunk]
             for i, answers in zip(chunk, sampler.sample([(i, encoded[i]) for i in chunk]), strict=True):

@@ -89,6 +89,8 @@ def _broadcast_from_main(value):
 
 
 OVERWRITE_ENV = "SPA_OVERWRITE_STALE"
+# Timings measured before the stage body (spa-worker's `startup_s`: scheduled or process start -> libraries imported).
+STARTUP: dict[str, float] = {}
 
 
 def _reuse_decision(out: str, fp: str, of: dict) -> tuple[str, str]:
@@ -124,7 +126,8 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
     t0 = time.time()
     if not is_main:
         return _run_secondary(args, out, body)
-    work = StageWork(args=args, output=out, dir="", fingerprint=fp, fingerprint_of=of)
+    work = StageWork(args=args, output=out, dir="", fingerprint=fp, fingerprint_of=of,
+                     timings=dict(STARTUP))
     if decision == "replace":  # moved aside, not deleted: removed once the new manifest is written
         work.set_aside(out, f"made with other settings ({change})")
     local_out = None if storage.is_s3(out) else storage._local(out)
@@ -155,13 +158,21 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
         contract.check_ledger(work.ledger, f"{args.stage}: {out}")
         files = {}
         for rel in storage.list_files(workdir):
-            files[rel] = contract.file_digest(os.path.join(workdir, rel))
+            path = os.path.join(workdir, rel)
             if local_out is not None:
+                files[rel] = contract.file_digest(path)
                 dest = os.path.join(local_out, rel)
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
-                os.replace(os.path.join(workdir, rel), dest)
+                os.replace(path, dest)
+            elif os.path.getsize(path) > contract.ETAG_IDENTIFIES_ABOVE:
+                # A large file (model weights) is identified by the ETag S3 computed from the bytes it received,
+                # not hashed again here (reading 14.5 GB once more costs minutes).
+                storage.upload_file(path, storage.join(out, rel))
+                files[rel] = {"bytes": os.path.getsize(path), "etag": storage.etag(storage.join(out, rel)),
+                              "part_bytes": storage.MULTIPART_THRESHOLD}
             else:
-                storage.upload_file(os.path.join(workdir, rel), storage.join(out, rel))
+                files[rel] = contract.file_digest(path)
+                storage.upload_file(path, storage.join(out, rel))
         work.timings["wall_s"] = time.time() - t0
         moved = sum(f["bytes"] for f in files.values()) if local_out is not None else 0
         usage.spend(work, usage0, others, time.time() - usage.stage_started(), moved)

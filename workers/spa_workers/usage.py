@@ -3,17 +3,18 @@ every rank's), bytes through the storage layer (every rank's), and requested GPU
 pods, from the requests the executor passes in the environment (`contract.REQUESTED_GPUS_ENV`).
 
 A process that hands a stage over to launched ranks (`accelerate launch`: train.run) passes what it used and when it
-started on to them (`hand_over`), so the model downloads before the launch count too.
+started on to them (`hand_over`), so the model downloads before the launch count too. A stage forked from `spa run`'s
+warm server counts from its fork: fork(2) resets the child's CPU times, and its start time is the fork's, so the
+libraries the server imported once are in no stage's ledger.
 """
 
 from __future__ import annotations
 
 import os
 import resource
-import time
 from typing import TYPE_CHECKING
 
-from spa_workers import contract, storage
+from spa_workers import contract, preload, storage
 
 if TYPE_CHECKING:
     from spa_workers.runner import StageWork
@@ -23,23 +24,10 @@ Usage = tuple[float, int, int]  # (CPU seconds, bytes read, bytes written)
 # Unix time the stage's first process started, handed down to processes it starts for the same stage (the ranks of
 # `accelerate launch`), so wall time counts from the start of the pod's work, not of a rank.
 STARTED_ENV = "SPA_STAGE_STARTED"
-_IMPORTED = time.time()
-
-
-def process_start() -> float:
-    """Unix time this process started (from /proc), or this module's import time where /proc cannot tell."""
-    try:
-        with open("/proc/self/stat") as fh:
-            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks since boot
-        with open("/proc/stat") as fh:
-            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return _IMPORTED
 
 
 def stage_started() -> float:
-    return float(os.environ.get(STARTED_ENV) or process_start())
+    return float(os.environ.get(STARTED_ENV) or preload.process_start_time())
 
 
 # "cpu,read,written" a process used before it handed the stage over to launched ranks (train.run's checks and model
@@ -64,7 +52,7 @@ def hand_over() -> None:
     """Before this process execs a launcher for the stage: pass its usage and start time on to the ranks."""
     cpu, read, written = _own_usage()
     os.environ[HANDED_OVER_ENV] = f"{cpu:.3f},{read},{written}"
-    os.environ.setdefault(STARTED_ENV, str(process_start()))
+    os.environ.setdefault(STARTED_ENV, str(preload.process_start_time()))
 
 
 def baseline() -> Usage:
