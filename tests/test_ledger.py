@@ -244,3 +244,25 @@ def test_a_retried_stage_gives_no_duration_sample():
     clocks = {c.key: c for c in run_cost.clocks_from_records(graph, recs, ("iter-01/train", 0.5))}
     assert clocks["iter-01/generate"].seconds is None and clocks["iter-01/judge"].seconds == 10.0
     assert clocks["iter-01/train"].fraction == 0.5
+
+
+def test_spa_run_passes_each_stage_the_gpus_it_holds_here(monkeypatch):
+    """`spa run`'s requests, which a stage's accelerator-seconds count: a train stage one GPU per process, a vLLM
+    engine one per tensor-parallel rank, validate none, never more than this machine's visible GPUs."""
+    from dataclasses import replace
+
+    from spa_operator import local
+
+    graph = {s.key: s for s in stage_graph(parse_run(RUN).spec, "/tmp/r")}
+    train = local.local_launch(graph["iter-01/train"], 4)
+    generate = graph["iter-01/generate"]
+    generate = replace(generate, args=replace(generate.args, tensor_parallel_size=2))
+
+    def gpus(stage, here: int) -> str:
+        return local.requested_env(stage, here)[contract.REQUESTED_GPUS_ENV]
+
+    assert [gpus(train, 8), gpus(train, 2), gpus(generate, 8), gpus(generate, 0)] == ["4", "2", "2", "0"]
+    assert gpus(graph["iter-00/validate"], 8) == "0"
+    for visible, count in (("0,1", 2), ("-1", 0), ("", 0)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert local.local_gpus() == count
