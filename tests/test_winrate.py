@@ -298,8 +298,8 @@ def test_reference_answers_are_sampled_once_per_run_and_lengths_recorded(tmp_pat
 
     sampled: list[str] = []
     real = evaluate._sample
-    monkeypatch.setattr(evaluate, "_sample", lambda model, prompts, args: sampled.append(model) or
-                        real(model, prompts, args))
+    monkeypatch.setattr(evaluate, "_sample", lambda model, prompts, args, work=None: sampled.append(model) or
+                        real(model, prompts, args, work))
     write_jsonl(str(tmp_path / "prompts.jsonl"), [{"prompt": f"What is {i} plus 1?"} for i in range(4)])
     with FakeJudge(lambda i, f, s: 0.5) as judge:
         for n, policy in enumerate((tiny_policy, tiny["model"])):
