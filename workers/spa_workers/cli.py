@@ -21,8 +21,16 @@ STAGE_MODULES = {
 }
 
 
+def one_write_per_line() -> None:
+    """The ranks of a stage share one stderr; under PYTHONUNBUFFERED (set by many CI and container images) print()
+    writes a line and its newline separately and two ranks' lines interleave. Buffer each line into one write."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True, write_through=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    one_write_per_line()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGE_MODULES:
         print(f"usage: spa-worker {{{','.join(STAGE_MODULES)}}} [options]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
