@@ -11,6 +11,8 @@ engine's start and shutdown, the hash a published model no longer pays.
   processes of their own, vLLM's 5 s shutdown wait) and now for small stages (float32, eager, in this process, 1 s
   wait); alternating; engine start, sampling time, shutdown, and whether the answers are identical.
 - hash: sha256 speed here, to put a figure on the model hash no longer taken when S3's ETag identifies the file.
+- realmodel: `benchmarks/real_model.py --quick` (every stage and condition on SmolLM2-135M-Instruct, small sizes)
+  cold vs warm, whole process (not in the default set: ~10+ min a pair).
 
 The machine is shared: the load average is printed with every measurement; read ratios within one run.
 Results: benchmarks/results/warm_start.md (+ .json).
@@ -91,6 +93,24 @@ def bench_demo(pairs: int, work: Path) -> dict:
     return {"runs": [{k: v for k, v in r.items() if k != "stages"} for r in runs], "identical_outputs": identical,
             "startup_s": per_stage,
             "wall_s": {"cold": [r["wall_s"] for r in cold], "warm": [r["wall_s"] for r in warm]}}
+
+
+def bench_real_model(pairs: int, work: Path) -> dict:
+    runs = []
+    for i in range(pairs):
+        for cold in (True, False) if i % 2 == 0 else (False, True):
+            env = {**os.environ, "SPA_COLD_START": "1" if cold else "0"}
+            before, t0 = load(), time.perf_counter()
+            proc = subprocess.run([sys.executable, "benchmarks/real_model.py", "--quick", "--fresh",
+                                   "--out", str(work / f"real-model-{i}-{cold}.json")],
+                                  env=env, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode:
+                raise RuntimeError(f"real_model.py --quick failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            r = {"mode": "cold" if cold else "warm", "wall_s": time.perf_counter() - t0, "load_before": before,
+                 "load_after": load()}
+            log(f"real_model --quick {r['mode']}: {r['wall_s']:.1f} s (load {before} -> {r['load_after']})")
+            runs.append(r)
+    return {"runs": runs}
 
 
 # ------------------------------------------------------------------------------------------------------ vLLM
@@ -195,6 +215,15 @@ def render(res: dict) -> str:
         lines += [f"| {i + 1} | {r['mode']} | {r['import_s']:.1f} | {r['engine_s']:.1f} | {r['sample_s']:.2f} | "
                   f"{r['shutdown_s']:.2f} | {r['load_before']} -> {r['load_after']} |" for i, r in enumerate(v["runs"])]
         lines += ["", f"Answers identical old vs new: {v['identical_answers']}.", ""]
+    if "realmodel" in res:
+        runs = res["realmodel"]["runs"]
+        lines += ["## `benchmarks/real_model.py --quick`, whole process, cold vs warm, alternating", "",
+                  "| run | mode | wall s | load before -> after |", "| --- | --- | --- | --- |"]
+        lines += [f"| {i + 1} | {r['mode']} | {r['wall_s']:.1f} | {r['load_before']} -> {r['load_after']} |"
+                  for i, r in enumerate(runs)]
+        cold = statistics.median(r["wall_s"] for r in runs if r["mode"] == "cold")
+        warm = statistics.median(r["wall_s"] for r in runs if r["mode"] == "warm")
+        lines += ["", f"Median: cold {cold:.1f} s, warm {warm:.1f} s: warm/cold = {warm / cold:.2f}.", ""]
     if "hash" in res:
         h = res["hash"]
         lines += ["## sha256 here (what publishing a model to S3 no longer spends)", "",
@@ -207,7 +236,7 @@ def render(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=2, help="cold/warm (old/new) pairs, alternating")
-    ap.add_argument("--only", default="demo,vllm,hash")
+    ap.add_argument("--only", default="demo,vllm,hash", help="any of demo,vllm,hash,realmodel")
     args = ap.parse_args()
     only = set(args.only.split(","))
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -220,6 +249,8 @@ def main() -> None:
             res["demo"] = bench_demo(args.pairs, work)
         if "vllm" in only:
             res["vllm"] = bench_vllm(args.pairs, work)
+        if "realmodel" in only:
+            res["realmodel"] = bench_real_model(args.pairs, work)
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "warm_start" if only == {"demo", "vllm", "hash"} else "warm_start-" + "-".join(sorted(only))
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2))
