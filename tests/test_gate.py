@@ -307,7 +307,8 @@ def test_spa_run_stops_when_quality_falls_and_publishes_the_best_model(tmp_path,
     marker = json.loads((root / "PUBLISHED.json").read_text())
     assert marker == {"model": model_uri(str(root), 1), "iteration": 1, "reason": reason, "stoppedByGate": True}
     assert json.loads((root / "report.json").read_text())["published"] == marker
-    rows = [ln.split("│")[1:-1] for ln in proc.stdout.splitlines() if ln.count("│") > 2]
+    results = proc.stdout.split(": cost (~: estimated)")[0]  # the cost table follows, with the same iterations
+    rows = [ln.split("│")[1:-1] for ln in results.splitlines() if ln.count("│") > 2]
     assert [r[0].strip() for r in rows] == ["seed", "1", "2"]
     assert [r[5].strip() for r in rows] == ["50.0 ± 0.0", "80.0 ± 0.0", "30.0 ± 0.0"], proc.stdout
     assert all(r[4].strip() not in ("", "-") for r in rows)  # held-out agreement beside them
