@@ -62,6 +62,21 @@ def generate(policy: Path, prompts: Path, out: Path, n: int, seed: int, temperat
     return sorted(read_jsonl(shard / "responses.jsonl"), key=lambda r: r["prompt_index"])
 
 
+def ledger_columns(rows: list[dict]) -> tuple[str, str, str]:
+    """The README tables' cost columns for one condition, from its rows' `cost` (Runs.cost_of; one row per seed, mean
+    over them): (gold labels used, hours, which hours). Accelerator-hours where a stage held a GPU, else CPU-hours;
+    "0" for a row without a ledger (the SFT model: given, not trained here)."""
+    ledgers = [r.get("cost", {}).get("ledger", {}) for r in rows]
+    if not ledgers or not any(ledgers):
+        return "0", "0", "CPU-hours"
+    gpu = any(lg.get("accelerator_seconds") for lg in ledgers)
+    key, unit = ("accelerator_seconds", "GPU-hours") if gpu else ("cpu_seconds", "CPU-hours")
+    labels = sum(lg.get("gold_labels", 0) for lg in ledgers) / len(ledgers)
+    hours = sum(lg.get(key, 0) for lg in ledgers) / len(ledgers) / 3600
+    mark = "~" if any(key in r.get("cost", {}).get("estimated", []) for r in rows) else ""
+    return f"{labels:,.0f}", f"{mark}{hours:.3g}", unit
+
+
 class Scheduler:
     """Jobs with dependencies, at most `workers` at a time. A job is handed to a worker only once its dependencies
     have finished, so a waiting job never holds a worker (and a core) that a ready one could use; ready jobs start
@@ -140,6 +155,22 @@ class Runs:
     def model_of(self, name: str, iteration: int) -> Path:
         stage = "iter-00/seed-train" if iteration == 0 else f"iter-{iteration:02d}/train"
         return self.root(name) / stage / "model"
+
+    def cost_of(self, name: str, through: int | None = None) -> dict:
+        """What run `name` spent, from its stage manifests' ledgers: every stage of iterations 0..`through` (all of
+        them with None) — the cost of that iteration's model, stages copied from another run included (the model
+        needed them). {"ledger": {key: amount}, "estimated": [keys]}."""
+        from spa_operator import ledger
+        from spa_workers import contract
+
+        parts = []
+        for stage in sorted(self.root(name).glob("iter-*/*")):
+            if not stage.is_dir() or (through is not None and int(stage.parent.name.split("-")[1]) > through):
+                continue
+            found = sorted(stage.glob("shard-*/_SUCCESS.json")) or sorted(stage.glob("_SUCCESS.json"))
+            parts.append(ledger.of_manifests([contract.StageManifest.from_json(f.read_text()) for f in found]))
+        total = ledger.sum_ledgers(parts)
+        return {"ledger": dict(total.amounts), "estimated": sorted(total.estimated)}
 
     def manifests_of(self, name: str, iteration: int) -> dict:
         out = {}

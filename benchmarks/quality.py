@@ -165,13 +165,14 @@ def generate(policy: Path, prompts: Path, out: Path, n: int, seed: int) -> list[
 
 
 def gold_pairs(rows: list[dict]) -> list[dict]:
-    """One pair per prompt from its first two answers, labelled by gold score; ties dropped."""
+    """One pair per prompt from its first two answers, labelled by gold score; ties dropped, and pairs with an empty
+    answer (the validate stage refuses them: one of seed 0's 4,167 pairs for DPO on 100%)."""
     pairs = []
     for r in rows:
         p = prompt_text(r)
         a, b = r["responses"][:2]
         ga, gb = gold(p, a), gold(p, b)
-        if ga != gb:
+        if ga != gb and a.strip() and b.strip():
             pairs.append({"prompt": p, "chosen": a if ga > gb else b, "rejected": b if ga > gb else a})
     return pairs
 
@@ -329,7 +330,7 @@ def run_seed_jobs(s: Seed) -> dict:
         log(f"seed {s.seed}: {name} ran in {timings[name]:.0f}s")
 
     def score_condition(name: str, i: int) -> None:
-        row = {**s.score(f"{name}-{i}", s.model_of(name, i)), **s.manifests_of(name, i)}
+        row = {**s.score(f"{name}-{i}", s.model_of(name, i)), **s.manifests_of(name, i), "cost": s.cost_of(name, i)}
         if i:
             row["judge_vs_gold"] = s.judge_vs_gold(name, i)
         if name == "dpo-seed" and (s.root(name) / "iter-00/evaluate/_SUCCESS.json").exists():

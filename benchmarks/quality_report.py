@@ -7,6 +7,8 @@ import json
 import statistics
 from pathlib import Path
 
+from benchlib import ledger_columns
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DOCS = HERE.parent / "docs"
@@ -98,6 +100,21 @@ def _gated_rows(data: dict, gate: dict) -> tuple[list[dict], list[str]]:
     return rows, notes
 
 
+def _cost_of_rows(rows: list[dict]) -> str:
+    if not any("cost" in r for r in rows):
+        return "– | –"
+    labels, hours, _ = ledger_columns(rows)
+    return f"{labels} | {hours}"
+
+
+def _cost(data: dict, cond: str, it: int) -> str:
+    """The labels-used and CPU-hours cells of a condition's iteration (its seeds' ledgers)."""
+    if cond == "sft":
+        return "0 | 0"
+    rows = [r for seed in data["seeds"] if (r := _row(data, seed, cond, it))]
+    return _cost_of_rows(rows)
+
+
 def ms(xs: list[float], digits: int = 3) -> str:
     if not xs:
         return "–"
@@ -140,27 +157,35 @@ def render(data: dict) -> str:
         "",
         "## Main results (shape of the paper's Table 1)",
         "",
-        "| method | gold labels | win-rate vs SFT | mean gold score | exact answers |",
-        "| --- | --- | --- | --- | --- |",
-        f"| SFT | 0% | {ms(_values(data, 'sft', 0, 'win_rate'))} | {ms(_values(data, 'sft', 0, 'gold'))} | "
-        f"{ms(_values(data, 'sft', 0, 'exact'))} |",
-        f"| DPO on the seed | {pct} | {ms(_values(data, 'dpo-seed', 0, 'win_rate'))} | "
+        "| method | gold labels | labels used (ledger) | CPU-hours (ledger) | win-rate vs SFT | mean gold score | "
+        "exact answers |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| SFT | 0% | {_cost(data, 'sft', 0)} | {ms(_values(data, 'sft', 0, 'win_rate'))} | "
+        f"{ms(_values(data, 'sft', 0, 'gold'))} | {ms(_values(data, 'sft', 0, 'exact'))} |",
+        f"| DPO on the seed | {pct} | {_cost(data, 'dpo-seed', 0)} | {ms(_values(data, 'dpo-seed', 0, 'win_rate'))} | "
         f"{ms(_values(data, 'dpo-seed', 0, 'gold'))} | {ms(_values(data, 'dpo-seed', 0, 'exact'))} |",
-        f"| DPO on 100% gold labels | 100% | {ms(_values(data, 'dpo-all', 0, 'win_rate'))} | "
-        f"{ms(_values(data, 'dpo-all', 0, 'gold'))} | {ms(_values(data, 'dpo-all', 0, 'exact'))} |",
+        f"| DPO on 100% gold labels | 100% | {_cost(data, 'dpo-all', 0)} | "
+        f"{ms(_values(data, 'dpo-all', 0, 'win_rate'))} | {ms(_values(data, 'dpo-all', 0, 'gold'))} | "
+        f"{ms(_values(data, 'dpo-all', 0, 'exact'))} |",
     ]
     for it in (1, 2, 3):
-        lines.append(f"| SPA iteration {it} | {pct} | {ms(_values(data, 'spa', it, 'win_rate'))} | "
-                     f"{ms(_values(data, 'spa', it, 'gold'))} | {ms(_values(data, 'spa', it, 'exact'))} |")
+        lines.append(f"| SPA iteration {it} | {pct} | {_cost(data, 'spa', it)} | "
+                     f"{ms(_values(data, 'spa', it, 'win_rate'))} | {ms(_values(data, 'spa', it, 'gold'))} | "
+                     f"{ms(_values(data, 'spa', it, 'exact'))} |")
     gate = c.get("gate")
     if gate:
         rows, notes = _gated_rows(data, gate)
         rule = ", ".join(f"{k} {v}" for k, v in gate.items() if k != "metric")
-        lines.append(f"| SPA with the gate ({gate['metric']}, {rule}) | {pct} | "
+        lines.append(f"| SPA with the gate ({gate['metric']}, {rule}) | {pct} | {_cost_of_rows(rows)} | "
                      + " | ".join(ms([r[k] for r in rows]) for k in ("win_rate", "gold", "exact")) + " |")
         lines += ["", f"SPA with the gate: spec.gate = {json.dumps(gate)} applied by the planner to each seed's "
                   "`spa` run (its stages are the gated run's up to where the gate stops it): "
                   + "; ".join(notes) + "."]
+    lines += ["", "Labels used and CPU-hours come from the runs' stage ledgers (mean over seeds): the gold pairs a "
+              "run read (seed and held-out, counted once by its validate stage) and the CPU time of every stage "
+              "up to that model (seed-train and evaluate included, stages copied from another run too; the "
+              "SFT model and the benchmark's own sampling and scoring are not counted). `–`: results from before "
+              "the ledger."]
     lines += [
         "",
         "## Ablations (shape of the paper's Tables 6 and 7): win-rate vs SFT per iteration",

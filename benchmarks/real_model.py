@@ -340,7 +340,8 @@ def run_conditions(b: Bench, gate: dict | None) -> tuple[dict, dict]:
         log(f"{name} ran in {timings[name]:.0f}s")
 
     def scored(name: str, iteration: int) -> None:
-        row = {**b.score_model(f"{name}-{iteration}", b.model_of(name, iteration)), **b.manifests_of(name, iteration)}
+        row = {**b.score_model(f"{name}-{iteration}", b.model_of(name, iteration)), **b.manifests_of(name, iteration),
+               "cost": b.cost_of(name, iteration)}
         if iteration:
             row["judge_vs_gold"] = b.judge_vs_gold(name, iteration)
         results.setdefault(name, {})[iteration] = row
@@ -358,7 +359,8 @@ def run_conditions(b: Bench, gate: dict | None) -> tuple[dict, dict]:
         # runs after their scoring, so the memo has them)
         source = b.model_of("spa" if iteration else "dpo-seed", iteration)
         results["spa-gate"] = {iteration: {**b.score_model(f"spa-{iteration}", source),
-                                           **b.manifests_of("spa-gate", iteration), "final": True}}
+                                           **b.manifests_of("spa-gate", iteration), "final": True,
+                                           "cost": b.cost_of("spa-gate")}}  # all it ran, past the published model
         log(f"spa-gate publishes iteration {iteration}'s model")
 
     spa_copy = {"iter-00/seed-train": "dpo-seed", "iter-00/evaluate": "dpo-seed"}

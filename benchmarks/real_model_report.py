@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchlib import ledger_columns
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DOCS = HERE.parent / "docs"
@@ -43,11 +45,14 @@ def judged(row: dict) -> str:
 
 
 def table(data: dict) -> str:
-    lines = ["| method | gold labels | mean gold score | IFEval prompt-level strict | IFEval instruction-level "
-             "strict | win rate vs SFT | judge's held-out agreement | judge's pairs right / tie / wrong by gold "
-             "| paper (AlpacaEval 2.0 LC) |", "|" + " --- |" * 9]
-    for key, label, share, row in rows_of(data):
-        lines.append(f"| {label} | {share} | {pm(row, 'gold')} | {pm(row, 'prompt_strict')} | "
+    rows = rows_of(data)
+    unit = max((ledger_columns([row])[2] for *_, row in rows), key=lambda u: u == "GPU-hours")
+    lines = ["| method | gold labels | labels used (ledger) | " + unit + " (ledger) | mean gold score | IFEval "
+             "prompt-level strict | IFEval instruction-level strict | win rate vs SFT | judge's held-out agreement "
+             "| judge's pairs right / tie / wrong by gold | paper (AlpacaEval 2.0 LC) |", "|" + " --- |" * 11]
+    for key, label, share, row in rows:
+        labels, hours, _ = ledger_columns([row])
+        lines.append(f"| {label} | {share} | {labels} | {hours} | {pm(row, 'gold')} | {pm(row, 'prompt_strict')} | "
                      f"{pm(row, 'instruction_strict')} | {pm(row, 'win_rate')} | {agreement(row)} | {judged(row)} | "
                      f"{PAPER.get(key, '')} |")
     return "\n".join(lines)
@@ -65,6 +70,9 @@ IFEval's own instruction checkers (the `if-verifiable` package). ± is one stand
 
 {table(data)}
 
+Labels used and hours come from the runs' stage ledgers: the gold pairs the run read (seed and held-out, counted
+once by its validate stage) and the compute of every stage up to that model (CPU time on this machine; GPU-hours,
+requested GPUs x wall time, where stages held GPUs), stages copied from another run included; the SFT model is given.
 Win rate: each answer against the SFT model's answer (a separate sample) to the same prompt, by gold score, ties ½.
 Gold score: the fraction of the prompt's instructions an answer follows (IFEval strict). The paper's column is its
 Mistral-7B result on a different benchmark, for the shape of the comparison only (its SPA row is iteration 3).

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from spa_operator import warm
 from spa_operator.cli import main
 from spa_workers import contract, storage
 
@@ -219,6 +220,45 @@ def test_plan_check_counts_the_prompts_every_iteration_needs(tmp_path, tiny, cap
     assert "spa plan: inputs OK (32 seed pairs, 64 prompts;" in capsys.readouterr().err
 
 
+def _earlier_run(root: Path) -> None:
+    """The manifests of an earlier run (one iteration, two generate shards): what --rates-from reads."""
+    def put(stage_dir: str, ledger: dict) -> None:
+        d = root / stage_dir
+        d.mkdir(parents=True)
+        (d / contract.MANIFEST).write_text(contract.StageManifest(stage=stage_dir.split("/")[1], files={},
+                                                                  ledger=ledger).to_json())
+
+    L = contract.Ledger
+    put("iter-00/validate", {L.GOLD_LABELS: 32, L.CPU_SECONDS: 36})
+    put("iter-00/seed-train", {L.PAIRS_TRAINED: 32, L.ACCELERATOR_SECONDS: 64, L.CPU_SECONDS: 72})
+    for shard in (0, 1):  # 10 prompts, 20 answers of 6 tokens: 0.5 GPU-s a token
+        put(f"iter-01/generate/shard-{shard:05d}-of-00002", {L.PROMPTS: 5, L.ANSWERS_GENERATED: 10,
+                                                            L.TOKENS_GENERATED: 60, L.ACCELERATOR_SECONDS: 30})
+    put("iter-01/judge/shard-00000-of-00001", {L.PAIRS_JUDGED: 8, L.TOKENS_SCORED: 400, L.ACCELERATOR_SECONDS: 40})
+    put("iter-01/train", {L.PAIRS_TRAINED: 8, L.ACCELERATOR_SECONDS: 16})
+
+
+def test_plan_prints_expected_totals_and_gpu_hours_at_an_earlier_runs_rates(tmp_path, tiny, capsys):
+    """Before a run: the stages and bounds; with --rates-from, the tokens, pairs and GPU-hours the earlier run's
+    measured rates give for this plan (2 iterations of 16 prompts, 2 answers each, seed 32 pairs x 1 epoch)."""
+    run = write_run(tmp_path, tiny, count=2)
+    assert main(["plan", str(run)]) == 0
+    out = capsys.readouterr().out.split("expected totals")[1]
+    assert "stages: 8  (1 validate, 1 seed-train, 2 generate, 2 judge, 2 train)" in out
+    assert "gold labels: 32  (seed 32)" in out and "prompts, answers: 32, 64" in out
+    assert "tokens generated: at most 512  (64 answers x maxNewTokens 8)" in out
+    _earlier_run(tmp_path / "old")
+    assert main(["plan", str(run), "--rates-from", str(tmp_path / "old")]) == 0
+    out = capsys.readouterr().out.split("expected totals")[1]
+    assert "tokens generated: ~384  (6.0 per answer" in out  # 64 answers x 6 tokens
+    assert "pairs judged: ~26  (80.0% of prompts kept" in out  # 32 prompts x 8/10
+    # GPU-s: validate 0 + seed 2/pair x 32 + generate 0.5/token x 384 + judge 0.1/token x (32 x 40 tokens/prompt)
+    # + train 2/pair x 25.6 pairs = 64 + 192 + 128 + 51.2 = 435.2 s
+    assert f"GPU-hours: ~{435.2 / 3600:.3g}" in out
+    assert main(["plan", str(run), "--rates-from", str(tmp_path / "nowhere")]) == 2
+    assert "--rates-from" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ slow: stages run
 
 
@@ -238,7 +278,8 @@ def test_bad_prompts_fail_in_validate_before_training_with_exit_2(tmp_path, tiny
     proc = spa("run", str(run), "--logs", str(logs), env={**s3_env, "SPA_S3_ENDPOINT": ""})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert sorted(p.name for p in logs.iterdir()) == ["iter-00-validate-a1.log"]  # nothing else ran
+    stage_logs = sorted(p.name for p in logs.iterdir() if p.name != warm.SERVER_LOG)  # and the warm server's
+    assert stage_logs == ["iter-00-validate-a1.log"]  # nothing else ran
     failed = [ln for ln in proc.stdout.splitlines() if "iter-00/validate: failed (exit 2)" in ln]
     assert len(failed) == 1 and failed[0].endswith(f"; log: {logs / 'iter-00-validate-a1.log'}"), proc.stdout
     assert f"{prompts}: row 41: missing column prompt" in failed[0]

@@ -24,7 +24,14 @@ def test_spa_after_two_iterations_beats_dpo_on_the_seed_by_more_than_the_spread(
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--fresh",
                            "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads(out.read_text())["summary"]
+    data = json.loads(out.read_text())
+    summary = data["summary"]
+    # the README table's cost columns, from the runs' ledgers: SPA's model after 2 iterations cost more compute than
+    # DPO on the seed (which it builds on) and read the same gold labels
+    conds = data["per_seed"]["0"]["conditions"]
+    dpo_cost, spa_cost = conds["dpo-seed"]["0"]["cost"]["ledger"], conds["spa"]["2"]["cost"]["ledger"]
+    assert spa_cost["gold_labels"] == dpo_cost["gold_labels"] == data["per_seed"]["0"]["info"]["seed_pairs"]
+    assert spa_cost["cpu_seconds"] > conds["spa"]["1"]["cost"]["ledger"]["cpu_seconds"] > dpo_cost["cpu_seconds"] > 0
     spa2, dpo = summary["spa_iter2_win_rate"], summary["dpo_seed_win_rate"]
     gain = spa2 - dpo
     assert gain > spread, (f"SPA after 2 iterations {spa2:.3f} vs DPO on the seed {dpo:.3f}: gain {gain:+.3f} is not "

@@ -65,8 +65,12 @@ def test_quick_runs_every_condition_on_the_real_model_and_checker(tmp_path, monk
             assert row["answers"] == row["checked"] == answers, where
             for key in SCORES:
                 assert 0.0 <= row[key] <= 1.0, (where, key, row[key])
-            if name != "sft":  # a model the pipeline trained: its stage manifests were read
+            if name != "sft":  # a model the pipeline trained: its stage manifests were read, and their ledgers
                 assert "train" in row, where
+                ledger = row["cost"]["ledger"]
+                assert ledger["cpu_seconds"] > 0 and ledger["pairs_trained"] > 0, where
+                seed = data["info"]["all_pairs" if name == "dpo-all" else "seed_pairs"]
+                assert ledger["gold_labels"] == seed + data["info"]["heldout_pairs"], where
     for it in conds["spa"]:  # the judge's pairs of every iteration were compared by the gold checker
         assert conds["spa"][it]["judge_vs_gold"]["pairs"] >= 1
     # --full's last step, the table and the picture, on these results
@@ -77,6 +81,10 @@ def test_quick_runs_every_condition_on_the_real_model_and_checker(tmp_path, monk
     md = (tmp_path / "real-model.md").read_text()
     for label in ("SFT", "DPO on the seed", "DPO on 100% of the labels", "SPA iteration 1"):
         assert f"| {label} |" in md
+    assert "| labels used (ledger) | CPU-hours (ledger) |" in md
+    spa1 = next(line for line in md.splitlines() if line.startswith("| SPA iteration 1 |")).split(" | ")
+    assert int(spa1[2].replace(",", "")) == data["info"]["seed_pairs"] + data["info"]["heldout_pairs"]
+    assert float(spa1[3]) > 0
     assert (tmp_path / "real-model.png").stat().st_size > 0
 
 

@@ -54,9 +54,13 @@ def test_window_is_a_fifo_and_its_threshold_the_k_quantile():
     assert w3.values() == w.values() and w3.threshold() == w.threshold()
 
 
-def test_empty_window_uses_the_batch_itself():
+def test_empty_window_has_no_threshold_and_nobody_is_low_confidence():
+    """The first optimiser step: the window is empty, so no sample is judged low-confidence (DESIGN §3)."""
     w = MarginWindow(size=10, quantile=0.5)
-    assert w.threshold(fallback=t([3.0, 1.0, 2.0])) == pytest.approx(2.0)
+    assert w.threshold() is None
+    losses, stats = self_refinement_losses(t([3.0, -1.0]), None, beta=1.0, alpha=0.5, threshold=w.threshold())
+    assert stats.low_confidence.tolist() == [False, False] and stats.refined_fraction == 0.0
+    assert losses.tolist() == pytest.approx([plain(3.0), plain(-1.0)], rel=1e-12)
 
 
 def test_warmup_alpha():
@@ -76,17 +80,18 @@ def test_loss_after_warmup_matches_the_formula_and_threshold_comes_from_the_wind
     m_hand = [(-10 + 11) - (-10.5 + 10), (-12 + 10) - (-11 + 10.5), (-9 + 9.5) - (-9.2 + 9.1)]
     assert m.tolist() == pytest.approx(m_hand)  # [1.5, -1.5, 0.6]
     losses, stats = self_refinement_losses(
-        m.clone().requires_grad_(), None, beta=beta, alpha=alpha, window=window
+        m.clone().requires_grad_(), None, beta=beta, alpha=alpha, threshold=window.threshold()
     )
     # λ = 0: m̃ = m; scores β·m = [0.75, −0.75, 0.3]; threshold = median of the window BEFORE this batch = 0.6
     assert stats.threshold == pytest.approx(0.6)
-    assert stats.window_size == 4
+    assert window.values() == [0.1, 0.4, 0.8, 1.2]  # the loss leaves the window alone: the step pushes, once
     expected = [plain(0.75), smoothed(-0.75, alpha), smoothed(0.3, alpha)]
     assert losses.tolist() == pytest.approx(expected, rel=1e-12)
     assert stats.low_confidence.tolist() == [False, True, True]
     assert stats.refined_fraction == pytest.approx(2 / 3)
     assert stats.reward_accuracy == pytest.approx(2 / 3)
-    # then this batch entered the FIFO (the oldest three left)
+    # the caller pushes the step's scores once the step is over: the oldest three leave the FIFO
+    window.push(stats.scores)
     assert window.values() == pytest.approx([1.2, 0.75, -0.75, 0.3])
     # and the gradient flows through m
     losses.sum().backward()
@@ -97,7 +102,7 @@ def test_warmup_means_plain_dpo_even_for_low_confidence_samples():
     window = MarginWindow(size=8, quantile=0.5)
     window.push([5.0, 6.0])
     m = t([2.0, -3.0, 80.0])  # β·m = 0.2, −0.3, 8.0: the first two are below the threshold 5.5
-    losses, stats = self_refinement_losses(m, None, beta=beta, alpha=0.0, window=window)
+    losses, stats = self_refinement_losses(m, None, beta=beta, alpha=0.0, threshold=window.threshold())
     assert stats.low_confidence.tolist() == [True, True, False]
     assert stats.refined_fraction == 0.0  # flagged, but nothing smoothed while α = 0
     assert losses.tolist() == pytest.approx([plain(0.2), plain(-0.3), plain(8.0)], rel=1e-12)
@@ -109,28 +114,30 @@ def test_extrapolated_margin_decides_who_is_low_confidence_but_the_loss_uses_m()
     window.push([0.0, 0.0, 1.0, 1.0])  # threshold 0.5
     m = t([1.0, 1.0])
     m_tilde = t([0.2, 2.0])  # first sample looks confident by m but not by m̃
-    losses, stats = self_refinement_losses(m, m_tilde, beta=beta, alpha=alpha, window=window)
+    losses, stats = self_refinement_losses(m, m_tilde, beta=beta, alpha=alpha, threshold=window.threshold())
     assert stats.threshold == pytest.approx(0.5)
     assert stats.low_confidence.tolist() == [True, False]
     assert losses.tolist() == pytest.approx([smoothed(1.0, alpha), plain(1.0)], rel=1e-12)
-    assert window.values()[-2:] == pytest.approx([0.2, 2.0])  # the window holds β·m̃, not β·m
+    assert stats.scores.tolist() == pytest.approx([0.2, 2.0])  # what the window gets: β·m̃, not β·m
 
 
-def test_gathered_scores_set_one_threshold_for_all_ranks():
-    """With a gather, the window gets every rank's scores; each rank's mask covers only its own samples."""
+def test_gathered_scores_and_one_threshold_for_all_ranks():
+    """With a gather, the statistics hold every rank's scores; each rank's mask covers only its own samples."""
     other_rank = t([-4.0, -3.0])
     window = MarginWindow(size=16, quantile=0.5)
+    window.push([-1.0, 1.5, 3.0])  # median 1.5
     m = t([1.0, 2.0])
 
     def gather(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, other_rank.to(x.dtype)])
 
-    losses, stats = self_refinement_losses(m, None, beta=1.0, alpha=0.5, window=window, gather=gather)
-    # empty window: threshold from this step's 4 gathered scores [1, 2, −4, −3] → median −1
-    assert stats.threshold == pytest.approx(quantile([1.0, 2.0, -4.0, -3.0], 0.5)) == pytest.approx(-1.0)
-    assert len(window) == 4 and stats.scores.numel() == 4
+    losses, stats = self_refinement_losses(m, None, beta=1.0, alpha=0.5, threshold=window.threshold(),
+                                           gather=gather)
+    assert stats.threshold == pytest.approx(1.5)
+    assert stats.scores.tolist() == [1.0, 2.0, -4.0, -3.0] and stats.low_confidence.tolist() == [True, False, True,
+                                                                                                   True]
     assert losses.shape == (2,)
-    assert losses.tolist() == pytest.approx([plain(1.0), plain(2.0)], rel=1e-12)
+    assert losses.tolist() == pytest.approx([smoothed(1.0, 0.5), plain(2.0)], rel=1e-12)
 
 
 def test_refined_losses_vectorised_formula():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -258,6 +259,38 @@ def test_failed_download_leaves_no_partial_file(s3_env, tmp_path, monkeypatch):
     with pytest.raises(storage.StorageError):
         storage.download_file(uri, str(tmp_path / "big.bin"))
     assert os.listdir(tmp_path) == []
+
+
+def test_large_s3_outputs_are_identified_by_their_etag_not_hashed_again(root):
+    """Issue 21.2: publishing a model read every weight file once more to hash it (~1.5 s for 538 MB, minutes at
+    14.5 GB). On S3 a file above the multipart threshold is identified by the ETag S3 computed from the bytes it
+    received; small files, and every local output, keep their sha256."""
+    big = os.urandom(1024) * (contract.ETAG_IDENTIFIES_ABOVE // 1024 + 1)
+
+    def body(work):
+        os.makedirs(os.path.join(work.dir, "model"))
+        with open(os.path.join(work.dir, "model", "model.safetensors"), "wb") as fh:
+            fh.write(big)
+        with open(os.path.join(work.dir, contract.RESPONSES_FILE), "w") as fh:
+            fh.write('{"a": 1}\n')
+
+    args = _args(root)
+    assert run_stage(args, body) == 0
+    (m,) = contract.read_stage_manifests(args)
+    out = contract.shard_dir(args.output, 0, 1)
+    assert m.files[contract.RESPONSES_FILE] == {"bytes": 9, "sha256": hashlib.sha256(b'{"a": 1}\n').hexdigest()}
+    weights = m.files["model/model.safetensors"]
+    if storage.is_s3(root):
+        bucket, key = storage.split_s3(storage.join(out, "model/model.safetensors"))
+        head = storage._client().head_object(Bucket=bucket, Key=key)
+        assert weights == {"bytes": len(big), "etag": head["ETag"].strip('"'),
+                           "part_bytes": storage.MULTIPART_THRESHOLD}
+        # the ETag names the content: the MD5 of the parts' MD5s, for parts of part_bytes
+        parts = [hashlib.md5(big[i: i + storage.MULTIPART_THRESHOLD]).digest()
+                 for i in range(0, len(big), storage.MULTIPART_THRESHOLD)]
+        assert weights["etag"] == f"{hashlib.md5(b''.join(parts)).hexdigest()}-{len(parts)}"
+    else:
+        assert weights == {"bytes": len(big), "sha256": hashlib.sha256(big).hexdigest()}
 
 
 def test_move_tree_and_set_aside(root):

@@ -146,25 +146,28 @@ def test_one_trl_step_changes_the_weights_and_lowers_the_batch_loss(tiny, tiny_p
     trainer = make_trainer(args, rows, str(tmp_path / "scratch"), refinement=refinement, max_steps=1)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])  # the whole dataset
 
-    def batch_loss() -> float:
-        trainer.window.load_state_dict({"values": []})  # same (empty) window each time: same threshold rule
+    def batch_loss(window: list[float]) -> tuple[float, list[float]]:
+        trainer.window.load_state_dict({"values": window})  # the same window each time: the same threshold
         trainer.model.train()
         with torch.no_grad():
             loss = float(trainer.compute_loss(trainer.model, batch))
+        scores = trainer._micro[0]["scores"].tolist()
         trainer._micro.clear()
-        return loss
+        return loss, scores
 
+    _, scores = batch_loss([])  # the batch's own β·m̃ (an empty window: no threshold)
     before_params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    before = batch_loss()
-    trainer.train()  # max_steps=1, batch 8 = every row: the step's batch is this batch
-    after = batch_loss()
+    before, _ = batch_loss(scores)  # against a window of them: half the batch is low-confidence
+    trainer.window.load_state_dict({"values": scores})
+    trainer.train()  # max_steps=1, batch 8 = every row: the step's batch is this batch, and this its window
+    after, _ = batch_loss(scores)
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before_params[n])]
     assert changed, "the optimiser step changed no weight"
     assert after < before - 1e-4
     (step,) = trainer.step_log
     assert step["step"] == 1 and step["samples"] == 8
     assert step["loss"] == pytest.approx(before, abs=1e-5)  # the step trained on exactly this loss
-    assert step["alpha"] == 0.2 and 0 < step["refined_fraction"] <= 0.75
+    assert step["alpha"] == 0.2 and step["refined_fraction"] == 0.5
 
 
 def test_extrapolated_logps_equal_full_logits_computation(tiny, tiny_policy, pairs, tmp_path):
@@ -289,7 +292,8 @@ def test_seed_train_and_train_through_the_cli(trained, tiny):
     it_log = read_log(trained["iter"])
     assert [r["step"] for r in it_log] == [1, 2, 3, 4]
     assert [r["alpha"] for r in it_log] == [0.0, 0.1, 0.1, 0.1]
-    assert all(r["threshold"] is not None and len(r["scores"]) == 4 for r in it_log)
+    assert all(len(r["scores"]) == 4 for r in it_log)
+    assert it_log[0]["threshold"] is None and all(r["threshold"] is not None for r in it_log[1:])  # empty at first
     assert it_m["metrics"][ManifestKeys.REFINED_FRACTION] > 0
     assert it_m["metrics"][ManifestKeys.THRESHOLD] == it_log[-1]["threshold"]
     assert all(r["lr"] > 0 for r in it_log)
@@ -348,7 +352,8 @@ def test_killed_run_resumes_from_its_checkpoint(trained, worker, tmp_path):
     assert [r["step"] for r in res] == [1, 2, 3, 4]
     for a, b in zip(full, res, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
-        assert b["threshold"] == pytest.approx(a["threshold"], abs=1e-6)
+        assert (a["threshold"] is None and b["threshold"] is None) or b["threshold"] == pytest.approx(
+            a["threshold"], abs=1e-6)
         assert b["window_size"] == a["window_size"]
     w_full, w_res = state_dict(os.path.join(trained["iter"], "model")), state_dict(os.path.join(out, "model"))
     assert all(torch.allclose(w_full[k], w_res[k], atol=1e-6) for k in w_full)
@@ -440,9 +445,11 @@ def test_two_process_run_shares_one_window(trained, tmp_path):
     for rec in log:
         assert rec["samples"] == 4 and len(rec["scores"]) == 4  # 2 per rank, gathered
         assert rec["window_size"] == min(window, len(history))  # 2 × per-process batch after step 1
-        expected = quantile(history[-window:] if history else rec["scores"], 0.25)
-        assert rec["threshold"] == pytest.approx(expected, abs=1e-9)
-        assert rec["rank_thresholds"] == [rec["threshold"]] * 2  # both ranks used this one threshold
+        if history:
+            assert rec["threshold"] == pytest.approx(quantile(history[-window:], 0.25), abs=1e-9)
+            assert rec["rank_thresholds"] == [rec["threshold"]] * 2  # both ranks used this one threshold
+        else:
+            assert rec["threshold"] is None  # the first step: an empty window
         history += rec["scores"]
     assert log[1]["window_size"] == 4
     # and the run is the single-process run of the same effective batch

@@ -56,12 +56,26 @@ def argv_value(m: dict, flag: str) -> str:
 
 
 def assert_fsdp_active(stderr: str) -> None:
-    """Both ranks report every policy and reference parameter as a DTensor holding half the elements."""
+    """Both ranks report every policy and reference parameter as a DTensor holding half the elements, and both
+    models sharded per decoder layer (TRL alone would shard the reference at its root only: one unit)."""
     lines = re.findall(r"rank (\d): fsdp (policy|reference): (\d+)/(\d+) parameters are DTensor shards, "
-                       r"(\d+)/(\d+) elements local", stderr)
+                       r"(\d+)/(\d+) elements local, (\d+) FSDP units for (\d+) layers", stderr)
     assert {(r, m) for r, m, *_ in lines} == {(r, m) for r in "01" for m in ("policy", "reference")}, stderr[-3000:]
-    for _, _, sharded, n, local, total in lines:
+    for _, _, sharded, n, local, total, units, layers in lines:
         assert sharded == n and int(local) * 2 == int(total)
+        assert int(units) > int(layers)  # one unit per decoder layer, plus the rest
+
+
+def assert_weights_came_from_rank0(stderr: str, sft_dir: str) -> None:
+    """CPU-RAM-efficient loading, the GPU path: rank 0 read the weights, rank 1 none; after sharding, the
+    reference's (and the untrained policy's) shards on both ranks hold the SFT model's weights: their sums of squares
+    add up to the SFT file's (a rank left with zeros, as TRL's own reference preparation leaves it, would not)."""
+    assert "rank 0: loaded the weights" in stderr and "rank 1: loaded no weights" in stderr
+    sft = sum(float(t.double().pow(2).sum()) for t in load_file(os.path.join(sft_dir, "model.safetensors")).values())
+    for model in ("policy", "reference"):
+        per_rank = dict(re.findall(rf"rank (\d): fsdp {model}: .*local sum of squares (\S+)", stderr))
+        assert per_rank.keys() == {"0", "1"} and all(float(v) > 0 for v in per_rank.values())
+        assert sum(float(v) for v in per_rank.values()) == pytest.approx(sft, rel=1e-6)
 
 
 def assert_same_run(a_dir: str, b_dir: str, tol: float = 5e-5) -> None:
@@ -91,14 +105,16 @@ def fsdp(base, tmp_path_factory) -> dict:
 
 
 def test_fsdp_two_processes_shard_and_match_one_process(fsdp, single, tiny):
-    """auto → FSDP2 full-shard on CPU/gloo, really active; λ > 0 goes through the sharded models; the gathered
-    model equals the single-process one."""
+    """auto → FSDP2 full-shard on CPU/gloo, really active, both models per layer, weights read by rank 0 only and
+    received by rank 1; λ > 0 goes through the sharded models; the gathered model equals the single-process one."""
     assert "launching 2 processes" in fsdp["stderr"]
     assert_fsdp_active(fsdp["stderr"])
+    assert_weights_came_from_rank0(fsdp["stderr"], tiny["model"])
     log = read_log(fsdp["out"])
     assert [r["step"] for r in log] == [1, 2]
     assert log[0]["loss"] == pytest.approx(LN2, abs=1e-6)  # policy == reference on both ranks
-    assert log[0]["samples"] == 4 and log[0]["rank_thresholds"] == [log[0]["threshold"]] * 2
+    assert log[0]["samples"] == 4 and log[0]["threshold"] is None  # the first step has an empty window
+    assert log[1]["threshold"] is not None and log[1]["rank_thresholds"] == [log[1]["threshold"]] * 2
     m = manifest(fsdp["out"])
     assert m["counts"][contract.ManifestKeys.PROCESSES] == 2
     assert m["counts"][contract.ManifestKeys.EFFECTIVE_BATCH] == 4

@@ -5,7 +5,7 @@ checkpoint cadence and how checkpoint files are shared out between a node's proc
 from __future__ import annotations
 
 import pytest
-from spa_workers import checkpoints, launch
+from spa_workers import checkpoints, engine, launch
 from spa_workers.contract import StageInputError, TrainArgs
 
 
@@ -21,6 +21,9 @@ def args(**kw) -> TrainArgs:
         ({"processes": 2, "lora_r": 8}, True, "ddp"),  # LoRA: replicas
         ({"processes": 4, "nodes": 2, "strategy": "deepspeed"}, True, "deepspeed"),
         ({"processes": 1, "nodes": 2, "strategy": "ddp"}, False, "ddp"),
+        ({"strategy": "fsdp"}, True, "fsdp"),  # one GPU, asked for: the bf16 sharded path (the GPU check)
+        ({"strategy": "fsdp"}, False, "none"),  # one CPU process: nothing to shard over
+        ({"strategy": "auto"}, True, "none"),
     ],
 )
 def test_strategy(kw, cuda, expected):
@@ -70,7 +73,7 @@ def test_fsdp_launch_on_one_node(monkeypatch):
     assert o["--num_processes"] == "8" and o["--num_machines"] == "1" and o["--machine_rank"] == "0"
     assert o["--main_process_ip"] == "127.0.0.1" and o["--main_process_port"] == str(launch.DEFAULT_PORT)
     assert o["--use_fsdp"] is True and o["--fsdp_version"] == "2" and o["--fsdp_reshard_after_forward"] == "true"
-    assert o["--fsdp_state_dict_type"] == "SHARDED_STATE_DICT" and o["--fsdp_cpu_ram_efficient_loading"] == "false"
+    assert o["--fsdp_state_dict_type"] == "SHARDED_STATE_DICT" and o["--fsdp_cpu_ram_efficient_loading"] == "true"
     assert o["--mixed_precision"] == "bf16" and o["--max_restarts"] == "0"
     assert o["--rdzv_backend"] == "static" and o["--rdzv_conf"] == "timeout=900"
     child = TrainArgs.from_argv(argv[argv.index("spa_workers.cli") + 2 :])
@@ -99,10 +102,11 @@ def test_ddp_launch_on_cpu():
     assert "--use_fsdp" not in o and "--use_deepspeed" not in o
 
 
-def test_only_an_unlaunched_multi_process_stage_launches(monkeypatch):
+def test_only_an_unlaunched_multi_process_or_sharded_stage_launches(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert launch.needs_launch(args(processes=2)) and launch.needs_launch(args(nodes=2))
     assert not launch.needs_launch(args())
+    assert not launch.needs_launch(args(strategy="fsdp"))  # one process on this CUDA-less machine: no launcher
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert not launch.needs_launch(args(processes=2))  # already a rank
 
@@ -182,3 +186,29 @@ def test_bad_multi_process_input_fails_before_the_launch(tiny, tmp_path, extra, 
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]
     assert message in proc.stderr.strip().splitlines()[-1]
     assert "launching" not in proc.stderr
+
+
+def _step_loss(plan: engine.StepPlan, losses: list[list[list[float]]]) -> float:
+    """What the optimiser sees: per micro-batch and rank, Σ mask·loss·scale; the Trainer divides by the step's
+    micro-batches and the gradient reduction averages over the processes."""
+    total = 0.0
+    for micro, per_rank in enumerate(losses):
+        for rank, local in enumerate(per_rank):
+            mask, scale = plan.weights(micro, rank, len(local))
+            total += sum(m * v for m, v in zip(mask.tolist(), local, strict=True)) * scale
+    return total / len(losses) / plan.processes
+
+
+def test_an_optimiser_step_is_the_mean_over_its_real_pairs_whatever_the_layout():
+    pairs = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # a global batch of 8 with only 6 real pairs: the epoch's last step
+    mean = sum(pairs) / 6
+    pad = [9.0, 9.0]  # accelerate's even_batches padding: samples from the epoch's start, last in the gather
+    one = engine.StepPlan.of([6], 1, -1)  # one process: no padding
+    assert _step_loss(one, [[pairs]]) == pytest.approx(mean)
+    two = engine.StepPlan.of([4], 2, 6)  # 2 processes x 4: rank 1 holds 5, 6 and the padding
+    assert two.real == (6,) and _step_loss(two, [[pairs[:4], pairs[4:] + pad]]) == pytest.approx(mean)
+    accum = engine.StepPlan.of([2, 2], 2, 2)  # 2 processes x 2, accumulation 2: the second micro-batch is ragged
+    assert accum.real == (4, 2) and accum.total == 6
+    assert _step_loss(accum, [[pairs[:2], pairs[2:4]], [pairs[4:], pad]]) == pytest.approx(mean)
+    full = engine.StepPlan.of([2, 2], 2, 0)  # remainder 0: the last batch is full
+    assert full.real == (4, 4)

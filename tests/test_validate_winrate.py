@@ -43,7 +43,7 @@ def tokenizer_only_copy(model: str, dest: Path, chat_template: bool = True) -> P
 
 def win_rate_run(tmp_path: Path, tiny: dict[str, str], **win: object) -> Path:
     run = write_run(tmp_path, tiny)
-    edit(run, lambda s: s.update(evaluation={"winRate": {"judge": JUDGE, **win}}))
+    edit(run, lambda s: s.update(evaluation={"winRate": {"judge": JUDGE, **win}}))  # win may name its own judge
     return run
 
 
@@ -65,6 +65,8 @@ def test_plan_names_missing_win_rate_files_and_reference_model(tmp_path, tiny, c
     (prompts(5), {"samples": 3, "referenceAnswers": [*answers(1), {"text": "2."}, *answers(3)]},
      "{answers}: row 2: missing string column answer (or output)"),
     (prompts(5), {"referenceModel": "no-chat-template"}, "model {model}: tokenizer has no chat template"),
+    (prompts(5), {"lengthControl": "alpacaEvalV1"}, "{prompts}: has 5 prompts, but lengthControl alpacaEvalV1 needs "
+     "AlpacaEval's 805 instructions in their order (spec.evaluation.winRate.lengthControl)"),
 ])
 def test_plan_check_rejects_unusable_win_rate_inputs(tmp_path, tiny, capsys, prompt_rows, win, expected):
     paths = {"prompts": write_jsonl(tmp_path / "win-prompts.jsonl", prompt_rows),
@@ -84,14 +86,17 @@ def test_plan_check_accepts_usable_win_rate_inputs(tmp_path, tiny, capsys):
     broken = tmp_path / "unused-model"
     broken.mkdir()
     (broken / "config.json").write_text("{")
-    run = win_rate_run(tmp_path, tiny, prompts=str(write_jsonl(tmp_path / "p.jsonl", prompts(5))), samples=4,
-                       referenceAnswers=str(write_jsonl(tmp_path / "a.jsonl", answers(4))),
-                       referenceModel=str(broken))
-    assert main(["plan", str(run), "--check"]) == 0
-    assert "4 winrate prompts, 4 winrate reference answers;" in capsys.readouterr().err
-    edit(run, lambda s: s["evaluation"]["winRate"].update(
-        referenceAnswers=None, referenceModel=str(tokenizer_only_copy(tiny["model"], tmp_path / "ref"))))
-    assert main(["plan", str(run), "--check"]) == 0
+    from judge_server import FakeJudge
+
+    with FakeJudge(lambda i, f, s: 0.5) as judge:  # the judge is probed too
+        run = win_rate_run(tmp_path, tiny, prompts=str(write_jsonl(tmp_path / "p.jsonl", prompts(5))), samples=4,
+                           referenceAnswers=str(write_jsonl(tmp_path / "a.jsonl", answers(4))),
+                           referenceModel=str(broken), judge={"endpoint": judge.url, "model": "judge"})
+        assert main(["plan", str(run), "--check"]) == 0
+        assert "4 winrate prompts, 4 winrate reference answers;" in capsys.readouterr().err
+        edit(run, lambda s: s["evaluation"]["winRate"].update(
+            referenceAnswers=None, referenceModel=str(tokenizer_only_copy(tiny["model"], tmp_path / "ref"))))
+        assert main(["plan", str(run), "--check"]) == 0
 
 
 def test_worker_validate_rejects_a_broken_reference_model_in_one_line(tmp_path, tiny):
@@ -106,3 +111,81 @@ def test_worker_validate_rejects_a_broken_reference_model_in_one_line(tmp_path, 
     errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
     assert len(errors) == 1 and errors[0].startswith(
         f"spa-worker validate: error: model {broken}: config.json does not load ("), proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------- the judge, probed before any GPU work
+
+SECRET = "sk-probe-Zq8v1-DO-NOT-PRINT"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def judged_run(tmp_path: Path, tiny: dict[str, str], endpoint: str, **judge: object) -> Path:
+    return win_rate_run(tmp_path, tiny, prompts=str(write_jsonl(tmp_path / "p.jsonl", prompts(3))),
+                        referenceAnswers=str(write_jsonl(tmp_path / "a.jsonl", answers(3))),
+                        judge={"endpoint": endpoint, "model": "judge", **judge})
+
+
+@pytest.mark.parametrize(("server", "key", "code", "expected"), [
+    ("down", SECRET, 1, "judge {url}: unreachable (APIConnectionError) after 2 retries"),
+    ("keyed", "sk-wrong", 2, "judge {url}: HTTP 401 (the API key was refused: SPA_JUDGE_API_KEY, or "
+                             "judge.secretRef on a cluster), not retried: Incorrect API key provided"),
+    ("html", SECRET, 2, "judge {url}: HTTP 200 but the reply is not a chat completion (text/html: '<html><body>"),
+    ("keyed", SECRET, 0, None),
+])
+def test_plan_check_probes_the_judge_with_the_key(tmp_path, tiny, capsys, monkeypatch, server, key, code, expected):
+    """`spa plan --check` said "inputs OK" with the judge down; the failure came after seed training. Now one small
+    request with the key: unreachable is retryable (1), a refused key or an unusable reply is bad input (2)."""
+    from judge_server import FakeJudge
+
+    monkeypatch.setenv("SPA_JUDGE_API_KEY", key)
+    judge = FakeJudge(lambda i, f, s: 0.5, api_key=SECRET, fault_all="html" if server == "html" else None)
+    if server == "down":
+        url = f"http://127.0.0.1:{_closed_port()}/v1"
+        assert main(["plan", str(judged_run(tmp_path, tiny, url)), "--check"]) == code
+    else:
+        with judge:
+            url = judge.url
+            assert main(["plan", str(judged_run(tmp_path, tiny, url)), "--check"]) == code
+        assert len(judge.requests) == 1 and judge.requests[0]["auth"] == f"Bearer {key}"
+    err = capsys.readouterr().err
+    assert SECRET not in err
+    if expected is None:
+        assert err.strip().endswith("storage is writable; the judge answers)"), err
+    else:
+        assert err.strip().splitlines() == ["spa plan: error: " + expected.format(url=url)] or \
+            err.strip().startswith("spa plan: error: " + expected.format(url=url)), err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_worker_validate_refuses_a_bad_key_in_one_line(tmp_path, tiny):
+    from judge_server import FakeJudge
+
+    with FakeJudge(lambda i, f, s: 0.5, api_key=SECRET) as judge:
+        proc = run_worker("validate", "--model", tiny["model"], "--seed-pairs", tiny["seed"], "--prompts",
+                          tiny["prompts"], "--output", str(tmp_path / "out"), "--judge-endpoint", judge.url,
+                          "--judge-model", "judge", env={"SPA_JUDGE_API_KEY": "sk-wrong"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert errors == [f"spa-worker validate: error: judge {judge.url}: HTTP 401 (the API key was refused: "
+                      "SPA_JUDGE_API_KEY, or judge.secretRef on a cluster), not retried: Incorrect API key provided"]
+    assert len(judge.requests) == 1 and "Traceback" not in proc.stderr
+
+
+def test_a_secret_ref_needs_the_key_in_the_environment_here(tmp_path, tiny, capsys, monkeypatch):
+    """On one machine a secretRef names nothing that exists: without SPA_JUDGE_API_KEY every judgment would be
+    refused after the GPU work. `spa run` and `spa plan --check` say so first, in one line."""
+    monkeypatch.delenv("SPA_JUDGE_API_KEY", raising=False)
+    run = judged_run(tmp_path, tiny, "http://127.0.0.1:9/v1", secretRef={"name": "judge-key"})
+    for argv in (["plan", str(run), "--check"], ["run", str(run)]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"spa {argv[0]}: error: spec.evaluation.winRate.judge.secretRef names a cluster Secret; here set "
+            "SPA_JUDGE_API_KEY to the judge's API key"]
+    assert not (tmp_path / "store").exists()  # nothing ran

@@ -4,6 +4,7 @@ benchmarks/gpu_train.py is the GPU check). vLLM itself is replaced by a recorder
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import types
 from typing import Any, ClassVar
@@ -17,18 +18,20 @@ class FakeLLM:
     made: ClassVar[list[dict[str, Any]]] = []
 
     def __init__(self, **kwargs: Any) -> None:
-        FakeLLM.made.append(kwargs)
-        self.stopped = False
+        # what vLLM would read from the environment now: its engine core in this process ("0") or its own
+        FakeLLM.made.append({**kwargs, "in_process": os.environ.get(vllm_engine.MULTIPROCESSING_ENV) == "0"})
+        self.stopped: float | None = None
         self.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(shutdown=self._stop))
 
-    def _stop(self) -> None:
-        self.stopped = True
+    def _stop(self, timeout: float | None = None) -> None:
+        self.stopped = timeout
 
 
 @pytest.fixture()
 def fake_vllm(monkeypatch):
     mod = types.ModuleType("vllm")
     mod.LLM, mod.SamplingParams = FakeLLM, lambda **kw: kw
+    mod.envs = types.SimpleNamespace()
     inputs = types.ModuleType("vllm.inputs")
     inputs.TokensPrompt = dict
     monkeypatch.setitem(sys.modules, "vllm", mod)
@@ -37,15 +40,44 @@ def fake_vllm(monkeypatch):
     return FakeLLM
 
 
-def test_engine_is_built_with_the_tensor_parallel_size(fake_vllm):
+def test_engine_is_built_with_the_tensor_parallel_size(fake_vllm, monkeypatch):
+    monkeypatch.delenv(vllm_engine.MULTIPROCESSING_ENV, raising=False)
     with vllm_engine.engine("/models/m", max_model_len=64, seed=3, tensor_parallel_size=4) as llm:
         assert fake_vllm.made == [{"model": "/models/m", "dtype": "float32", "enforce_eager": True,
                                    "max_model_len": 64, "seed": 3, "tensor_parallel_size": 4,
                                    # CPU: no chunked prefill (per-request seeds), a step that holds a whole prompt
-                                   "enable_chunked_prefill": False, "max_num_batched_tokens": 2048}]
-    assert llm.stopped
+                                   "enable_chunked_prefill": False, "max_num_batched_tokens": 2048,
+                                   "in_process": True}]  # scoring: the quick start
+    assert llm.stopped == vllm_engine.SHUTDOWN_TIMEOUT_S == 1.0  # the engine is done: vLLM's 5 s wait is not
+    assert vllm_engine.MULTIPROCESSING_ENV not in os.environ  # only while the engine is built
     with vllm_engine.engine("/models/m", max_model_len=64):
         assert fake_vllm.made[-1]["tensor_parallel_size"] == 1
+
+
+@pytest.mark.parametrize(("planned", "dtype", "eager", "in_process"), [
+    (vllm_engine.QUICK_START_MAX_TOKENS, "float32", True, True),  # small: starts in seconds
+    (vllm_engine.QUICK_START_MAX_TOKENS + 1, "bfloat16", False, False),  # large: vLLM's defaults decode faster
+])
+def test_cpu_engine_mode_follows_the_stage_size(fake_vllm, monkeypatch, planned, dtype, eager, in_process):
+    """Issue 21.3: float32 + eager everywhere on CPU decoded at 0.56x vLLM's defaults but started 60 s sooner."""
+    monkeypatch.delenv(vllm_engine.MULTIPROCESSING_ENV, raising=False)
+    with vllm_engine.engine("/models/m", max_model_len=64, planned_tokens=planned):
+        made = fake_vllm.made[-1]
+        assert (made["dtype"], made["enforce_eager"], made["in_process"]) == (dtype, eager, in_process)
+        assert not made["enable_chunked_prefill"]  # per-prompt seeds need it off in both modes
+    assert vllm_engine.engine_mode(planned) == ("cpu float32 eager in-process" if eager else "cpu bfloat16 compiled")
+
+
+def test_generate_plans_by_the_whole_stage_not_the_shard(tiny):
+    """Every shard of a stage picks the same engine mode (so a prompt's answers never depend on sharding)."""
+    sizes = set()
+    for shard in range(3):
+        args = GenerateArgs(policy="p", prompts=tiny["prompts"], output="o", slice_start=4, slice_end=-1,
+                            shard_index=shard, shard_count=3, responses_per_prompt=2, max_new_tokens=100)
+        selected, slice_size = generate.select_prompts(args)
+        assert len(selected) == 20
+        sizes.add(generate.planned_tokens(args, slice_size))
+    assert sizes == {60 * 2 * 100}
 
 
 class Built(Exception):
@@ -57,7 +89,8 @@ def engine_calls(monkeypatch, fake_vllm):
     calls: list[dict[str, Any]] = []
 
     @contextlib.contextmanager
-    def recorder(model_dir: str, max_model_len: int, seed: int = 0, tensor_parallel_size: int = 1):
+    def recorder(model_dir: str, max_model_len: int, seed: int = 0, tensor_parallel_size: int = 1,
+                 planned_tokens: int | None = None):
         calls.append({"model_dir": model_dir, "tensor_parallel_size": tensor_parallel_size})
         raise Built
         yield  # pragma: no cover

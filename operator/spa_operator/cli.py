@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -18,23 +19,30 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 from spa_workers import aside, storage
-from spa_workers.contract import EXIT_BAD_INPUT, EXIT_STORAGE, StageInputError
+from spa_workers.contract import (
+    EXIT_BAD_INPUT,
+    EXIT_STORAGE,
+    JUDGE_API_KEY_ENV,
+    StageInputError,
+    StageRetryableError,
+)
 from spa_workers.storage import StorageError
 
-from spa_operator import inputs, local, rerun
+from spa_operator import cost_report, inputs, local, rerun, warm
 from spa_operator.inputs import is_local_path as _is_local_path
-from spa_operator.planner import Action, stage_graph
+from spa_operator.planner import PUBLISHED_FILE, Action, stage_graph
 from spa_operator.progress import plain_or_live
 from spa_operator.spec import AlignmentRun, SpecError, load_run, parse_run
-from spa_operator.summary import COLUMNS, summarize, table_rows, write_report
+from spa_operator.summary import COLUMNS, lc_label, shown_columns, summarize, table_rows, write_report
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 RUN_SNAPSHOT = "run.yaml"  # the resolved manifest, saved in the run root (what `spa report DIR` reads)
 
 err = Console(stderr=True)
-# Not a terminal (a log file, a pipe): no width to fit, so the table is never squeezed to 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 200)
+# Not a terminal (a log file, a pipe): no width to fit, so the table is never squeezed to 80 columns (unless
+# COLUMNS asks for a width).
+out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 
 
 def say(text: str) -> None:
@@ -75,6 +83,15 @@ def _load(path: str, storage_override: str | None) -> tuple[AlignmentRun, str]:
 # ------------------------------------------------------------------------------------------------------- plan
 
 
+def check_judge_key(run: AlignmentRun) -> None:
+    """On one machine the judge's key comes from the environment: a run whose judge names a secretRef (a cluster
+    Secret) needs SPA_JUDGE_API_KEY set, or every judgment would be refused after the GPU work."""
+    win = run.spec.evaluation.win_rate if run.spec.evaluation else None
+    if win and win.judge.secret_ref and not os.environ.get(JUDGE_API_KEY_ENV):
+        raise StageInputError(f"spec.evaluation.winRate.judge.secretRef names a cluster Secret; here set "
+                              f"{JUDGE_API_KEY_ENV} to the judge's API key")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     run, root = _load(args.run, args.storage)
     graph = stage_graph(run.spec, root)
@@ -90,26 +107,65 @@ def cmd_plan(args: argparse.Namespace) -> int:
         say(f"spa plan: error: {p}")
     if problems:
         return EXIT_BAD_INPUT
+    _print_expected(run, [s.stage for s in graph], args.rates_from)
     if args.check:
         from spa_workers.validate import check, check_storage_writable
 
+        check_judge_key(run)
         counts = check(graph[0].args)  # type: ignore[arg-type]  # the validate stage, always first
         check_storage_writable(root)
         found = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
-        say(f"spa plan: inputs OK ({found}; the model and its tokenizer load; storage is writable)")
+        judge = "; the judge answers" if graph[0].args.judge_endpoint else ""  # type: ignore[attr-defined]
+        say(f"spa plan: inputs OK ({found}; the model and its tokenizer load; storage is writable{judge})")
     return 0
+
+
+def _print_expected(run: AlignmentRun, kinds: list[str], rates_root: str | None) -> None:
+    from spa_operator import plan_cost
+
+    rates = plan_cost.rates_from(rates_root) if rates_root else None
+    print("\nexpected totals" + (f" (rates measured in {rates_root})" if rates else
+                                 " (bounds; --rates-from RUN_ROOT of an earlier run of the model gives estimates "
+                                 "and GPU-hours)"))
+    for line in plan_cost.expected(run.spec, kinds, plan_cost.count_gold(run.spec), rates):
+        print(f"  {line.label}: {line.value}" + (f"  ({line.note})" if line.note else ""))
 
 
 # -------------------------------------------------------------------------------------------------------- run
 
 
 def print_summary(run: AlignmentRun, root: str) -> None:
-    table = Table(title=f"{run.metadata.name}: per-iteration results")
-    for label, _ in COLUMNS.values():
-        table.add_column(label, justify="right", overflow="fold")
-    for cells in table_rows(summarize(stage_graph(run.spec, root))):
-        table.add_row(*cells)
-    out.print(table)
+    """The per-iteration table, then the cost table (where the stages counted one)."""
+    graph = stage_graph(run.spec, root)
+    rows = summarize(graph)
+    keys = shown_columns(rows)
+    print_table(f"{run.metadata.name}: per-iteration results", [COLUMNS[k][0] for k in keys], table_rows(rows, keys))
+    label = lc_label(run)
+    if label:
+        out.print(label, soft_wrap=True)
+    cost = cost_report.read(graph, rows)
+    if cost.total.amounts:  # (runs made before the ledger have none)
+        print_table(f"{run.metadata.name}: cost (~: estimated)", *cost.table())
+
+
+def print_table(title: str, headers: list[str], cells: list[list[str]]) -> None:
+    """A table that, wider than the terminal, is printed in parts (each repeating the first column) rather than
+    folding a number across lines."""
+    widths = [max([len(h) if " " not in h else max(map(len, h.split())), *(len(r[j]) for r in cells)])
+              for j, h in enumerate(headers)]
+    parts: list[list[int]] = [[0]]
+    for j in range(1, len(headers)):
+        if sum(widths[c] + 3 for c in [*parts[-1], j]) + 1 > out.width and len(parts[-1]) > 1:
+            parts.append([0])
+        parts[-1].append(j)
+    for n, part in enumerate(parts):
+        table = Table(title=title + (f" ({n + 1}/{len(parts)})" if len(parts) > 1 else ""))
+        for j in part:  # fixed widths: headers wrap at their words, cells never wrap
+            table.add_column("\n".join(textwrap.wrap(headers[j], widths[j])), justify="right", width=widths[j],
+                             no_wrap=True)
+        for row in cells:
+            table.add_row(*(row[j] for j in part))
+        out.print(table)
 
 
 def _stale_error(root: str, statuses: dict[str, local.StageStatus], prog: str, hint: str = "") -> None:
@@ -175,17 +231,18 @@ def _save_snapshot(run: AlignmentRun, root: str) -> None:
     storage.write_text(storage.join(root, RUN_SNAPSHOT), yaml.safe_dump(doc, sort_keys=False))
 
 
-def execute_and_report(run: AlignmentRun, root: str, logs: Path, processes: int | None = None) -> int:
+def execute_and_report(run: AlignmentRun, root: str, logs: Path, processes: int | None = None,
+                       cold: bool = False, server: warm.WarmServer | None = None) -> int:
     t0 = time.time()
-    with plain_or_live(err) as progress:
+    with plain_or_live(err, stage_graph(run.spec, root)) as progress:
         outcome = local.execute(run, root, logs, progress.on_start, progress.on_progress, progress.on_finish,
-                                processes=processes)
-    reports = write_report(run, root)
+                                processes=processes, cold=warm.cold_requested(cold), server=server)
+    reports = write_report(run, root, outcome.plan)
     if outcome.plan.action is Action.DONE:
         print_summary(run, root)
-        if outcome.plan.reason:
-            print(outcome.plan.reason)
+        print(outcome.plan.reason)
         print(f"final model: {outcome.plan.final_model}")
+        print(f"published: iteration {outcome.plan.published_iteration}, {storage.join(root, PUBLISHED_FILE)}")
         print(f"report: {reports[0]} ({time.time() - t0:.1f}s)")
         return 0
     say(f"spa run: run {run.metadata.name} failed: {outcome.plan.reason}")
@@ -201,11 +258,12 @@ def _logs_dir(root: str, override: str | None) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     run, root = _load(args.run, args.storage)
+    check_judge_key(run)
     if not _prepare_outputs(run, root, args.rerun_from, args.force):
         return EXIT_BAD_INPUT
     _save_snapshot(run, root)
     try:
-        return execute_and_report(run, root, _logs_dir(root, args.logs), args.processes)
+        return execute_and_report(run, root, _logs_dir(root, args.logs), args.processes, args.cold)
     finally:
         _report_set_aside(stage_graph(run.spec, root), "spa run")
 
@@ -242,6 +300,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     base = Path(args.out).resolve()
     example = base / "example"
     manifest = example / "run.yaml"
+    server = None
     if manifest.exists():
         backend = load_run(manifest).spec.generation.backend
         if args.backend and args.backend != backend:
@@ -251,7 +310,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         say(f"spa demo: reusing the example and run in {base} (backend {backend}); finished stages are skipped")
     else:
         say(f"spa demo: building the tiny example (random-weight Llama, BPE tokenizer, data) in {example}")
-        make_tiny_example(str(example))
         doc = {
             "apiVersion": "spa.dev/v1alpha1", "kind": "AlignmentRun",
             "metadata": {"name": "tiny-demo", "namespace": "default"},
@@ -260,6 +318,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      **DEMO_SPEC, "storage": {"uri": str(base / "runs")}},
         }
         doc["spec"]["generation"]["backend"] = args.backend or "transformers"
+        if not warm.cold_requested(args.cold):  # every stage will run: the warm server imports while we build
+            fresh = parse_run(doc)
+            server = local.start_warm_server(fresh, local.run_root(fresh, str(base / "runs")))
+        make_tiny_example(str(example))
         manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
     say(f"spa demo: run manifest: {manifest}")
     run, root = _load(str(manifest), None)
@@ -267,7 +329,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not _prepare_outputs(run, root, prog="spa demo", stale_hint=f"spa demo: those flags go to `spa run {manifest}`"):
         return EXIT_BAD_INPUT
     _save_snapshot(run, root)
-    return execute_and_report(run, root, _logs_dir(root, None))
+    return execute_and_report(run, root, _logs_dir(root, None), cold=args.cold, server=server)
 
 
 # ------------------------------------------------------------------------------------------- report, explain
@@ -313,6 +375,10 @@ def _at_least_one(text: str) -> int:
     return n
 
 
+COLD_HELP = (f"start each stage as a fresh process instead of forking it from a process that has imported the "
+             f"libraries once (also: {warm.COLD_ENV}=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spa", description="SPA self-alignment pipeline (AlignmentRun) on one machine",
                                 epilog="exit codes: 0 done, 1 a stage failed, 2 bad input, 3 storage unreachable, "
@@ -323,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--storage", help="storage root (local dir or s3://...), overrides spec.storage.uri")
     pp.add_argument("--check", action="store_true",
                     help="also run the validate stage's checks here: data rows, prompt count, model, storage")
+    pp.add_argument("--rates-from", metavar="RUN_ROOT",
+                    help="an earlier run of the same model (its root folder or s3:// prefix): expected tokens, "
+                         "pairs, GPU-hours and CPU-hours at its measured rates")
     pp.set_defaults(fn=cmd_plan)
     pr = sub.add_parser("run", help="run the pipeline here, stages as subprocesses; finished stages are skipped")
     pr.add_argument("run", help="AlignmentRun manifest (YAML)")
@@ -334,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="discard the outputs of STAGE (e.g. iter-00/seed-train) and every stage after it first")
     pr.add_argument("--force", action="store_true",
                     help="redo stages whose outputs were made with other settings instead of stopping")
+    pr.add_argument("--cold", action="store_true", help=COLD_HELP)
     pr.set_defaults(fn=cmd_run)
     pt = sub.add_parser("render", help="print every Kubernetes object the operator would create for the run "
                                        "(first attempt of each stage), as a YAML stream")
@@ -350,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--out", required=True, help="folder for the example and its run")
     pd.add_argument("--backend", choices=["transformers", "vllm"], default=None,
                     help="generation backend for a new demo (default: transformers, quickest on CPU)")
+    pd.add_argument("--cold", action="store_true", help=COLD_HELP)
     pd.set_defaults(fn=cmd_demo)
     prep = sub.add_parser("report", help="write report.md, report.json and report.svg for a run and print its table")
     prep.add_argument("target", help="AlignmentRun manifest (YAML) or a run root folder (holding run.yaml)")
@@ -378,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         say(f"{name}: error: storage: {e}")
         return EXIT_STORAGE
+    except StageRetryableError as e:  # e.g. `spa plan --check` with the judge down: worth trying again later
+        say(f"{name}: error: {e}")
+        return EXIT_FAILED
     except BrokenPipeError:  # `spa plan ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

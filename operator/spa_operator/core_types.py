@@ -131,6 +131,8 @@ class Outcome:
     keep: bool = False  # a finished run: its status stays as observed
     failure: tuple[str, str] | None = None  # (Failed condition reason, message) of a failed run
     final_model: str | None = None  # the model a succeeded run published
+    # a succeeded run's status.outputs: the planner's verdict (`planner.publication`), as in PUBLISHED.json
+    outputs: Mapping[str, Any] | None = None
     reason: str = ""  # the planner's word: why the run ended, or what it waits for
     waiting: Mapping[str, tuple[str, float]] = dataclasses.field(default_factory=dict)  # stage -> (why, since)
     orphans: Sequence[str] = ()  # stages whose next attempt waits for pods of an earlier one to stop
@@ -154,6 +156,9 @@ class MetricValues:
     quality: Mapping[tuple[str, str], float]  # (iteration, metric key) -> value, for succeeded stages
     outcomes: Sequence[tuple[str, str]] = ()  # (stage, outcome) of attempts that finished in this decision
     durations: Sequence[tuple[str, float]] = ()  # (stage, seconds) of stages that succeeded in this decision
+    cost: Mapping[str, float] = dataclasses.field(default_factory=dict)  # status.cost.total: the run's ledger
+    remaining_s: float | None = None  # status.estimatedRemainingSeconds (None: unknown)
+    percent: float | None = None  # status.progressPercentage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,3 +181,5 @@ class Decision:
     metrics: MetricValues | None = None
     requeue_s: float | None = None  # look again after this long at the latest (None: when something changes)
     transition: bool = False  # a Job was created because another finished (latency metric)
+    # (URI, JSON) of the run's PUBLISHED.json marker, written before the status that says Succeeded
+    publish: tuple[str, str] | None = None

@@ -20,6 +20,7 @@ import annotated_types as at
 import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
+from spa_workers.contract import Ledger
 
 from spa_operator import spec as S
 
@@ -111,7 +112,10 @@ DOCS: dict[str, str] = {
     "evaluation.winRate.judge.secretRef.name": "Secret in the run's namespace.",
     "evaluation.winRate.judge.secretRef.key": "Key of the Secret that holds the API key.",
     "evaluation.winRate.judge.concurrency": "Judge requests in flight at once.",
-    "evaluation.winRate.judge.maxRetries": "Retries per request (timeouts, 429, 5xx, unparseable answers).",
+    "evaluation.winRate.judge.maxRetries": "Retries per request, with backoff honouring Retry-After (timeouts, 429, "
+                                           "5xx); a refused request (4xx) or an unusable reply fails the stage as "
+                                           "bad input, a reply naming neither output is a refusal (not asked "
+                                           "again).",
     "evaluation.winRate.judge.timeoutSeconds": "Timeout per request.",
     "gate.metric": "The figure the gate watches: heldoutAgreement (0-1), winRate or lcWinRate (percent).",
 }
@@ -140,13 +144,21 @@ NODE_RULES: dict[str, list[dict[str, str]]] = {
         {"rule": "!has(self.gate) || !has(self.gate.metric) || self.gate.metric == 'heldoutAgreement' || "
                  "(has(self.evaluation) && has(self.evaluation.winRate))",
          "message": "gate.metric winRate or lcWinRate needs evaluation.winRate", "fieldPath": ".gate.metric"},
+        {"rule": "!has(self.gate) || !has(self.gate.maxLengthChange) || "
+                 "(has(self.evaluation) && has(self.evaluation.winRate))",
+         "message": "gate.maxLengthChange needs evaluation.winRate", "fieldPath": ".gate.maxLengthChange"},
     ],
     "gate": [
-        {"rule": "has(self.floor) || has(self.maxDrop)", "message": "set floor and/or maxDrop"},
+        {"rule": "has(self.floor) || has(self.maxDrop) || has(self.maxLengthChange)",
+         "message": "set floor, maxDrop and/or maxLengthChange"},
         {"rule": "(has(self.metric) && self.metric != 'heldoutAgreement') || "
                  "((!has(self.floor) || double(self.floor) <= 1.0) && "
                  "(!has(self.maxDrop) || double(self.maxDrop) <= 1.0))",
-         "message": "heldoutAgreement is a fraction: floor and maxDrop must be at most 1"},
+         "message": "heldoutAgreement is a fraction (0-1): floor and maxDrop must be at most 1"},
+        {"rule": "!has(self.metric) || self.metric == 'heldoutAgreement' || "
+                 "((!has(self.floor) || double(self.floor) == 0.0 || double(self.floor) >= 1.0) && "
+                 "(!has(self.maxDrop) || double(self.maxDrop) == 0.0 || double(self.maxDrop) >= 1.0))",
+         "message": "winRate and lcWinRate are in percent (0-100): a floor or maxDrop below 1 means less than 1%"},
     ],
     "training": [
         {"rule": "self.maxPromptLength < self.maxLength", "message": "maxPromptLength must be smaller than maxLength"},
@@ -316,6 +328,10 @@ def status_schema() -> dict[str, Any]:
                     "description": "URIs of the stage's outputs (dir, and model for training stages)."},
         "metrics": {"type": "object", "additionalProperties": num,
                     "description": "Compact figures from the stage manifest (pairs, reward gap, loss, ...)."},
+        "ledger": _ledger_schema("What the stage spent, summed over its shards (see `cost`)."),
+        "ledgerEstimated": _estimated_schema("Ledger entries of the stage that are estimates, not counts."),
+        "workSeconds": {"type": "number", "minimum": 0,
+                        "description": "Seconds its slowest shard spent on the items it counts (the ETA's rates)."},
     }}
     return {"type": "object", "description": "Where the run stands (written by the operator).", "properties": {
         "phase": {"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed", "Suspended"],
@@ -333,9 +349,41 @@ def status_schema() -> dict[str, Any]:
                        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"],
                        "description": "Ready, Progressing, Failed, Suspended, StorageReachable."},
         "stages": {"type": "array", "items": stage, "description": "One entry per started stage."},
-        "outputs": {"type": "object", "description": "The run's results.", "properties": {
-            "model": {"type": "string", "description": "URI of the final model (set when Succeeded)."}}},
+        "outputs": {"type": "object", "description": "The run's results (set when Succeeded; the same as the "
+                                                          "PUBLISHED.json the run leaves in its storage).",
+                    "properties": {
+            "model": {"type": "string", "description": "URI of the published model."},
+            "iteration": {"type": "integer", "description": "The iteration whose model is published (0 = seed)."},
+            "reason": {"type": "string", "description": "Why: the quality gate's verdict, or that there is none."},
+            "stoppedByGate": {"type": "boolean", "description": "Whether the quality gate stopped the run."}}},
+        "cost": {"type": "object", "description": "What the run spent so far, from its stages' ledgers.",
+                 "properties": {
+                     "total": _ledger_schema("The run's ledger: gold labels, prompts, answers and tokens generated, "
+                                             "pairs judged, tokens scored, pairs and tokens trained, accelerator- "
+                                             "and CPU-seconds, storage bytes read and written, win-rate judge calls "
+                                             "and tokens."),
+                     "estimated": _estimated_schema("Totals that include an estimate (the rest are counted)."),
+                 }},
+        "progressPercentage": {"type": "integer", "minimum": 0, "maximum": 100,
+                               "description": "Percent of the run done: its stages' time done over their time "
+                                              "done and left (by stages done while the remaining time is unknown)."},
+        "estimatedRemainingSeconds": {"type": "integer", "minimum": 0,
+                                      "description": "Estimated seconds until the run ends, from the measured "
+                                                     "rates of its finished stages; absent while unknown."},
+        "estimatedRemaining": {"type": "string", "maxLength": 16,
+                               "description": "The same for people: unknown (until a stage of every kind still to "
+                                              "run has finished), 45s, 12m, 3h05m."},
     }}
+
+
+def _ledger_schema(description: str) -> dict[str, Any]:
+    return {"type": "object", "description": description, "maxProperties": len(Ledger.KEYS),
+            "additionalProperties": {"type": "number", "minimum": 0}}
+
+
+def _estimated_schema(description: str) -> dict[str, Any]:
+    return {"type": "array", "description": description, "maxItems": len(Ledger.KEYS),
+            "items": {"type": "string", "enum": list(Ledger.KEYS)}}
 
 
 def open_api_schema() -> dict[str, Any]:
@@ -374,6 +422,8 @@ def crd() -> dict[str, Any]:
                     {"name": "Iteration", "type": "integer", "jsonPath": ".status.iteration"},
                     {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
                     {"name": "Progress", "type": "number", "format": "float", "jsonPath": ".status.progress"},
+                    {"name": "Done %", "type": "integer", "jsonPath": ".status.progressPercentage"},
+                    {"name": "ETA", "type": "string", "jsonPath": ".status.estimatedRemaining"},
                     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                 ],
                 "schema": {"openAPIV3Schema": open_api_schema()},

@@ -54,6 +54,8 @@ _COMMON = {
     "judge_model": f"{_WIN_RATE}.judge.model",
     "judge_extra_body": f"{_WIN_RATE}.judge.extraBody",
     "judge_max_failed_fraction": f"{_WIN_RATE}.judge.maxFailedFraction",
+    "lc_glm": f"{_WIN_RATE}.lengthControl",
+    "length_baseline": "spec.gate.maxLengthChange",  # the SFT model, sampled for the length gate
 }
 # Arguments whose field depends on the stage (an input another stage made is named by that stage instead).
 _BY_STAGE = {

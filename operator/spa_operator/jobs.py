@@ -143,6 +143,10 @@ def worker_env(spec: AlignmentRunSpec, run: RunRef, stage: PlannedStage, attempt
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
     ]
     res = stage_resources(spec, stage.stage)
+    # what the pod requests, for the stage's ledger (accelerator- and CPU-seconds = request x wall time)
+    env.append({"name": contract.REQUESTED_GPUS_ENV, "value": str(res.gpus)})
+    if res.cpu:
+        env.append({"name": contract.REQUESTED_CPUS_ENV, "value": f"{float(quantity_value(res.cpu)):g}"})
     if res.scratch or res.scratch_claim_size:
         env.append({"name": "SPA_SCRATCH_DIR", "value": SCRATCH_DIR})
     st = spec.storage
@@ -155,7 +159,7 @@ def worker_env(spec: AlignmentRunSpec, run: RunRef, stage: PlannedStage, attempt
                                                               **({"optional": True} if optional else {})}}}
                 for key, optional in SECRET_KEYS]
     win = spec.evaluation.win_rate if spec.evaluation else None
-    if stage.stage == contract.EVALUATE and win and win.judge.secret_ref:
+    if stage.stage in (contract.EVALUATE, contract.VALIDATE) and win and win.judge.secret_ref:  # validate probes
         ref = win.judge.secret_ref  # the judge's API key, by reference: its value never enters the Job spec
         env.append({"name": JUDGE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     return env

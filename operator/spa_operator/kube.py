@@ -188,6 +188,8 @@ class Controller(Observer):
             if finished:
                 self.metrics.transition.observe(max(time.monotonic() - max(finished), 0.0))
         await self._act(rs, body, obs, decision, logger)
+        if decision.publish is not None:
+            await self._publish(rs, *decision.publish, logger)
         await self._write(rs, body, obs, decision.status, logger)
         for ev in decision.events:
             await self._event(body, ev.type, ev.reason, ev.message, rs, logger)
@@ -296,6 +298,17 @@ class Controller(Observer):
                 ns, wl, {"metadata": {"annotations": {PAUSED_ANNOTATION: None}}, "spec": {"active": True}}))
         if decision.status.get("phase") == reconcile.FAILED and not reconcile.terminal(obs.status):
             logger.warning(f"run failed: {decision.status.get('message', '')}")
+
+    @staticmethod
+    async def _publish(rs: RunState, uri: str, text: str, logger: Any) -> None:
+        """The finished run's marker in storage; the status says Succeeded only once it is there."""
+        try:
+            if rs.store is None:  # never: a run is decided Succeeded only from manifests read through its store
+                raise RuntimeError("no storage client")
+            await asyncio.to_thread(rs.store.write_text, uri, text)
+        except Exception as e:
+            logger.warning(f"could not write {uri}: {type(e).__name__}: {e}; will retry")
+            raise _RetrySoon from None
 
     @staticmethod
     async def _try(logger: Any, what: str, call: Any) -> None:

@@ -6,8 +6,10 @@ It holds no pipeline logic: what is done is read from stage manifests in storage
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,11 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
-from spa_workers import contract, fingerprint, storage
+from spa_workers import contract, fingerprint, preload, storage
 from spa_workers.contract import EXIT_BAD_INPUT, StageArgs
 from spa_workers.runner import output_of
 
+from spa_operator import warm
 from spa_operator.fields import spec_field
 from spa_operator.planner import (
     Action,
@@ -55,6 +59,26 @@ def stage_env(run: AlignmentRun) -> dict[str, str]:
     env = {**os.environ, **storage_settings(run)}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
+
+
+def local_gpus() -> int:
+    """GPUs this machine's processes can use: the NVIDIA driver's, narrowed by CUDA_VISIBLE_DEVICES."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
+def requested_env(stage: PlannedStage, gpus_here: int) -> dict[str, str]:
+    """What a stage holds here, for its ledger's accelerator-seconds: a worker takes a GPU whenever one is visible,
+    a train stage one per process, a vLLM engine one per tensor-parallel rank, as far as the machine has them."""
+    args = stage.args
+    wanted = (args.processes if isinstance(args, contract.TrainArgs)
+              else getattr(args, "tensor_parallel_size", 1) if stage.stage != contract.VALIDATE else 0)
+    return {contract.REQUESTED_GPUS_ENV: str(min(wanted, gpus_here))}
 
 
 def apply_storage_settings(run: AlignmentRun) -> None:
@@ -161,6 +185,14 @@ class StageRun:
 ProgressFn = Callable[[PlannedStage, int, float], None]  # (stage, shard, fraction 0..1)
 
 
+class StageProcess(Protocol):
+    """A running stage: a `subprocess.Popen` (cold start) or a `warm.WarmStage`."""
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int | None: ...
+    def send_signal(self, sig: int) -> None: ...
+
+
 def _read_progress(uri: str) -> float | None:
     try:
         return float(json.loads(storage.read_text(storage.join(uri, contract.PROGRESS)))["fraction"])
@@ -168,9 +200,34 @@ def _read_progress(uri: str) -> float | None:
         return None
 
 
+def _start_stage(args: StageArgs, env: dict[str, str], log: Path, server: warm.WarmServer | None) -> StageProcess:
+    env = {**env, preload.SCHEDULED_AT_ENV: repr(time.time())}
+    if server is not None and warm.eligible(args):
+        try:
+            return server.start_stage(args.to_argv(), env, log)
+        except warm.Unavailable as e:
+            log.write_text(f"warm start unavailable: {e}; starting cold\n")
+    with open(log, "ab") as fh:
+        return subprocess.Popen([sys.executable, "-m", "spa_workers.cli", *args.to_argv()], stdout=fh,
+                                stderr=subprocess.STDOUT, env=env)
+
+
+def _stop_after_interrupt(proc: StageProcess) -> None:
+    """After Ctrl-C (which the stage, in the same process group, got too) wait for the stage to stop, so nothing
+    still writes once `spa run` has said it stopped; a stage that outlives the grace period is terminated."""
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            proc.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(warm.INTERRUPT_GRACE_S if sig is None else 5)
+        if proc.poll() is not None:
+            return
+
+
 def run_stage_process(stage: PlannedStage, attempt: int, env: dict[str, str], logs: Path,
-                      on_progress: ProgressFn | None = None) -> StageRun:
-    """Run every shard of a stage (one after another here) and report how it went."""
+                      on_progress: ProgressFn | None = None, server: warm.WarmServer | None = None) -> StageRun:
+    """Run every shard of a stage (one after another here) and report how it went. With `server`, the stage
+    process is forked from the warm server instead of started afresh (see `warm`)."""
     t0 = time.time()
     code = 0
     log = logs / f"{stage.key.replace('/', '-')}-a{attempt}.log"
@@ -179,22 +236,27 @@ def run_stage_process(stage: PlannedStage, attempt: int, env: dict[str, str], lo
         args = replace(stage.args, shard_index=shard) if stage.args.sharded else stage.args  # type: ignore[call-arg]
         shard_log = log.with_suffix(f".s{shard}.log") if stage.shards > 1 else log
         out = output_of(args)
-        with open(shard_log, "w") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "spa_workers.cli", *args.to_argv()], stdout=fh,
-                                    stderr=subprocess.STDOUT, env=env)
+        shard_log.write_bytes(b"")
+        proc = _start_stage(args, env, shard_log, server)
+        try:
             while proc.poll() is None:
                 if on_progress:
                     frac = _read_progress(out)
                     if frac is not None:
                         on_progress(stage, shard, frac)
-                time.sleep(0.5)
-        code = proc.returncode
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(0.5)  # returns as soon as the stage ends: the next one starts at once
+        except BaseException:
+            _stop_after_interrupt(proc)
+            raise
+        code = proc.poll()
         if code != 0:
             log = shard_log
             break
         if on_progress:
             on_progress(stage, shard, 1.0)
-    ok = code == 0 and contract.read_stage_manifests(stage.args) is not None
+    # A stage is done when its manifests exist (with the warm server lost, its exit code is unknown)
+    ok = code in (0, warm.EXIT_UNKNOWN) and contract.read_stage_manifests(stage.args) is not None
     return StageRun(stage.key, attempt, ok, code, time.time() - t0, str(log))
 
 
@@ -223,24 +285,47 @@ class Outcome:
     permanent: bool = False  # FAILED on bad input (exit 2): rerunning as is cannot help
 
 
+def warm_modules(graph: list[PlannedStage]) -> list[str]:
+    """What the run's stages import before their first work: the warm server imports it once."""
+    return list(dict.fromkeys(m for s in graph for m in preload.modules_for(s.args)))
+
+
+def start_warm_server(run: AlignmentRun, root: str, logs: Path | None = None,
+                      processes: int | None = None) -> warm.WarmServer:
+    """The warm server for this run's stages, importing in the background from now on (`warm`)."""
+    graph = [local_launch(s, processes) for s in stage_graph(run.spec, root)]
+    server = warm.WarmServer(warm_modules(graph), stage_env(run), logs or Path(root) / "logs")
+    server.start()
+    return server
+
+
 def execute(run: AlignmentRun, root: str, logs: Path, on_start: Callable[[PlannedStage, int], None] | None = None,
             on_progress: ProgressFn | None = None, on_finish: Callable[[StageRun], None] | None = None,
-            processes: int | None = None) -> Outcome:
-    """Drive the run to DONE or FAILED. `processes`: training processes here (`local_launch`)."""
+            processes: int | None = None, cold: bool = False, server: warm.WarmServer | None = None) -> Outcome:
+    """Drive the run to DONE or FAILED. `processes`: training processes here (`local_launch`); `cold`: start every
+    stage as a fresh process instead of forking it from the warm server (`warm`), which is started with the first
+    stage to run unless `server` is one already started."""
     graph = stage_graph(run.spec, root)
     env = stage_env(run)
+    gpus_here = local_gpus()
     failures: dict[str, StageResult] = {}
     while True:
         results = {**failures, **finished_results(graph)}
         plan = plan_next_stage(run.spec, root, results)
         if plan.action is not Action.START:
             failed = failures.get(plan.failed_stage or "")
+            if server is not None:
+                server.stop()
             return Outcome(plan, permanent=bool(failed and failed.permanent))
         # Locally stages run one at a time, in plan order.
         todo = plan.start[0]
+        stage = local_launch(todo.stage, processes)
+        if server is None and not cold:  # started with the first stage to run: a finished run needs none
+            server = start_warm_server(run, root, logs, processes)
         if on_start:
             on_start(todo.stage, todo.attempt)
-        result = run_stage_process(local_launch(todo.stage, processes), todo.attempt, env, logs, on_progress)
+        result = run_stage_process(stage, todo.attempt, {**env, **requested_env(stage, gpus_here)}, logs,
+                                   on_progress, server)
         if on_finish:
             on_finish(result)
         if not result.ok:

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from spa_workers.contract import ManifestKeys as K
 
 from spa_operator.core_types import PHASES, MetricValues
+from spa_operator.cost_metrics import CostMetrics
 
 # evaluate's win-rate figures: manifest key -> (gauge name, help)
 WIN_RATE_GAUGES = {
@@ -19,6 +20,17 @@ WIN_RATE_GAUGES = {
     K.LC_WIN_RATE_SE: ("spa_iteration_lc_win_rate_stderr", "Standard error of the LC win rate, percent"),
     K.JUDGE_FAILED: ("spa_iteration_judge_failed", "Judgments given up after retries"),
 }
+# answer lengths (mean tokens per answer), watched for drift: manifest key -> (gauge name, help)
+LENGTH_GAUGES = {
+    K.EVAL_ANSWER_TOKENS: ("spa_iteration_answer_tokens", "Mean tokens per answer of the iteration's model on the "
+                                                          "win-rate prompts"),
+    K.SFT_ANSWER_TOKENS: ("spa_iteration_sft_answer_tokens", "Mean tokens per answer of the SFT model on the same "
+                                                             "prompts (the length gate's baseline)"),
+    K.ANSWER_TOKENS: ("spa_iteration_sampled_answer_tokens", "Mean tokens per answer the iteration's generate stage "
+                                                             "sampled (from the previous iteration's model)"),
+    K.HELDOUT_AGREEMENT_SE: ("spa_iteration_heldout_agreement_stderr", "Standard error of the held-out agreement"),
+}
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -55,8 +67,9 @@ class Metrics:
             K.REWARD_ACCURACY: Gauge("spa_iteration_reward_accuracy", "Training reward accuracy", it, registry=r),
             K.HELDOUT_AGREEMENT: Gauge("spa_iteration_heldout_agreement", "Held-out gold agreement", it,
                                        registry=r),
-            **{k: Gauge(name, doc, it, registry=r) for k, (name, doc) in WIN_RATE_GAUGES.items()},
+            **{k: Gauge(name, doc, it, registry=r) for k, (name, doc) in {**WIN_RATE_GAUGES, **LENGTH_GAUGES}.items()},
         }
+        self.cost = CostMetrics(r)  # spa_run_<ledger key>_total, the ETA
         self._exported: dict[tuple[str, str], tuple[Any, ...]] = {}  # run -> what export last set
         self._stage_labels: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self._quality_labels: dict[tuple[str, str], set[tuple[str, str]]] = {}
@@ -68,7 +81,7 @@ class Metrics:
         for stage, seconds in values.durations:
             self.stage_seconds.labels(stage).observe(seconds)
         key = (values.phase, values.iteration, values.progress, tuple(sorted(values.running.items())),
-               tuple(sorted(values.quality.items())))
+               tuple(sorted(values.quality.items())), tuple(values.cost.items()), values.remaining_s, values.percent)
         if self._exported.get((ns, name)) == key:
             return
         self._exported[(ns, name)] = key
@@ -81,6 +94,7 @@ class Metrics:
         for (iteration, metric), value in values.quality.items():
             self.quality[metric].labels(ns, name, iteration).set(value)
         self._quality_labels[(ns, name)] = set(values.quality)
+        self.cost.export(ns, name, values.cost, values.remaining_s, values.percent)
 
     def set_phase(self, ns: str, name: str, phase: str) -> None:
         for p in PHASES:
@@ -106,6 +120,7 @@ class Metrics:
             _remove(self.phase, ns, name, p)
         for iteration, metric in self._quality_labels.pop((ns, name), set()):
             _remove(self.quality[metric], ns, name, iteration)
+        self.cost.forget(ns, name)
 
 
 def _remove(metric: Any, *labels: str) -> None:

@@ -21,7 +21,7 @@ from spa_operator.metrics import Metrics
 from spa_operator.planner import PlannedStage, stage_graph
 from spa_operator.runstore import ClientCache, RunStore
 from spa_operator.spec import AlignmentRun, SpecError, parse_run
-from spa_operator.status import parse_iso
+from spa_operator.timestamps import parse_iso
 
 if TYPE_CHECKING:
     from spa_operator.config import Config
@@ -135,12 +135,13 @@ class RunState:
     spec: tuple[int | None, dict[str, Any]] | None = None
     unstarted_spec: dict[str, Any] | None = None
     compared_generation: int | None = None
+    store: RunStore | None = None  # the run's storage as the last observation reached it (to write PUBLISHED.json)
 
     def finished(self) -> None:
         """The run ended: drop what only deciding needs (its parsed spec and stage graph, spec copies, the views last
         seen: ~8 KiB a run), as a run found finished after a restart never holds them. A finished run's reconcile
         reads only its status (`_observe` returns before the spec)."""
-        self.parsed = self.spec = self.started_spec = self.unstarted_spec = None
+        self.parsed = self.spec = self.started_spec = self.unstarted_spec = self.store = None
         self.observed.clear()
         self.seen_jobs.clear()
         self.expected.clear()
@@ -292,7 +293,7 @@ class Observer:
         manifests: dict[str, Any] = {}
         progress = None
         try:
-            store = self.store_for(run, secret, ref.name if ref else None)
+            store = rs.store = self.store_for(run, secret, ref.name if ref else None)
             by_key = {s.key: s for s in graph}
             for key in reconcile.manifests_to_read(obs):
                 manifests[key] = await asyncio.to_thread(store.manifests, by_key[key].args)

@@ -12,9 +12,11 @@ With a quality gate, iteration i+1 also waits for iteration i's evaluate: the ga
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from spa_workers import contract, fingerprint
 from spa_workers.contract import (
@@ -26,6 +28,8 @@ from spa_workers.contract import (
     TrainArgs,
     ValidateArgs,
 )
+from spa_workers.contract import ManifestKeys as K
+from spa_workers.evalcache import run_cache
 
 from spa_operator.spec import AlignmentRunSpec, stage_resources
 
@@ -88,6 +92,11 @@ class Plan:
     failed_stage: str | None = None
     final_model: str | None = field(default=None)
     best_iteration: int | None = None  # set when the gate stopped the run: the iteration whose model is published
+    published_iteration: int | None = None  # DONE: the iteration whose model is published (0 = the seed model)
+
+
+# spec.evaluation.winRate.lengthControl -> the evaluate stage's --lc-glm
+LC_GLM = {"minimal": "minimal", "alpacaEvalV1": "alpaca_eval_v1"}
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -152,17 +161,26 @@ def stage_graph(spec: AlignmentRunSpec, root: str) -> list[PlannedStage]:
         judge_endpoint=win.judge.endpoint, judge_model=win.judge.model,
         judge_extra_body=json.dumps(win.judge.extra_body, sort_keys=True) if win.judge.extra_body else None,
         judge_max_failed_fraction=win.judge.max_failed_fraction, judge_concurrency=win.judge.concurrency,
-        judge_max_retries=win.judge.max_retries, judge_timeout_s=win.judge.timeout_seconds)
+        judge_max_retries=win.judge.max_retries, judge_timeout_s=win.judge.timeout_seconds,
+        lc_glm=LC_GLM[win.length_control],
+        # the length gate compares with the SFT model's answers: the reference's when they are its own
+        length_baseline=sft if spec.gate and spec.gate.max_length_change is not None and (
+            win.reference_answers or (win.reference_model or sft) != sft) else None)
+    judge_probe = {} if win is None else dict(
+        judge_endpoint=win.judge.endpoint, judge_model=win.judge.model, judge_extra_body=win_args["judge_extra_body"],
+        judge_timeout_s=win.judge.timeout_seconds, lc_glm=LC_GLM[win.length_control])
 
     def evaluate(i: int, after: str) -> PlannedStage:
         args = EvaluateArgs(policy=model_uri(root, i), reference=sft, heldout=spec.data.heldout,
-                            output=out(i, contract.EVALUATE), beta=t.beta, **lengths, **win_args)
+                            output=out(i, contract.EVALUATE), beta=t.beta, cache=run_cache(root), **lengths,
+                            **win_args)
         return PlannedStage(_key(i, contract.EVALUATE), i, contract.EVALUATE, args, (after,))
 
     # Cheap input checks first, so a typo costs no GPU time.
     validate = PlannedStage(_key(0, contract.VALIDATE), 0, contract.VALIDATE, ValidateArgs(
         model=sft, seed_pairs=spec.data.seed, prompts=spec.data.prompts, heldout=spec.data.heldout,
-        output=out(0, contract.VALIDATE), prompts_needed=sum(spec.iterations.per_iteration()), **win_inputs), ())
+        output=out(0, contract.VALIDATE), prompts_needed=sum(spec.iterations.per_iteration()), **win_inputs,
+        **judge_probe), ())
     seed_key = _key(0, contract.SEED_TRAIN)
     stages = [validate, PlannedStage(seed_key, 0, contract.SEED_TRAIN, SeedTrainArgs(
         model=sft, pairs=spec.data.seed, output=out(0, contract.SEED_TRAIN), reference=sft,
@@ -215,40 +233,80 @@ class GateVerdict:
     stopped_at: int | None = None  # the iteration whose figure stopped the run
 
 
+# the standard error each gated figure's evaluate manifest carries beside it
+GATE_STDERR = {K.HELDOUT_AGREEMENT: K.HELDOUT_AGREEMENT_SE, K.WIN_RATE: K.WIN_RATE_SE,
+               K.LC_WIN_RATE: K.LC_WIN_RATE_SE}
+
+
 def gate_verdict(spec: AlignmentRunSpec, results: Mapping[str, StageResult]) -> GateVerdict | None:
     """The quality gate over the finished evaluations, in iteration order; None when the spec has no gate.
 
     The gate watches the SPA iterations 1..N: it stops at the first iteration i whose figure is below `floor`, or
-    more than `maxDrop` below the best figure of iterations 1..i-1, and names the best of those (the seed model when
-    i = 1) as the run's model. The seed model's own figure is not compared: it is trained on gold pairs, the held-out
-    set's own distribution, so its agreement is not comparable with that of self-trained iterations.
+    whose drop below the best figure of iterations 1..i-1 is larger than `maxDrop` *and* than `dropStderrs`
+    standard errors of the difference (sqrt(se_i² + se_best²), from the figures' own standard errors; a figure
+    without one counts as exact), or whose answers' mean length differs from the SFT model's by more than
+    `maxLengthChange`; it names the best of iterations 1..i-1 (the seed model when i = 1) as the run's model. The
+    seed model's own figure is not compared: it is trained on gold pairs, the held-out set's own distribution, so
+    its agreement is not comparable with that of self-trained iterations.
     """
     gate = spec.gate
     if gate is None:
         return None
     name, key = gate.metric, gate.manifest_key
-    best: tuple[int, float] | None = None
+    best: tuple[int, float, float] | None = None  # (iteration, figure, its standard error)
     for i in range(1, spec.iterations.count + 1):
         res = results.get(_key(i, contract.EVALUATE))
         if res is None or res.state is not StageState.SUCCEEDED or key not in res.metrics:
             break  # iterations are gated in order: a later figure waits for this one
-        value = float(res.metrics[key])
+        value, se = float(res.metrics[key]), float(res.metrics.get(GATE_STDERR[key], 0.0))
         fallback = best[0] if best else 0
         if gate.floor is not None and value < gate.floor:
             return GateVerdict(True, fallback, f"gate: {name} {value:.4g} at iteration {i} is below the floor "
                                                f"{gate.floor:g}; best iteration {_best_text(best)}", i)
-        if best is not None and gate.max_drop is not None and value < best[1] - gate.max_drop:
-            return GateVerdict(True, fallback, f"gate: {name} {value:.4g} at iteration {i} dropped more than "
-                                               f"{gate.max_drop:g} below best iteration {_best_text(best)}", i)
+        if best is not None and gate.max_drop is not None:
+            drop, se_diff = best[1] - value, math.hypot(se, best[2])
+            if value < best[1] - gate.max_drop and drop > gate.drop_stderrs * se_diff:
+                return GateVerdict(True, fallback, (
+                    f"gate: {name} {value:.4g} at iteration {i} dropped {drop:.4g} below best iteration "
+                    f"{_best_text(best)}: more than maxDrop {gate.max_drop:g} and {gate.drop_stderrs:g} standard "
+                    f"errors of the difference ({gate.drop_stderrs * se_diff:.3g})"), i)
+        drift = length_change(res.metrics)
+        if gate.max_length_change is not None and drift is not None and abs(drift) > gate.max_length_change:
+            tokens, sft = res.metrics[K.EVAL_ANSWER_TOKENS], res.metrics[K.SFT_ANSWER_TOKENS]
+            return GateVerdict(True, fallback, (
+                f"gate: answers at iteration {i} average {tokens:.4g} tokens, {abs(drift):.0%} "
+                f"{'longer' if drift > 0 else 'shorter'} than the SFT model's {sft:.4g} (maxLengthChange "
+                f"{gate.max_length_change:g}); best iteration {_best_text(best)}"), i)
         if best is None or value > best[1]:
-            best = (i, value)
+            best = (i, value, se)
     if best is None:
         return GateVerdict(False, None, f"gate: no {name} figure found")
     return GateVerdict(False, best[0], f"gate: {name} held; best iteration {_best_text(best)}")
 
 
-def _best_text(best: tuple[int, float] | None) -> str:
+def length_change(metrics: Mapping[str, float]) -> float | None:
+    """How much longer (> 0) or shorter (< 0) an evaluated model's answers are than the SFT model's on the same
+    prompts with the same sampling settings, as a fraction; None without both figures."""
+    tokens, sft = metrics.get(K.EVAL_ANSWER_TOKENS), metrics.get(K.SFT_ANSWER_TOKENS)
+    if tokens is None or not sft:
+        return None
+    return float(tokens) / float(sft) - 1.0
+
+
+def _best_text(best: tuple[int, float, float] | None) -> str:
     return f"{best[0]} ({best[1]:.4g})" if best else "0 (the seed model)"
+
+
+# The marker a finished run leaves in its root: which model it publishes and why (read by scripts; the console,
+# report.md/json and the operator's status.outputs say the same, all from the planner's Plan).
+PUBLISHED_FILE = "PUBLISHED.json"
+NO_GATE_REASON = "no quality gate: the last iteration's model is published"
+
+
+def publication(plan: Plan) -> dict[str, Any]:
+    """What a finished run publishes: the model, its iteration (0 = the seed model) and why."""
+    return {"model": plan.final_model, "iteration": plan.published_iteration, "reason": plan.reason,
+            "stoppedByGate": plan.best_iteration is not None}
 
 
 def plan_next_stage(spec: AlignmentRunSpec, root: str, results: Mapping[str, StageResult],
@@ -277,12 +335,14 @@ def plan_next_stage(spec: AlignmentRunSpec, root: str, results: Mapping[str, Sta
     verdict = gate_verdict(spec, results)
     if verdict is not None and verdict.stop:
         # the best iteration, not the one that tripped the gate: its model is what the run publishes
-        return Plan(Action.DONE, reason=verdict.reason, final_model=model_uri(root, verdict.best_iteration or 0),
-                    best_iteration=verdict.best_iteration)
+        best = verdict.best_iteration or 0
+        return Plan(Action.DONE, reason=verdict.reason, final_model=model_uri(root, best), best_iteration=best,
+                    published_iteration=best)
     if all(state.get(s.key) is StageState.SUCCEEDED for s in graph):
         # a gate that held (or had nothing to judge: said, never silent) leaves the last model as the run's
-        reason = f"{verdict.reason}; the last iteration's model is published" if verdict else ""
-        return Plan(Action.DONE, reason=reason, final_model=final_model(spec, root))
+        reason = f"{verdict.reason}; the last iteration's model is published" if verdict else NO_GATE_REASON
+        return Plan(Action.DONE, reason=reason, final_model=final_model(spec, root),
+                    published_iteration=spec.iterations.count)
     if spec.suspend:
         return Plan(Action.WAIT, reason="suspended")
     ready = []

@@ -2,7 +2,9 @@
 
 `spa run ... > log` (or under nohup, CI, a pipe) must leave a readable log while it runs, so unless both stdout and
 stderr are terminals, every event is one line on stdout, flushed at once. Failure lines are printed whole in
-either mode: the log path at their end must survive a narrow terminal.
+either mode: the log path at their end must survive a narrow terminal. After each stage both say how far the run is
+and how long it has left (`eta`, from the finished stages' manifests: "unknown" until a stage of every kind still to
+run has finished).
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from spa_workers import contract
 
+from spa_operator import eta, run_cost
 from spa_operator.local import StageRun, last_error_line
 from spa_operator.planner import PlannedStage
 
@@ -27,9 +31,29 @@ def _failure(result: StageRun) -> str:
             + (f": {reason}" if reason else "") + f"; log: {result.log}")
 
 
+class RunClock:
+    """The run's ETA as `spa run` sees it: stages one after another, durations as this process saw them."""
+
+    def __init__(self, graph: Sequence[PlannedStage]) -> None:
+        self.graph = graph
+        self.seconds: dict[str, float] = {}
+
+    def finished(self, result: StageRun) -> None:
+        if result.ok:
+            self.seconds[result.key] = result.seconds
+
+    def text(self) -> str:
+        manifests = {s.key: found for s in self.graph if (found := contract.read_stage_manifests(s.args))}
+        clocks = run_cost.clocks_from_manifests(self.graph, manifests, self.seconds)
+        est = eta.estimate(clocks, parallel=False)
+        left = "time left unknown" if est.remaining_s is None else f"about {eta.human(est.remaining_s)} left"
+        return f"run {est.percent}% done, {left}"
+
+
 class PlainProgress:
-    def __init__(self) -> None:
+    def __init__(self, clock: RunClock | None = None) -> None:
         self.last: dict[str, float] = {}
+        self.clock = clock
 
     @staticmethod
     def line(text: str) -> None:
@@ -47,13 +71,18 @@ class PlainProgress:
         self.line(f"{stage.key}: {100 * (shard + fraction) / stage.shards:.0f}%")
 
     def on_finish(self, result: StageRun) -> None:
-        self.line(f"{result.key}: done in {result.seconds:.1f}s" if result.ok else _failure(result))
+        if self.clock is not None:
+            self.clock.finished(result)
+        eta_text = f" ({self.clock.text()})" if self.clock is not None and result.ok else ""
+        self.line(f"{result.key}: done in {result.seconds:.1f}s{eta_text}" if result.ok else _failure(result))
 
 
 class LiveProgress:
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, progress: Progress, clock: RunClock | None = None) -> None:
         self.progress = progress
         self.tasks: dict[str, TaskID] = {}
+        self.clock = clock
+        self.run_task = progress.add_task("run", total=None, status="") if clock is not None else None
 
     def on_start(self, stage: PlannedStage, attempt: int) -> None:
         label = stage.key + (f" (attempt {attempt})" if attempt > 1 else "")
@@ -65,16 +94,21 @@ class LiveProgress:
     def on_finish(self, result: StageRun) -> None:
         status = "[green]done" if result.ok else f"[red]failed (exit {result.exit_code})"
         self.progress.update(self.tasks[result.key], status=status)
+        if self.clock is not None and self.run_task is not None:
+            self.clock.finished(result)
+            self.progress.update(self.run_task, status=self.clock.text())
         if not result.ok:
             self.progress.console.print(_failure(result), soft_wrap=True, markup=False, highlight=False)
 
 
 @contextlib.contextmanager
-def plain_or_live(console: Console) -> Iterator[PlainProgress | LiveProgress]:
+def plain_or_live(console: Console, graph: Sequence[PlannedStage] = ()) -> Iterator[PlainProgress | LiveProgress]:
+    """`graph`: the run's stages, for the ETA after each stage (none without it)."""
+    clock = RunClock(graph) if graph else None
     if not (sys.stdout.isatty() and console.is_terminal):
-        yield PlainProgress()
+        yield PlainProgress(clock)
         return
     with Progress(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                   TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console,
                   transient=False) as progress:
-        yield LiveProgress(progress)
+        yield LiveProgress(progress, clock)

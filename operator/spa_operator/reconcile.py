@@ -20,10 +20,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from spa_workers import contract
+from spa_workers import contract, storage
 from spa_workers.contract import ManifestKeys as K
 from spa_workers.contract import StageManifest
 
+from spa_operator import ledger
 from spa_operator import status as rendering
 from spa_operator.core_types import (
     FAILED,
@@ -44,7 +45,15 @@ from spa_operator.core_types import (
     gang_incomplete,
 )
 from spa_operator.jobs import job_name
-from spa_operator.planner import Action, PlannedStage, StageResult, StageState, plan_next_stage
+from spa_operator.planner import (
+    PUBLISHED_FILE,
+    Action,
+    PlannedStage,
+    StageResult,
+    StageState,
+    plan_next_stage,
+    publication,
+)
 from spa_operator.status import iso, terminal
 from spa_operator.tenancy import violation
 
@@ -55,7 +64,8 @@ __all__ = ["FAILED", "PENDING", "RUNNING", "SUCCEEDED", "SUSPENDED", "Create", "
 
 STAGE_METRICS = (K.PAIRS, K.DROPPED_IDENTICAL, K.DROPPED_EMPTY, K.RESPONSES, K.REWARD_GAP, K.CONFIDENCE, K.LOSS,
                  K.REWARD_ACCURACY, K.REFINED_FRACTION, K.HELDOUT_AGREEMENT, K.TOKENS_PER_S, "wall_s",
-                 K.WIN_RATE, K.WIN_RATE_SE, K.LC_WIN_RATE, K.LC_WIN_RATE_SE, K.JUDGE_FAILED)
+                 K.WIN_RATE, K.WIN_RATE_SE, K.LC_WIN_RATE, K.LC_WIN_RATE_SE, K.JUDGE_FAILED,
+                 K.HELDOUT_AGREEMENT_SE, K.ANSWER_TOKENS, K.EVAL_ANSWER_TOKENS, K.SFT_ANSWER_TOKENS)
 SUMMED = (K.PAIRS, K.DROPPED_IDENTICAL, K.DROPPED_EMPTY, K.RESPONSES)
 NO_POD_GRACE_S = 30.0
 RESUME_CHECK_S = 2.0  # how soon a resuming run looks again at the Kueue Workloads it reactivated
@@ -230,7 +240,7 @@ def read_stage(obs: Observed, stage: PlannedStage, rec: dict[str, Any] | None, v
 
 def _succeed(obs: Observed, stage: PlannedStage, rec: dict[str, Any], manifests: Sequence[StageManifest]) -> _Stage:
     metrics = compact_metrics(manifests)
-    rec.update(state=SUCCEEDED, outputs=stage_outputs(stage), metrics=metrics)
+    rec.update(state=SUCCEEDED, outputs=stage_outputs(stage), metrics=metrics, **ledger.record_fields(manifests))
     rec.setdefault("endTime", iso(obs.now))
     rec.pop("reason", None)
     return _Stage(StageResult(StageState.SUCCEEDED, failures=int(rec.get("failures", 0) or 0), metrics=metrics),
@@ -315,11 +325,17 @@ def decide(obs: Observed) -> Decision:
     resume_jobs: tuple[str, ...] = ()
     deactivate: tuple[str, ...] = ()
     activate: tuple[str, ...] = ()
+    publish: tuple[str, str] | None = None
+    published: dict[str, Any] | None = None
     active_views = [_latest(views.get(k, [])) for k in running]
     live_jobs = {v.name for v in active_views if v is not None and v.state in ("active", "suspended")}
     note = None
     if plan.action is Action.DONE:
         phase = SUCCEEDED
+        # the planner's verdict, the same one `spa run` prints and writes into report.json and PUBLISHED.json
+        published = publication(plan)
+        publish = (storage.join(obs.root, PUBLISHED_FILE), contract.dumps(published, indent=2)) \
+            if old.get("phase") != SUCCEEDED else None
     elif spec.suspend:
         phase, note = SUSPENDED, "suspended"
         if spec.queue_name:
@@ -341,6 +357,7 @@ def decide(obs: Observed) -> Decision:
         if old.get("phase") == SUSPENDED and not spec.queue_name:
             resume_jobs = tuple(v.name for v in active_views if v is not None and v.state == "suspended")
     outcome = Outcome(phase, records, final_model=plan.final_model if plan.action is Action.DONE else None,
+                      outputs=published,
                       reason=plan.reason, waiting=waiting, orphans=tuple(orphans), blocked=blocked, note=note)
     requeue = _requeue(obs, readings)
     if create:  # its Job's ADDED event wakes no reconcile (nothing new): look for its pod when that is due
@@ -350,7 +367,7 @@ def decide(obs: Observed) -> Decision:
     return _decision(obs, outcome, create=tuple(create), delete_jobs=delete_jobs, delete_pods=tuple(delete_pods),
                      suspend_jobs=suspend_jobs, resume_jobs=resume_jobs, deactivate_workloads=deactivate,
                      activate_workloads=activate, requeue_s=requeue,
-                     transition=bool(create) and any(v.finished_at for v in obs.jobs))
+                     transition=bool(create) and any(v.finished_at for v in obs.jobs), publish=publish)
 
 
 def _decision(obs: Observed, outcome: Outcome, **actions: Any) -> Decision:

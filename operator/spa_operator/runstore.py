@@ -1,4 +1,5 @@
-"""The operator's read-only view of a run's storage: stage manifests and heartbeats.
+"""The operator's view of a run's storage: stage manifests and heartbeats, read; the finished run's PUBLISHED.json,
+the one object it writes.
 
 Each run may name its own S3 endpoint, region and credentials Secret, so the operator keeps one boto3 client per
 (endpoint, region, credentials) instead of the workers' process-wide one. Local paths (dev clusters with a shared
@@ -24,6 +25,8 @@ class RunStore(Protocol):
 
     def progress(self, args: StageArgs) -> float | None: ...
 
+    def write_text(self, uri: str, text: str) -> None: ...
+
 
 class S3RunStore:
     def __init__(self, client: Any) -> None:
@@ -45,6 +48,20 @@ class S3RunStore:
 
     def _read(self, uri: str) -> bytes | None:
         return self._get(uri) if storage.is_s3(uri) else _read_local(uri)
+
+    def write_text(self, uri: str, text: str) -> None:
+        if not storage.is_s3(uri):
+            storage.write_text(uri, text)
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = storage.split_s3(uri)
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=text.encode())
+        except ClientError as e:
+            raise StorageError(f"S3 refused the request: {e.response.get('Error', {}).get('Code', 'error')}") from None
+        except BotoCoreError as e:
+            raise StorageError(f"S3 unreachable: {type(e).__name__}") from None
 
     def manifests(self, args: StageArgs) -> list[StageManifest] | None:
         out = []

@@ -41,6 +41,7 @@ LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
 MAX_SEED = 2**32 - 1 - 64  # numpy's seed range; the generation seed gets the iteration added
 MAX_YAML_NODES = 100_000  # a manifest is a few hundred nodes
 MAX_COUNT = 10**9  # bound on free integers: CEL (int64) and the API server stay in range
+ALPACA_EVAL_INSTRUCTIONS = 805  # AlpacaEval 2.0's evaluation set
 MAX_OPAQUE_JSON = 16384  # serialised bytes of a free-form object (judge extraBody, affinity): CEL never reads inside
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 # What the operator and the launcher set in a worker pod: a run cannot override it (the rendezvous, the ranks, the
@@ -255,7 +256,21 @@ class WinRateSpec(_Model):
     max_new_tokens: int = Field(default=300, ge=1, le=32768)
     temperature: float = Field(default=0.7, ge=0.0, le=5.0)
     backend: Literal["vllm", "transformers"] = "vllm"
+    length_control: Literal["minimal", "alpacaEvalV1"] = Field(
+        default="minimal",
+        description="The length-controlled win rate's GLM: minimal (alpaca_eval's length_controlled_minimal, for any "
+                    "prompts; not comparable with the AlpacaEval leaderboard) or alpacaEvalV1 (alpaca_eval's "
+                    "length_controlled_v1, the leaderboard's, with its per-instruction difficulty: only for the 805 "
+                    "AlpacaEval instructions in their order; alpaca_eval downloads its weights from the Hugging Face "
+                    "Hub).")
     judge: JudgeEndpointSpec
+
+    @model_validator(mode="after")
+    def _leaderboard_prompts(self) -> WinRateSpec:
+        if self.length_control == "alpacaEvalV1" and self.samples not in (0, ALPACA_EVAL_INSTRUCTIONS):
+            raise ValueError(f"lengthControl alpacaEvalV1 needs all {ALPACA_EVAL_INSTRUCTIONS} AlpacaEval "
+                             f"instructions: samples must be 0 or {ALPACA_EVAL_INSTRUCTIONS}")
+        return self
 
 
 class EvaluationSpec(_Model):
@@ -264,6 +279,12 @@ class EvaluationSpec(_Model):
 
 
 GATE_METRICS = {"heldoutAgreement": "heldout_agreement", "winRate": "win_rate", "lcWinRate": "lc_win_rate"}
+PERCENT_METRICS = ("winRate", "lcWinRate")
+# k: a drop counts only when it exceeds k standard errors of the difference. With flat true quality and figures whose
+# errors are independent, 2.6 stops a run of up to 5 gated iterations falsely < 5% of the time (1.3% at 3; the
+# simulation is tests/test_gate.py::test_a_flat_run_rarely_stops); errors of one model measured on the same prompts
+# are positively correlated, which makes the real rate lower still.
+DEFAULT_DROP_STDERRS = 2.6
 
 
 class GateSpec(_Model):
@@ -271,12 +292,29 @@ class GateSpec(_Model):
     floor: float | None = Field(default=None, ge=0.0, le=100.0,
                                 description="Stop when the metric falls below this (agreement 0-1, win rates %).")
     max_drop: float | None = Field(default=None, ge=0.0, le=100.0,
-                                   description="Stop when the metric falls more than this below the best iteration.")
+                                   description="Stop when the metric falls more than this below the best iteration "
+                                               "(and by more than dropStderrs standard errors of the difference).")
+    drop_stderrs: float = Field(default=DEFAULT_DROP_STDERRS, ge=0.0, le=10.0,
+                                description="A drop counts only when it is larger than this many standard errors of "
+                                            "the difference between the two iterations' figures (0: compare the "
+                                            "figures alone). The default stops a run whose quality is flat falsely "
+                                            "less than 5% of the time over up to 5 iterations.")
+    max_length_change: float | None = Field(
+        default=None, gt=0.0, le=10.0,
+        description="Stop when the mean answer length (tokens) of an iteration's model on the win-rate prompts "
+                    "differs from the SFT model's by more than this fraction, longer or shorter (0.3: beyond 0.7x "
+                    "to 1.3x). Needs evaluation.winRate.")
 
     @model_validator(mode="after")
     def _some_rule(self) -> GateSpec:
-        if self.floor is None and self.max_drop is None:
-            raise ValueError("set floor and/or maxDrop")
+        if self.floor is None and self.max_drop is None and self.max_length_change is None:
+            raise ValueError("set floor, maxDrop and/or maxLengthChange")
+        if self.metric in PERCENT_METRICS:
+            # 0.5 for a win rate means 0.5%: a floor that never fires, a fraction written where percent is meant
+            for name, value in (("floor", self.floor), ("maxDrop", self.max_drop)):
+                if value is not None and 0 < value < 1:
+                    raise ValueError(f"{self.metric} is in percent (0-100): {name} {value:g} means {value:g}%; "
+                                     f"write {value * 100:g} for {value * 100:g}%")
         return self
 
     @property
@@ -501,9 +539,13 @@ class AlignmentRunSpec(_Model):
             raise _FieldError("gate.metric", "heldoutAgreement needs data.heldout")
         if self.gate and self.gate.metric != "heldoutAgreement" and not win:
             raise _FieldError("gate.metric", f"{self.gate.metric} needs evaluation.winRate")
-        if self.gate and self.gate.metric == "heldoutAgreement" and any(
-                v is not None and v > 1 for v in (self.gate.floor, self.gate.max_drop)):
-            raise _FieldError("gate", "heldoutAgreement is a fraction: floor and maxDrop must be at most 1")
+        if self.gate and self.gate.metric == "heldoutAgreement":
+            for name, value in (("floor", self.gate.floor), ("maxDrop", self.gate.max_drop)):
+                if value is not None and value > 1:
+                    raise _FieldError("gate", f"heldoutAgreement is a fraction (0-1): {name} {value:g} is above 1")
+        if self.gate and self.gate.max_length_change is not None and not win:
+            raise _FieldError("gate.maxLengthChange", "needs evaluation.winRate (its prompts are what the "
+                                                      "iterations' models answer)")
         if self.storage and not (self.storage.uri.startswith("s3://") or "://" not in self.storage.uri):
             raise _FieldError("storage.uri", "must be s3://bucket/prefix or a local path")
         return self

@@ -6,7 +6,6 @@ the new status implies. Pure: `reconcile.decide` decides first, then calls `rend
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -14,6 +13,7 @@ from typing import Any, NamedTuple
 from spa_workers import contract
 from spa_workers.contract import ManifestKeys as K
 
+from spa_operator import run_cost
 from spa_operator.core_types import (
     FAILED,
     GANG_INCOMPLETE,
@@ -31,12 +31,14 @@ from spa_operator.core_types import (
 )
 from spa_operator.jobs import failed_by_bad_input
 from spa_operator.planner import PlannedStage
+from spa_operator.timestamps import iso, parse_iso
 
 __all__ = ["FAILED", "PENDING", "PHASES", "RUNNING", "SUCCEEDED", "SUSPENDED", "Rendered", "iso", "merge_patch",
            "metric_values", "parse_iso", "redacted", "render", "terminal"]
 
 QUALITY_KEYS = (K.PAIRS, K.REWARD_GAP, K.REFINED_FRACTION, K.LOSS, K.REWARD_ACCURACY, K.HELDOUT_AGREEMENT,
-                K.WIN_RATE, K.WIN_RATE_SE, K.LC_WIN_RATE, K.LC_WIN_RATE_SE, K.JUDGE_FAILED)
+                K.WIN_RATE, K.WIN_RATE_SE, K.LC_WIN_RATE, K.LC_WIN_RATE_SE, K.JUDGE_FAILED,
+                K.HELDOUT_AGREEMENT_SE, K.EVAL_ANSWER_TOKENS, K.SFT_ANSWER_TOKENS, K.ANSWER_TOKENS)
 CONDITION_ORDER = ("Ready", "Progressing", "Failed", "Suspended", "StorageReachable")
 # Progressing reasons of a run whose Jobs the API server refused (kubeapi.forbidden_kind tells them apart): each
 # change of refusal is a Warning Event with the refusal's own message.
@@ -69,6 +71,7 @@ def render(obs: Observed, outcome: Outcome) -> Rendered:
             status["stages"] = old["stages"]
         reason, message = outcome.failure[0], outcome.failure[1][:1000]
         status.update(phase=FAILED, message=message, observedGeneration=obs.generation)
+        status.update(run_cost.status_fields(obs.graph, status.get("stages") or [], failed=True))
         status["completionTime"] = old.get("completionTime") or iso(obs.now)
         status["conditions"] = _conditions(obs, status, outcome, failed=(reason, message))
     else:
@@ -76,7 +79,7 @@ def render(obs: Observed, outcome: Outcome) -> Rendered:
         status.update(storagePrefix=obs.root, observedGeneration=obs.generation, phase=outcome.phase)
         done = outcome.phase == SUCCEEDED
         if done:
-            status["outputs"] = {"model": outcome.final_model}
+            status["outputs"] = dict(outcome.outputs or {"model": outcome.final_model})
             status["progress"] = 1.0
             status["completionTime"] = old.get("completionTime") or iso(obs.now)
         status["stages"] = [dict(records[s.key]) for s in obs.graph if s.key in records]
@@ -84,27 +87,14 @@ def render(obs: Observed, outcome: Outcome) -> Rendered:
         status["message"] = _message(outcome, records, by_key)
         if outcome.phase in (RUNNING, SUSPENDED) and "startTime" not in status and records:
             status["startTime"] = iso(obs.now)
+        status.update(run_cost.status_fields(obs.graph, status["stages"], run_cost.current_of(obs.graph, status),
+                                             succeeded=done))
         status["conditions"] = _conditions(obs, status, outcome)
     events, outcomes, durations = _transitions(obs, old, status, by_key)
     return Rendered(status, events, dataclasses.replace(metric_values(status), outcomes=outcomes, durations=durations))
 
 
 # ---------------------------------------------------------------------------------------------- reading a status
-
-
-def iso(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_iso(text: Any) -> float | None:
-    """Unix seconds of an RFC 3339 UTC timestamp (fromisoformat: strptime cost a third of a millisecond per Job
-    event)."""
-    if not isinstance(text, str) or not text.endswith("Z"):
-        return None
-    try:
-        return dt.datetime.fromisoformat(text[:-1]).replace(tzinfo=dt.UTC).timestamp()
-    except ValueError:
-        return None
 
 
 def terminal(status: Mapping[str, Any]) -> bool:
@@ -288,8 +278,16 @@ def metric_values(status: Mapping[str, Any]) -> MetricValues:
                     quality[(it, key)] = float(value)
     iteration = status.get("iteration")
     progress = status.get("progress")
+    total = (status.get("cost") or {}).get("total") or {}
     return MetricValues(phase, iteration if isinstance(iteration, int) else None,
-                        float(progress) if isinstance(progress, int | float) else None, running, quality)
+                        float(progress) if isinstance(progress, int | float) else None, running, quality,
+                        cost={k: float(v) for k, v in total.items() if isinstance(v, int | float)},
+                        remaining_s=_num(status.get("estimatedRemainingSeconds")),
+                        percent=_num(status.get("progressPercentage")))
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def redacted(value: Any, secrets: Sequence[str]) -> Any:

@@ -210,6 +210,11 @@ async def test_prometheus_scrapes_operator_and_workers_during_a_run(tmp_path, s3
                                      lambda r: values(r, "iteration") == {"1": 0.25})  # the stub judge's figure
                     await eventually(prom, queries["Held-out gold agreement"][0], 30, "agreement",
                                      lambda r: set(values(r, "iteration")) == {"0", "1"})
+                    # the cost panels: the stub stages' ledger (8 prompts x 2 answers x 4 tokens), summed
+                    await eventually(prom, queries["Tokens per run"][0], 30, "tokens generated",
+                                     lambda r: values(r, "run") == {"watched": 64.0})
+                    await eventually(prom, queries["Time left and percent done"][1], 30, "percent done",
+                                     lambda r: values(r, "run") == {"watched": 100.0})
                     await eventually(prom, queries["Stage duration (mean)"][0], 30, "stage durations",
                                      lambda r: {"seed-train", "generate", "judge", "train", "evaluate"}
                                      <= set(values(r, "stage")))

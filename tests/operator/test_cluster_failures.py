@@ -32,6 +32,9 @@ class Store:
     def progress(self, args: Any) -> float | None:
         return None
 
+    def write_text(self, uri: str, text: str) -> None:  # the finished run's PUBLISHED.json
+        self.written = (uri, text)
+
 
 def run_doc(name: str, **spec: Any) -> dict[str, Any]:
     return tiny_run(name, FAKE, "bucket", "http://127.0.0.1:9", iterations=spec.pop("iterations", 0),

@@ -112,6 +112,12 @@ INVALID = [
     (with_(("spec.gate", {"metric": "lcWinRate", "floor": 40})), "spec.gate.metric"),  # no evaluation.winRate
     (with_(("spec.data.heldout", "s3://d/h.jsonl"), ("spec.gate", {"metric": "heldoutAgreement"})), "spec.gate"),
     (with_(("spec.data.heldout", "s3://d/h.jsonl"), ("spec.gate", {"floor": 85})), "spec.gate"),
+    # issue 19.6: a win rate's threshold below 1 is a fraction written where percent is meant
+    (with_(("spec.evaluation", {"winRate": {"prompts": "s3://d/p.jsonl",
+                                            "judge": {"endpoint": "http://judge:8000/v1", "model": "m"}}}),
+           ("spec.gate", {"metric": "winRate", "floor": 0.5})), "spec.gate"),
+    (with_(("spec.data.heldout", "s3://d/h.jsonl"), ("spec.gate", {"maxDrop": 0.05, "maxLengthChange": 0.3})),
+     "spec.gate.maxLengthChange"),
     (with_(("spec.evaluation", {"winRate": {"prompts": "s3://d/p.jsonl",
                                             "judge": {"endpoint": "judge:8000", "model": "m"}}})),
      "spec.evaluation.winRate.judge.endpoint"),
@@ -156,7 +162,7 @@ def test_crd_metadata():
     version = c["spec"]["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     assert [col["name"] for col in version["additionalPrinterColumns"]] == ["Phase", "Iteration", "Stage",
-                                                                             "Progress", "Age"]
+                                                                             "Progress", "Done %", "ETA", "Age"]
 
 
 def _walk(node: dict[str, Any], path: str):

@@ -230,7 +230,8 @@ def test_worker_pods_are_hardened_and_tolerations_rendered():
     assert "USER 10001" in (Path(__file__).resolve().parents[2] / "Dockerfile.worker").read_text()
 
 
-def test_judge_key_reaches_only_the_evaluate_pods_and_only_by_reference():
+def test_judge_key_reaches_only_the_evaluate_and_validate_pods_and_only_by_reference():
+    """Evaluate asks the judge; validate probes it once with the key (issue 19.4)."""
     doc = {**DOC, "spec": {**DOC["spec"], "evaluation": {"winRate": {
         "prompts": "s3://d/wr.jsonl", "judge": {"endpoint": "https://api.judge.example/v1", "model": "j",
                                                  "secretRef": {"name": "judge-creds", "key": "token"}}}}}}
@@ -238,7 +239,7 @@ def test_judge_key_reaches_only_the_evaluate_pods_and_only_by_reference():
         kubernetes_validate.validate(job, desired_version=kubernetes_validate.latest_version(), strict=True)
         env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
         judge_key = env.get("SPA_JUDGE_API_KEY")
-        if stage.stage == "evaluate":
+        if stage.stage in ("evaluate", "validate"):
             assert judge_key == {"name": "SPA_JUDGE_API_KEY",
                                  "valueFrom": {"secretKeyRef": {"name": "judge-creds", "key": "token"}}}
         else:

@@ -34,6 +34,24 @@ def test_running_stage_gauge_follows_status():
     assert b"spa_run_stage_started_timestamp_seconds" in generate_latest(m.registry)
 
 
+def test_answer_lengths_per_iteration_are_exported():
+    """Length drift (issue 19.7): the iteration's model's answer length on the win-rate prompts, the SFT model's on
+    the same prompts, and what the generate stage sampled, from the stages' compact metrics in the status."""
+    m = kube.Metrics()
+    status = {"phase": "Running", "stages": [
+        {"name": "iter-02/generate", "iteration": 2, "stage": "generate", "state": "Succeeded",
+         "metrics": {"answer_tokens_mean": 119.0}},
+        {"name": "iter-02/evaluate", "iteration": 2, "stage": "evaluate", "state": "Succeeded",
+         "metrics": {"eval_answer_tokens_mean": 81.0, "sft_answer_tokens_mean": 119.0, "heldout_agreement": 0.5,
+                     "heldout_agreement_se": 0.05}}]}
+    m.export("ns", "r", metric_values(status))
+    key = (("iteration", "2"), ("namespace", "ns"), ("run", "r"))
+    assert _series(m, "spa_iteration_answer_tokens") == {key: 81.0}
+    assert _series(m, "spa_iteration_sft_answer_tokens") == {key: 119.0}
+    assert _series(m, "spa_iteration_sampled_answer_tokens") == {key: 119.0}
+    assert _series(m, "spa_iteration_heldout_agreement_stderr") == {key: 0.05}
+
+
 def test_worker_defaults_from_environment(monkeypatch):
     monkeypatch.setenv("SPA_WORKER_SERVICE_ACCOUNT", "spa-worker")
     monkeypatch.setenv("SPA_WORKER_METRICS_PORT", "9400")

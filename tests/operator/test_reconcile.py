@@ -7,6 +7,7 @@ manifests found in storage) and checks the `Decision`. The stage list comes from
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -245,6 +246,10 @@ def test_gate_reason_and_final_model_reach_the_status():
     d = R.decide(observed(stages))
     assert d.status["phase"] == R.SUCCEEDED and d.status["outputs"]["model"].endswith("/model")
     assert cond(d, "Ready")["status"] == "True"
+    # the run's PUBLISHED.json says what status.outputs says; written once, before the status says Succeeded
+    uri, text = d.publish
+    assert uri.endswith("/PUBLISHED.json") and json.loads(text) == d.status["outputs"]
+    assert set(d.status["outputs"]) == {"model", "iteration", "reason", "stoppedByGate"}
 
 
 def test_worker_images_outside_the_allow_list_fail_the_run():

@@ -6,8 +6,8 @@ import importlib
 import os
 import sys
 
-from spa_workers import contract
-from spa_workers.contract import EXIT_BAD_INPUT, EXIT_STORAGE, StageInputError
+from spa_workers import contract, preload, runner
+from spa_workers.contract import EXIT_BAD_INPUT, EXIT_STORAGE, StageInputError, StageRetryableError
 from spa_workers.storage import StorageError
 
 # stage name -> module with `run(args) -> int`
@@ -21,22 +21,35 @@ STAGE_MODULES = {
 }
 
 
+def one_write_per_line() -> None:
+    """The ranks of a stage share one stderr; under PYTHONUNBUFFERED (set by many CI and container images) print()
+    writes a line and its newline separately and two ranks' lines interleave. Buffer each line into one write."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True, write_through=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    one_write_per_line()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGE_MODULES:
         print(f"usage: spa-worker {{{','.join(STAGE_MODULES)}}} [options]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     stage, rest = argv[0], argv[1:]
     args = contract.ARGS_BY_STAGE[stage].from_argv(rest)
-    # OpenMP threads spinning for work slow every step when another process shares the cores (issue 11: a
-    # generation step took 1-7 s instead of 0.14 s on 2 shared cores); passive waiting costs little otherwise.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    for key, value in preload.ENV_DEFAULTS.items():  # before torch loads OpenMP
+        os.environ.setdefault(key, value)
     try:
+        # The stage's libraries first (already imported under `spa run`'s warm start): its first work begins here.
+        preload.import_all(preload.modules_for(args))
+        runner.STARTUP["startup_s"] = preload.seconds_since_scheduled()
         module = importlib.import_module(STAGE_MODULES[stage])
         return int(module.run(args) or 0)
     except StageInputError as e:
         print(f"spa-worker {stage}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StageRetryableError as e:
+        print(f"spa-worker {stage}: error: {e}", file=sys.stderr)
+        return 1
     except StorageError as e:  # transient: executors retry the stage
         print(f"spa-worker {stage}: error: {e}", file=sys.stderr)
         return EXIT_STORAGE

@@ -46,6 +46,11 @@ class StageInputError(Exception):
     """Bad input a user must fix; the worker prints it as one line and exits 2."""
 
 
+class StageRetryableError(RuntimeError):
+    """A failure another attempt may not meet (a service down or overloaded); the worker prints it as one line and
+    exits 1, which executors retry."""
+
+
 def dumps(obj: Any, **kwargs: Any) -> str:
     """JSON for everything a manifest, heartbeat, report or status carries. Non-finite numbers are refused: Python
     would write the bare tokens NaN/Infinity, which are not JSON, and a Kubernetes API server (Go's decoder) answers
@@ -99,11 +104,15 @@ class StageArgs:
     sharded: ClassVar[bool] = False
 
     def to_argv(self) -> list[str]:
+        return self.to_argv_without(())
+
+    def to_argv_without(self, left_out: Sequence[str]) -> list[str]:
+        """The command line, less the fields `left_out` (they parse back to their defaults)."""
         argv = [self.stage]
         hints = _hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None:
+            if value is None or (f.name in left_out and value == f.default):
                 continue
             if hints[f.name] is bool:
                 argv.append(_flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
@@ -275,6 +284,23 @@ class EvaluateArgs(StageArgs):
     judge_concurrency: int = field(default=8, metadata={"help": "requests in flight", "execution": True})
     judge_max_retries: int = field(default=5, metadata={"help": "per request", "execution": True})
     judge_timeout_s: float = field(default=60.0, metadata={"help": "per request", "execution": True})
+    lc_glm: str = field(default="minimal", metadata={
+        "help": "minimal (any prompts) | alpaca_eval_v1 (the 805 AlpacaEval instructions, in order)", "added": True})
+    length_baseline: str | None = field(default=None, metadata={
+        "help": "the SFT model, whose answers' mean length the length gate compares with (when the reference "
+                "answers are not its own)", "added": True})
+    cache: str | None = field(default=None, metadata={
+        "help": "the run's cache (judgments, sampled answers, held-out figures)", "execution": True})
+
+    # flags that mean nothing without --winrate-prompts (left out of the command line then)
+    WIN_RATE_ONLY: ClassVar[tuple[str, ...]] = (
+        "winrate_samples", "answer_backend", "answer_max_new_tokens", "answer_temperature", "seed",
+        "judge_max_failed_fraction", "judge_concurrency", "judge_max_retries", "judge_timeout_s", "lc_glm")
+
+    def to_argv(self) -> list[str]:
+        if self.winrate_prompts:
+            return super().to_argv()
+        return super().to_argv_without(self.WIN_RATE_ONLY)
 
 
 @dataclass(frozen=True)
@@ -297,6 +323,15 @@ class ValidateArgs(StageArgs):
         default=None, metadata={"help": "reference answers, one row per prompt (column answer or output)"})
     winrate_reference_model: str | None = field(
         default=None, metadata={"help": "model whose sampled answers are the reference"})
+    # the judge, probed with one small request (and the key from $SPA_JUDGE_API_KEY)
+    judge_endpoint: str | None = field(default=None, metadata={"help": "OpenAI-compatible base URL (…/v1)",
+                                                               "added": True})
+    judge_model: str | None = field(default=None, metadata={"added": True})
+    judge_extra_body: str | None = field(default=None, metadata={"help": "JSON object added to every request",
+                                                                 "added": True})
+    judge_timeout_s: float = field(default=60.0, metadata={"help": "per request", "execution": True})
+    lc_glm: str = field(default="minimal", metadata={"help": "alpaca_eval_v1 needs the 805 AlpacaEval prompts",
+                                                     "added": True})
 
 
 ARGS_BY_STAGE: dict[str, type[StageArgs]] = {
@@ -315,7 +350,9 @@ class StageManifest:
     """Written last by a finished stage (or shard): its presence is what "done" means."""
 
     stage: str
-    files: dict[str, dict[str, Any]]  # relative path -> {"bytes": n, "sha256": hex}
+    # relative path -> {"bytes": n, "sha256": hex}; a file above ETAG_IDENTIFIES_ABOVE published to S3:
+    # {"bytes": n, "etag": S3's ETag, "part_bytes": the upload's part size}
+    files: dict[str, dict[str, Any]]
     counts: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -383,6 +420,13 @@ def finished_shard_dirs(stage_output: str) -> list[str]:
     return done
 
 
+# Above this size a file published to S3 is identified in its manifest by its ETag, which S3 computed from the
+# bytes it received (the MD5 of the MD5s of its multipart parts; boto3 also sends a CRC32 checksum with each part,
+# which S3 checks), instead of a sha256 that would read the file once more (~1.5 s for 538 MB here, minutes at 14.5
+# GB). Smaller files and local outputs keep their sha256.
+ETAG_IDENTIFIES_ABOVE = storage.MULTIPART_THRESHOLD
+
+
 def file_digest(path: str) -> dict[str, Any]:
     h = hashlib.sha256()
     size = 0
@@ -399,6 +443,9 @@ def versions() -> dict[str, str]:
         m = sys.modules.get(mod)
         if m is not None:
             out[mod] = getattr(m, "__version__", "?")
+    engines = getattr(sys.modules.get("spa_workers.vllm_engine"), "BUILT", None)
+    if engines:  # how the answers or scores were computed (vllm_engine.engine_mode)
+        out["vllm_engine"] = ", ".join(dict.fromkeys(engines))
     return out
 
 
@@ -436,6 +483,7 @@ class ManifestKeys:
     GENERATED_TOKENS = "generated_tokens"
     # generate: metrics
     TOKENS_PER_S = "tokens_per_s"
+    ANSWER_TOKENS = "answer_tokens_mean"  # mean tokens per sampled answer (π_{i-1} on iteration i's prompts)
     # judge: counts
     PAIRS = "pairs"
     DROPPED_IDENTICAL = "dropped_identical"
@@ -456,16 +504,26 @@ class ManifestKeys:
     STEPS = "steps"
     # evaluate: metrics
     HELDOUT_AGREEMENT = "heldout_agreement"
+    HELDOUT_AGREEMENT_SE = "heldout_agreement_se"  # binomial standard error sqrt(p(1-p)/n)
     WIN_RATE = "win_rate"  # percent, alpaca_eval's definition
     WIN_RATE_SE = "win_rate_se"
     LC_WIN_RATE = "lc_win_rate"  # length-controlled, percent
     LC_WIN_RATE_SE = "lc_win_rate_se"
     FIRST_POSITION_RATE = "judge_first_position_rate"  # how often the judge prefers the output shown first
+    # evaluate: mean answer length in tokens (the policy's tokenizer) on the win-rate prompts, same sampling settings
+    EVAL_ANSWER_TOKENS = "eval_answer_tokens_mean"  # π_i's answers
+    SFT_ANSWER_TOKENS = "sft_answer_tokens_mean"  # π_init's (the SFT model's) answers: the length gate's baseline
+    REFERENCE_ANSWER_TOKENS = "reference_answer_tokens_mean"  # the reference answers the judge compares against
     # evaluate: counts (win rate)
     WINRATE_PROMPTS = "winrate_prompts"  # prompts judged in both orders
     JUDGE_FAILED = "judge_failed"  # judgments given up after retries (their prompts are left out and counted)
+    JUDGE_REFUSED = "judge_refused"  # replies that parsed but named neither output (not asked again: temperature 0)
+    JUDGE_CACHED = "judge_cached"  # judgments found in the run's judgment cache (not asked, not paid)
+    JUDGE_CALLS = "judge_calls"  # judge requests that got a reply (paid), with the tokens their `usage` reports
+    JUDGE_PROMPT_TOKENS = "judge_prompt_tokens"
+    JUDGE_COMPLETION_TOKENS = "judge_completion_tokens"
     JUDGE_RETRY_COUNTS = ("judge_http_attempts", "judge_rate_limited", "judge_server_errors", "judge_client_errors",
-                          "judge_no_response", "judge_unparseable")
+                          "judge_no_response", "judge_refused")
     # generate / judge / evaluate / train: prompts too long for max_prompt_length, left out
     SKIPPED_LONG_PROMPTS = "skipped_long_prompt"
     # train / seed-train: counts
@@ -487,7 +545,8 @@ class Ledger:
     PAIRS_TRAINED = "pairs_trained"  # pair-epochs: pairs seen by training, each epoch counted
     TOKENS_TRAINED = "tokens_trained"  # prompt+answer tokens of the pairs trained on, each epoch counted
     ACCELERATOR_SECONDS = "accelerator_seconds"  # requested GPUs x wall time of the stage's pods
-    CPU_SECONDS = "cpu_seconds"  # CPU time the stage's processes used (requested CPUs x wall time on a cluster)
+    CPU_SECONDS = "cpu_seconds"  # CPU time the stage's processes used (measured: resource usage of every rank)
+    CPU_SECONDS_REQUESTED = "cpu_seconds_requested"  # requested CPUs x wall time (where the pod requests CPUs)
     BYTES_READ = "bytes_read"  # from storage (models and data downloaded, inputs read)
     BYTES_WRITTEN = "bytes_written"  # to storage (the published outputs)
     JUDGE_CALLS = "judge_calls"  # requests to the win-rate judge endpoint
@@ -496,8 +555,17 @@ class Ledger:
 
     KEYS: ClassVar[tuple[str, ...]] = (
         GOLD_LABELS, PROMPTS, ANSWERS_GENERATED, TOKENS_GENERATED, PAIRS_JUDGED, TOKENS_SCORED, PAIRS_TRAINED,
-        TOKENS_TRAINED, ACCELERATOR_SECONDS, CPU_SECONDS, BYTES_READ, BYTES_WRITTEN, JUDGE_CALLS,
-        JUDGE_PROMPT_TOKENS, JUDGE_COMPLETION_TOKENS)
+        TOKENS_TRAINED, ACCELERATOR_SECONDS, CPU_SECONDS, CPU_SECONDS_REQUESTED, BYTES_READ, BYTES_WRITTEN,
+        JUDGE_CALLS, JUDGE_PROMPT_TOKENS, JUDGE_COMPLETION_TOKENS)
+
+
+# What a stage's pods requested, set by the executors (jobs.worker_env, the local executor) so that a stage can count
+# accelerator-seconds as requested GPUs x wall time: GPUs per pod (a whole number), CPUs per pod (a decimal).
+REQUESTED_GPUS_ENV = "SPA_REQUESTED_GPUS"
+REQUESTED_CPUS_ENV = "SPA_REQUESTED_CPUS"
+# The seconds of a stage's wall time spent on the items it counts (answers sampled, answers scored, pairs trained),
+# without loading models: with the ledger's counts, the rates the operator's ETA scales by (timings key).
+WORK_SECONDS = "work_s"
 
 
 def check_ledger(ledger: dict[str, float], what: str) -> None:

@@ -44,8 +44,11 @@ def combine_shards(fingerprints: list[str]) -> str:
 
 
 def fingerprinted_args(args: StageArgs) -> dict[str, Any]:
+    """The arguments that determine a stage's outputs. A field marked `{"added": True}` (one added after stages
+    were fingerprinted) counts only when it differs from its default, so adding it leaves earlier stages done."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(args)
-            if not f.metadata.get("execution") and f.name != "output" and f.name not in INPUT_FIELDS}
+            if not f.metadata.get("execution") and f.name != "output" and f.name not in INPUT_FIELDS
+            and not (f.metadata.get("added") and getattr(args, f.name) == f.default)}
 
 
 def input_uris(args: StageArgs) -> dict[str, str]:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from spa_workers import contract
-from spa_workers.contract import GenerateArgs, ManifestKeys, StageInputError
+from spa_workers.contract import GenerateArgs, Ledger, ManifestKeys, StageInputError
 from spa_workers.data import load_prompts, write_jsonl
 from spa_workers.modeling import Messages, best_device, encode_prompt, load_tokenizer, resolve_model
 from spa_workers.runner import StageWork, run_stage
@@ -44,8 +44,9 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
     return int.from_bytes(digest[:4], "little") >> 1
 
 
-def select_prompts(args: GenerateArgs) -> list[tuple[int, Messages]]:
-    """(global index, messages) of the prompts this shard generates for: slice, then contiguous shard part."""
+def select_prompts(args: GenerateArgs) -> tuple[list[tuple[int, Messages]], int]:
+    """(global index, messages) of the prompts this shard generates for (slice, then contiguous shard part), and
+    the number of prompts in the whole slice."""
     prompts = load_prompts(args.prompts)
     end = len(prompts) if args.slice_end < 0 else min(args.slice_end, len(prompts))
     start = max(args.slice_start, 0)
@@ -58,7 +59,7 @@ def select_prompts(args: GenerateArgs) -> list[tuple[int, Messages]]:
     if not 0 <= args.shard_index < args.shard_count:
         raise StageInputError(f"shard index {args.shard_index} is outside 0..{args.shard_count - 1}")
     part = shard_part(end - start, args.shard_index, args.shard_count)
-    return [(start + i, prompts[start + i]) for i in part]
+    return [(start + i, prompts[start + i]) for i in part], end - start
 
 
 def context_limit(model_dir: str) -> int | None:
@@ -84,7 +85,8 @@ class Sampler(NamedTuple):
 
 
 @contextlib.contextmanager
-def _vllm_sampler(args: GenerateArgs, tokenizer, model_dir: str, max_model_len: int) -> Iterator[Sampler]:
+def _vllm_sampler(args: GenerateArgs, tokenizer, model_dir: str, max_model_len: int,
+                  planned_tokens: int | None = None) -> Iterator[Sampler]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -102,13 +104,13 @@ def _vllm_sampler(args: GenerateArgs, tokenizer, model_dir: str, max_model_len: 
         return [[finish(tokenizer, list(o.token_ids), eos) for o in r.outputs] for r in results]
 
     with engine(model_dir, max_model_len=max_model_len, seed=args.seed,
-                tensor_parallel_size=args.tensor_parallel_size) as llm:
+                tensor_parallel_size=args.tensor_parallel_size, planned_tokens=planned_tokens) as llm:
         yield Sampler(sample, VLLM_CHUNK)
 
 
 @contextlib.contextmanager
-def _transformers_sampler(args: GenerateArgs, tokenizer, model_dir: str,
-                          max_model_len: int) -> Iterator[Sampler]:
+def _transformers_sampler(args: GenerateArgs, tokenizer, model_dir: str, max_model_len: int,
+                          planned_tokens: int | None = None) -> Iterator[Sampler]:
     import torch
 
     from spa_workers.modeling import load_model
@@ -140,8 +142,14 @@ def _transformers_sampler(args: GenerateArgs, tokenizer, model_dir: str,
     yield Sampler(sample, args.batch_size)
 
 
-# Each takes (args, tokenizer, model dir, max model length); only vLLM sizes its engine by the last.
+# Each takes (args, tokenizer, model dir, max model length, planned tokens); only vLLM sizes its engine by the last
+# two (the longest sequence; the tokens the whole stage may generate, which picks its CPU mode).
 SAMPLERS = {"vllm": _vllm_sampler, "transformers": _transformers_sampler}
+
+
+def planned_tokens(args: GenerateArgs, prompts: int) -> int:
+    """The most tokens the whole stage (every shard) can generate for its `prompts` prompts."""
+    return prompts * args.responses_per_prompt * args.max_new_tokens
 
 
 def _body(work: StageWork) -> None:
@@ -149,7 +157,7 @@ def _body(work: StageWork) -> None:
     if args.backend not in SAMPLERS:
         raise StageInputError(f"unknown generation backend {args.backend!r} "
                               f"(expected {' or '.join(BACKENDS)})")
-    selected = select_prompts(args)
+    selected, slice_size = select_prompts(args)
     t0 = time.time()
     model_dir = resolve_model(args.policy)
     tokenizer = load_tokenizer(model_dir)
@@ -163,7 +171,8 @@ def _body(work: StageWork) -> None:
     gen_s = 0.0
     if fits:
         max_model_len = max(len(e[2]) for e in fits) + args.max_new_tokens
-        with SAMPLERS[args.backend](args, tokenizer, model_dir, max_model_len) as sampler:
+        planned = planned_tokens(args, slice_size)
+        with SAMPLERS[args.backend](args, tokenizer, model_dir, max_model_len, planned) as sampler:
             work.timings["load_s"] = time.time() - t0
             t1 = time.time()
             for start in range(0, len(fits), sampler.chunk):
@@ -181,7 +190,12 @@ def _body(work: StageWork) -> None:
     work.counts[ManifestKeys.PROMPTS] = len(rows)
     work.counts[ManifestKeys.RESPONSES] = sum(len(r["responses"]) for r in rows)
     work.counts[ManifestKeys.GENERATED_TOKENS] = tokens
-    work.timings["generate_s"] = gen_s
+    work.timings["generate_s"] = work.timings[contract.WORK_SECONDS] = gen_s
+    if rows:  # the sampling model's answer length, watched for drift across iterations
+        work.metrics[ManifestKeys.ANSWER_TOKENS] = tokens / work.counts[ManifestKeys.RESPONSES]
+    work.spend(Ledger.PROMPTS, len(rows))
+    work.spend(Ledger.ANSWERS_GENERATED, work.counts[ManifestKeys.RESPONSES])
+    work.spend(Ledger.TOKENS_GENERATED, tokens)
     if gen_s > 0:
         work.metrics[ManifestKeys.TOKENS_PER_S] = tokens / gen_s
 

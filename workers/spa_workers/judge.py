@@ -24,7 +24,7 @@ from statistics import fmean
 from typing import Any
 
 from spa_workers import contract, storage
-from spa_workers.contract import JudgeArgs, ManifestKeys, StageInputError
+from spa_workers.contract import JudgeArgs, Ledger, ManifestKeys, StageInputError
 from spa_workers.data import read_records, write_jsonl
 from spa_workers.generate import prompt_seed, shard_part
 from spa_workers.runner import StageWork, run_stage
@@ -100,7 +100,7 @@ def _body(work: StageWork) -> None:
     limits = Limits(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                     max_batch_tokens=args.max_batch_tokens, tensor_parallel_size=args.tensor_parallel_size)
     rewards = iter(implicit_rewards(args.policy, args.reference, items, args.beta, limits, args.backend,
-                                    lambda done, total: work.progress(done, total, unit="answers")))
+                                    lambda done, total: work.progress(done, total, unit="answers"), work))
     pairs = []
     skipped_long = 0
     for row, keep in judged:
@@ -116,6 +116,7 @@ def _body(work: StageWork) -> None:
                       "chosen": row["responses"][chosen], "rejected": row["responses"][rejected],
                       "chosen_reward": r_w, "rejected_reward": r_l, "confidence": sigmoid(r_w - r_l)})
     write_jsonl(os.path.join(work.dir, contract.PAIRS_FILE), pairs)
+    work.spend(Ledger.PAIRS_JUDGED, len(pairs))
     elapsed = time.time() - t0
     work.timings["judge_s"] = elapsed
     work.counts.update({ManifestKeys.PROMPTS: len(rows), ManifestKeys.PAIRS: len(pairs),

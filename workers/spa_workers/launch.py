@@ -9,11 +9,12 @@ The launcher is accelerate's; this module only chooses its flags:
   (the executor retries the stage, which resumes from its checkpoint) instead of leaving the others waiting.
 - bf16 on GPU.
 
-accelerate 1.15 turns FSDP on only for accelerator device types: on CPU it silently runs DDP, and its
-CPU-RAM-efficient loading then leaves the non-zero ranks' reference model all zeros. So whenever the launcher asked
-for FSDP (ACCELERATE_USE_FSDP in the ranks' environment) the trainer (train.py) switches accelerate's state to FSDP
-itself where accelerate did not, and checks that the parameters really are DTensor shards; CPU-RAM-efficient
-loading stays off because TRL's reference model is sharded without the broadcast from rank 0 it relies on.
+accelerate 1.15 turns FSDP on only for accelerator device types: on CPU it silently runs DDP. So whenever the
+launcher asked for FSDP (ACCELERATE_USE_FSDP in the ranks' environment) the trainer (spa_trainer.py) switches
+accelerate's state to FSDP itself where accelerate did not, and checks that the parameters really are DTensor
+shards: CPU runs take the GPU path. CPU-RAM-efficient loading is on (only each node's local rank 0 reads the
+weights; transformers gives the other ranks zeros, and accelerate fills every rank's shards from global rank 0):
+accelerate does that for the policy, spa_trainer.py for the reference, which TRL would shard without it.
 """
 
 from __future__ import annotations
@@ -30,11 +31,9 @@ RENDEZVOUS_PORT_ENV = "SPA_RENDEZVOUS_PORT"
 NODE_RANK_ENV = "JOB_COMPLETION_INDEX"
 DEFAULT_PORT = 29500
 # Seconds the static rendezvous waits for every node to join (pods of a gang start minutes apart while images
-# pull), and seconds a collective may block before the process group gives up on a silent peer.
+# pull). The collective timeout is the process group's: collectives.py.
 RENDEZVOUS_TIMEOUT_ENV = "SPA_RENDEZVOUS_TIMEOUT_S"
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 900
-COLLECTIVE_TIMEOUT_ENV = "SPA_COLLECTIVE_TIMEOUT_S"
-DEFAULT_COLLECTIVE_TIMEOUT_S = 1800
 
 
 def world_size(args: TrainArgs) -> int:
@@ -47,8 +46,8 @@ def resolve_strategy(args: TrainArgs, cuda: bool) -> str:
         raise StageInputError(f"--processes {args.processes} / --nodes {args.nodes}: both must be at least 1")
     if args.strategy not in STRATEGIES:
         raise StageInputError(f"--strategy {args.strategy}: must be one of {', '.join(STRATEGIES)}")
-    if world_size(args) == 1:
-        return "none"
+    if world_size(args) == 1:  # one GPU: a sharding engine only when asked for (the bf16 path, e.g. the GPU check)
+        return args.strategy if args.strategy in ("fsdp", "deepspeed") and cuda and not args.lora_r else "none"
     strategy = args.strategy
     if strategy == "auto":
         strategy = "ddp" if args.lora_r > 0 else "fsdp"
@@ -80,7 +79,13 @@ def under_launcher() -> bool:
 
 
 def needs_launch(args: TrainArgs) -> bool:
-    return not under_launcher() and world_size(args) > 1
+    if under_launcher():
+        return False
+    if world_size(args) > 1:
+        return True
+    import torch
+
+    return resolve_strategy(args, torch.cuda.is_available()) != "none"
 
 
 def launch_command(args: TrainArgs, strategy: str, cuda: bool) -> list[str]:
@@ -108,7 +113,7 @@ def launch_command(args: TrainArgs, strategy: str, cuda: bool) -> list[str]:
             "--fsdp_reshard_after_forward", "true",  # full shard
             "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",  # one unit per decoder layer
             "--fsdp_state_dict_type", "SHARDED_STATE_DICT",  # checkpoints: every rank writes its own shard
-            "--fsdp_cpu_ram_efficient_loading", "false",
+            "--fsdp_cpu_ram_efficient_loading", "true",  # rank 0 loads the weights, the others receive shards
             "--fsdp_offload_params", "false",
             "--fsdp_activation_checkpointing", "false",  # the Trainer's gradient checkpointing does it on GPU
         ]
@@ -151,7 +156,3 @@ def active_strategy() -> str:
     if _flag("ACCELERATE_USE_DEEPSPEED"):
         return "deepspeed"
     return "ddp"
-
-
-def collective_timeout_s() -> int:
-    return int(os.environ.get(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S))

@@ -37,18 +37,28 @@ def resolve_model(uri: str) -> str:
         try:
             from huggingface_hub import snapshot_download
 
-            return snapshot_download(repo_id=repo, revision=revision or None)
+            return _fetched_copy(snapshot_download(repo_id=repo, revision=revision or None))
         except Exception as e:  # offline, unknown repo, auth: all mean "cannot get this model"
             raise StageInputError(f"model {uri}: not found or not downloadable ({type(e).__name__})") from None
     if storage.is_s3(uri):
         if not storage.exists(storage.join(uri, "config.json")):
             raise StageInputError(f"model {uri}: not found (no config.json)")
         key = hashlib.sha256(f"{uri}@{storage.etag(uri)}".encode()).hexdigest()[:24]
-        return storage.fetch_once(os.path.join(cache_dir(), "models", key),
-                                  lambda tmp: storage.download_dir(uri, tmp))
+        return _fetched_copy(storage.fetch_once(os.path.join(cache_dir(), "models", key),
+                                                lambda tmp: storage.download_dir(uri, tmp)))
     path = storage._local(uri)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise StageInputError(f"model {uri}: not found (no config.json)")
+    if os.path.realpath(path) not in _fetched:  # a copy fetched above was counted as it was downloaded
+        storage.count_local_tree_read(path)  # loaded from the storage folder itself: the ledger's bytes read
+    return path
+
+
+_fetched: set[str] = set()  # local copies of s3:// and hf:// models made by `resolve_model`
+
+
+def _fetched_copy(path: str) -> str:
+    _fetched.add(os.path.realpath(path))
     return path
 
 

@@ -2,7 +2,9 @@
 
 Under a multi-process launcher (`accelerate launch`, torchrun: WORLD_SIZE > 1) every process runs the body,
 but only the main process publishes outputs, writes the heartbeat and the manifest; rank 0's "already done"
-decision is broadcast so all ranks agree, and the ranks meet at barriers after the body and the manifest.
+decision is broadcast so all ranks agree, and the ranks meet after the body and after the manifest at barriers
+that sit outside the training process group (collectives.wait_long), so that minutes of rank 0 writing, hashing
+and uploading a 7B model never run into the collective timeout.
 Single-process runs never import torch here.
 """
 
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from spa_workers import aside, contract, fingerprint, live_metrics, storage
+from spa_workers import aside, checkpoints, collectives, contract, fingerprint, live_metrics, storage, usage
 from spa_workers.contract import StageArgs, StageManifest
 
 
@@ -80,20 +82,6 @@ def output_of(args: StageArgs) -> str:
     return args.output  # type: ignore[attr-defined]
 
 
-def _distributed_state():
-    """accelerate's PartialState when launched as several processes, else None (and no torch import)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    import torch
-    from accelerate import PartialState
-
-    # The first PartialState fixes the backend for the whole process: without CUDA it must be told to use the
-    # CPU (gloo), otherwise accelerate sets up no distributed state at all and every rank would train alone.
-    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    cpu = forced_cpu or not torch.cuda.is_available()
-    return PartialState(cpu=cpu)
-
-
 def _broadcast_from_main(value):
     from accelerate.utils import broadcast_object_list
 
@@ -101,6 +89,8 @@ def _broadcast_from_main(value):
 
 
 OVERWRITE_ENV = "SPA_OVERWRITE_STALE"
+# Timings measured before the stage body (spa-worker's `startup_s`: scheduled or process start -> libraries imported).
+STARTUP: dict[str, float] = {}
 
 
 def _reuse_decision(out: str, fp: str, of: dict) -> tuple[str, str]:
@@ -121,7 +111,7 @@ def _reuse_decision(out: str, fp: str, of: dict) -> tuple[str, str]:
 def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
     args = resolve_shard(args)
     out = output_of(args)
-    dist = _distributed_state()
+    dist = collectives.distributed_state()
     is_main = dist is None or dist.is_main_process
     fp, of = fingerprint.of_stage(args) if is_main else ("", {})
     decision, change = _reuse_decision(out, fp, of) if is_main else ("", "")
@@ -135,8 +125,9 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
         raise contract.StageInputError(decision)
     t0 = time.time()
     if not is_main:
-        return _run_secondary(args, out, body, dist)
-    work = StageWork(args=args, output=out, dir="", fingerprint=fp, fingerprint_of=of)
+        return _run_secondary(args, out, body)
+    work = StageWork(args=args, output=out, dir="", fingerprint=fp, fingerprint_of=of,
+                     timings=dict(STARTUP))
     if decision == "replace":  # moved aside, not deleted: removed once the new manifest is written
         work.set_aside(out, f"made with other settings ({change})")
     local_out = None if storage.is_s3(out) else storage._local(out)
@@ -148,13 +139,18 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
             shutil.rmtree(stale, ignore_errors=True)
         workdir = tempfile.mkdtemp(prefix=".work-", dir=local_out)
     else:
-        workdir = tempfile.mkdtemp(prefix="spa-stage-")
+        # On the node's sized scratch volume when there is one (a 7B model is 14.5 GB), else the temp dir.
+        scratch = os.environ.get(checkpoints.SCRATCH_ENV)
+        if scratch:
+            os.makedirs(scratch, exist_ok=True)
+        workdir = tempfile.mkdtemp(prefix="spa-stage-", dir=scratch or None)
     work.dir = workdir
     live_metrics.live()  # serve from the start of the stage when SPA_WORKER_METRICS_PORT is set
+    usage0 = usage.baseline()
     try:
         body(work)
-        if dist is not None:
-            dist.wait_for_everyone()
+        collectives.wait_long()  # every rank's part of the body is done (this rank may have written for minutes)
+        others = usage.of_other_ranks(True, usage0) if dist is not None else []
         # Finite numbers only, checked before anything is published: a NaN loss or reward is a diverged model,
         # not a result (and no reader could pass it on: a Kubernetes API server refuses NaN in a status).
         contract.require_finite({"counts": work.counts, "metrics": work.metrics, "timings": work.timings,
@@ -162,14 +158,27 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
         contract.check_ledger(work.ledger, f"{args.stage}: {out}")
         files = {}
         for rel in storage.list_files(workdir):
-            files[rel] = contract.file_digest(os.path.join(workdir, rel))
+            path = os.path.join(workdir, rel)
             if local_out is not None:
+                files[rel] = contract.file_digest(path)
                 dest = os.path.join(local_out, rel)
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
-                os.replace(os.path.join(workdir, rel), dest)
+                os.replace(path, dest)
+            elif os.path.getsize(path) > contract.ETAG_IDENTIFIES_ABOVE:
+                # A large file (model weights) is identified by the ETag S3 computed from the bytes it received,
+                # not hashed again here (reading 14.5 GB once more costs minutes).
+                storage.upload_file(path, storage.join(out, rel))
+                files[rel] = {"bytes": os.path.getsize(path), "etag": storage.etag(storage.join(out, rel)),
+                              "part_bytes": storage.MULTIPART_THRESHOLD}
             else:
-                storage.upload_file(os.path.join(workdir, rel), storage.join(out, rel))
+                files[rel] = contract.file_digest(path)
+                storage.upload_file(path, storage.join(out, rel))
         work.timings["wall_s"] = time.time() - t0
+        moved = sum(f["bytes"] for f in files.values()) if local_out is not None else 0
+        usage.spend(work, usage0, others, time.time() - usage.stage_started(), moved)
+        print(f"{args.stage}: ledger: {work.ledger[contract.Ledger.CPU_SECONDS]:.1f} CPU-seconds over "
+              f"{len(others) + 1} process(es)", file=sys.stderr)
+        contract.check_ledger(work.ledger, f"{args.stage}: {out}")
         manifest = StageManifest(stage=args.stage, files=files, counts=work.counts, metrics=work.metrics,
                                  timings=work.timings, args=args.to_argv(), versions=contract.versions(),
                                  fingerprint=fp, fingerprint_of=of, ledger=work.ledger,
@@ -183,19 +192,20 @@ def run_stage(args: StageArgs, body: Callable[[StageWork], None]) -> int:
                 print(f"{args.stage}: warning: cleanup after the manifest failed: {e}", file=sys.stderr)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    if dist is not None:
-        dist.wait_for_everyone()
+    collectives.wait_long()  # the others waited while this rank hashed and uploaded
     print(f"{args.stage}: done in {time.time() - t0:.1f}s -> {out}", file=sys.stderr)
     return 0
 
 
-def _run_secondary(args: StageArgs, out: str, body: Callable[[StageWork], None], dist) -> int:
+def _run_secondary(args: StageArgs, out: str, body: Callable[[StageWork], None]) -> int:
     """A non-main rank: run the body in a private scratch dir that is never published; wait for the main."""
     workdir = tempfile.mkdtemp(prefix="spa-stage-rank-")
+    usage0 = usage.baseline()
     try:
         body(StageWork(args=args, output=out, dir=workdir, is_main=False))
-        dist.wait_for_everyone()  # the main publishes now
+        collectives.wait_long()  # the main writes its outputs now
+        usage.of_other_ranks(False, usage0)  # the main counts this rank's CPU time and traffic, then publishes
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    dist.wait_for_everyone()  # the manifest is written
+    collectives.wait_long()  # the main hashes, uploads and writes the manifest: minutes for a 7B model
     return 0

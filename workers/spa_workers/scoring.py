@@ -7,11 +7,18 @@ built by `modeling.encode_prompt_answer` (the train stage's prompt/answer bounda
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from spa_workers.contract import StageInputError
+from spa_workers.contract import WORK_SECONDS, Ledger, StageInputError
 from spa_workers.modeling import Messages, best_device, encode_prompt, encode_prompt_answer, load_tokenizer
+
+if TYPE_CHECKING:
+    from spa_workers.runner import StageWork
 
 BACKENDS = ("transformers", "vllm")
 # Manifest count of (prompt, answer) items left unscored because the prompt is too long to train on.
@@ -26,6 +33,18 @@ class Limits:
     # Padded tokens per forward pass (transformers backend); also bounds the logits: tokens × vocab × 4 bytes.
     max_batch_tokens: int = 8192
     tensor_parallel_size: int = 1  # vllm backend: GPUs one engine is split over
+    timings: dict[str, float] | None = dataclasses.field(default=None, compare=False)  # gets the forward passes' time
+
+
+@contextlib.contextmanager
+def _timed(limits: Limits) -> Iterator[None]:
+    """Add the block's seconds to the stage's work time (`contract.WORK_SECONDS`), if the caller keeps timings."""
+    t0 = time.time()
+    try:
+        yield
+    finally:
+        if limits.timings is not None:
+            limits.timings[WORK_SECONDS] = limits.timings.get(WORK_SECONDS, 0.0) + time.time() - t0
 
 
 @dataclass(frozen=True)
@@ -109,7 +128,8 @@ def _logprobs_transformers(model_uri: str, seqs: Sequence[Encoded], limits: Limi
     # float32 on CPU (bf16 is slow there, and tests check rewards to 1e-5); bf16 on GPU, as training runs.
     model = load_model(model_uri, dtype="bfloat16" if device == "cuda" else "float32", device=device)
     model.eval()
-    return model_logprobs(model, seqs, limits.max_batch_tokens, progress)
+    with _timed(limits):
+        return model_logprobs(model, seqs, limits.max_batch_tokens, progress)
 
 
 # Scoring requests per vLLM call: large enough to keep the engine busy, small enough for a regular heartbeat.
@@ -128,7 +148,7 @@ def _logprobs_vllm(model_uri: str, seqs: Sequence[Encoded], limits: Limits,
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
     out: list[float] = []
     with engine(resolve_model(model_uri), max_model_len=max(len(s.ids) for s in seqs) + 1,
-                tensor_parallel_size=limits.tensor_parallel_size) as llm:
+                tensor_parallel_size=limits.tensor_parallel_size) as llm, _timed(limits):
         for start in range(0, len(seqs), _VLLM_CHUNK):
             chunk = seqs[start: start + _VLLM_CHUNK]
             prompts = [TokensPrompt(prompt_token_ids=s.ids) for s in chunk]
@@ -157,15 +177,19 @@ def sequence_logprobs(model_uri: str, seqs: Sequence[Encoded], limits: Limits, b
 
 def implicit_rewards(policy: str, reference: str, items: Sequence[tuple[Messages, str]], beta: float,
                      limits: Limits, backend: str = "transformers",
-                     progress: Progress | None = None) -> list[float | None]:
+                     progress: Progress | None = None, work: StageWork | None = None) -> list[float | None]:
     """β·(log π_policy − log π_reference) of each (prompt, answer); None where the prompt is too long.
 
     Models are loaded one after the other, so peak memory is one model. Both share the policy's tokenizer: the
-    policy descends from the reference, and training tokenizes with it.
+    policy descends from the reference, and training tokenizes with it. `work` (a stage's) gets the tokens both
+    forward passes take (the ledger's tokens scored) and the seconds they took, models loaded (its work time).
     """
     encoded = encode_items(load_tokenizer(policy), items, limits)
     keep = [i for i, e in enumerate(encoded) if e is not None]
     seqs = [encoded[i] for i in keep]
+    if work is not None:
+        work.spend(Ledger.TOKENS_SCORED, 2 * sum(len(s.ids) for s in seqs))  # each sequence through both models
+        limits = dataclasses.replace(limits, timings=work.timings)
     report = progress or (lambda done, total: None)
     policy_lp = sequence_logprobs(policy, seqs, limits, backend, lambda d, t: report(d, 2 * t))
     reference_lp = sequence_logprobs(reference, seqs, limits, backend, lambda d, t: report(t + d, 2 * t))

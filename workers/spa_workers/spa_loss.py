@@ -7,18 +7,18 @@ score is below the threshold is low-confidence and trains on −(1−α)·log σ
 the plain −log σ(β·m). α is 0 during the warm-up (the first `warmup_fraction` of optimiser steps).
 
 Ordering, as in the official implementation (kingdy2002/SPA, `DPOTrainer.confidence_update` runs after the
-batch's loss): a batch is judged against the threshold of the window *before* its own scores enter it, then
-its scores are pushed. Two deliberate differences from that code: (1) the official threshold is 0 until the
-window is full; here it is the quantile of whatever the window holds, and for the very first batch (empty
-window) the quantile of that batch's own scores — during warm-up α = 0 so this only affects the logged
-statistics; (2) the quantile is `torch.quantile`'s linear interpolation rather than the mean of two order
-statistics. Under data parallelism the caller passes a `gather` that all-gathers the scores, so every rank
-pushes the same values and computes the same threshold.
+batch's loss): an optimiser step's samples are judged against the threshold of the window *before* the step,
+then the step's scores are pushed — once per optimiser step, from the gathered global batch (every process's
+micro-batches, without the duplicates accelerate's `even_batches` pads the last batch with), so the thresholds do
+not depend on how the batch is split over processes and accumulation steps (the caller, spa_trainer.py, does
+the gathering and pushing). Two deliberate differences from that code: (1) the official threshold is 0 until
+the window is full; here it is the quantile of whatever the window holds, and in the first optimiser step
+(empty window) there is no threshold: no sample is low-confidence (α is 0 during the warm-up anyway); (2) the
+quantile is `torch.quantile`'s linear interpolation rather than the mean of two order statistics.
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -63,15 +63,11 @@ class MarginWindow:
         flat = values.detach().flatten().tolist() if isinstance(values, Tensor) else values
         self._values.extend(float(v) for v in flat)
 
-    def threshold(self, fallback: Tensor | None = None) -> float:
-        """The window's quantile; `fallback`'s (the current batch's scores) while the window is empty."""
-        if self._values:
-            vals = torch.tensor(list(self._values), dtype=torch.float64)
-        elif fallback is not None and fallback.numel() > 0:
-            vals = fallback.detach().flatten().to("cpu", torch.float64)
-        else:
-            return -math.inf  # nothing known yet: nobody is low-confidence
-        return float(torch.quantile(vals, self.quantile))
+    def threshold(self) -> float | None:
+        """The window's quantile; None while the window is empty (nobody is low-confidence then)."""
+        if not self._values:
+            return None
+        return float(torch.quantile(torch.tensor(list(self._values), dtype=torch.float64), self.quantile))
 
     def state_dict(self) -> dict[str, Any]:
         return {"size": self.size, "quantile": self.quantile, "values": self.values()}
@@ -91,12 +87,9 @@ def refined_dpo_losses(logits: Tensor, low_confidence: Tensor, alpha: float) -> 
 
 @dataclass
 class RefinementStats:
-    """What one (micro-)batch's refinement decided, over all processes' samples."""
+    """What one micro-batch's refinement decided, over all processes' samples (gathered)."""
 
-    threshold: float  # the threshold this batch was judged against
-    window_size: (
-        int  # how many scores that threshold was computed from (0: the batch's own, window was empty)
-    )
+    threshold: float | None  # the threshold of this optimiser step (None: empty window, nobody low-confidence)
     alpha: float
     margins: Tensor  # β·m of every process's samples (gathered), float32 on CPU
     scores: Tensor  # β·m̃ of every process's samples (gathered)
@@ -118,36 +111,40 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
+def low_confidence(scores: Tensor, threshold: float | None) -> Tensor:
+    """scores < threshold; all False without a threshold."""
+    if threshold is None:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    return scores < threshold
+
+
 def self_refinement_losses(
     margin: Tensor,
     extrapolated_margin: Tensor | None,
     *,
     beta: float,
     alpha: float,
-    window: MarginWindow,
+    threshold: float | None,
     gather: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, RefinementStats]:
-    """Per-sample SPA losses for this process's samples, and the batch's statistics; updates `window`.
+    """Per-sample SPA losses for this process's samples against this optimiser step's `threshold`, and the
+    micro-batch's statistics over all processes. The window is not touched: the caller pushes the whole
+    step's scores once the step is complete (`MarginWindow.push`).
 
     `margin` (m) carries the gradient; `extrapolated_margin` (m̃; None means λ = 0, m̃ = m) is used without
     it. `gather` concatenates a tensor across processes (identity when None).
     """
     gather = gather or _identity
     scores = beta * (margin if extrapolated_margin is None else extrapolated_margin).detach().float()
+    losses = refined_dpo_losses(beta * margin, low_confidence(scores, threshold), alpha)
     all_scores = gather(scores).detach().float().cpu()
-    window_size = len(window)
-    threshold = window.threshold(fallback=all_scores)  # before this batch enters the window
-    low = scores < threshold
-    losses = refined_dpo_losses(beta * margin, low, alpha)
-    window.push(all_scores)
     all_margins = gather((beta * margin).detach().float()).float().cpu()
     stats = RefinementStats(
         threshold=threshold,
-        window_size=window_size,
         alpha=alpha,
         margins=all_margins,
         scores=all_scores,
-        low_confidence=all_scores < threshold,
+        low_confidence=low_confidence(all_scores, threshold),
     )
     return losses, stats
 

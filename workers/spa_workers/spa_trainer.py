@@ -11,10 +11,11 @@ import functools
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from spa_workers import checkpoints, launch, modeling
+from spa_workers import checkpoints, collectives, engine, launch, modeling
 from spa_workers.contract import StageInputError, TrainArgs
 
 # Linear LR warm-up over this fraction of the steps, then cosine decay: the alignment-handbook recipe that the
@@ -67,9 +68,15 @@ def trainer_class():
         (the same reference handling as TRL: a separate model, or the adapter disabled under PEFT). With λ > 0
         one no-grad pass of policy and reference backbones yields both the reference log-probs and the
         extrapolated ones.
+
+        An optimiser step is one global batch, whatever its layout (processes × accumulation): its threshold is
+        the window's before the step, its scores enter the window once, after the step, and the duplicated
+        samples accelerate's `even_batches` pads the epoch's last global batch with are left out of the loss,
+        the window and the log (`engine.StepPlan`).
         """
 
         def __init__(self, *args: Any, refinement: Refinement | None = None, **kwargs: Any) -> None:
+            self._reference_to_shard = kwargs.get("ref_model")  # sharded once the accelerator exists
             super().__init__(*args, **kwargs)
             self.refinement = refinement
             self.window = (
@@ -77,12 +84,18 @@ def trainer_class():
             )
             self.step_log: list[dict[str, Any]] = []  # one record per optimiser step, identical on all ranks
             self._micro: list[dict[str, Any]] = []  # this step's micro-batches
+            self._plan: engine.StepPlan | None = None  # this step's real samples (get_batch_samples)
+            self._step_threshold: float | None = None
+            self._step_window_size = 0
 
         def create_accelerator_and_postprocess(self) -> None:
             super().create_accelerator_and_postprocess()
             if launch.active_strategy() == "fsdp" and launch.under_launcher():
-                _force_fsdp(self.accelerator)
+                engine.force_fsdp(self.accelerator)
                 self.is_fsdp_enabled = True
+            if self.is_fsdp_enabled and self._reference_to_shard is not None:
+                engine.shard_reference(self.accelerator, self._reference_to_shard)
+            self._reference_to_shard = None
 
         # Warm-up length depends on the step count, which the Trainer knows only here. Floor (not ceil, as
         # `warmup_steps` ratios do) so that a one-step run still moves the weights.
@@ -90,9 +103,24 @@ def trainer_class():
             self.args.warmup_steps = int(LR_WARMUP_RATIO * num_training_steps)
             return super().create_scheduler(num_training_steps, optimizer)
 
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            """The Trainer fetches an optimiser step's micro-batches at once: count the step's real samples."""
+            batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            gradient_state = self.accelerator.gradient_state
+            self._plan = engine.StepPlan.of(
+                [len(b["input_ids"]) // 2 for b in batch_samples],  # chosen rows then rejected rows
+                self.accelerator.num_processes,
+                gradient_state.remainder if gradient_state.end_of_dataloader else -1,
+            )
+            return batch_samples, num_items
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or not model.training:  # evaluation: TRL's own DPO loss
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            micro = len(self._micro)
+            if micro == 0:  # an optimiser step begins: its threshold is the window's before it
+                self._step_threshold = self.window.threshold() if self.window is not None else None
+                self._step_window_size = len(self.window) if self.window is not None else 0
             completion_mask = inputs["completion_mask"]
             model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
             model_kwargs["use_cache"] = False
@@ -128,15 +156,19 @@ def trainer_class():
                     extrapolated,
                     beta=self.beta,
                     alpha=alpha,
-                    window=self.window,
+                    threshold=self._step_threshold,
                     gather=self.accelerator.gather,
                 )
             else:
                 losses = -F.logsigmoid(self.beta * margin)
-            loss = losses.mean()
+            plan = self._plan or engine.StepPlan.of([margin.numel()], 1, -1)  # called outside `train`: one plain batch
+            real, scale = plan.weights(micro, self.accelerator.process_index, margin.numel())
+            # The mean over the step's real samples, once the Trainer has divided by the step's micro-batches
+            # and the data-parallel gradient reduction by the processes.
+            loss = (losses * real.to(losses.device)).sum() * scale
             if self.aux_loss_enabled:
                 loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._record(losses, margin, stats)
+            self._record(losses, margin, stats, plan.real[micro] if micro < len(plan.real) else margin.numel())
             return loss
 
         def extrapolated_logps(self, model, model_kwargs, labels, lam: float):
@@ -169,33 +201,31 @@ def trainer_class():
                     chunk_tokens=EXTRAPOLATION_CHUNK_TOKENS,
                 )
 
-        def _record(self, losses, margin, stats) -> None:
+        def _record(self, losses, margin, stats, real: int) -> None:
+            """This micro-batch's gathered figures, without the duplicates (they come last in the gather)."""
             gather = self.accelerator.gather
-            rec: dict[str, Any] = {"losses": gather(losses.detach().float()).cpu()}
+            rec: dict[str, Any] = {"losses": gather(losses.detach().float()).cpu()[:real]}
             if stats is None:
-                rec["margins"] = gather((self.beta * margin).detach().float()).cpu()
+                rec["margins"] = gather((self.beta * margin).detach().float()).cpu()[:real]
             else:
                 rec.update(
-                    margins=stats.margins,
-                    scores=stats.scores,
-                    low=stats.low_confidence,
-                    threshold=stats.threshold,
-                    window_size=stats.window_size,
+                    margins=stats.margins[:real],
+                    scores=stats.scores[:real],
+                    low=stats.low_confidence[:real],
                     alpha=stats.alpha,
                 )
-                thr = torch.tensor([stats.threshold], dtype=torch.float64, device=margin.device)
-                rec["rank_thresholds"] = gather(thr).cpu().tolist()  # proof that all ranks agree
             self._micro.append(rec)
             mode = "train"
-            self._metrics[mode]["rewards/accuracies"].append(float((rec["margins"] > 0).float().mean()))
-            self._metrics[mode]["rewards/margins"].append(float(rec["margins"].mean()))
-            if stats is not None:
+            if rec["margins"].numel():
+                self._metrics[mode]["rewards/accuracies"].append(float((rec["margins"] > 0).float().mean()))
+                self._metrics[mode]["rewards/margins"].append(float(rec["margins"].mean()))
+            if stats is not None and stats.threshold is not None:
                 self._metrics[mode]["spa/threshold"].append(stats.threshold)
                 self._metrics[mode]["spa/refined_fraction"].append(stats.refined_fraction)
 
         def finish_step(self, lr: float | None) -> dict[str, Any]:
-            """Fold this optimiser step's micro-batches into one log record."""
-            micro, self._micro = self._micro, []
+            """Fold this optimiser step's micro-batches into one log record; push its scores into the window."""
+            micro, self._micro, self._plan = self._micro, [], None
             margins = torch.cat([m["margins"] for m in micro])
             losses = torch.cat([m["losses"] for m in micro])
             rec: dict[str, Any] = {
@@ -212,18 +242,23 @@ def trainer_class():
             }
             if self.refinement:
                 low = torch.cat([m["low"] for m in micro]).float()
-                refined = sum(float(m["low"].float().sum()) for m in micro if m["alpha"] > 0)
-                last = micro[-1]
+                scores = torch.cat([m["scores"] for m in micro])
+                alpha = micro[-1]["alpha"]
+                # Proof that every rank judged this step against the same threshold (NaN: none yet).
+                thr = self._step_threshold
+                mine = torch.tensor([math.nan if thr is None else thr], dtype=torch.float64,
+                                    device=self.accelerator.device)
+                rank_thresholds = self.accelerator.gather(mine).cpu().tolist()
                 rec.update(
-                    alpha=last["alpha"],
-                    threshold=last["threshold"],
-                    window_size=last["window_size"],
-                    refined_fraction=refined / max(1, margins.numel()),
+                    alpha=alpha,
+                    threshold=thr,
+                    window_size=self._step_window_size,
+                    refined_fraction=float(low.mean()) if alpha > 0 else 0.0,
                     low_confidence_fraction=float(low.mean()),
-                    rank_thresholds=last["rank_thresholds"],
-                    thresholds=[m["threshold"] for m in micro],
-                    scores=torch.cat([m["scores"] for m in micro]).tolist(),
+                    rank_thresholds=None if thr is None else rank_thresholds,
+                    scores=scores.tolist(),
                 )
+                self.window.push(scores)  # once per optimiser step: the global batch, no duplicates
             rec["margins"] = margins.tolist()
             # A diverged step ends the stage now (exit 2, naming the step), not after hours of training on NaN
             # weights; every rank sees the same gathered figures, so all stop together.
@@ -243,9 +278,12 @@ def trainer_class():
         on_step_record = None
         checkpoint_sink = None
 
+        checkpoint_started = 0.0  # time.time() when the current checkpoint began (the stage times it)
+
         def _save_checkpoint(self, model, trial):
             if self.state.global_step >= self.state.max_steps:
                 return
+            self.checkpoint_started = time.time()
             super()._save_checkpoint(model, trial)
             if self.checkpoint_sink is not None:
                 run_dir = self._get_output_dir(trial=trial)
@@ -254,20 +292,6 @@ def trainer_class():
                 )
 
     return SPATrainer
-
-
-def _force_fsdp(accelerator) -> None:
-    """Make accelerate's (process-wide) state FSDP where accelerate itself would not: on CPU (see launch.py).
-
-    accelerate builds the FSDP plugin from the launcher's FSDP_* environment but drops it when the distributed
-    type is MULTI_CPU; this puts it back, so that `prepare` shards with FSDP2 over gloo.
-    """
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    state = accelerator.state
-    if state.distributed_type == DistributedType.MULTI_CPU:
-        state.distributed_type = DistributedType.FSDP
-        state.fsdp_plugin = FullyShardedDataParallelPlugin()
 
 
 # --- the trainer ---
@@ -312,42 +336,17 @@ def policy_dtype(lora: bool, strategy: str) -> str:
     return "auto" if lora or strategy in ("fsdp", "deepspeed") else "float32"
 
 
-def make_trainer(
-    args: TrainArgs,
-    rows: list[dict[str, Any]],
-    output_dir: str,
-    *,
-    refinement: Refinement | None,
-    processes: int = 1,
-    max_steps: int = -1,
-):
-    """A ready SPATrainer for `args` on `rows` (TRL conversational pairs); checkpoints go to `output_dir`
-    locally, on the cadence of `args.checkpoint_every_steps` / `args.checkpoint_every_minutes`."""
+def training_config(args: TrainArgs, output_dir: str, processes: int = 1, max_steps: int = -1):
+    """The DPOConfig (TrainingArguments) of a stage. Built before any model is loaded: under `accelerate launch
+    --use_deepspeed` its construction is what makes the DeepSpeed config live (accelerate's DeepSpeedPlugin sets
+    transformers' HfDeepSpeedConfig), and `from_pretrained` then creates every parameter ZeRO-3-partitioned
+    (`zero3_init_flag`) instead of whole on every rank."""
     import torch
-    from datasets import Dataset
     from trl import DPOConfig
 
     cuda = torch.cuda.is_available()
     per_device, accum = launch.batch_geometry(args.batch_size, args.per_device_batch_size, processes)
-    tokenizer = modeling.load_tokenizer(args.model)
-    strategy = launch.active_strategy() if processes > 1 else "none"
-    model = modeling.load_model(args.model, dtype=policy_dtype(args.lora_r > 0, strategy))
-    ref_model = None
-    if args.lora_r == 0:  # frozen: as stored (bf16 on GPU) whatever the policy's dtype; LoRA turns the adapter off
-        ref_model = modeling.load_model(args.reference or args.model, dtype="auto")
-    peft_config = None
-    if args.lora_r > 0:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        )
-    quiet = not sys.stderr.isatty()
-    config = DPOConfig(
+    return DPOConfig(
         output_dir=output_dir,
         seed=args.seed,
         data_seed=args.seed,
@@ -367,11 +366,71 @@ def make_trainer(
         save_total_limit=1,
         logging_steps=1,
         report_to=[],
-        disable_tqdm=quiet,
+        disable_tqdm=not sys.stderr.isatty(),
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient: no extra graph walk
-        ddp_timeout=launch.collective_timeout_s(),
+        ddp_timeout=int(collectives.collective_timeout_s()),  # the group already has it (collectives.py)
     )
+
+
+def load_models(args: TrainArgs, strategy: str):
+    """(policy, reference or None): the reference is frozen, as stored (bf16 on GPU) whatever the policy's dtype;
+    LoRA has none (the adapter turned off). Under DeepSpeed the training config must already exist (see
+    `training_config`): a model loaded whole on every rank is refused here rather than found out as an OOM."""
+    model = modeling.load_model(args.model, dtype=policy_dtype(args.lora_r > 0, strategy))
+    ref_model = None
+    if args.lora_r == 0:
+        ref_model = modeling.load_model(args.reference or args.model, dtype="auto")
+    if strategy == "fsdp":  # CPU-RAM-efficient loading: only local rank 0 read the weights
+        import torch
+
+        with torch.no_grad():
+            loaded = bool(next(model.parameters()).abs().sum() > 0)
+        if not loaded:
+            for m in (model, ref_model):
+                if m is not None:
+                    engine.release_zeros(m)
+        print(f"{args.stage}: rank {os.environ.get('RANK', '0')}: loaded "
+              f"{'the weights' if loaded else 'no weights (they come from rank 0 when sharded)'}", file=sys.stderr)
+    if strategy == "deepspeed":
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        whole = [n for m in (model, ref_model) if m is not None for n, p in m.named_parameters()
+                 if not hasattr(p, "ds_id")]
+        if not is_deepspeed_zero3_enabled() or whole:
+            raise RuntimeError(f"--strategy deepspeed: ZeRO-3 init was not active when the models were loaded "
+                               f"({len(whole)} parameters loaded whole on this rank)")
+        print(f"{args.stage}: ZeRO-3 init: policy and reference loaded partitioned", file=sys.stderr)
+    return model, ref_model
+
+
+def make_trainer(
+    args: TrainArgs,
+    rows: list[dict[str, Any]],
+    output_dir: str,
+    *,
+    refinement: Refinement | None,
+    processes: int = 1,
+    max_steps: int = -1,
+):
+    """A ready SPATrainer for `args` on `rows` (TRL conversational pairs); checkpoints go to `output_dir`
+    locally, on the cadence of `args.checkpoint_every_steps` / `args.checkpoint_every_minutes`."""
+    from datasets import Dataset
+
+    config = training_config(args, output_dir, processes, max_steps)  # first: see training_config
+    tokenizer = modeling.load_tokenizer(args.model)
+    model, ref_model = load_models(args, launch.active_strategy() if launch.under_launcher() else "none")
+    peft_config = None
+    if args.lora_r > 0:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
     trainer = trainer_class()(
         model=model,
         ref_model=ref_model,
@@ -383,7 +442,7 @@ def make_trainer(
     )
     cadence = checkpoints.Cadence(args.checkpoint_every_steps, args.checkpoint_every_minutes)
     trainer.add_callback(_step_callback(trainer, cadence))
-    if quiet:  # the step log line replaces the Trainer's per-step dict printing
+    if not sys.stderr.isatty():  # the step log line replaces the Trainer's per-step dict printing
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)

@@ -3,6 +3,10 @@
 S3 settings come from the environment, as boto3 reads them (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_REGION / AWS_DEFAULT_REGION, AWS_ENDPOINT_URL) plus SPA_S3_ENDPOINT, which wins when set. Writes of single
 objects are atomic on both backends (S3 PUT; temp file + rename locally), so a reader never sees half a file.
+
+Every byte of an object read or written through this layer is counted per process (`traffic`): a stage's ledger
+takes its storage traffic from these counters. Listings, existence checks and ETags move no object bytes and are
+not counted.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +35,34 @@ COMPLETE = ".complete"  # marks a fetched copy as whole
 
 class StorageError(Exception):
     """Storage is unreachable or refused an operation (not: an object is missing)."""
+
+
+_traffic = {"read": 0, "written": 0}
+_traffic_lock = threading.Lock()  # transfers of a directory run in threads
+_counted_local_trees: set[str] = set()
+
+
+def traffic() -> tuple[int, int]:
+    """(bytes read, bytes written) through this layer by this process so far."""
+    with _traffic_lock:
+        return _traffic["read"], _traffic["written"]
+
+
+def _count(read: int = 0, written: int = 0) -> None:
+    with _traffic_lock:
+        _traffic["read"] += read
+        _traffic["written"] += written
+
+
+def count_local_tree_read(path: str) -> None:
+    """Count a local folder's files as read from storage, once per process: a model on a local path (or a shared
+    volume) that a library loads from disk itself, not through this layer."""
+    real = os.path.realpath(path)
+    with _traffic_lock:
+        if real in _counted_local_trees:
+            return
+        _counted_local_trees.add(real)
+    _count(read=sum(p.stat().st_size for p in Path(real).rglob("*") if p.is_file()))
 
 
 def is_s3(uri: str) -> bool:
@@ -111,12 +144,15 @@ def read_bytes(uri: str) -> bytes:
 
         bucket, key = split_s3(uri)
         try:
-            return _s3_call(_client().get_object, Bucket=bucket, Key=key)["Body"].read()
+            data = _s3_call(_client().get_object, Bucket=bucket, Key=key)["Body"].read()
         except ClientError as e:
             if _is_missing(e):
                 raise FileNotFoundError(uri) from e
             raise StorageError(f"{uri}: {e.response['Error'].get('Code')}") from e
-    return Path(_local(uri)).read_bytes()
+    else:
+        data = Path(_local(uri)).read_bytes()
+    _count(read=len(data))
+    return data
 
 
 def read_text(uri: str) -> str:
@@ -124,6 +160,7 @@ def read_text(uri: str) -> str:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    _count(written=len(data))
     if is_s3(uri):
         bucket, key = split_s3(uri)
         _s3_call(_client().put_object, Bucket=bucket, Key=key, Body=data)
@@ -163,6 +200,7 @@ def upload_file(local_path: str, uri: str) -> None:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         _s3_call(_client().upload_file, local_path, bucket, key, Config=_transfer_config())
+        _count(written=os.path.getsize(local_path))
         return
     dest = Path(_local(uri))
     if dest.resolve() == Path(local_path).resolve():
@@ -171,6 +209,7 @@ def upload_file(local_path: str, uri: str) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.copyfile(local_path, tmp)
     os.replace(tmp, dest)
+    _count(written=os.path.getsize(dest))
 
 
 def download_file(uri: str, local_path: str) -> None:
@@ -190,8 +229,9 @@ def download_file(uri: str, local_path: str) -> None:
                 raise FileNotFoundError(uri) from e
             raise
         os.replace(tmp, local_path)
-        return
-    shutil.copyfile(_local(uri), local_path)
+    else:
+        shutil.copyfile(_local(uri), local_path)
+    _count(read=os.path.getsize(local_path))
 
 
 def list_files(uri: str) -> list[str]:

@@ -33,8 +33,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from spa_workers import checkpoints, contract, data, launch, modeling, runner, storage
-from spa_workers.contract import ManifestKeys, StageInputError, TrainArgs
+from spa_workers import checkpoints, collectives, contract, data, engine, launch, modeling, runner, storage, usage
+from spa_workers.contract import Ledger, ManifestKeys, StageInputError, TrainArgs
 from spa_workers.spa_trainer import Refinement, make_trainer, policy_dtype
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ def run(args: TrainArgs) -> int:
         launch.batch_geometry(args.batch_size, args.per_device_batch_size, launch.world_size(args))
         for uri in {args.model, args.reference or args.model}:
             modeling.resolve_model(uri)
+        usage.hand_over()  # the ranks' ledger counts this process's downloads and time too
         launch.exec_launcher(args)  # does not return
     return runner.run_stage(args, lambda work: _train(args, work))
 
@@ -135,38 +136,11 @@ def _summarise(log: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def sharding_report(module) -> tuple[int, int, int, int]:
-    """(parameters, of them DTensor, local elements, global elements) of a (possibly FSDP-wrapped) module."""
-    from torch.distributed.tensor import DTensor
-
-    params = list(module.parameters())
-    dtensors = [p for p in params if isinstance(p, DTensor)]
-    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
-    return len(params), len(dtensors), local, sum(p.numel() for p in params)
-
-
-def _check_engine(trainer, strategy: str, rank: int, stage: str) -> None:
-    """Prove the launcher's strategy is really active (accelerate falls back to DDP silently where it does not
-    support one): under FSDP every parameter of policy and reference must be a DTensor shard."""
-    if strategy == "deepspeed" and not trainer.is_deepspeed_enabled:
-        raise RuntimeError("--strategy deepspeed: accelerate did not enable DeepSpeed")
-    if strategy != "fsdp":
-        return
-    for name, module in (("policy", trainer.model_wrapped), ("reference", trainer.ref_model)):
-        if module is None:
-            continue
-        n, sharded, local, total = sharding_report(module)
-        print(
-            f"{stage}: rank {rank}: fsdp {name}: {sharded}/{n} parameters are DTensor shards, "
-            f"{local}/{total} elements local",
-            file=sys.stderr,
-        )
-        if sharded != n:
-            raise RuntimeError(f"--strategy fsdp: {n - sharded} of {n} {name} parameters are not sharded")
-
-
 def _resume(args: TrainArgs, strategy: str, world: int, ckpt_root: str, scratch: str, state):
-    """(step, local dir, SPA state) of the newest complete checkpoint, fetched onto this node; None if none."""
+    """(step, local dir, SPA state, fetched, seconds to fetch) of the newest complete checkpoint, fetched onto this
+    node (`fetched`: the local dir is a copy on the scratch volume, to delete once loaded); None if none.
+
+    Every node fetches the whole checkpoint (a rank may need any shard when the process count changed), C bytes."""
     from accelerate.utils import broadcast_object_list
 
     found = checkpoints.latest_checkpoint(ckpt_root) if state.is_main_process else None
@@ -184,15 +158,16 @@ def _resume(args: TrainArgs, strategy: str, world: int, ckpt_root: str, scratch:
     if was == "deepspeed" and saved.get("world") != world:
         raise StageInputError(f"{uri}: a DeepSpeed checkpoint of {saved.get('world')} processes; resume with as many")
     local = os.path.join(scratch, "resume", f"{checkpoints.CHECKPOINT_PREFIX}{step}")
-    if storage.is_s3(uri) or world > 1:
+    fetched = storage.is_s3(uri) or world > 1
+    t0 = time.time()
+    if fetched:
         checkpoints.download_share(uri, local, state.local_process_index, _local_world(state))
-        if world > 1:
-            state.wait_for_everyone()
+        collectives.wait_long()  # every process's share is here (downloads take minutes)
     else:
         local = storage._local(uri)
     if state.is_main_process:
-        print(f"{args.stage}: resuming from {uri} (step {step})", file=sys.stderr)
-    return step, local, saved
+        print(f"{args.stage}: resuming from {uri} (step {step}), fetched in {time.time() - t0:.1f}s", file=sys.stderr)
+    return step, local, saved, fetched, time.time() - t0
 
 
 def _local_world(state) -> int:
@@ -210,9 +185,7 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
     # Usually already created by the runner; CPU-only machines need `cpu=True` to get a gloo process group.
     state = PartialState(cpu=not cuda)
     world = state.num_processes
-    strategy = launch.active_strategy() if world > 1 else "none"
-    if strategy == "fsdp":  # transformers would load only rank 0's weights, and TRL's reference needs them all
-        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+    strategy = launch.active_strategy() if launch.under_launcher() else "none"
     seed_stage = args.stage == contract.SEED_TRAIN
     refinement = None
     if args.refinement and not seed_stage:
@@ -255,8 +228,16 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
             fh.writelines(json.dumps(r) + "\n" for r in trainer.step_log)
 
     t_start, samples_before = time.time(), sum(r["samples"] for r in trainer.step_log)
+    fetched = [resume[1]] if resume is not None and resume[3] else []
+
+    checkpoint_s: list[float] = []  # each checkpoint: local write + upload + marker, as the training waited for it
 
     def on_record(rec: dict[str, Any]) -> None:
+        rec["time_s"] = round(time.time() - t_start, 3)  # for steady-state step times (benchmarks/gpu_train.py)
+        # After a step every rank has loaded the fetched checkpoint (model, optimiser, RNG): free the scratch
+        # volume before the next checkpoint is written there (so it needs C, not C + C/nodes).
+        if fetched and state.is_local_main_process:
+            shutil.rmtree(fetched.pop(), ignore_errors=True)
         if not work.is_main:
             return
         with open(log_path, "a", encoding="utf-8") as fh:
@@ -276,12 +257,11 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
 
     def checkpoint_sink(local_dir: str) -> None:
         step = trainer.state.global_step
-        acc = trainer.accelerator
-        acc.wait_for_everyone()  # every rank's files are written
+        collectives.wait_long()  # every rank's files are written
         dest = storage.join(ckpt_root, f"{checkpoints.CHECKPOINT_PREFIX}{step}")
         t0 = time.time()
         uploaded = checkpoints.upload_share(local_dir, dest, state.local_process_index, _local_world(state))
-        acc.wait_for_everyone()  # every rank's share is uploaded
+        collectives.wait_long()  # every rank's share is uploaded (minutes: outside the training collectives)
         if work.is_main:
             spa_state = {
                 "step": step,
@@ -291,23 +271,28 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
                 "window": trainer.window.state_dict() if trainer.window is not None else None,
             }
             checkpoints.finish_checkpoint(ckpt_root, step, spa_state, work.fingerprint, work.fingerprint_of)
-            print(f"{args.stage}: checkpoint {step} stored in {time.time() - t0:.1f}s", file=sys.stderr)
+            checkpoint_s.append(time.time() - trainer.checkpoint_started)
+            print(f"{args.stage}: checkpoint {step} stored in {time.time() - t0:.1f}s (written and stored in "
+                  f"{checkpoint_s[-1]:.1f}s)", file=sys.stderr)
         if state.is_local_main_process:  # stored: the scratch volume need not hold it any longer
             shutil.rmtree(local_dir, ignore_errors=True)
         if world > 1:
             print(f"{args.stage}: rank {state.process_index}: uploaded {uploaded} checkpoint files", file=sys.stderr)
-        acc.wait_for_everyone()
+        collectives.wait_long()  # rank 0 may have deleted an old 87 GB checkpoint meanwhile
         _stop_hook(args.stage, step, state.process_index)
 
     trainer.checkpoint_sink = checkpoint_sink
     trainer.on_step_record = on_record
-    trainer.on_prepared = lambda: _check_engine(trainer, strategy, state.process_index, args.stage)
+    trainer.on_prepared = lambda: engine.check_engine(trainer, strategy, state.process_index, args.stage)
     trainer.train(resume_from_checkpoint=resume[1] if resume else None)
     train_s = time.time() - t_start
 
+    _report_memory(args.stage, state.process_index)
     trainer.accelerator.wait_for_everyone()
     model_dtype = _output_dtype(modeling.resolve_model(args.model))
+    t_save = time.time()
     _save_model(trainer, tokenizer, os.path.join(work.dir, contract.MODEL_SUBDIR), model_dtype, work.is_main)
+    save_s = time.time() - t_save
     if state.is_local_main_process:
         shutil.rmtree(scratch, ignore_errors=True)  # not an output
     if work.is_main:
@@ -323,8 +308,48 @@ def _train(args: TrainArgs, work: runner.StageWork) -> None:
                 ManifestKeys.RESUMED_FROM_STEP: resume[0] if resume else 0,
             }
         )
-        work.timings["train_s"] = train_s
+        work.timings["train_s"] = work.timings[contract.WORK_SECONDS] = train_s
+        spend_training(work, trainer.train_dataset, sum(r["samples"] for r in trainer.step_log),
+                       args.max_length)
+        work.timings["save_model_s"] = save_s
+        if checkpoint_s:
+            work.timings["checkpoint_save_s"] = sum(checkpoint_s) / len(checkpoint_s)
+        if resume is not None:
+            work.timings["resume_fetch_s"] = resume[4]
         work.after_manifest.append(lambda: checkpoints.delete_checkpoint(ckpt_root))
+
+
+def _report_memory(stage: str, rank: int) -> None:
+    """This rank's peak memory, for sizing (README) and the GPU check: accelerator memory, host resident set."""
+    import resource
+
+    import torch
+
+    host_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    gpu = ""
+    if torch.cuda.is_available():
+        gpu = (f"GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+               f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved; ")
+    print(f"{stage}: rank {rank}: peak memory: {gpu}host {host_gib:.2f} GiB resident", file=sys.stderr)
+
+
+def pair_tokens(row: dict[str, Any], max_length: int) -> int:
+    """Tokens of one pair's two sequences as TRL's collator builds them: prompt + answer, cut at max_length."""
+    prompt = len(row["prompt_ids"])
+    return sum(min(prompt + len(row[side]), max_length) for side in ("chosen_ids", "rejected_ids"))
+
+
+def spend_training(work: runner.StageWork, dataset, pairs_trained: int, max_length: int) -> None:
+    """Pairs and tokens trained, each epoch counted. Tokens are counted exactly when training went over the data a
+    whole number of times; otherwise (a fraction of an epoch, or batches evened out over ranks) they are the pairs
+    trained times the mean tokens of a pair: an estimate, marked as one."""
+    per_pair = [pair_tokens(row, max_length) for row in dataset.select_columns(
+        ["prompt_ids", "chosen_ids", "rejected_ids"])]
+    work.spend(Ledger.PAIRS_TRAINED, pairs_trained)
+    if per_pair and pairs_trained % len(per_pair) == 0:
+        work.spend(Ledger.TOKENS_TRAINED, pairs_trained // len(per_pair) * sum(per_pair))
+    elif per_pair:
+        work.spend(Ledger.TOKENS_TRAINED, round(pairs_trained * sum(per_pair) / len(per_pair)), estimated=True)
 
 
 def _stop_hook(stage: str, step: int, rank: int) -> None:
@@ -392,6 +417,5 @@ __all__ = [
     "make_trainer",
     "policy_dtype",
     "run",
-    "sharding_report",
     "training_rows",
 ]

@@ -3,7 +3,8 @@
 Every input exists and parses; preference rows have a non-empty prompt, chosen and rejected, and chosen differs
 from rejected; the prompt file holds enough prompts for every iteration; the model's config and tokenizer load
 and the tokenizer has a chat template; storage is writable. With a win rate: its prompt file holds `samples`
-usable prompts, the reference answers file answers each of them, and the reference model loads as the model does.
+usable prompts, the reference answers file answers each of them, the reference model loads as the model does, and
+the judge answers one small request made with the key.
 The first failure is a StageInputError naming the
 file, row or field (exit 2). Needs no torch: only the config and the tokenizer are loaded.
 """
@@ -12,14 +13,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from spa_workers import storage
-from spa_workers.contract import StageInputError, ValidateArgs
+from spa_workers.contract import Ledger, StageInputError, ValidateArgs
 from spa_workers.data import load_pairs, load_prompts, load_reference_answers
 from spa_workers.modeling import load_tokenizer, resolve_model
 from spa_workers.runner import StageWork, run_stage
 
 REPORT_FILE = "validation.json"
+ALPACA_EVAL_INSTRUCTIONS = 805
 
 
 def _check_model(uri: str) -> None:
@@ -63,7 +66,21 @@ def check(args: ValidateArgs) -> dict[str, int]:
     # files first: they cost less to read than a tokenizer
     for model in dict.fromkeys(m for m in (args.model, args.winrate_reference_model) if m):
         _check_model(model)
+    if args.judge_endpoint and args.judge_model:
+        check_judge(args)
     return counts
+
+
+def check_judge(args: ValidateArgs) -> str:
+    """One small request to the judge with the key, before any GPU work: a refused key or request, or a reply that
+    is not a chat completion, is bad input (exit 2); an endpoint that cannot be reached is retryable (exit 1)."""
+    from spa_workers import winrate
+
+    answered = winrate.probe(winrate.judge_settings(args.judge_endpoint, args.judge_model,  # type: ignore[arg-type]
+                                                    args.judge_extra_body, max_retries=2,
+                                                    timeout_s=args.judge_timeout_s))
+    print(f"validate: {answered}", file=sys.stderr)
+    return answered
 
 
 def _check_win_rate_files(args: ValidateArgs) -> dict[str, int]:
@@ -75,6 +92,10 @@ def _check_win_rate_files(args: ValidateArgs) -> dict[str, int]:
         raise StageInputError(f"{uri}: has {available} prompts but the win rate needs {args.winrate_samples} "
                               "(spec.evaluation.winRate.samples)")
     used = args.winrate_samples or available
+    if args.lc_glm == "alpaca_eval_v1" and used != ALPACA_EVAL_INSTRUCTIONS:
+        raise StageInputError(f"{uri}: has {used} prompts, but lengthControl alpacaEvalV1 needs AlpacaEval's "
+                              f"{ALPACA_EVAL_INSTRUCTIONS} instructions in their order "
+                              "(spec.evaluation.winRate.lengthControl)")
     counts = {"winrate_prompts": used}
     if args.winrate_reference_answers:
         counts["winrate_reference_answers"] = len(load_reference_answers(args.winrate_reference_answers, used))
@@ -85,6 +106,8 @@ def _body(work: StageWork) -> None:
     args: ValidateArgs = work.args  # type: ignore[assignment]
     check_storage_writable(work.output)
     work.counts.update(check(args))
+    # The run's gold labels, counted once here: the seed and held-out pairs every later stage reads again.
+    work.spend(Ledger.GOLD_LABELS, work.counts["seed_pairs"] + work.counts.get("heldout_pairs", 0))
     with open(os.path.join(work.dir, REPORT_FILE), "w", encoding="utf-8") as fh:
         json.dump(work.counts, fh)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -35,17 +36,47 @@ def cpu_kv_cache_gib(fraction: float = 0.25, cap_gib: int = 16) -> int:
     return max(1, min(cap_gib, int(available * fraction / 2**30)))
 
 
+# CPU engine modes. vLLM's own defaults (bfloat16, torch.compile, the engine in processes of its own) decode ~1.8x
+# faster than float32 eager but start ~60 s later (issue 21, SmolLM2-135M on 2 cores: 94 s against 34 s, 0.56x the
+# decode speed): they pay off above ~14k generated tokens. Below that a stage takes the quick start: float32, eager,
+# and the engine inside the stage's own process (no spawned process importing torch and vLLM again; under `spa run`'s
+# warm start vLLM is already imported). Scoring always takes it: its log-probs must match the float32 transformers
+# path, and one-token prompt scoring gains nothing from the engine's own process.
+QUICK = "quick"  # float32, eager, in-process
+DEFAULTS = "defaults"  # vLLM's: bfloat16, compiled, engine processes
+QUICK_START_MAX_TOKENS = 14_000
+SHUTDOWN_TIMEOUT_S = 1.0  # the work is done: vLLM's engine processes get this long to exit, not its default 5 s
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+BUILT: list[str] = []  # the modes of the engines this process built (the manifest's versions record them)
+
+
+def cpu_mode(planned_tokens: int | None) -> str:
+    """The CPU engine mode for a job of `planned_tokens` generated tokens (None: scoring, always quick).
+
+    `planned_tokens` must not depend on sharding (the whole stage's prompts x answers x max new tokens), so every
+    shard of a stage samples with the same numerics and a prompt's answers stay those of its seed."""
+    return QUICK if planned_tokens is None or planned_tokens <= QUICK_START_MAX_TOKENS else DEFAULTS
+
+
+def engine_mode(planned_tokens: int | None = None) -> str:
+    """What `engine` will build here, as recorded in manifests: "cuda bfloat16", "cpu float32 eager in-process", ..."""
+    if best_device() == "cuda":
+        return "cuda bfloat16"
+    return "cpu float32 eager in-process" if cpu_mode(planned_tokens) == QUICK else "cpu bfloat16 compiled"
+
+
 @contextlib.contextmanager
-def engine(model_dir: str, max_model_len: int, seed: int = 0, tensor_parallel_size: int = 1) -> Iterator[LLM]:
+def engine(model_dir: str, max_model_len: int, seed: int = 0, tensor_parallel_size: int = 1,
+           planned_tokens: int | None = None) -> Iterator[LLM]:
     """A vLLM engine for `model_dir`, shut down on exit so a second engine can take its memory.
 
     tensor_parallel_size: GPUs the engine splits the model over (the pod's GPUs; vLLM starts one worker per GPU).
+    planned_tokens: tokens the whole stage will generate (None for scoring); on CPU it picks the mode (`cpu_mode`).
 
-    float32 on CPU (scores must match the float32 transformers path), bfloat16 on GPU. On CPU the engine runs
-    eagerly: torch.compile nearly doubled engine construction on the 2-core test machine (51 s vs 28 s) and
-    sampled no faster.
+    bfloat16 on GPU; on CPU float32 and eager (quick start) or vLLM's defaults (see QUICK_START_MAX_TOKENS).
     """
     on_gpu = best_device() == "cuda"
+    quick = not on_gpu and cpu_mode(planned_tokens) == QUICK
     cpu_options: dict[str, object] = {}
     if not on_gpu:
         os.environ.setdefault(KVCACHE_ENV, str(cpu_kv_cache_gib()))
@@ -57,12 +88,39 @@ def engine(model_dir: str, max_model_len: int, seed: int = 0, tensor_parallel_si
                        "max_num_batched_tokens": max(max_model_len, CPU_STEP_TOKENS)}
     from vllm import LLM
 
-    llm = LLM(model=model_dir, dtype="bfloat16" if on_gpu else "float32", enforce_eager=not on_gpu,
-              max_model_len=max_model_len, seed=seed, tensor_parallel_size=tensor_parallel_size, **cpu_options)
+    BUILT.append(engine_mode(planned_tokens))
+    print(f"vLLM engine: {BUILT[-1]} ({'scoring' if planned_tokens is None else f'{planned_tokens} planned tokens'})",
+          file=sys.stderr, flush=True)
+    with _in_process(quick):
+        llm = LLM(model=model_dir, dtype="float32" if quick else "bfloat16", enforce_eager=quick,
+                  max_model_len=max_model_len, seed=seed, tensor_parallel_size=tensor_parallel_size, **cpu_options)
     try:
         yield llm
     finally:
-        # Dropping the last reference is not enough to stop the engine-core process promptly.
-        llm.llm_engine.engine_core.shutdown()
+        # Dropping the last reference is not enough to stop the engine-core process promptly; its results are all in,
+        # so it need not be waited for (vLLM's default wait is 5 s, which a CPU worker process always used up).
+        llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
         del llm
+        if quick:
+            gc.unfreeze()  # an in-process engine freezes the heap once built; let its own garbage go
         gc.collect()
+
+
+@contextlib.contextmanager
+def _in_process(enabled: bool) -> Iterator[None]:
+    """vLLM's engine core (and on CPU its worker) in this process while the engine is built, when `enabled`."""
+    from vllm import envs
+
+    forget_cached_env = getattr(envs, "disable_envs_cache", lambda: None)  # an in-process engine caches the env
+    previous = os.environ.get(MULTIPROCESSING_ENV)
+    if enabled:
+        os.environ[MULTIPROCESSING_ENV] = "0"
+    forget_cached_env()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(MULTIPROCESSING_ENV, None)
+        else:
+            os.environ[MULTIPROCESSING_ENV] = previous
+        forget_cached_env()

@@ -1,0 +1,21 @@
+"""RFC 3339 timestamps as the API server writes them (status, conditions, objects' metadata)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+
+def iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: Any) -> float | None:
+    """Unix seconds of an RFC 3339 UTC timestamp (fromisoformat: strptime cost a third of a millisecond per Job
+    event)."""
+    if not isinstance(text, str) or not text.endswith("Z"):
+        return None
+    try:
+        return dt.datetime.fromisoformat(text[:-1]).replace(tzinfo=dt.UTC).timestamp()
+    except ValueError:
+        return None
