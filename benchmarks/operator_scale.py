@@ -67,6 +67,12 @@ class DirStore:
     def progress(self, args: Any) -> float | None:
         return None
 
+    def write_text(self, uri: str, text: str) -> None:  # a finished run's PUBLISHED.json
+        path = self._path(uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as fh:
+            fh.write(text)
+
 
 def namespaces_of(count: int) -> list[str]:
     return ["bench"] if count <= 1 else [f"bench-{i:03d}" for i in range(count)]

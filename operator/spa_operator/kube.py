@@ -66,6 +66,7 @@ RUN_OBJECTS_SELECTOR = jobs.LABEL_RUN_UID
 COMPONENT = "spa-operator"
 NAMESPACE = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 FINALIZER = "spa.dev/finalizer"
+FINALIZER_WAIT_S = 20.0  # the first decision waits this long at most for kopf's finalizer patch to land
 log = logging.getLogger("spa_operator")
 
 
@@ -439,10 +440,13 @@ async def run_daemon(body: Any, stopped: Any, memo: Any, logger: Any, **_: Any) 
     try:
         await ctl.synced()  # the first reconcile must see every Job of the run
         # kopf adds its finalizer with a patch of its own as a new run first shows up. The first status patch waits
-        # for it (milliseconds; the run's event wakes this daemon): its resourceVersion precondition would fail
-        # otherwise, and cost a read and a second decision.
-        give_up = time.monotonic() + 2.0
-        while FINALIZER not in (meta.get("finalizers") or []) and time.monotonic() < give_up and not stopped:
+        # for it (the run's event wakes this daemon): its resourceVersion precondition would fail otherwise, and cost
+        # a refused write and a second decision. On a busy API server the finalizer can land seconds late. The body's
+        # metadata is read afresh each time: kopf replaces the body's source as events arrive, so a dict taken from
+        # it before would never show the finalizer.
+        give_up = time.monotonic() + FINALIZER_WAIT_S
+        while FINALIZER not in (body.get("metadata", {}).get("finalizers") or []) and time.monotonic() < give_up \
+                and not stopped:
             rs.waker.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rs.waker.wait(), 0.2)
