@@ -1,7 +1,7 @@
 """What the operator observes about a run, for the decision core (`reconcile.decide`): views of its Jobs, pods and
 Kueue Workloads (from kopf's indexes and the API), its spec validated as the cluster does, its status as the API server
-has it, the credentials Secret, the stage manifests and heartbeat in storage. `kube.Controller` gathers them through
-the `Observer` methods below; nothing here writes anything.
+has it, the credentials Secret, the stage manifests and heartbeat in storage. `controller.Controller` gathers them
+through the `Observer` methods below; nothing here writes anything.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def _key(view: JobView | PodView) -> tuple[str, str]:
 
 
 class Observer:
-    """The observing half of `kube.Controller`: everything `reconcile.decide` needs about one run."""
+    """The observing half of `controller.Controller`: everything `reconcile.decide` needs about one run."""
 
     cfg: Config
     api: KubeApi
