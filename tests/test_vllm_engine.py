@@ -54,18 +54,47 @@ def test_engine_is_built_with_the_tensor_parallel_size(fake_vllm, monkeypatch):
         assert fake_vllm.made[-1]["tensor_parallel_size"] == 1
 
 
-@pytest.mark.parametrize(("planned", "dtype", "eager", "in_process"), [
-    (vllm_engine.QUICK_START_MAX_TOKENS, "float32", True, True),  # small: starts in seconds
-    (vllm_engine.QUICK_START_MAX_TOKENS + 1, "bfloat16", False, False),  # large: vLLM's defaults decode faster
+@pytest.mark.parametrize(("planned", "native", "dtype", "eager", "in_process"), [
+    (vllm_engine.QUICK_START_MAX_TOKENS, True, "float32", True, True),  # small: starts in seconds
+    (vllm_engine.QUICK_START_MAX_TOKENS + 1, True, "bfloat16", False, False),  # large: vLLM's defaults decode faster
+    (vllm_engine.QUICK_START_MAX_TOKENS * 10, False, "float32", True, True),  # no native bfloat16: never
 ])
-def test_cpu_engine_mode_follows_the_stage_size(fake_vllm, monkeypatch, planned, dtype, eager, in_process):
-    """Issue 21.3: float32 + eager everywhere on CPU decoded at 0.56x vLLM's defaults but started 60 s sooner."""
+def test_cpu_engine_mode_follows_the_stage_size_and_the_cpu(fake_vllm, monkeypatch, planned, native, dtype, eager,
+                                                             in_process):
+    """Issue 21.3: float32 + eager everywhere on CPU started 60 s sooner than vLLM's defaults; where the CPU computes
+    in bfloat16 natively the defaults decode faster. Without it (AVX2 only, as on this machine) their bfloat16
+    matmuls fall back to plain torch and decode slower than float32 (benchmarks/results/vllm_cpu_modes.md)."""
     monkeypatch.delenv(vllm_engine.MULTIPROCESSING_ENV, raising=False)
+    monkeypatch.delenv(vllm_engine.CPU_MODE_ENV, raising=False)
+    monkeypatch.setattr(vllm_engine, "native_bf16", lambda: native)
     with vllm_engine.engine("/models/m", max_model_len=64, planned_tokens=planned):
         made = fake_vllm.made[-1]
         assert (made["dtype"], made["enforce_eager"], made["in_process"]) == (dtype, eager, in_process)
         assert not made["enable_chunked_prefill"]  # per-prompt seeds need it off in both modes
     assert vllm_engine.engine_mode(planned) == ("cpu float32 eager in-process" if eager else "cpu bfloat16 compiled")
+
+
+def test_the_cpu_mode_can_be_fixed_and_a_wrong_value_is_named(monkeypatch):
+    monkeypatch.setenv(vllm_engine.CPU_MODE_ENV, "defaults")
+    assert vllm_engine.cpu_mode(10) == vllm_engine.DEFAULTS
+    assert vllm_engine.cpu_mode(None) == vllm_engine.QUICK  # scoring always: its log-probs match float32
+    monkeypatch.setenv(vllm_engine.CPU_MODE_ENV, "quick")
+    assert vllm_engine.cpu_mode(10**9) == vllm_engine.QUICK
+    monkeypatch.setenv(vllm_engine.CPU_MODE_ENV, "fast")
+    with pytest.raises(ValueError, match="SPA_VLLM_CPU_MODE='fast'"):
+        vllm_engine.cpu_mode(10)
+
+
+@pytest.mark.parametrize(("flags", "native"), [
+    ("fpu sse2 avx2 fma", False),  # AVX2 only (this machine)
+    ("fpu avx2 avx512f avx512_bf16", True),  # Cooper Lake, Zen 4
+    ("fpu avx2 avx512f amx_bf16 amx_tile", True),  # Sapphire Rapids
+])
+def test_native_bf16_reads_the_cpu_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert vllm_engine.native_bf16(str(cpuinfo)) is native
+    assert vllm_engine.native_bf16(str(tmp_path / "missing")) is False
 
 
 def test_generate_plans_by_the_whole_stage_not_the_shard(tiny):

