@@ -121,8 +121,10 @@ class Controller(Observer):
     # -- acting ---------------------------------------------------------------------------------------------------
 
     async def reconcile(self, rs: RunState, body: Any, index: Any, logger: logging.Logger | logging.LoggerAdapter,
-                        pod_index: Any = None) -> float | None:
-        """Observe, decide, act; returns seconds until the next unprompted look (None: only when woken)."""
+                        pod_index: Any = None, hold: bool = False) -> float | None:
+        """Observe, decide, act; returns seconds until the next unprompted look (None: only when woken). With `hold`,
+        only the decision's creates are carried out: the status patch, Events and the rest wait for the next
+        reconcile, which decides again (the Jobs created are expected by then)."""
         meta = body.get("metadata", {})
         if meta.get("deletionTimestamp"):
             return None
@@ -138,6 +140,9 @@ class Controller(Observer):
             await self._create(rs, body, obs, dataclasses.replace(decision, create=reconcile.running_gangs(obs)),
                                logger)
         refused, blocked = await self._create(rs, body, obs, decision, logger)
+        if hold:
+            rs.first_pass = False
+            return None
         if refused or blocked:  # decide again knowing what the API server refused; nothing else is created
             obs = dataclasses.replace(obs, create_refused=refused, create_blocked=blocked and blocked[0],
                                       create_blocked_reason=blocked[1] if blocked else "JobCreationBlocked")

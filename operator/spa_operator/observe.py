@@ -108,6 +108,7 @@ class RunState:
     spec_violation: str | None = None  # a field changed after the start
     seen_jobs: set[str] = dataclasses.field(default_factory=set)  # Jobs seen in a watch event or the index
     first_pass: bool = True  # the first reconcile after (re)start: the Job index is complete by then
+    awaiting_finalizer: bool = False  # kopf's finalizer has not landed on a new run yet: its status waits for it
     generation: int | None = None  # metadata.generation last reconciled
     started_spec: dict[str, Any] | None = None  # the spec once the run started: only suspend may change
     # (generation, its run or the spec error, storage root, stage graph): parsed once per generation
