@@ -118,6 +118,7 @@ class RunState:
     # reaches that version, the written status is the newest one.
     written: tuple[str, dict[str, Any]] | None = None
     basis: str | None = None  # the resourceVersion of the status the last decision started from (its precondition)
+    status_copy: tuple[str, dict[str, Any]] | None = None  # (resourceVersion, the body's status as a plain dict)
     stale: str | None = None  # a status patch decided from this version was refused (409): wait for a newer one
     # The last 403 on create (why, condition reason), how many in a row, and when creating may be tried again.
     denied: tuple[str, str] | None = None
@@ -142,7 +143,7 @@ class RunState:
         """The run ended: drop what only deciding needs (its parsed spec and stage graph, spec copies, the views last
         seen: ~8 KiB a run), as a run found finished after a restart never holds them. A finished run's reconcile
         reads only its status (`_observe` returns before the spec)."""
-        self.parsed = self.spec = self.started_spec = self.unstarted_spec = self.store = None
+        self.parsed = self.spec = self.started_spec = self.unstarted_spec = self.store = self.status_copy = None
         self.observed.clear()
         self.seen_jobs.clear()
         self.expected.clear()
@@ -234,7 +235,11 @@ class Observer:
             rs.basis = rs.written[0]
             return rs.written[1]
         rs.basis = str(version) if version else None
-        return _plain(body.get("status") or {})
+        # Most reconciles see the run at the version the last one saw (woken by its Jobs and pods): its status is
+        # copied out of kopf's view once per version. Read-only, as the written status above.
+        if rs.basis is None or rs.status_copy is None or rs.status_copy[0] != rs.basis:
+            rs.status_copy = (rs.basis or "", _plain(body.get("status") or {}))
+        return rs.status_copy[1]
 
     async def _observe(self, rs: RunState, body: Any, index: Any, pod_index: Any) -> Observed:
         meta = body.get("metadata", {})
